@@ -1,0 +1,219 @@
+"""The agent process: MQTT session, update worker, local API, telemetry.
+
+Threads: paho's network loop (hands messages over), a dispatcher (control messages), an
+update worker (one update at a time, newest announcement per model wins), the HTTP API,
+and a telemetry ticker. Serving never waits on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import queue
+import threading
+import time
+from typing import Any
+
+from agent import __version__, protocol
+from agent.api import InferenceHTTPServer
+from agent.config import AgentConfig
+from agent.errors import EdgeshipError, ProtocolError, Reason, TransferError
+from agent.lifecycle import RecordStore
+from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from agent.protocol import Topics
+from agent.runtime import available_onnx_providers
+from agent.serving import ModelServer
+from agent.store import ModelStore
+from agent.telemetry import Spool, build_batch
+from agent.transfer import MqttFetcher, TransferClient, TransferSettings
+from agent.updater import DeviceTraits, UpdateManager
+
+logger = logging.getLogger(__name__)
+
+INBOX_MAX = 1000
+
+
+def device_traits(cfg: AgentConfig) -> DeviceTraits:
+    import devices
+    profile = devices.load_profile(cfg.profile)
+    available = set(available_onnx_providers())
+    providers = tuple(p for p in profile.execution_providers if p in available) or \
+        ("CPUExecutionProvider",)
+    return DeviceTraits(arch=profile.arch, runtimes=("onnxruntime",),
+                        preferred_precisions=profile.preferred_precisions,
+                        threads=cfg.threads or profile.threads, providers=providers,
+                        latency_budget_ms=profile.latency_budget_ms)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.device = cfg.device_id
+        self.traits = device_traits(cfg)
+        self.server = ModelServer()
+        self.store = ModelStore(cfg.models_dir)
+        self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
+        self._wanted: dict[str, int] = {}  # model -> newest announced version
+        self._wanted_cv = threading.Condition()
+        self._stop = threading.Event()
+        self.dropped_messages = 0
+        self.rejected_messages = 0
+        self.spool = Spool()
+        self.session = MqttSession(self._session_settings(), on_message=self._on_message,
+                                   on_connect=lambda: self._hand_over("connected"))
+        self.transfers = TransferClient(self.device, self.session.publish, TransferSettings(
+            chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s))
+        self.updates = UpdateManager(
+            tuf_dir=cfg.tuf_dir, downloads_dir=cfg.downloads_dir, store=self.store,
+            records=RecordStore(cfg.updates_dir), server=self.server,
+            fetcher=MqttFetcher(self.transfers), traits=self.traits, report=self.report,
+            max_model_bytes=cfg.max_model_bytes)
+        self.api = InferenceHTTPServer(cfg.api_host, cfg.api_port, self.server,
+                                       cfg.max_request_bytes)
+        self._threads: list[threading.Thread] = []
+
+    def _session_settings(self) -> SessionSettings:
+        cfg = self.cfg
+        tls = TlsSettings(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) \
+            if cfg.tls_ca_file else None
+        will = (Topics.presence(self.device), self._presence(online=False), True)
+        return SessionSettings(url=cfg.mqtt_url, client_id=f"edgeship-agent-{self.device}",
+                               tls=tls, will=will)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not (self.cfg.tuf_dir / "root.json").exists():
+            raise EdgeshipError(f"no pinned TUF root at {self.cfg.tuf_dir / 'root.json'}: "
+                                "provision the device first", reason_code=Reason.CONFIG_INVALID)
+        self.updates.recover()
+        for m in self.updates.load_active():
+            logger.info("serving %s v%s (%s) from disk", m.model, m.version, m.variant.id)
+        self.api.start()
+        logger.info("local API on %s", self.api.url)
+        self.session.start([(Topics.RELEASES_FILTER, 1),
+                            (Topics.transfer_response(self.device), 1),
+                            (Topics.desired(self.device), 1)])
+        for target, name in ((self._dispatch_loop, "dispatch"), (self._update_loop, "update"),
+                             (self._telemetry_loop, "telemetry")):
+            t = threading.Thread(target=target, name=f"edgeship-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wanted_cv:
+            self._wanted_cv.notify_all()
+        self._hand_over("stop")
+        self.api.stop()
+        self.session.stop(final=(Topics.presence(self.device), self._presence(False), True))
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def wait(self) -> None:
+        while not self._stop.wait(1.0):
+            pass
+
+    # --- inbound (paho's thread: hand over only) ------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic == Topics.transfer_response(self.device):
+            self.transfers.on_response(msg)
+        else:
+            self._hand_over(msg)
+
+    def _hand_over(self, item: Message | str) -> None:
+        try:
+            self._inbox.put_nowait(item)
+        except queue.Full:
+            self.dropped_messages += 1
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self._inbox.get()
+            if item == "stop":
+                return
+            try:
+                self._dispatch(item)
+            except Exception:  # never let one message take the agent down
+                logger.exception("dispatch failed")
+
+    def _dispatch(self, item: Message | str) -> None:
+        if item == "connected":
+            self.session.publish(Topics.presence(self.device), self._presence(True),
+                                 retain=True)
+            return
+        assert isinstance(item, Message)
+        try:
+            kind = protocol.parse_topic(item.topic).kind
+            if kind == "release":
+                ann = protocol.ReleaseAnnouncement.from_bytes(item.payload)
+                self._want(ann.model, ann.version)
+            elif kind == "desired":
+                protocol.decode(item.payload)  # validated; acted on by the rollout issue
+        except ProtocolError as e:
+            self.rejected_messages += 1
+            logger.warning("rejected message on %s: %s", item.topic, e)
+            self.report("rejected", reason=e.reason_code.value, detail=str(e)[:300],
+                        topic=item.topic)
+
+    # --- updates --------------------------------------------------------------------------
+
+    def _want(self, model: str, version: int) -> None:
+        with self._wanted_cv:
+            if version > self._wanted.get(model, 0):
+                self._wanted[model] = version
+                self._wanted_cv.notify()
+
+    def _update_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wanted_cv:
+                while not self._wanted and not self._stop.is_set():
+                    self._wanted_cv.wait(1.0)
+                if self._stop.is_set():
+                    return
+                model, version = self._wanted.popitem()
+            self.updates.handle_announcement(model, version)
+
+    # --- outbound -------------------------------------------------------------------------
+
+    def report(self, event: str, **fields: Any) -> None:
+        """Publish a status event (QoS 1; paho queues it while offline)."""
+        payload = protocol.status_event(self.device, event, ts=time.time(), **fields)
+        self.session.publish(Topics.status(self.device), payload)
+        if event in ("serving",):
+            self.session.publish(Topics.presence(self.device), self._presence(True),
+                                 retain=True)
+
+    def _presence(self, online: bool) -> bytes:
+        models = {}
+        if online:
+            for lm in self.server.models():
+                models[lm.installed.model] = {"version": lm.installed.version,
+                                              "variant": lm.installed.variant.id}
+        return protocol.encode("presence", {
+            "device": self.device, "online": online, "ts": time.time(),
+            "agent_version": __version__, "profile": self.cfg.profile,
+            "arch": platform.machine(), "api": self.api.url if online else None,
+            "models": models})
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.cfg.telemetry_interval_s):
+            batch = build_batch(self.device, self.server, self.cfg.state_dir,
+                                {"spool_evicted": self.spool.evicted,
+                                 "dropped_messages": self.dropped_messages,
+                                 "rejected_messages": self.rejected_messages})
+            self.spool.push(protocol.encode("telemetry", batch))
+            self._drain_spool()
+
+    def _drain_spool(self) -> None:
+        while self.session.connected and (payload := self.spool.peek()) is not None:
+            try:
+                rc = self.session.publish_acked(Topics.telemetry(self.device), payload,
+                                                timeout_s=5.0)
+            except TransferError as e:
+                logger.info("telemetry held back: %s", e)
+                return
+            self.spool.pop()
+            if rc >= 0x80:
+                logger.warning("broker refused telemetry (reason %#x); dropped", rc)

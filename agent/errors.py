@@ -1,0 +1,112 @@
+"""One exception hierarchy for edgeship, rooted at :class:`EdgeshipError`.
+
+Every error that can reach the fleet carries a stable ``reason_code`` (see
+:class:`Reason`). Foreign errors are wrapped at the boundary with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Stable reason codes published on a device's status topic. Never rename one."""
+
+    MALFORMED_MESSAGE = "malformed_message"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BAD_SIGNATURE = "bad_signature"
+    HASH_MISMATCH = "hash_mismatch"
+    LENGTH_MISMATCH = "length_mismatch"
+    METADATA_EXPIRED = "metadata_expired"
+    METADATA_INVALID = "metadata_invalid"
+    INTERRUPTED = "interrupted"
+    ROLLBACK = "rollback"
+    NOT_FOUND = "not_found"
+    TRANSFER_FAILED = "transfer_failed"
+    TRANSFER_TIMEOUT = "transfer_timeout"
+    BUNDLE_INVALID = "bundle_invalid"
+    NO_COMPATIBLE_VARIANT = "no_compatible_variant"
+    HEALTH_CHECK_FAILED = "health_check_failed"
+    INSTALL_FAILED = "install_failed"
+    STALE_ANNOUNCEMENT = "stale_announcement"
+    BAD_REQUEST = "bad_request"
+    CONFIG_INVALID = "config_invalid"
+    INTERNAL = "internal_error"
+
+
+class EdgeshipError(Exception):
+    """Base of every error edgeship raises on purpose."""
+
+    reason_code: Reason = Reason.INTERNAL
+
+    def __init__(self, message: str, *, reason_code: Reason | None = None) -> None:
+        super().__init__(message)
+        if reason_code is not None:
+            self.reason_code = reason_code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ProtocolError(EdgeshipError):
+    """A message on the wire is malformed, too large, or of an unknown schema."""
+
+    reason_code = Reason.MALFORMED_MESSAGE
+
+
+class BundleError(EdgeshipError):
+    """A bundle or its manifest is invalid (layout, hashes, sizes)."""
+
+    reason_code = Reason.BUNDLE_INVALID
+
+
+class VerificationError(EdgeshipError):
+    """Signed metadata or a downloaded file failed verification."""
+
+    reason_code = Reason.BAD_SIGNATURE
+
+
+class TransferError(EdgeshipError):
+    """A file could not be fetched from the fleet."""
+
+    reason_code = Reason.TRANSFER_FAILED
+
+    def __init__(self, message: str, *, reason_code: Reason | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message, reason_code=reason_code)
+        self.status = status
+
+
+class HealthCheckError(EdgeshipError):
+    """A staged model failed its health check; carries the largest deviation seen."""
+
+    reason_code = Reason.HEALTH_CHECK_FAILED
+
+    def __init__(self, message: str, *, max_abs_diff: float | None = None,
+                 reason_code: Reason | None = None) -> None:
+        super().__init__(message, reason_code=reason_code)
+        self.max_abs_diff = max_abs_diff
+
+
+class InferenceInputError(EdgeshipError):
+    """An inference request does not match the model's input signature."""
+
+    reason_code = Reason.BAD_REQUEST
+
+
+class ConfigError(EdgeshipError):
+    """A configuration file or value is invalid; the message names the bad key."""
+
+    reason_code = Reason.CONFIG_INVALID
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class GateError(EdgeshipError):
+    """A converted variant failed its accuracy/size/latency gate (host side)."""
+
+    reason_code = Reason.BUNDLE_INVALID

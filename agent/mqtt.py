@@ -1,0 +1,213 @@
+"""The only module that imports paho. MQTT 5, callback API version 2.
+
+paho's callbacks run on paho's network thread. They never block and never take an
+application lock: they hand each message to the owner's ``on_message`` (which must be
+just as quick, e.g. ``queue.put_nowait``) and record PUBACK reason codes.
+Subscriptions are re-made on every (re)connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.errors import ConfigError, TransferError, Reason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise ConfigError(f"bad MQTT URL {url!r}: expected mqtt://host:port or "
+                              "mqtts://host:port", key="mqtt_url")
+        default = 8883 if parsed.scheme == "mqtts" else 1883
+        return cls(parsed.hostname, parsed.port or default, parsed.scheme == "mqtts")
+
+
+@dataclass(frozen=True)
+class Message:
+    """An inbound message, decoupled from paho's types."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    url: str
+    client_id: str
+    clean_start: bool = False
+    session_expiry_s: int = 24 * 3600
+    keepalive_s: int = 30
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+    tls: TlsSettings | None = None
+    will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
+
+
+class MqttSession:
+    """A persistent MQTT 5 session that (re)subscribes on every connect."""
+
+    def __init__(self, settings: SessionSettings,
+                 on_message: Callable[[Message], None],
+                 on_connect: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self._address = BrokerAddress.parse(settings.url)
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self._subscriptions: list[tuple[str, int]] = []
+        self._connected = threading.Event()
+        self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
+        self._client = self._build_client()
+
+    # --- setup -----------------------------------------------------------------------
+
+    def _build_client(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                             protocol=paho.MQTTv5)
+        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
+        client.max_queued_messages_set(10_000)
+        if s.tls is not None or self._address.tls:
+            if s.tls is None:
+                raise ConfigError("mqtts:// needs tls settings (ca_file)", key="tls")
+            client.tls_set(ca_certs=s.tls.ca_file, certfile=s.tls.cert_file,
+                           keyfile=s.tls.key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.will is not None:
+            topic, payload, retain = s.will
+            client.will_set(topic, payload, qos=1, retain=retain)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        return client
+
+    def start(self, subscriptions: Iterable[tuple[str, int]] = ()) -> None:
+        self._subscriptions = list(subscriptions)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        self._client.connect_async(self._address.host, self._address.port,
+                                   keepalive=self.settings.keepalive_s,
+                                   clean_start=self.settings.clean_start, properties=props)
+        self._client.loop_start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, *, final: tuple[str, bytes, bool] | None = None) -> None:
+        """Publish ``final`` (e.g. an offline presence) if connected, then disconnect."""
+        if final is not None and self.connected:
+            try:
+                self.publish(final[0], final[1], retain=final[2]).wait_for_publish(2.0)
+            except (RuntimeError, ValueError) as e:
+                logger.debug("final publish failed: %s", e)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # --- publishing ------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None,
+                user_properties: dict[str, str] | None = None,
+                message_expiry_s: int | None = None) -> paho.MQTTMessageInfo:
+        """Queue a publish; never blocks. Returns paho's handle (``.mid``)."""
+        props = None
+        if response_topic or correlation_data or user_properties or message_expiry_s:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation_data:
+                props.CorrelationData = correlation_data
+            if user_properties:
+                props.UserProperty = list(user_properties.items())
+            if message_expiry_s:
+                props.MessageExpiryInterval = message_expiry_s
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def publish_acked(self, topic: str, payload: bytes, *, timeout_s: float,
+                      qos: int = 1, retain: bool = False) -> int:
+        """Publish and wait for the PUBACK; return its MQTT 5 reason code (0 = success,
+        >= 0x80 = refused). Raises TransferError on timeout or when not connected."""
+        info = self.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise TransferError(f"publish to {topic} not sent (rc={info.rc})",
+                                reason_code=Reason.TRANSFER_FAILED)
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as e:
+            raise TransferError(f"publish to {topic} failed: {e}") from e
+        if not info.is_published():
+            raise TransferError(f"no PUBACK for {topic} within {timeout_s}s",
+                                reason_code=Reason.TRANSFER_TIMEOUT)
+        return self._acks.pop(info.mid, 0)
+
+    # --- paho callbacks (paho's thread: hand over, never block) ----------------------
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            logger.warning("MQTT connect refused: %s", reason_code)
+            return
+        logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
+                    self.settings.client_id)
+        if self._subscriptions:
+            opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
+            client.subscribe(opts)
+        self._connected.set()
+        if self._on_connect_cb is not None:
+            self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        logger.info("MQTT disconnected: %s", reason_code)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acks[mid] = reason_code.value
+        if len(self._acks) > 10_000:  # nobody collected these: bound the table
+            self._acks.clear()
+
+    def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        props = msg.properties
+        user = {}
+        response_topic = correlation = None
+        if props is not None:
+            user = {k: v for k, v in getattr(props, "UserProperty", []) or []}
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+        self._on_message_cb(Message(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos,
+                                    retain=bool(msg.retain), response_topic=response_topic,
+                                    correlation_data=correlation, user_properties=user))

@@ -1,0 +1,222 @@
+"""The wire contract between host and device, in one place (see docs/protocol.md).
+
+Topic names, message schemas and their validation. Pure functions: no I/O, no paho.
+Every JSON message carries ``"schema": SCHEMA_VERSION``; a device rejects any other
+version with reason ``unsupported_schema``. Sizes are checked before parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import ProtocolError, Reason
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "edgeship/v1"
+SHARED_GROUP = "edgeship-fleet"
+
+#: Control messages (JSON) larger than this are rejected before parsing.
+MAX_CONTROL_BYTES = 64 * 1024
+#: Largest chunk a fleet server sends in one transfer response.
+MAX_CHUNK_BYTES = 1024 * 1024
+DEFAULT_CHUNK_BYTES = 256 * 1024
+
+QOS_AT_LEAST_ONCE = 1
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_id(value: str, what: str = "device id") -> str:
+    """Device ids and model names are used inside topics and paths: keep them tame."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ProtocolError(f"invalid {what} {value!r}: use 1-64 of [A-Za-z0-9_.-]",
+                            reason_code=Reason.MALFORMED_MESSAGE)
+    return value
+
+
+# --- topics ------------------------------------------------------------------------------
+
+class Topics:
+    """Topic names. Per device: presence (retained), status, telemetry, desired (retained),
+    transfer responses. Fleet-wide: release announcements (retained, one per model) and
+    transfer requests (served through a shared subscription)."""
+
+    @staticmethod
+    def presence(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/presence"
+
+    @staticmethod
+    def status(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/status"
+
+    @staticmethod
+    def telemetry(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/telemetry"
+
+    @staticmethod
+    def desired(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/desired"
+
+    @staticmethod
+    def transfer_response(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/transfer/resp"
+
+    @staticmethod
+    def transfer_request(device: str) -> str:
+        return f"{TOPIC_ROOT}/transfer/req/{device}"
+
+    @staticmethod
+    def release(model: str) -> str:
+        return f"{TOPIC_ROOT}/fleet/releases/{model}"
+
+    # subscription filters
+    RELEASES_FILTER = f"{TOPIC_ROOT}/fleet/releases/+"
+    TRANSFER_REQUESTS_SHARED = f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/transfer/req/+"
+    DEVICE_PRESENCE_FILTER = f"{TOPIC_ROOT}/dev/+/presence"
+    DEVICE_STATUS_FILTER = f"{TOPIC_ROOT}/dev/+/status"
+    DEVICE_TELEMETRY_FILTER = f"{TOPIC_ROOT}/dev/+/telemetry"
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    kind: str  # presence|status|telemetry|desired|transfer_resp|transfer_req|release
+    device: str | None = None
+    model: str | None = None
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    """Map a concrete topic back to what it is; raise ProtocolError for anything else."""
+    parts = topic.split("/")
+    if len(parts) < 3 or "/".join(parts[:2]) != TOPIC_ROOT:
+        raise ProtocolError(f"topic outside {TOPIC_ROOT}: {topic!r}")
+    rest = parts[2:]
+    if len(rest) == 3 and rest[0] == "dev" and rest[2] in ("presence", "status", "telemetry",
+                                                            "desired"):
+        return ParsedTopic(rest[2], device=validate_id(rest[1]))
+    if len(rest) == 4 and rest[0] == "dev" and rest[2:] == ["transfer", "resp"]:
+        return ParsedTopic("transfer_resp", device=validate_id(rest[1]))
+    if len(rest) == 3 and rest[:2] == ["transfer", "req"]:
+        return ParsedTopic("transfer_req", device=validate_id(rest[2]))
+    if len(rest) == 3 and rest[:2] == ["fleet", "releases"]:
+        return ParsedTopic("release", model=validate_id(rest[2], "model name"))
+    raise ProtocolError(f"unknown topic {topic!r}")
+
+
+# --- JSON messages -----------------------------------------------------------------------
+
+def encode(kind: str, body: dict[str, Any]) -> bytes:
+    """Serialise a message, adding schema version and kind."""
+    msg = {"schema": SCHEMA_VERSION, "kind": kind, **body}
+    return json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(payload: bytes, *, expect_kind: str | None = None,
+           max_bytes: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+    """Parse a JSON control message: size first, then JSON, then schema and kind."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds {max_bytes}",
+                            reason_code=Reason.PAYLOAD_TOO_LARGE)
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from e
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a JSON object")
+    schema = msg.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ProtocolError(f"unsupported schema version {schema!r} (speak {SCHEMA_VERSION})",
+                            reason_code=Reason.UNSUPPORTED_SCHEMA)
+    if expect_kind is not None and msg.get("kind") != expect_kind:
+        raise ProtocolError(f"expected a {expect_kind!r} message, got {msg.get('kind')!r}")
+    return msg
+
+
+def _require(msg: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    value = msg.get(key)
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise ProtocolError(f"field {key!r} missing or not {getattr(typ, '__name__', typ)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ReleaseAnnouncement:
+    """Fleet → devices, retained per model: 'version N of model M is available'. A hint
+    only: the device trusts nothing in it until TUF metadata confirms it."""
+
+    model: str
+    version: int
+    released_at: float
+    KIND = "release"
+
+    def to_bytes(self) -> bytes:
+        return encode(self.KIND, {"model": self.model, "version": self.version,
+                                  "released_at": self.released_at})
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "ReleaseAnnouncement":
+        msg = decode(payload, expect_kind=cls.KIND)
+        version = _require(msg, "version", int)
+        if version < 1:
+            raise ProtocolError("field 'version' must be >= 1")
+        return cls(model=validate_id(_require(msg, "model", str), "model name"),
+                   version=version, released_at=float(_require(msg, "released_at",
+                                                               (int, float))))
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """Device → fleet: 'send me bytes [offset, offset+length) of repository file path'.
+    Sent with MQTT 5 ResponseTopic and CorrelationData; the answer is a raw-bytes payload
+    with user properties (see TRANSFER_* below)."""
+
+    path: str
+    offset: int
+    length: int
+    KIND = "transfer_request"
+
+    def to_bytes(self) -> bytes:
+        return encode(self.KIND, {"path": self.path, "offset": self.offset,
+                                  "length": self.length})
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "TransferRequest":
+        msg = decode(payload, expect_kind=cls.KIND)
+        path = _require(msg, "path", str)
+        offset = _require(msg, "offset", int)
+        length = _require(msg, "length", int)
+        if offset < 0 or not 0 < length <= MAX_CHUNK_BYTES:
+            raise ProtocolError(f"bad range offset={offset} length={length}")
+        return cls(path=safe_repo_path(path), offset=offset, length=length)
+
+
+#: User properties on a transfer response (strings, as MQTT 5 requires).
+TRANSFER_STATUS = "status"      # "200", "400", "404", "416", "500"
+TRANSFER_OFFSET = "offset"
+TRANSFER_TOTAL = "total"        # full length of the file
+TRANSFER_ERROR = "error"
+TRANSFER_SCHEMA = "schema"
+
+
+def safe_repo_path(path: str) -> str:
+    """Repository paths are relative, '/'-separated, under metadata/ or targets/, no '..'."""
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or "\x00" in path
+            or any(p in ("", ".", "..") for p in parts)
+            or parts[0] not in ("metadata", "targets") or len(path) > 512):
+        raise ProtocolError(f"bad repository path {path!r}")
+    return path
+
+
+def status_event(device: str, event: str, *, model: str | None = None,
+                 version: int | None = None, reason: str | None = None,
+                 detail: str | None = None, **extra: Any) -> bytes:
+    """Device → fleet status event (QoS 1, not retained): a lifecycle step or a rejection."""
+    body: dict[str, Any] = {"device": device, "event": event, **extra}
+    for key, value in (("model", model), ("version", version), ("reason", reason),
+                       ("detail", detail)):
+        if value is not None:
+            body[key] = value
+    return encode("status", body)

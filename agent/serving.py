@@ -1,0 +1,128 @@
+"""Serving: the active model per name, hot-swapped by reference, and per-model stats.
+
+A swap replaces one dict entry under a short lock; a request that already holds the old
+model finishes on it. The network is never on this path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.errors import EdgeshipError, InferenceInputError, Reason
+from agent.runtime import ModelRuntime, coerce_inputs
+from agent.store import InstalledModel
+
+MAX_LATENCY_SAMPLES = 10_000
+
+
+class ModelNotFoundError(EdgeshipError):
+    reason_code = Reason.NOT_FOUND
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    installed: InstalledModel
+    runtime: ModelRuntime
+
+    def describe(self) -> dict[str, Any]:
+        m = self.installed.manifest
+        return {"model": m.model, "version": m.version, "variant": self.installed.variant.id,
+                "precision": self.installed.variant.precision,
+                "runtime": self.installed.variant.runtime,
+                "inputs": [t.to_dict() for t in m.inputs],
+                "outputs": [t.to_dict() for t in m.outputs],
+                "labels": list(m.labels)}
+
+
+class ModelStats:
+    """Counts and latencies since the last snapshot (bounded, oldest dropped)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+        self.total_requests = 0
+
+    def _reset(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.samples = 0
+        self.latencies_ms: deque[float] = deque(maxlen=MAX_LATENCY_SAMPLES)
+        self.since = time.time()
+
+    def record(self, latency_ms: float | None, samples: int = 1) -> None:
+        with self._lock:
+            self.requests += 1
+            self.total_requests += 1
+            self.samples += samples
+            if latency_ms is None:
+                self.errors += 1
+            else:
+                self.latencies_ms.append(latency_ms)
+
+    def snapshot(self, reset: bool = True) -> dict[str, Any]:
+        with self._lock:
+            lat = np.asarray(self.latencies_ms, dtype=np.float64)
+            elapsed = max(1e-9, time.time() - self.since)
+            snap = {"requests": self.requests, "errors": self.errors,
+                    "samples": self.samples, "input_rate_per_s": self.samples / elapsed,
+                    "latency_ms": _percentiles(lat)}
+            if reset:
+                self._reset()
+            return snap
+
+
+def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
+    if lat.size == 0:
+        return {"p50": None, "p95": None, "p99": None, "count": 0}
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "count": int(lat.size)}
+
+
+class ModelServer:
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self.stats: dict[str, ModelStats] = {}
+
+    def swap(self, loaded: LoadedModel) -> LoadedModel | None:
+        name = loaded.installed.model
+        with self._lock:
+            old = self._models.get(name)
+            self._models[name] = loaded
+            self.stats.setdefault(name, ModelStats())
+        return old
+
+    def get(self, name: str) -> LoadedModel:
+        loaded = self._models.get(name)
+        if loaded is None:
+            raise ModelNotFoundError(f"no model named {name!r} is being served")
+        return loaded
+
+    def models(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def predict(self, name: str, raw_inputs: Any) -> tuple[list[np.ndarray], LoadedModel]:
+        loaded = self.get(name)
+        stats = self.stats[name]
+        manifest = loaded.installed.manifest
+        try:
+            inputs = coerce_inputs(manifest.inputs, raw_inputs)
+        except InferenceInputError:
+            stats.record(None)
+            raise
+        batch = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+        start = time.perf_counter()
+        try:
+            outputs = loaded.runtime.run(inputs)
+        except Exception as e:
+            stats.record(None, batch)
+            raise EdgeshipError(f"inference failed: {e}") from e
+        stats.record((time.perf_counter() - start) * 1000, batch)
+        return outputs, loaded

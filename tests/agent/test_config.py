@@ -1,0 +1,27 @@
+import pytest
+
+from agent.config import config_from_dict, load_config
+from agent.errors import ConfigError
+
+
+def test_a_valid_config_loads_with_defaults(tmp_path):
+    f = tmp_path / "agent.toml"
+    f.write_text('[agent]\ndevice_id = "pi-1"\nstate_dir = "/tmp/x"\napi_port = 9000\n')
+    cfg = load_config(f)
+    assert cfg.device_id == "pi-1" and cfg.api_port == 9000
+    assert cfg.telemetry_interval_s == 60.0
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"device_id": "a", "state_dir": "/x", "api_prot": 1}, "api_prot"),
+    ({"state_dir": "/x"}, "device_id"),
+    ({"device_id": "a b", "state_dir": "/x"}, "device_id"),
+    ({"device_id": "a", "state_dir": "/x", "api_port": "80"}, "api_port"),
+    ({"device_id": "a", "state_dir": "/x", "chunk_bytes": 0}, "chunk_bytes"),
+    ({"device_id": "a", "state_dir": "/x", "chunk_bytes": 10**9}, "chunk_bytes"),
+])
+def test_bad_configs_name_the_bad_key(raw, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert err.value.key == key
+    assert key in str(err.value)
