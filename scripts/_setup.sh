@@ -1,0 +1,39 @@
+# Sourced by scripts/demo, scripts/test and scripts/bench-*: make .venv and the broker ready.
+# Works on a fresh Debian / Ubuntu / Raspberry Pi OS machine. Idempotent and quick when done.
+
+_as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@";
+  else echo "edgeship: need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+_apt_updated=0
+_apt_install() {
+  if [ "$_apt_updated" = 0 ]; then _as_root apt-get update -qq; _apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive _as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+edgeship_setup() {
+  local extras="${EDGESHIP_EXTRAS:-converter,fleet,dev}"
+  local py="${PYTHON:-python3}"
+  "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "edgeship: Python >= 3.11 is required ($("$py" --version 2>&1))" >&2; return 1; }
+  if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv"
+    "$py" -m venv .venv 2>/dev/null || { _apt_install python3-venv && rm -rf .venv && "$py" -m venv .venv; }
+  fi
+  local stamp=".venv/.edgeship-installed"
+  local want
+  want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "==> installing edgeship[$extras] into .venv (first run takes a few minutes)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[$extras]"
+    echo "$want" > "$stamp"
+  fi
+  if [ -z "${EDGESHIP_MQTT_URL:-}" ] && ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+    echo "==> installing mosquitto (apt-get)"
+    _apt_install mosquitto
+  fi
+  # Debian's package may start a system broker on 1883; ours always use their own free ports.
+  export PATH="$PWD/.venv/bin:$PATH:/usr/sbin"
+}
