@@ -48,6 +48,8 @@ class DeviceTraits:
 
 def tuf_reason(e: Exception) -> Reason:
     """Map python-tuf's exceptions to our stable reason codes."""
+    if isinstance(e, tuf_exc.LengthOrHashMismatchError) and "length" in str(e).lower():
+        return Reason.LENGTH_MISMATCH
     table = [(tuf_exc.UnsignedMetadataError, Reason.BAD_SIGNATURE),
              (tuf_exc.BadVersionNumberError, Reason.ROLLBACK),
              (tuf_exc.ExpiredMetadataError, Reason.METADATA_EXPIRED),
