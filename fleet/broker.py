@@ -54,13 +54,17 @@ class Mosquitto:
         raise RuntimeError("mosquitto did not start listening within 10s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self) -> None:
         self.stop()

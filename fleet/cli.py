@@ -1,0 +1,243 @@
+"""Fleet subcommands of the ``edgeship`` CLI: ``keys init``, ``release``, ``fleet serve``,
+``fleet status``. ``edgeship/cli.py`` calls :func:`add_parsers`.
+
+Each command function takes the parsed args and returns an exit code: 0 ok, 1 failure,
+2 bad input; errors are one line on stderr (the traceback is logged at DEBUG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
+from agent.mqtt import MqttSession, SessionSettings
+from agent.protocol import ReleaseAnnouncement, Topics
+from fleet.errors import ReleaseRejectedError
+from fleet.registry import DeviceRecord, Registry
+from fleet.server import FleetServer, FleetSettings
+from fleet.tuf_repo import ReleaseInfo, RepoSettings, init_repository, release_bundle
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+_BAD_INPUT = (BundleError, ReleaseRejectedError, ConfigError, ProtocolError)
+ANNOUNCE_TIMEOUT_S = 10.0
+
+
+def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn expected errors into one stderr line and an exit code."""
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except _BAD_INPUT as e:
+            return _fail(e, EXIT_BAD_INPUT)
+        except (EdgeshipError, OSError) as e:
+            return _fail(e, EXIT_FAILURE)
+    return wrapper
+
+
+def _fail(e: Exception, code: int) -> int:
+    logger.debug("command failed", exc_info=e)
+    print(f"error: {e}", file=sys.stderr)
+    return code
+
+
+def _help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    return show
+
+
+# --- keys init -----------------------------------------------------------------------------
+
+@_command
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    init_repository(args.keys, args.repo, RepoSettings(root_threshold=args.root_threshold))
+    print(f"initialised TUF repository {args.repo} (keys in {args.keys}); provision devices "
+          f"with {Path(args.repo) / 'metadata' / '1.root.json'}")
+    return EXIT_OK
+
+
+# --- release -------------------------------------------------------------------------------
+
+def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
+    """Publish the retained announcement with a short-lived session; wait for the PUBACK."""
+    session = MqttSession(SessionSettings(url=url, client_id=f"edgeship-release-"
+                                          f"{secrets.token_hex(4)}", clean_start=True,
+                                          session_expiry_s=0), on_message=lambda m: None)
+    session.start()
+    try:
+        if not session.wait_connected(timeout_s):
+            raise EdgeshipError(f"could not connect to {url} within {timeout_s}s")
+        payload = ReleaseAnnouncement(info.model, info.version, info.released_at).to_bytes()
+        rc = session.publish_acked(Topics.release(info.model), payload, timeout_s=timeout_s,
+                                   retain=True)
+        if rc >= 0x80:
+            raise EdgeshipError(f"broker refused the announcement (reason code {rc:#x})")
+    finally:
+        session.stop()
+
+
+@_command
+def cmd_release(args: argparse.Namespace) -> int:
+    info = release_bundle(args.bundle, args.repo, args.keys)
+    announced = False
+    if args.mqtt:
+        try:
+            announce(args.mqtt, info)
+            announced = True
+        except EdgeshipError as e:
+            raise EdgeshipError(f"released {info.model} v{info.version} but the announcement "
+                                f"failed: {e}") from e
+    if args.db:
+        registry = Registry(args.db)
+        try:
+            registry.add_release(info.model, info.version, info.released_at, "cli")
+        finally:
+            registry.close()
+    if args.json:
+        print(json.dumps({"model": info.model, "version": info.version,
+                          "targets": list(info.targets), "released_at": info.released_at,
+                          "announced": announced}))
+    else:
+        print(f"released {info.model} v{info.version} ({len(info.targets)} targets)"
+              + (f"; announced on {Topics.release(info.model)}" if announced else ""))
+    return EXIT_OK
+
+
+# --- fleet serve / status --------------------------------------------------------------------
+
+@_command
+def cmd_fleet_serve(args: argparse.Namespace) -> int:
+    if not (Path(args.repo) / "metadata").is_dir():
+        raise ConfigError(f"--repo {args.repo} is not a repository (run 'keys init')",
+                          key="repo")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = FleetServer(FleetSettings(mqtt_url=args.mqtt, repo_dir=Path(args.repo),
+                                       db_path=Path(args.db), workers=args.workers,
+                                       keys_dir=Path(args.keys) if args.keys else None))
+    server.start()
+    print(f"fleet server serving {args.repo} on {args.mqtt}", flush=True)
+    stop.wait()
+    server.stop()
+    return EXIT_OK
+
+
+def _models_text(models: object) -> str:
+    if isinstance(models, dict):
+        return ", ".join(f"{k}:v{v.get('version', '?')}" if isinstance(v, dict) else f"{k}:v{v}"
+                         for k, v in sorted(models.items()))
+    if isinstance(models, list):
+        return ", ".join(json.dumps(m, sort_keys=True) if not isinstance(m, str) else m
+                         for m in models)
+    return "" if models is None else str(models)
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "" if ts is None else f"{max(0, int(now - ts))}s ago"
+
+
+def _print_table(devices: list[DeviceRecord]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    now = time.time()
+    table = Table(title=f"{len(devices)} device(s)")
+    for col in ("device", "online", "models", "last seen", "last event"):
+        table.add_column(col)
+    for d in devices:
+        table.add_row(d.id, "yes" if d.online else "no", _models_text(d.models),
+                      _ago(d.last_seen, now),
+                      f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "")
+    Console().print(table)
+
+
+@_command
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    if not Path(args.db).is_file():
+        raise ConfigError(f"no registry at {args.db}", key="db")
+    registry = Registry(args.db)
+    try:
+        devices = registry.devices()
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps([{"id": d.id, "online": d.online, "models": d.models,
+                           "last_seen": d.last_seen, "profile": d.profile,
+                           "agent_version": d.agent_version, "last_event": d.last_event,
+                           "last_event_ts": d.last_event_ts} for d in devices]))
+    else:
+        _print_table(devices)
+    return EXIT_OK
+
+
+# --- parsers -------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    _add_keys(subparsers)
+    _add_release(subparsers)
+    _add_fleet(subparsers)
+
+
+def _add_keys(subparsers: argparse._SubParsersAction) -> None:
+    keys = subparsers.add_parser("keys", help="manage repository signing keys")
+    keys.set_defaults(func=_help(keys))
+    sub = keys.add_subparsers(title="commands")
+    init = sub.add_parser("init", help="generate keys and an empty TUF repository")
+    init.add_argument("--keys", required=True, type=Path, help="directory for private keys")
+    init.add_argument("--repo", required=True, type=Path, help="repository directory")
+    init.add_argument("--root-threshold", type=_positive_int, default=1,
+                      help="root keys needed to sign root (default 1)")
+    init.set_defaults(func=cmd_keys_init)
+
+
+def _add_release(subparsers: argparse._SubParsersAction) -> None:
+    rel = subparsers.add_parser("release", help="sign a bundle into the repository")
+    rel.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    rel.add_argument("--repo", required=True, type=Path, help="repository directory")
+    rel.add_argument("--keys", required=True, type=Path, help="directory of private keys")
+    rel.add_argument("--mqtt", help="broker URL: publish the retained release announcement")
+    rel.add_argument("--db", type=Path, help="fleet registry to record the release in")
+    rel.add_argument("--json", action="store_true", help="print the result as JSON")
+    rel.set_defaults(func=cmd_release)
+
+
+def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
+    fleet = subparsers.add_parser("fleet", help="run or inspect the fleet server")
+    fleet.set_defaults(func=_help(fleet))
+    sub = fleet.add_subparsers(title="commands")
+    serve = sub.add_parser("serve", help="serve transfers and record device reports")
+    serve.add_argument("--mqtt", required=True, help="broker URL, mqtt://host:port")
+    serve.add_argument("--repo", required=True, type=Path, help="repository directory")
+    serve.add_argument("--db", required=True, type=Path, help="registry SQLite file")
+    serve.add_argument("--keys", type=Path,
+                       help="keys directory: re-sign the timestamp periodically")
+    serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
+    serve.set_defaults(func=cmd_fleet_serve)
+    status = sub.add_parser("status", help="show devices from the registry")
+    status.add_argument("--db", required=True, type=Path, help="registry SQLite file")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_fleet_status)

@@ -1,0 +1,226 @@
+"""The fleet server: answers transfer requests and records what devices report.
+
+paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into a
+bounded queue (a full queue drops the message and counts it). A few worker threads do the
+work: transfer requests are answered with raw chunk bytes on the request's ResponseTopic;
+presence/status/telemetry go to the SQLite registry. A malformed message is counted and
+logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from agent.errors import EdgeshipError, ProtocolError
+from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from agent.protocol import (QOS_AT_LEAST_ONCE, SCHEMA_VERSION, TRANSFER_ERROR, TRANSFER_OFFSET,
+                            TRANSFER_SCHEMA, TRANSFER_STATUS, TRANSFER_TOTAL,
+                            ReleaseAnnouncement, Topics, TransferRequest, decode,
+                            parse_topic)
+from fleet.registry import Registry
+from fleet.transfer import STATUS_BAD_REQUEST, ChunkResult, read_chunk
+from fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    mqtt_url: str
+    repo_dir: Path
+    db_path: Path
+    client_id: str = ""  # empty: edgeship-fleet-<random>
+    workers: int = 4
+    queue_max: int = 1000
+    connect_timeout_s: float = 10.0
+    publish_timeout_s: float = 10.0
+    tls: TlsSettings | None = None
+    keys_dir: Path | None = None  # set: re-sign timestamp every timestamp_refresh_s
+    timestamp_refresh_s: float = 6 * 3600
+    repo_settings: RepoSettings = RepoSettings()
+
+
+@dataclass
+class FleetStats:
+    """Counters. Workers update them under ``lock``; paho's thread only bumps ``dropped``."""
+
+    requests_served: int = 0
+    bytes_sent: int = 0
+    transfer_errors: int = 0  # answered with a non-200 status
+    no_response_topic: int = 0
+    malformed: int = 0
+    dropped: int = 0  # queue full
+    records: int = 0  # presence/status/telemetry stored
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def bump(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+
+
+def response_topic_allowed(request_topic: str, response_topic: str) -> bool:
+    """A device may only have answers sent to its own transfer-response topic (or below it),
+    so a request cannot make the fleet publish anywhere else."""
+    device = parse_topic(request_topic).device
+    own = Topics.transfer_response(device)
+    return ((response_topic == own or response_topic.startswith(own + "/"))
+            and "+" not in response_topic and "#" not in response_topic)
+
+
+class FleetServer:
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self.stats = FleetStats()
+        self.registry = Registry(settings.db_path)
+        self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
+        self._session = MqttSession(
+            SessionSettings(url=settings.mqtt_url, client_id=client_id, clean_start=False,
+                            tls=settings.tls), on_message=self._on_message)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self, *, wait: bool = True) -> None:
+        for i in range(self.settings.workers):
+            self._spawn(self._worker, f"fleet-worker-{i}")
+        if self.settings.keys_dir is not None:
+            self._spawn(self._refresher, "fleet-timestamp")
+        self._session.start([(Topics.TRANSFER_REQUESTS_SHARED, QOS_AT_LEAST_ONCE),
+                             (Topics.DEVICE_PRESENCE_FILTER, QOS_AT_LEAST_ONCE),
+                             (Topics.DEVICE_STATUS_FILTER, QOS_AT_LEAST_ONCE),
+                             (Topics.DEVICE_TELEMETRY_FILTER, QOS_AT_LEAST_ONCE)])
+        if wait and not self._session.wait_connected(self.settings.connect_timeout_s):
+            self.stop()
+            raise EdgeshipError(f"fleet server could not connect to {self.settings.mqtt_url} "
+                                f"within {self.settings.connect_timeout_s}s")
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._session.wait_connected(timeout_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._session.stop()
+        for _ in range(self.settings.workers):
+            self._queue.put(_STOP)  # workers drain what is queued, then stop
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
+        self.registry.close()
+        logger.info("fleet server stopped: %s", self.stats.snapshot())
+
+    # --- releases ----------------------------------------------------------------------
+
+    def announce(self, info: ReleaseInfo, *, by: str | None = None) -> None:
+        """Publish the retained release announcement (waits for the PUBACK) and record it."""
+        payload = ReleaseAnnouncement(info.model, info.version, info.released_at).to_bytes()
+        rc = self._session.publish_acked(Topics.release(info.model), payload, retain=True,
+                                         timeout_s=self.settings.publish_timeout_s)
+        if rc >= 0x80:
+            raise EdgeshipError(f"broker refused the announcement of {info.model} "
+                                f"v{info.version} (reason code {rc:#x})")
+        self.registry.add_release(info.model, info.version, info.released_at, by)
+
+    # --- paho's thread -----------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        try:
+            self._queue.put_nowait(msg)
+        except queue.Full:
+            self.stats.dropped += 1  # only this thread writes it
+
+    # --- workers -----------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            msg = self._queue.get()
+            if msg is _STOP:
+                return
+            try:
+                self._dispatch(msg)
+            except Exception:  # a worker must survive anything one message does
+                self.stats.bump(malformed=1)
+                logger.exception("failed to handle message on %s", msg.topic)
+
+    def _dispatch(self, msg: Message) -> None:
+        try:
+            parsed = parse_topic(msg.topic)
+        except ProtocolError as e:
+            self.stats.bump(malformed=1)
+            logger.warning("ignoring message on unknown topic: %s", e)
+            return
+        if parsed.kind == "transfer_req":
+            self._handle_transfer(msg)
+        elif parsed.kind in ("presence", "status", "telemetry"):
+            self._handle_report(parsed.kind, parsed.device, msg)
+
+    def _handle_transfer(self, msg: Message) -> None:
+        if not msg.response_topic or not response_topic_allowed(msg.topic, msg.response_topic):
+            self.stats.bump(no_response_topic=1)
+            logger.warning("dropping transfer request on %s: response topic %r not allowed",
+                           msg.topic, msg.response_topic)
+            return
+        try:
+            request = TransferRequest.from_bytes(msg.payload)
+        except ProtocolError as e:
+            self.stats.bump(malformed=1)
+            self._respond(msg, ChunkResult(STATUS_BAD_REQUEST, 0, 0, error=str(e)))
+            return
+        self._respond(msg, read_chunk(self.settings.repo_dir, request))
+
+    def _respond(self, msg: Message, result: ChunkResult) -> None:
+        props = {TRANSFER_SCHEMA: str(SCHEMA_VERSION), TRANSFER_STATUS: str(result.status),
+                 TRANSFER_OFFSET: str(result.offset), TRANSFER_TOTAL: str(result.total)}
+        if result.error:
+            props[TRANSFER_ERROR] = result.error[:256]
+        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
+                              retain=False, correlation_data=msg.correlation_data,
+                              user_properties=props)
+        if result.status == 200:
+            self.stats.bump(requests_served=1, bytes_sent=len(result.data))
+        else:
+            self.stats.bump(transfer_errors=1)
+
+    def _handle_report(self, kind: str, device: str, msg: Message) -> None:
+        if not msg.payload:  # a cleared retained message
+            return
+        try:
+            body = decode(msg.payload)
+        except ProtocolError as e:
+            self.stats.bump(malformed=1)
+            logger.warning("malformed %s from %s: %s", kind, device, e)
+            return
+        if kind == "presence":
+            self.registry.upsert_presence(device, body)
+        elif kind == "status":
+            self.registry.add_event(device, body)
+        else:
+            self.registry.add_telemetry(device, body)
+        self.stats.bump(records=1)
+
+    def _refresher(self) -> None:
+        while not self._stopping.wait(self.settings.timestamp_refresh_s):
+            try:
+                version = refresh_timestamp(self.settings.repo_dir, self.settings.keys_dir,
+                                            self.settings.repo_settings)
+                logger.info("re-signed timestamp (version %d)", version)
+            except EdgeshipError as e:
+                logger.error("timestamp refresh failed: %s", e)

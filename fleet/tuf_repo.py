@@ -1,0 +1,345 @@
+"""A TUF repository on disk (consistent snapshots), signed with ed25519 keys from files.
+
+Layout (``repo_dir``)::
+
+    metadata/1.root.json  metadata/root.json      (root.json: copy of the newest root)
+    metadata/N.targets.json  metadata/N.snapshot.json  metadata/timestamp.json
+    targets/{model}/{version}/{sha256}.{file}      (target path {model}/{version}/{file})
+
+Keys (``keys_dir``, mode 0700): ``root-1.pem`` … ``root-K.pem``, ``targets.pem``,
+``snapshot.pem``, ``timestamp.pem`` (PKCS#8 PEM, mode 0600).
+
+Writes happen in dependency order — target files, targets, snapshot, and last the
+timestamp, which is the commit point — so a reader never sees metadata that points at
+missing files. One writer at a time (an ``flock`` on ``repo_dir/.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api.exceptions import RepositoryError as TufRepositoryError
+from tuf.api.metadata import (Metadata, MetaFile, Root, Snapshot, TargetFile, Targets,
+                              Timestamp)
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.errors import ConfigError
+from fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
+from fleet.errors import ReleaseRejectedError, RepositoryError
+from fleet.files import atomic_write, write_new
+
+logger = logging.getLogger(__name__)
+
+ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+CUSTOM_KEY = "edgeship"
+_SERIALIZER = JSONSerializer(compact=False)
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    root_threshold: int = 1
+    root_expiry_days: int = 365
+    targets_expiry_days: int = 90
+    snapshot_expiry_days: int = 7
+    timestamp_expiry_days: int = 1
+    max_bundle_bytes: int = 4 * 1024**3
+    max_bundle_files: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("root_threshold", "root_expiry_days", "targets_expiry_days",
+                    "snapshot_expiry_days", "timestamp_expiry_days", "max_bundle_bytes",
+                    "max_bundle_files"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}", key=key)
+
+    def expiry_days(self, role: str) -> int:
+        return getattr(self, f"{role}_expiry_days")
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    model: str
+    version: int
+    targets: tuple[str, ...]  # TUF target paths, manifest first
+    released_at: float  # unix seconds
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+def _key_files(keys_dir: Path, role: str) -> list[Path]:
+    if role == Root.type:
+        return sorted(keys_dir.glob("root-*.pem"))
+    path = keys_dir / f"{role}.pem"
+    return [path] if path.exists() else []
+
+
+def _generate_keys(keys_dir: Path, settings: RepoSettings) -> dict[str, list[CryptoSigner]]:
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(keys_dir.glob("*.pem")):
+        raise RepositoryError(f"keys directory {keys_dir} already holds keys; refusing to "
+                              "overwrite them")
+    signers: dict[str, list[CryptoSigner]] = {}
+    for role in ROLES:
+        count = settings.root_threshold if role == Root.type else 1
+        signers[role] = [CryptoSigner.generate_ed25519() for _ in range(count)]
+        for i, signer in enumerate(signers[role], start=1):
+            name = f"root-{i}.pem" if role == Root.type else f"{role}.pem"
+            write_new(keys_dir / name, signer.private_bytes, mode=0o600)
+    return signers
+
+
+def load_signers(keys_dir: Path, root: Root, roles: tuple[str, ...]) -> dict[str, list]:
+    """Load the private keys for ``roles`` and check each belongs to its role in ``root``."""
+    signers: dict[str, list] = {}
+    for role in roles:
+        role_keys = root.roles[role]
+        found = []
+        for path in _key_files(Path(keys_dir), role):
+            try:
+                private = load_pem_private_key(path.read_bytes(), None)
+            except (OSError, ValueError, TypeError) as e:
+                raise RepositoryError(f"cannot load key {path}: {e}") from e
+            public = SSlibKey.from_crypto(private.public_key())
+            if public.keyid not in role_keys.keyids:
+                raise RepositoryError(f"key {path} is not a {role} key of this repository")
+            found.append(CryptoSigner(private, public))
+        if len(found) < role_keys.threshold:
+            raise RepositoryError(f"{keys_dir} holds {len(found)} {role} key(s); threshold "
+                                  f"is {role_keys.threshold}")
+        signers[role] = found
+    return signers
+
+
+# --- metadata I/O ----------------------------------------------------------------------------
+
+def _sign(md: Metadata, signers: list) -> None:
+    md.signatures.clear()
+    for signer in signers:
+        md.sign(signer, append=True)
+
+
+def _write(path: Path, md: Metadata) -> bytes:
+    data = md.to_bytes(_SERIALIZER)
+    atomic_write(path, data)
+    return data
+
+
+def _meta_file(version: int, data: bytes) -> MetaFile:
+    return MetaFile(version=version, length=len(data),
+                    hashes={"sha256": hashlib.sha256(data).hexdigest()})
+
+
+def _read(path: Path, cls: type) -> Metadata:
+    try:
+        md = Metadata.from_bytes(path.read_bytes())
+    except FileNotFoundError as e:
+        raise RepositoryError(f"repository metadata {path} is missing") from e
+    except (DeserializationError, OSError) as e:
+        raise RepositoryError(f"cannot read repository metadata {path}: {e}") from e
+    if not isinstance(md.signed, cls):
+        raise RepositoryError(f"{path} is not {cls.type} metadata")
+    return md
+
+
+@dataclass
+class _Current:
+    root: Metadata
+    targets: Metadata
+    snapshot: Metadata
+    timestamp: Metadata
+
+
+def _load_current(meta_dir: Path) -> _Current:
+    root = _read(meta_dir / "root.json", Root)
+    timestamp = _read(meta_dir / "timestamp.json", Timestamp)
+    snap_v = timestamp.signed.snapshot_meta.version
+    snapshot = _read(meta_dir / f"{snap_v}.snapshot.json", Snapshot)
+    targets_v = snapshot.signed.meta["targets.json"].version
+    targets = _read(meta_dir / f"{targets_v}.targets.json", Targets)
+    return _Current(root, targets, snapshot, timestamp)
+
+
+@contextlib.contextmanager
+def _locked(repo_dir: Path) -> Iterator[None]:
+    if not (repo_dir / "metadata").is_dir():
+        raise RepositoryError(f"{repo_dir} is not an edgeship repository (no metadata/)")
+    with open(repo_dir / ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _bump(md: Metadata, days: int, now: datetime, bump: bool) -> None:
+    md.signed.version += 1 if bump else 0
+    md.signed.expires = now + timedelta(days=days)
+
+
+def _commit(repo_dir: Path, cur: _Current, signers: dict[str, list], settings: RepoSettings,
+            now: datetime, *, new_targets: bool, new_snapshot: bool,
+            bump: bool = True) -> None:
+    """Re-sign and write targets (optional) → snapshot (optional) → timestamp."""
+    meta_dir = repo_dir / "metadata"
+    if new_targets:
+        _bump(cur.targets, settings.targets_expiry_days, now, bump)
+        _sign(cur.targets, signers[Targets.type])
+        data = _write(meta_dir / f"{cur.targets.signed.version}.targets.json", cur.targets)
+        cur.snapshot.signed.meta["targets.json"] = _meta_file(cur.targets.signed.version, data)
+    if new_targets or new_snapshot:
+        _bump(cur.snapshot, settings.snapshot_expiry_days, now, bump)
+        _sign(cur.snapshot, signers[Snapshot.type])
+        data = _write(meta_dir / f"{cur.snapshot.signed.version}.snapshot.json", cur.snapshot)
+        cur.timestamp.signed.snapshot_meta = _meta_file(cur.snapshot.signed.version, data)
+    _bump(cur.timestamp, settings.timestamp_expiry_days, now, bump)
+    _sign(cur.timestamp, signers[Timestamp.type])
+    _write(meta_dir / "timestamp.json", cur.timestamp)
+
+
+# --- public API ---------------------------------------------------------------------------
+
+def init_repository(keys_dir: Path, repo_dir: Path, settings: RepoSettings = RepoSettings(),
+                    *, now: datetime | None = None) -> None:
+    """Generate keys and write version-1 metadata. Refuses to touch an existing repo."""
+    keys_dir, repo_dir = Path(keys_dir), Path(repo_dir)
+    meta_dir = repo_dir / "metadata"
+    if meta_dir.exists() and any(meta_dir.iterdir()):
+        raise RepositoryError(f"{repo_dir} already holds a repository; refusing to overwrite")
+    now = now or _utcnow()
+    signers = _generate_keys(keys_dir, settings)
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "targets").mkdir(exist_ok=True)
+
+    root = Root(expires=now + timedelta(days=settings.root_expiry_days),
+                consistent_snapshot=True)
+    for role in ROLES:
+        for signer in signers[role]:
+            root.add_key(signer.public_key, role)
+    root.roles[Root.type].threshold = settings.root_threshold
+    root_md = Metadata(root)
+    _sign(root_md, signers[Root.type])
+    _write(meta_dir / "1.root.json", root_md)
+    _write(meta_dir / "root.json", root_md)
+
+    cur = _Current(root_md, Metadata(Targets()), Metadata(Snapshot()), Metadata(Timestamp()))
+    _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True,
+            bump=False)
+    logger.info("initialised TUF repository %s (keys in %s)", repo_dir, keys_dir)
+
+
+def released_versions(repo_dir: Path) -> dict[str, int]:
+    """Newest released version per model, from the current targets metadata."""
+    cur = _load_current(Path(repo_dir) / "metadata")
+    return _latest_versions(cur.targets.signed)
+
+
+def _latest_versions(targets: Targets) -> dict[str, int]:
+    latest: dict[str, int] = {}
+    for info in targets.targets.values():
+        custom = (info.unrecognized_fields.get("custom") or {}).get(CUSTOM_KEY) or {}
+        model, version = custom.get("model"), custom.get("version")
+        if isinstance(model, str) and isinstance(version, int):
+            latest[model] = max(version, latest.get(model, 0))
+    return latest
+
+
+def _custom(manifest_model: str, version: int, f: BundleFile) -> dict:
+    custom: dict = {"model": manifest_model, "version": version, "kind": f.kind}
+    if f.variant is not None:
+        custom.update(variant=f.variant.id, runtime=f.variant.runtime,
+                      precision=f.variant.precision, hardware=list(f.variant.hardware))
+    return {CUSTOM_KEY: custom}
+
+
+def _add_targets(repo_dir: Path, bundle: LoadedBundle, targets: Targets) -> tuple[str, ...]:
+    m = bundle.manifest
+    dest_dir = repo_dir / "targets" / m.model / str(m.version)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in bundle.files:
+        install_file(bundle.directory / f.name, f, dest_dir)
+        path = f"{m.model}/{m.version}/{f.name}"
+        targets.targets[path] = TargetFile(
+            length=f.size, hashes={"sha256": f.sha256}, path=path,
+            unrecognized_fields={"custom": _custom(m.model, m.version, f)})
+        paths.append(path)
+    return tuple(paths)
+
+
+def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
+                   settings: RepoSettings = RepoSettings(), *,
+                   now: datetime | None = None) -> ReleaseInfo:
+    """Verify a bundle, add its files as targets and publish new signed metadata."""
+    repo_dir = Path(repo_dir)
+    now = now or _utcnow()
+    limits = BundleLimits(settings.max_bundle_bytes, settings.max_bundle_files)
+    with _locked(repo_dir), open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+        cur = _load_current(repo_dir / "metadata")
+        m = bundle.manifest
+        latest = _latest_versions(cur.targets.signed).get(m.model, 0)
+        if m.version <= latest:
+            raise ReleaseRejectedError(
+                f"{m.model} v{m.version} is not newer than released v{latest}",
+                model=m.model, version=m.version, latest=latest)
+        signers = load_signers(Path(keys_dir), cur.root.signed,
+                               (Targets.type, Snapshot.type, Timestamp.type))
+        paths = _add_targets(repo_dir, bundle, cur.targets.signed)
+        _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True)
+    logger.info("released %s v%d (%d targets)", m.model, m.version, len(paths))
+    return ReleaseInfo(m.model, m.version, paths, time.time())
+
+
+def refresh_timestamp(repo_dir: Path, keys_dir: Path, settings: RepoSettings = RepoSettings(),
+                      *, now: datetime | None = None) -> int:
+    """Re-sign timestamp with a fresh expiry; also renew snapshot and targets when less than
+    half of their lifetime is left. Returns the new timestamp version."""
+    repo_dir = Path(repo_dir)
+    now = now or _utcnow()
+    with _locked(repo_dir):
+        cur = _load_current(repo_dir / "metadata")
+        renew_targets = _half_expired(cur.targets.signed, settings, now)
+        renew_snapshot = renew_targets or _half_expired(cur.snapshot.signed, settings, now)
+        roles = (Timestamp.type,) + ((Snapshot.type,) if renew_snapshot else ()) + (
+            (Targets.type,) if renew_targets else ())
+        signers = load_signers(Path(keys_dir), cur.root.signed, roles)
+        _commit(repo_dir, cur, signers, settings, now, new_targets=renew_targets,
+                new_snapshot=renew_snapshot)
+        return cur.timestamp.signed.version
+
+
+def _half_expired(signed: Targets | Snapshot, settings: RepoSettings, now: datetime) -> bool:
+    lifetime = timedelta(days=settings.expiry_days(signed.type))
+    return signed.expires - now < lifetime / 2
+
+
+def verify_repository(repo_dir: Path) -> None:
+    """Check the current metadata chain's signatures (a cheap self-check, not a client)."""
+    cur = _load_current(Path(repo_dir) / "metadata")
+    root = cur.root.signed
+    try:
+        root.verify_delegate(Root.type, cur.root.signed_bytes, cur.root.signatures)
+        for md in (cur.targets, cur.snapshot, cur.timestamp):
+            root.verify_delegate(md.signed.type, md.signed_bytes, md.signatures)
+    except TufRepositoryError as e:
+        raise RepositoryError(f"repository {repo_dir} does not verify: {e}") from e
+
+
+__all__ = ["RepoSettings", "ReleaseInfo", "init_repository", "release_bundle",
+           "refresh_timestamp", "released_versions", "load_signers", "verify_repository"]
