@@ -87,6 +87,7 @@ class MqttSession:
         self._on_connect_cb = on_connect
         self._subscriptions: list[tuple[str, int]] = []
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
         self._client = self._build_client()
 
@@ -110,6 +111,7 @@ class MqttSession:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         return client
 
     def start(self, subscriptions: Iterable[tuple[str, int]] = ()) -> None:
@@ -123,6 +125,10 @@ class MqttSession:
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """True once the broker acknowledged this connection's subscriptions."""
+        return self._subscribed.wait(timeout_s)
 
     @property
     def connected(self) -> bool:
@@ -184,9 +190,12 @@ class MqttSession:
             return
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
                     self.settings.client_id)
+        self._subscribed.clear()
         if self._subscriptions:
             opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
             client.subscribe(opts)
+        else:
+            self._subscribed.set()
         self._connected.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
@@ -194,6 +203,12 @@ class MqttSession:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         logger.info("MQTT disconnected: %s", reason_code)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            logger.warning("broker refused %d subscription(s): %s", len(refused), refused)
+        self._subscribed.set()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acks[mid] = reason_code.value

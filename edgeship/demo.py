@@ -83,7 +83,7 @@ class Observer:
         self.session.start([(Topics.DEVICE_STATUS_FILTER, 1),
                             (Topics.DEVICE_TELEMETRY_FILTER, 1),
                             (Topics.DEVICE_PRESENCE_FILTER, 1)])
-        if not self.session.wait_connected(10):
+        if not self.session.wait_subscribed(10):
             raise EdgeshipError(f"cannot connect to the broker at {self.session.settings.url}")
 
     def _on_message(self, msg: Message) -> None:  # paho's thread: append only

@@ -37,3 +37,17 @@ edgeship_setup() {
   # Debian's package may start a system broker on 1883; ours always use their own free ports.
   export PATH="$PWD/.venv/bin:$PATH:/usr/sbin"
 }
+
+# System services the test suite runs for real (each test starts its own instance).
+edgeship_test_deps() {
+  local missing=()
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v mcopy >/dev/null || missing+=(mtools)
+  command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || [ -x /sbin/mkfs.vfat ] || missing+=(dosfstools)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]} (apt-get) for the test suite"
+    _apt_install "${missing[@]}"
+  fi
+}

@@ -33,7 +33,7 @@ class Watcher:
                                                    f"-{id(self)}", clean_start=True,
                                                    session_expiry_s=0), self._on_message)
         self.session.start([(Topics.DEVICE_STATUS_FILTER, 1)])
-        assert self.session.wait_connected(10)
+        assert self.session.wait_subscribed(10)
 
     def _on_message(self, msg: Message) -> None:
         with self._cv:
