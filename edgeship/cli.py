@@ -4,10 +4,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from agent.errors import EdgeshipError
+
+#: module → the top-level commands it registers (shown as unavailable when its extra is not
+#: installed). Each module has ``add_parsers(subparsers)``.
+COMMAND_MODULES: dict[str, list[str]] = {
+    "converter.cli": ["convert"],
+    "fleet.cli": ["keys", "release", "fleet"],
+    "fleet.cli_rollout": ["rollout"],
+    "fleet.cli_provision": ["provision", "broker"],
+    "edgeship.demo": ["demo"],
+}
+#: modules that add subcommands under `edgeship devices` via ``add_device_commands(dsub)``
+#: (profiles/detect run on a device; ls/tag read the fleet registry).
+DEVICE_COMMAND_MODULES = ("devices.cli", "fleet.cli_rollout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,19 +32,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from agent.cli import add_parsers as agent_parsers
     agent_parsers(sub)
-    for module in ("converter.cli", "fleet.cli", "edgeship.demo"):
-        try:
-            mod = __import__(module, fromlist=["add_parsers"])
-        except ImportError as e:  # extra not installed (e.g. on a device)
-            _missing(sub, module, e)
-            continue
-        (getattr(mod, "add_parsers", None) or getattr(mod, "add_parser"))(sub)
+    for module, names in COMMAND_MODULES.items():
+        mod = _import(module)
+        if isinstance(mod, ImportError):
+            _missing(sub, names, mod)
+        elif mod is not None:
+            (getattr(mod, "add_parsers", None) or getattr(mod, "add_parser"))(sub)
+    _device_commands(sub)
     return parser
 
 
-def _missing(sub: argparse._SubParsersAction, module: str, error: ImportError) -> None:
-    names = {"converter.cli": ["convert"], "fleet.cli": ["keys", "release", "fleet"],
-             "edgeship.demo": ["demo"]}[module]
+def _device_commands(sub: argparse._SubParsersAction) -> None:
+    mods = [m for m in map(_import, DEVICE_COMMAND_MODULES)
+            if m is not None and not isinstance(m, ImportError)
+            and hasattr(m, "add_device_commands")]
+    if not mods:
+        return
+    p = sub.add_parser("devices", help="board profiles and the device registry")
+    dsub = p.add_subparsers(dest="devices_cmd", required=True, metavar="COMMAND")
+    for mod in mods:
+        mod.add_device_commands(dsub)
+
+
+def _import(module: str):
+    """The module; None when it does not exist in this version; the ImportError when it
+    exists but needs an extra that is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module or module.startswith(f"{e.name}."):
+            return None
+        return e
+    except ImportError as e:
+        return e
+
+
+def _missing(sub: argparse._SubParsersAction, names: list[str], error: ImportError) -> None:
     for name in names:
         p = sub.add_parser(name, help=f"(unavailable: {error.name} is not installed)")
         p.set_defaults(func=lambda args, e=error: _fail_missing(e))
