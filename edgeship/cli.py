@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(mod, ImportError):
             _missing(sub, names, mod)
         elif mod is not None:
-            (getattr(mod, "add_parsers", None) or getattr(mod, "add_parser"))(sub)
+            mod.add_parsers(sub)
     _device_commands(sub)
     return parser
 

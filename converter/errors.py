@@ -1,0 +1,32 @@
+"""Converter-side errors, all inside the one hierarchy rooted at ``agent.errors``.
+
+They live here rather than in ``agent/errors.py`` because the device never raises them;
+they subclass the agent's classes so callers can catch ``EdgeshipError`` everywhere.
+"""
+
+from __future__ import annotations
+
+from agent.errors import EdgeshipError, GateError
+
+
+class ExportError(EdgeshipError):
+    """A model could not be exported to ONNX, or the exported file is unusable."""
+
+
+class QuantizeError(EdgeshipError):
+    """Static quantization failed or was given unusable calibration data."""
+
+
+class EvaluationError(EdgeshipError):
+    """A variant could not be loaded or run, or the evaluation inputs are inconsistent."""
+
+
+class NoVariantPassedError(GateError):
+    """Every variant failed its gate; ``failures`` maps variant id → reasons and
+    ``reports`` holds each variant's measured report (``converter.pipeline.VariantReport``)."""
+
+    def __init__(self, message: str, *, failures: dict[str, list[str]],
+                 reports: tuple = ()) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.reports = reports

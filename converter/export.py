@@ -1,0 +1,130 @@
+"""PyTorch module → one self-contained fp32 ONNX file with a dynamic batch dimension.
+
+The torch.export-based ("dynamo") exporter is tried first; if it fails on a model, the
+TorchScript exporter is tried before giving up. Either way the result is checked with
+``onnx.checker`` and loaded once by onnxruntime before it is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converter.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 18
+    prefer_dynamo: bool = True
+    optimize: bool = False  # run onnxruntime's basic graph optimizations offline
+
+
+def export_onnx(model, example_input, out_path: str | os.PathLike,
+                settings: ExportSettings = ExportSettings()) -> Path:
+    """Export ``model`` (an ``nn.Module``) to ``out_path``; returns the path written."""
+    import torch
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+    errors: list[str] = []
+    exporters = [_export_dynamo, _export_torchscript]
+    if not settings.prefer_dynamo:
+        exporters.reverse()
+    for exporter in exporters:
+        try:
+            exporter(model, example, out, settings.opset)
+            break
+        except Exception as e:  # noqa: BLE001 - foreign exporters raise anything
+            logger.warning("%s failed: %s", exporter.__name__, e)
+            errors.append(f"{exporter.__name__}: {type(e).__name__}: {e}")
+    else:
+        raise ExportError(f"could not export {type(model).__name__} to ONNX: "
+                          + " | ".join(errors))
+    _inline_external_data(out)
+    check_onnx(out)
+    if settings.optimize:
+        optimize_onnx(out, out)
+    return out
+
+
+def _export_dynamo(model, example, out: Path, opset: int) -> None:
+    import torch
+
+    dim = torch.export.Dim(BATCH_DIM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            model, (example,), str(out), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: dim},), external_data=False, verbose=False)
+
+
+def _export_torchscript(model, example, out: Path, opset: int) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), str(out), dynamo=False, opset_version=min(opset, 17),
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+
+
+def _inline_external_data(path: Path) -> None:
+    """Make sure the file is self-contained (small models only: < 2 GiB protobuf)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    leftover = path.with_name(path.name + ".data")
+    if leftover.exists():
+        leftover.unlink()
+
+
+def check_onnx(path: str | os.PathLike) -> None:
+    """Run ``onnx.checker`` and verify the input/output names; raise :class:`ExportError`."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path}: exported ONNX model is invalid: {e}") from e
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+        raise ExportError(f"{path}: expected input {INPUT_NAME!r} and output "
+                          f"{OUTPUT_NAME!r}, got inputs {inputs} outputs {outputs}")
+
+
+def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Apply onnxruntime's basic (hardware-independent) graph optimizations offline."""
+    import onnxruntime as ort
+
+    tmp = Path(dst).with_name(Path(dst).name + ".opt.tmp")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp)
+    try:
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{src}: onnxruntime cannot load the exported model: {e}") from e
+    os.replace(tmp, dst)
+    return Path(dst)

@@ -1,0 +1,99 @@
+"""Bundle integrity: every byte the manifest describes is checked before use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from agent.errors import BundleError
+from agent.manifest import GOLDEN_NAME, MANIFEST_NAME
+from converter.bundle import VariantArtifact, pack_bundle, read_bundle_dir, write_bundle
+
+
+@pytest.fixture
+def bundle(converted, tmp_path):
+    """A private copy of the session's bundle that a test may damage."""
+    return shutil.copytree(converted.bundle_dir, tmp_path / "digits-v1")
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.fp32.onnx", "model.int8.onnx", GOLDEN_NAME])
+def test_one_flipped_byte_is_rejected(bundle, name):
+    path = bundle / name
+    _flip_byte(path, path.stat().st_size // 2)
+    with pytest.raises(BundleError, match="sha256"):
+        read_bundle_dir(bundle)
+
+
+def test_truncated_variant_is_rejected(bundle):
+    path = bundle / "model.int8.onnx"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(BundleError, match="bytes, manifest says"):
+        read_bundle_dir(bundle)
+
+
+def test_missing_variant_file_is_rejected(bundle):
+    (bundle / "model.fp32.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        read_bundle_dir(bundle)
+
+
+def test_manifest_pointing_outside_the_bundle_is_rejected(bundle):
+    raw = json.loads((bundle / MANIFEST_NAME).read_text())
+    raw["variants"][0]["file"] = "../model.fp32.onnx"
+    (bundle / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="bad file name"):
+        read_bundle_dir(bundle)
+
+
+def test_pack_is_sorted_flat_files_and_reproducible(bundle, tmp_path):
+    tar_path = pack_bundle(bundle)
+    assert tar_path == bundle.parent / "digits-v1.tar"
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted([GOLDEN_NAME, MANIFEST_NAME, "model.fp32.onnx",
+                            "model.int8.onnx"])
+    assert all(m.isfile() and m.mtime == 0 for m in members)
+    again = pack_bundle(bundle, tmp_path / "again.tar")
+    assert again.read_bytes() == tar_path.read_bytes()
+
+
+def test_unpacked_tar_verifies(bundle, tmp_path):
+    with tarfile.open(pack_bundle(bundle)) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert read_bundle_dir(tmp_path / "unpacked").version == 1
+
+
+def test_write_bundle_refuses_existing_directory(converted, bundle):
+    fp32 = VariantArtifact("onnx-fp32", "onnxruntime", "fp32", bundle / "model.fp32.onnx")
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(bundle, "digits", 1, [fp32], _golden(bundle))
+    assert read_bundle_dir(bundle) == converted.manifest
+
+
+def test_write_bundle_overwrite_replaces_whole_directory(bundle):
+    fp32 = VariantArtifact("onnx-fp32", "onnxruntime", "fp32", bundle / "model.fp32.onnx")
+    src = bundle.parent / "src.onnx"
+    shutil.copyfile(fp32.path, src)
+    fp32 = VariantArtifact("onnx-fp32", "onnxruntime", "fp32", src)
+    manifest = write_bundle(bundle, "digits", 2, [fp32], _golden(bundle), overwrite=True)
+    assert read_bundle_dir(bundle) == manifest
+    assert sorted(p.name for p in bundle.iterdir()) == [GOLDEN_NAME, MANIFEST_NAME,
+                                                        "model.fp32.onnx"]
+    assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def _golden(bundle):
+    import numpy as np
+
+    with np.load(bundle / GOLDEN_NAME) as g:
+        return g["inputs"]
