@@ -1,6 +1,7 @@
-"""Board profiles as data (``devices/*.toml``) and their validation.
+"""Board profiles as data (``devices/*.toml``) and their validation (``devices.schema``).
 
-The agent imports this to pick a variant and a thread count; the converter to pick gates.
+The agent imports this to pick a variant and a thread count; the converter to pick gates;
+``edgeship devices detect`` to say which board it runs on. Needs no torch and no fleet.
 """
 
 from __future__ import annotations
@@ -11,20 +12,28 @@ from importlib import resources
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.manifest import PRECISIONS, RUNTIMES
-
-_REQUIRED = {
-    "name": str, "description": str, "arch": str, "cores": int, "ram_mb": int,
-    "cpu_features": list, "runtimes": list, "execution_providers": list,
-    "preferred_precisions": list, "threads": int, "model_memory_budget_mb": int,
-    "latency_budget_ms": float, "thermal_limit_c": float, "gates": dict,
-}
+from devices.schema import DETECT, GATES, TOP_LEVEL, check_consistency, check_table
 
 
 @dataclass(frozen=True)
 class Gates:
+    """What the converter demands of a variant before it may ship to this board
+    (the same names as ``converter.gates.Gate``)."""
+
     max_accuracy_drop_points: float = 1.0
     min_agreement: float = 0.97
+    min_cosine: float = 0.99
+    max_model_mb: float | None = None
+    max_latency_p99_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class DetectRules:
+    """How ``edgeship devices detect`` recognises the board."""
+
+    models: tuple[str, ...] = ()
+    tegra_releases: tuple[str, ...] = ()
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,10 @@ class Profile:
     threads: int
     model_memory_budget_mb: int
     latency_budget_ms: float
+    thermal_throttle_c: float
     thermal_limit_c: float
     gates: Gates
+    detect: DetectRules
 
 
 def profile_names() -> list[str]:
@@ -56,33 +67,37 @@ def load_profile(name_or_path: str) -> Profile:
         path = Path(name_or_path)
         if not path.exists():
             raise ConfigError(f"profile file {path} does not exist", key="profile")
-        text = path.read_text()
+        text, source = path.read_text(), str(path)
     elif name_or_path in profile_names():
         text = (resources.files(__package__) / f"{name_or_path}.toml").read_text()
+        source = f"devices/{name_or_path}.toml"
     else:
         raise ConfigError(f"unknown device profile {name_or_path!r}; known: "
                           f"{', '.join(profile_names())}", key="profile")
-    return parse_profile(tomllib.loads(text), source=name_or_path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}", key="profile") from e
+    profile = parse_profile(raw, source=source)
+    stem = Path(source).stem
+    if profile.name != stem:
+        raise ConfigError(f"{source}: key 'name' must match the file name ({stem!r}), got "
+                          f"{profile.name!r}", key="name")
+    return profile
+
+
+def load_all() -> list[Profile]:
+    return [load_profile(n) for n in profile_names()]
 
 
 def parse_profile(raw: dict, source: str = "<profile>") -> Profile:
-    for key, typ in _REQUIRED.items():
-        value = raw.get(key)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise ConfigError(f"{source}: key {key!r} missing or not {typ.__name__}", key=key)
-        raw[key] = value
-    for prec in raw["preferred_precisions"]:
-        if prec not in PRECISIONS:
-            raise ConfigError(f"{source}: preferred_precisions has unknown {prec!r}",
-                              key="preferred_precisions")
-    for rt in raw["runtimes"]:
-        if rt not in RUNTIMES:
-            raise ConfigError(f"{source}: runtimes has unknown {rt!r}", key="runtimes")
-    if raw["threads"] < 1:
-        raise ConfigError(f"{source}: threads must be >= 1", key="threads")
-    gates = Gates(**{k: float(v) for k, v in raw["gates"].items()})
-    tuples = {k: tuple(raw[k]) for k in ("cpu_features", "runtimes", "execution_providers",
-                                         "preferred_precisions")}
-    return Profile(**{**raw, **tuples, "gates": gates})
+    """Validate a parsed profile against ``devices.schema``; ConfigError names the key."""
+    v = check_table(raw, TOP_LEVEL, source)
+    check_consistency(v, source)
+    gates = check_table(v["gates"], GATES, source, prefix="gates.")
+    detect = check_table(v["detect"], DETECT, source, prefix="detect.")
+    tuples = {k: tuple(v[k]) for k in ("cpu_features", "runtimes", "execution_providers",
+                                       "preferred_precisions")}
+    return Profile(**{**v, **tuples, "gates": Gates(**gates),
+                      "detect": DetectRules(**{k: tuple(x) if isinstance(x, list) else x
+                                               for k, x in detect.items()})})
