@@ -19,7 +19,10 @@ def free_port() -> int:
 class Mosquitto:
     """A mosquitto process with its own config and data dir; ``url`` points at it."""
 
-    def __init__(self, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, port: int | None = None, extra_conf: str = "",
+                 config_text: str | None = None, tls: bool = False) -> None:
+        """``config_text``: a whole mosquitto.conf (e.g. from fleet.broker_config) used
+        instead of the open default; it must listen on ``port``. ``tls``: url is mqtts://."""
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto not found: apt-get install mosquitto")
@@ -27,19 +30,21 @@ class Mosquitto:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="edgeship-mosq-"))
         self.extra_conf = extra_conf
+        self.config_text = config_text
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> "Mosquitto":
         conf = self.dir / "mosquitto.conf"
-        conf.write_text(
+        conf.write_text(self.config_text if self.config_text is not None else (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.dir}/\n"
             "max_packet_size 4194304\nmax_inflight_messages 100\n"
-            "max_queued_messages 10000\n" + self.extra_conf)
+            "max_queued_messages 10000\n" + self.extra_conf))
         self.proc = subprocess.Popen([self.binary, "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
