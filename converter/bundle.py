@@ -45,7 +45,7 @@ class VariantArtifact:
 
     @property
     def file_name(self) -> str:
-        return VARIANT_FILES.get(self.id, f"model.{self.id}.onnx")
+        return VARIANT_FILES.get(self.id, f"model.{self.id}{Path(self.path).suffix}")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -92,9 +92,12 @@ def tensor_specs(onnx_path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...],
 
 def _golden_outputs(variants: Sequence[VariantArtifact],
                     inputs: np.ndarray) -> dict[str, np.ndarray]:
-    from converter.evaluate import open_session, run_batched
+    from converter.evaluate import TFLiteRunner, open_session, run_batched
 
-    return {v.id: run_batched(open_session(v.path, threads=1), inputs) for v in variants}
+    return {v.id: (TFLiteRunner(v.path, threads=1).run_all(inputs)
+                   if Path(v.path).suffix == ".tflite"
+                   else run_batched(open_session(v.path, threads=1), inputs))
+            for v in variants}
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -6,7 +6,7 @@ they subclass the agent's classes so callers can catch ``EdgeshipError`` everywh
 
 from __future__ import annotations
 
-from agent.errors import EdgeshipError, GateError
+from agent.errors import ConfigError, EdgeshipError, GateError
 
 
 class ExportError(EdgeshipError):
@@ -30,3 +30,11 @@ class NoVariantPassedError(GateError):
         super().__init__(message)
         self.failures = failures
         self.reports = reports
+
+
+class InputError(ConfigError):
+    """What the user handed the converter (model file, data, shapes, profile) is unusable.
+    The CLI reports it as one line and exits 2."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message, key=key)

@@ -46,6 +46,7 @@ class VariantMetrics:
     latency_p99_ms: float
     size_bytes: int
     samples: int
+    memory_bytes: int = 0  # resident-memory growth from loading the model and running it
 
     def to_dict(self) -> dict[str, float]:
         """The manifest ``metrics`` dict of a variant (floats only)."""
@@ -59,6 +60,7 @@ class VariantMetrics:
             "latency_p99_ms": round(self.latency_p99_ms, 4),
             "size_bytes": float(self.size_bytes),
             "samples": float(self.samples),
+            "memory_bytes": float(self.memory_bytes),
         }
 
 
@@ -105,10 +107,16 @@ def open_session(path: str | os.PathLike, threads: int = 2):
         raise EvaluationError(f"{path}: onnxruntime cannot load the model: {e}") from e
 
 
+def session_input_name(session) -> str:
+    inputs = session.get_inputs()
+    return inputs[0].name if inputs else INPUT_NAME
+
+
 def run_batched(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Run ``session`` over ``x`` in batches; returns the first output, concatenated."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    outs = [session.run(None, {INPUT_NAME: x[i:i + batch_size]})[0]
+    name = session_input_name(session)
+    outs = [session.run(None, {name: x[i:i + batch_size]})[0]
             for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)
 
@@ -116,7 +124,7 @@ def run_batched(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 def measure_latency(session, sample: np.ndarray, warmup_runs: int,
                     timed_runs: int) -> tuple[float, float]:
     """Single-sample latency: ``warmup_runs`` untimed, then (p50, p99) ms of the rest."""
-    feed = {INPUT_NAME: np.ascontiguousarray(sample[:1], dtype=np.float32)}
+    feed = {session_input_name(session): np.ascontiguousarray(sample[:1], dtype=np.float32)}
     for _ in range(warmup_runs):
         session.run(None, feed)
     durations = []
@@ -160,3 +168,94 @@ def evaluate_variant(path: str | os.PathLike, x: np.ndarray, reference_outputs: 
                 accuracy, metrics.accuracy_drop, cmp.agreement, p50)
     return metrics, outputs
 
+
+
+# --- any runtime ---------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class TFLiteRunner:
+    """Runs a .tflite file with ``ai_edge_litert`` one sample at a time (static batch 1)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as e:
+            raise EvaluationError("evaluating .tflite needs ai-edge-litert "
+                                  "(pip install 'edgeship[tflite]')") from e
+        try:
+            self._it = Interpreter(model_path=str(path), num_threads=threads)
+            self._it.allocate_tensors()
+        except Exception as e:  # noqa: BLE001
+            raise EvaluationError(f"{path}: LiteRT cannot load the model: {e}") from e
+        self._in = self._it.get_input_details()[0]
+        self._out = self._it.get_output_details()[0]
+
+    def _quant(self, x: np.ndarray) -> np.ndarray:
+        scale, zero = self._in.get("quantization", (0.0, 0))
+        if self._in["dtype"] in (np.int8, np.uint8) and scale:
+            info = np.iinfo(self._in["dtype"])
+            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(
+                self._in["dtype"])
+        return x.astype(self._in["dtype"])
+
+    def _dequant(self, y: np.ndarray) -> np.ndarray:
+        scale, zero = self._out.get("quantization", (0.0, 0))
+        if self._out["dtype"] in (np.int8, np.uint8) and scale:
+            return (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+    def run_one(self, x: np.ndarray) -> np.ndarray:
+        self._it.set_tensor(self._in["index"], self._quant(x[:1]))
+        self._it.invoke()
+        return self._dequant(self._it.get_tensor(self._out["index"]))
+
+    def run_all(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.run_one(x[i:i + 1]) for i in range(len(x))], axis=0)
+
+
+def _tflite_latency(runner: TFLiteRunner, sample: np.ndarray, warmup_runs: int,
+                    timed_runs: int) -> tuple[float, float]:
+    for _ in range(warmup_runs):
+        runner.run_one(sample[:1])
+    durations = []
+    for _ in range(max(timed_runs, 1)):
+        start = time.perf_counter()
+        runner.run_one(sample[:1])
+        durations.append(time.perf_counter() - start)
+    return latency_percentiles(durations)
+
+
+def evaluate_any(path: str | os.PathLike, x: np.ndarray, reference_outputs: np.ndarray,
+                 labels: np.ndarray | None = None, reference_accuracy: float | None = None,
+                 settings: EvalSettings = EvalSettings()) -> tuple[VariantMetrics,
+                                                                   np.ndarray]:
+    """:func:`evaluate_variant` for ONNX or .tflite, plus resident-memory growth."""
+    before = rss_bytes()
+    if Path(path).suffix != ".tflite":
+        metrics, outputs = evaluate_variant(path, x, reference_outputs, labels,
+                                            reference_accuracy, settings)
+    else:
+        runner = TFLiteRunner(path, settings.threads)
+        outputs = runner.run_all(np.ascontiguousarray(x, dtype=np.float32))
+        cmp = compare_outputs(outputs.reshape(reference_outputs.shape), reference_outputs)
+        if labels is not None:
+            accuracy = top1_accuracy(outputs, labels)
+            ref_acc = (reference_accuracy if reference_accuracy is not None
+                       else top1_accuracy(reference_outputs, labels))
+        else:
+            accuracy, ref_acc = cmp.agreement, 1.0
+        p50, p99 = _tflite_latency(runner, x, settings.warmup_runs, settings.timed_runs)
+        metrics = VariantMetrics(accuracy, (ref_acc - accuracy) * 100.0, cmp.agreement,
+                                 cmp.cosine, cmp.max_abs_diff, p50, p99,
+                                 Path(path).stat().st_size, len(x))
+    from dataclasses import replace
+
+    return replace(metrics, memory_bytes=max(0, rss_bytes() - before)), outputs

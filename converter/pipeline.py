@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,14 +17,22 @@ from agent.manifest import Manifest
 from agent.protocol import validate_id
 from converter.bundle import VariantArtifact, write_bundle
 from converter.errors import NoVariantPassedError
-from converter.evaluate import EvalSettings, VariantMetrics, evaluate_variant
+from converter.evaluate import (EvalSettings, VariantMetrics, evaluate_variant, open_session,
+                                run_batched)
 from converter.export import ExportSettings, export_onnx
 from converter.gates import Gate, check_gate
+from converter.accuracy_aware import FallbackSettings, quantize_with_fallback
+from converter.compression import zstd_size
 from converter.quantize import QuantizeSettings, quantize_int8_static
+from converter.variants import (PRECISION_OF, make_fp16, make_fp32, make_int8_dynamic,
+                                runtime_of)
 
 logger = logging.getLogger(__name__)
 
 GOLDEN_SAMPLES = 8
+
+
+DEFAULT_VARIANTS = ("onnx-fp32", "onnx-int8")
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,9 @@ class ConvertSettings:
     gate: Gate = Gate()
     export: ExportSettings = ExportSettings()
     quantize: QuantizeSettings = QuantizeSettings()
+    fallback: FallbackSettings = FallbackSettings()
     evaluate: EvalSettings = EvalSettings()
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     golden_samples: int = GOLDEN_SAMPLES
     overwrite: bool = False
 
@@ -44,6 +54,7 @@ class VariantReport:
     precision: str
     metrics: VariantMetrics
     failures: tuple[str, ...] = ()
+    notes: dict = field(default_factory=dict)  # e.g. nodes kept in float by the fallback
 
     @property
     def passed(self) -> bool:
@@ -52,7 +63,7 @@ class VariantReport:
     def to_dict(self) -> dict:
         return {"id": self.id, "runtime": self.runtime, "precision": self.precision,
                 "passed": self.passed, "failures": list(self.failures),
-                "metrics": self.metrics.to_dict()}
+                "metrics": self.metrics.to_dict(), "notes": dict(self.notes)}
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,8 @@ class _Candidate:
     id: str
     precision: str
     path: Path
+    notes: dict = field(default_factory=dict)
+    runtime: str = "onnxruntime"
 
 
 class _Steps:
@@ -120,28 +133,57 @@ def torch_reference(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(outs, axis=0)
 
 
-def _make_candidates(model, example_input, calib_x, work: Path,
-                     settings: ConvertSettings, steps: _Steps) -> list[_Candidate]:
-    steps.step("exporting fp32 ONNX")
-    fp32 = export_onnx(model, example_input, work / "fp32.onnx", settings.export)
-    steps.step("quantizing static INT8")
-    int8 = quantize_int8_static(fp32, work / "int8.onnx", calib_x, settings.quantize)
-    return [_Candidate("onnx-fp32", "fp32", fp32),
-            _Candidate("onnx-int8", "int8-static", int8)]
+def _gate_fn(val_x, val_y, reference, ref_acc, settings: ConvertSettings):
+    """Gate check of an ONNX file, for the accuracy-aware INT8 search (no latency runs)."""
+    quick = replace(settings.evaluate, warmup_runs=0, timed_runs=1)
+
+    def check(path: Path) -> list[str]:
+        metrics, _ = evaluate_variant(path, val_x, reference, val_y, ref_acc, quick)
+        return [f for f in check_gate(metrics, settings.gate) if "latency" not in f]
+    return check
+
+
+def _make_onnx_candidates(fp32_src: Path, calib_x, work: Path, settings: ConvertSettings,
+                          steps: _Steps, gate_fn) -> list[_Candidate]:
+    wanted = [v for v in settings.variants if runtime_of(v) == "onnxruntime"]
+    out = []
+    for vid in wanted:
+        steps.step(f"making {vid}")
+        dst = work / f"{vid}.onnx"
+        notes: dict = {}
+        if vid == "onnx-fp32":
+            make_fp32(fp32_src, dst)
+        elif vid == "onnx-fp16":
+            make_fp16(fp32_src, dst)
+        elif vid == "onnx-int8-dynamic":
+            make_int8_dynamic(fp32_src, dst)
+        elif settings.fallback.enabled:
+            result = quantize_with_fallback(fp32_src, dst, calib_x, gate_fn,
+                                            settings.quantize, settings.fallback)
+            notes = {"nodes_in_float": list(result.excluded), "int8_rounds": result.rounds,
+                     "calibration": settings.quantize.calibration_method}
+        else:
+            quantize_int8_static(fp32_src, dst, calib_x, settings.quantize)
+            notes = {"calibration": settings.quantize.calibration_method}
+        out.append(_Candidate(vid, PRECISION_OF[vid], dst, notes))
+    return out
 
 
 def _evaluate_all(candidates: Sequence[_Candidate], val_x, val_y, reference,
                   reference_accuracy, settings: ConvertSettings,
                   steps: _Steps) -> list[VariantReport]:
+    from converter.evaluate import evaluate_any
+
     reports = []
     for c in candidates:
         steps.step(f"evaluating {c.id}")
-        metrics, _ = evaluate_variant(c.path, val_x, reference, val_y, reference_accuracy,
-                                      settings.evaluate)
+        metrics, _ = evaluate_any(c.path, val_x, reference, val_y, reference_accuracy,
+                                  settings.evaluate)
         failures = tuple(check_gate(metrics, settings.gate))
         for reason in failures:
             logger.info("%s fails its gate: %s", c.id, reason)
-        reports.append(VariantReport(c.id, "onnxruntime", c.precision, metrics, failures))
+        reports.append(VariantReport(c.id, c.runtime, c.precision, metrics, failures,
+                                     c.notes))
     return reports
 
 
@@ -161,38 +203,95 @@ def convert(model, example_input, calib_x: np.ndarray, val_x: np.ndarray,
     Raises :class:`~agent.errors.GateError` (``NoVariantPassedError``) and writes nothing
     if no variant passes; :class:`~agent.errors.BundleError` if ``out_dir`` exists.
     """
+    settings = _settings(settings, gate, threads)
+    _check_out(out_dir, name, settings)
+    reference = torch_reference(model, val_x)
+    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
+        steps = _Steps(progress, total=2 * len(settings.variants) + 2)
+        with steps.active():
+            steps.step("exporting fp32 ONNX")
+            fp32 = export_onnx(model, example_input, Path(tmp) / "exported.onnx",
+                               settings.export)
+            extra = _tflite_candidates(model, example_input, calib_x, Path(tmp), settings,
+                                       steps)
+            return _convert_core(fp32, reference, calib_x, val_x, val_y, out_dir, name,
+                                 version, labels, settings, steps, Path(tmp), extra)
+
+
+def convert_onnx(onnx_path: str | os.PathLike, calib_x: np.ndarray, val_x: np.ndarray,
+                 val_y: np.ndarray | None, out_dir: str | os.PathLike, name: str,
+                 version: int, gate: Gate | None = None, threads: int = 2, *,
+                 labels: Sequence[str] = (), settings: ConvertSettings | None = None,
+                 progress: bool = False) -> ConvertResult:
+    """Convert an ONNX file (external data allowed); the reference is the file itself."""
+    from converter.sources import load_onnx_model
+
+    settings = _settings(settings, gate, threads)
+    _check_out(out_dir, name, settings)
+    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
+        fp32 = load_onnx_model(onnx_path, Path(tmp) / "source.onnx", val_x[:1])
+        reference = run_batched(open_session(fp32, settings.evaluate.threads), val_x)
+        steps = _Steps(progress, total=2 * len(settings.variants) + 1)
+        with steps.active():
+            return _convert_core(fp32, reference, calib_x, val_x, val_y, out_dir, name,
+                                 version, labels, settings, steps, Path(tmp), [])
+
+
+def _settings(settings: ConvertSettings | None, gate: Gate | None,
+              threads: int) -> ConvertSettings:
     settings = settings or ConvertSettings()
     if gate is not None:
         settings = replace(settings, gate=gate)
-    settings = replace(settings, evaluate=replace(settings.evaluate, threads=threads))
+    return replace(settings, evaluate=replace(settings.evaluate, threads=threads))
+
+
+def _check_out(out_dir, name: str, settings: ConvertSettings) -> None:
     validate_id(name, "model name")
     if Path(out_dir).exists() and not settings.overwrite:
         raise BundleError(f"{out_dir} already exists; choose another directory or version")
-    reference = torch_reference(model, val_x)
+
+
+def _tflite_candidates(model, example_input, calib_x, work: Path,
+                       settings: ConvertSettings, steps: _Steps) -> list[_Candidate]:
+    wanted = [v for v in settings.variants if runtime_of(v) == "litert"]
+    if not wanted:
+        return []
+    from converter.tflite import make_tflite
+
+    out = []
+    for vid in wanted:
+        steps.step(f"making {vid}")
+        path = make_tflite(model, example_input, calib_x, vid, work / f"{vid}.tflite")
+        out.append(_Candidate(vid, PRECISION_OF[vid], path, runtime="litert"))
+    return out
+
+
+def _convert_core(fp32: Path, reference, calib_x, val_x, val_y, out_dir, name, version,
+                  labels, settings: ConvertSettings, steps: _Steps, work: Path,
+                  extra: list[_Candidate]) -> ConvertResult:
     ref_acc = None if val_y is None else float((reference.argmax(axis=1) == val_y).mean())
-    steps = _Steps(progress, total=5)
-    with steps.active(), tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
-        candidates = _make_candidates(model, example_input, calib_x, Path(tmp), settings,
-                                      steps)
-        reports = _evaluate_all(candidates, val_x, val_y, reference, ref_acc, settings,
-                                steps)
-        if not any(r.passed for r in reports):
-            raise _refuse(reports)
-        steps.step("writing bundle")
-        reference_info = {"samples": float(len(val_x))}
-        if ref_acc is not None:
-            reference_info["accuracy"] = ref_acc
-        manifest = write_bundle(out_dir, name, version, _artifacts(candidates, reports),
-                                val_x[:settings.golden_samples], reference=reference_info,
-                                labels=labels, overwrite=settings.overwrite)
+    gate_fn = _gate_fn(val_x, val_y, reference, ref_acc, settings)
+    candidates = _make_onnx_candidates(fp32, calib_x, work, settings, steps, gate_fn)
+    candidates += extra
+    reports = _evaluate_all(candidates, val_x, val_y, reference, ref_acc, settings, steps)
+    if not any(r.passed for r in reports):
+        raise _refuse(reports)
+    steps.step("writing bundle")
+    reference_info = {"samples": float(len(val_x))}
+    if ref_acc is not None:
+        reference_info["accuracy"] = ref_acc
+    manifest = write_bundle(out_dir, name, version, _artifacts(candidates, reports),
+                            val_x[:settings.golden_samples], reference=reference_info,
+                            labels=labels, overwrite=settings.overwrite)
     return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref_acc)
 
 
 def _artifacts(candidates: Sequence[_Candidate],
                reports: Sequence[VariantReport]) -> list[VariantArtifact]:
     passed = {r.id: r for r in reports if r.passed}
-    return [VariantArtifact(c.id, "onnxruntime", c.precision, c.path,
-                            passed[c.id].metrics.to_dict())
+    return [VariantArtifact(c.id, c.runtime, c.precision, c.path,
+                            {**passed[c.id].metrics.to_dict(),
+                             "zstd_size_bytes": float(zstd_size(c.path))})
             for c in candidates if c.id in passed]
 
 

@@ -71,6 +71,11 @@ class ArrayCalibrationReader:
     def rewind(self) -> None:
         self._pos = 0
 
+    def __iter__(self):
+        self.rewind()
+        while (batch := self.get_next()) is not None:
+            yield batch
+
 
 def _extra_options(settings: QuantizeSettings) -> dict[str, Any]:
     """The only place onnxruntime's string-keyed quantization options are built."""
@@ -96,10 +101,24 @@ def _pre_process(src: Path, dst: Path) -> None:
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
 
 
+def model_input_name(path: str | os.PathLike) -> str:
+    """Name of the first graph input that is not an initializer."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in inits]
+    return names[0] if names else INPUT_NAME
+
+
 def quantize_int8_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
                          calibration_images: np.ndarray,
-                         settings: QuantizeSettings = QuantizeSettings()) -> Path:
-    """Quantize the fp32 model at ``fp32_path`` to QDQ INT8 at ``out_path``."""
+                         settings: QuantizeSettings = QuantizeSettings(),
+                         nodes_to_exclude: tuple[str, ...] = ()) -> Path:
+    """Quantize the fp32 model at ``fp32_path`` to QDQ INT8 at ``out_path``.
+
+    ``nodes_to_exclude`` (node names of the pre-processed graph) stay in float.
+    """
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     calib = np.asarray(calibration_images, dtype=np.float32)[:settings.max_calibration_samples]
@@ -108,7 +127,8 @@ def quantize_int8_static(fp32_path: str | os.PathLike, out_path: str | os.PathLi
                             f"{calib.shape}")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    reader = ArrayCalibrationReader(calib, settings.calibration_batch_size)
+    reader = ArrayCalibrationReader(calib, settings.calibration_batch_size,
+                                    model_input_name(fp32_path))
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=out.parent) as tmp:
         src = Path(fp32_path)
         try:
@@ -121,6 +141,7 @@ def quantize_int8_static(fp32_path: str | os.PathLike, out_path: str | os.PathLi
                 activation_type=_quant_type(settings.activation_type),
                 weight_type=_quant_type(settings.weight_type),
                 calibrate_method=_calibrate_method(settings.calibration_method),
+                nodes_to_exclude=list(nodes_to_exclude) or None,
                 extra_options=_extra_options(settings))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
             out.unlink(missing_ok=True)

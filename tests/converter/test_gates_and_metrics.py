@@ -49,7 +49,7 @@ def test_nonsense_gate_is_a_config_error_naming_the_key():
 def test_metrics_to_dict_has_the_manifest_keys_as_floats():
     d = _metrics().to_dict()
     assert set(d) == {"accuracy", "accuracy_drop", "agreement", "cosine", "max_abs_diff",
-                      "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples"}
+                      "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples", "memory_bytes"}
     assert all(isinstance(v, float) for v in d.values())
 
 

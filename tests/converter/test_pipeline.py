@@ -13,7 +13,8 @@ from converter.gates import Gate
 from converter.pipeline import convert_digits
 
 METRIC_KEYS = {"accuracy", "accuracy_drop", "agreement", "cosine", "max_abs_diff",
-               "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples"}
+               "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples",
+               "memory_bytes", "zstd_size_bytes"}
 
 
 def test_fp32_and_int8_both_pass_the_default_gate(converted):
