@@ -17,6 +17,7 @@ from typing import Any
 from agent import __version__, protocol
 from agent.api import InferenceHTTPServer
 from agent.config import AgentConfig
+from agent.desired import DesiredTracker, reactivate_kept
 from agent.errors import EdgeshipError, ProtocolError, Reason, TransferError
 from agent.lifecycle import RecordStore
 from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
@@ -55,6 +56,7 @@ class Agent:
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self._wanted: dict[str, int] = {}  # model -> newest announced version
         self._wanted_cv = threading.Condition()
+        self.desired = DesiredTracker(cfg.state_dir)  # issue 6: per-device desired state
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
@@ -87,6 +89,8 @@ class Agent:
             raise EdgeshipError(f"no pinned TUF root at {self.cfg.tuf_dir / 'root.json'}: "
                                 "provision the device first", reason_code=Reason.CONFIG_INVALID)
         self.updates.recover()
+        for model, version in self.desired.items():  # finish what the fleet last asked
+            self._want(model, version)
         for m in self.updates.load_active():
             logger.info("serving %s v%s (%s) from disk", m.model, m.version, m.variant.id)
         self.api.start()
@@ -148,9 +152,10 @@ class Agent:
             kind = protocol.parse_topic(item.topic).kind
             if kind == "release":
                 ann = protocol.ReleaseAnnouncement.from_bytes(item.payload)
-                self._want(ann.model, ann.version)
+                if not self.desired.governs(ann.model):  # else the rollout decides
+                    self._want(ann.model, ann.version)
             elif kind == "desired":
-                protocol.decode(item.payload)  # validated; acted on by the rollout issue
+                self._on_desired(protocol.DesiredState.from_bytes(item.payload))
         except ProtocolError as e:
             self.rejected_messages += 1
             logger.warning("rejected message on %s: %s", item.topic, e)
@@ -159,9 +164,16 @@ class Agent:
 
     # --- updates --------------------------------------------------------------------------
 
-    def _want(self, model: str, version: int) -> None:
+    def _on_desired(self, desired: protocol.DesiredState) -> None:
+        if not self.desired.accept(desired):  # redelivered or older: keep the newest
+            logger.info("ignoring desired %s v%s (seq %s): not newer", desired.model,
+                        desired.version, desired.seq)
+            return
+        self._want(desired.model, desired.version, exact=True)
+
+    def _want(self, model: str, version: int, exact: bool = False) -> None:
         with self._wanted_cv:
-            if version > self._wanted.get(model, 0):
+            if exact or self.desired.governs(model) or version > self._wanted.get(model, 0):
                 self._wanted[model] = version
                 self._wanted_cv.notify()
 
@@ -173,7 +185,21 @@ class Agent:
                 if self._stop.is_set():
                     return
                 model, version = self._wanted.popitem()
-            self.updates.handle_announcement(model, version)
+            if self.desired.governs(model):
+                self._apply_desired(model, self.desired.version(model) or version)
+            else:
+                self.updates.handle_announcement(model, version)
+
+    def _apply_desired(self, model: str, version: int) -> None:
+        active = self.store.active(model)
+        if active is not None and active.version == version:
+            return
+        if active is not None and version < active.version and reactivate_kept(
+                self.store, self.server, model=model, version=version,
+                threads=self.traits.threads, providers=self.traits.providers,
+                report=self.report):
+            return
+        self.updates.install(model, version)
 
     # --- outbound -------------------------------------------------------------------------
 

@@ -167,6 +167,40 @@ class ReleaseAnnouncement:
 
 
 @dataclass(frozen=True)
+class DesiredState:
+    """Fleet → one device, retained on ``Topics.desired(device)``: 'run version N of model
+    M'. ``seq`` grows with every change the fleet makes; a device acts only on a ``seq``
+    newer than the last one it accepted, so a redelivered or out-of-order command never
+    moves it off the newest desired version. Like an announcement it is a hint: TUF still
+    decides what may be installed. Once a device has a desired state for a model it ignores
+    fleet-wide announcements for that model (the rollout decides)."""
+
+    model: str
+    version: int
+    seq: int
+    rollout: str | None = None
+    KIND = "desired"
+
+    def to_bytes(self) -> bytes:
+        body: dict[str, Any] = {"model": self.model, "version": self.version, "seq": self.seq}
+        if self.rollout is not None:
+            body["rollout"] = self.rollout
+        return encode(self.KIND, body)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "DesiredState":
+        msg = decode(payload, expect_kind=cls.KIND)
+        version, seq = _require(msg, "version", int), _require(msg, "seq", int)
+        if version < 1 or seq < 1:
+            raise ProtocolError("fields 'version' and 'seq' must be >= 1")
+        rollout = msg.get("rollout")
+        if rollout is not None and not isinstance(rollout, str):
+            raise ProtocolError("field 'rollout' must be a string")
+        return cls(model=validate_id(_require(msg, "model", str), "model name"),
+                   version=version, seq=seq, rollout=rollout)
+
+
+@dataclass(frozen=True)
 class TransferRequest:
     """Device → fleet: 'send me bytes [offset, offset+length) of repository file path'.
     Sent with MQTT 5 ResponseTopic and CorrelationData; the answer is a raw-bytes payload

@@ -186,6 +186,10 @@ class Registry:
         self._db = open_backend(target, settings.busy_timeout_s)
         self._db.script(_SCHEMA)
 
+    def now(self) -> float:
+        """The registry's clock (what its timestamps are in)."""
+        return self._clock()
+
     @property
     def backend(self) -> str:
         return self._db.name

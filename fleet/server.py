@@ -20,9 +20,10 @@ from agent.errors import EdgeshipError, ProtocolError
 from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
 from agent.protocol import (QOS_AT_LEAST_ONCE, SCHEMA_VERSION, TRANSFER_ERROR, TRANSFER_OFFSET,
                             TRANSFER_SCHEMA, TRANSFER_STATUS, TRANSFER_TOTAL,
-                            ReleaseAnnouncement, Topics, TransferRequest, decode,
+                            DesiredState, ReleaseAnnouncement, Topics, TransferRequest, decode,
                             parse_topic)
 from fleet.registry import Registry
+from fleet.rollout_runner import RolloutRunner
 from fleet.transfer import STATUS_BAD_REQUEST, ChunkResult, read_chunk
 from fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 
@@ -45,6 +46,9 @@ class FleetSettings:
     keys_dir: Path | None = None  # set: re-sign timestamp every timestamp_refresh_s
     timestamp_refresh_s: float = 6 * 3600
     repo_settings: RepoSettings = RepoSettings()
+    rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
+    http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
+    http_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -84,6 +88,10 @@ class FleetServer:
         self.settings = settings
         self.stats = FleetStats()
         self.registry = Registry(settings.db_path)
+        self.rollouts = RolloutRunner(self.registry, self.publish_desired,
+                                      getattr(self, "stop_release", None),  # issue 3's
+                                      tick_s=settings.rollout_tick_s)
+        self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -107,6 +115,11 @@ class FleetServer:
             self.stop()
             raise EdgeshipError(f"fleet server could not connect to {self.settings.mqtt_url} "
                                 f"within {self.settings.connect_timeout_s}s")
+        self.rollouts.start()
+        if self.settings.http_port is not None:
+            from fleet.web.server import FleetWebServer
+            self.web = FleetWebServer(self, self.settings.http_host, self.settings.http_port)
+            self.web.start()
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -118,6 +131,9 @@ class FleetServer:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.rollouts.stop()
+        if self.web is not None:
+            self.web.stop()
         self._session.stop()
         for _ in range(self.settings.workers):
             self._queue.put(_STOP)  # workers drain what is queued, then stop
@@ -138,6 +154,11 @@ class FleetServer:
             raise EdgeshipError(f"broker refused the announcement of {info.model} "
                                 f"v{info.version} (reason code {rc:#x})")
         self.registry.add_release(info.model, info.version, info.released_at, by)
+
+    def publish_desired(self, device: str, desired: DesiredState) -> None:
+        """Retained per-device desired state (QoS 1; the newest ``seq`` wins on the device)."""
+        self._session.publish(Topics.desired(device), desired.to_bytes(),
+                              qos=QOS_AT_LEAST_ONCE, retain=True)
 
     # --- paho's thread -----------------------------------------------------------------
 

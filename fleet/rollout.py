@@ -1,0 +1,322 @@
+"""Rollout policy, pure: waves, gates, decisions and the rollout state machine.
+
+No I/O here. :mod:`fleet.rollout_runner` feeds observations from the registry in and carries
+decisions out (desired state, kill switch, audit log). Everything is plain data that round-
+trips through JSON, so a rollout survives a fleet-server restart.
+
+A wave passes when its devices installed the new version (install success rate), then
+served traffic on it for ``soak_s`` with an acceptable error rate, a p50 latency no worse
+than ``max_latency_ratio`` times what *the same devices* measured on the previous version,
+and — where the release asks for shadow testing — enough agreement with the old model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Any, Mapping
+
+from agent.errors import ConfigError
+
+
+class State(str, Enum):
+    RUNNING = "running"
+    PAUSED = "paused"          # by a person; resume continues
+    HALTED = "halted"          # a gate failed and the policy says pause; resume continues
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    DONE = "done"
+
+
+class Event(str, Enum):
+    WAVE_PASSED = "wave_passed"
+    LAST_WAVE_PASSED = "last_wave_passed"
+    GATE_FAILED_PAUSE = "gate_failed_pause"
+    GATE_FAILED_ROLLBACK = "gate_failed_rollback"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"
+    ROLLBACK = "rollback"
+    ROLLBACK_DONE = "rollback_done"
+
+
+S, E = State, Event
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.RUNNING, E.WAVE_PASSED): S.RUNNING,
+    (S.RUNNING, E.LAST_WAVE_PASSED): S.DONE,
+    (S.RUNNING, E.GATE_FAILED_PAUSE): S.HALTED,
+    (S.RUNNING, E.GATE_FAILED_ROLLBACK): S.ROLLING_BACK,
+    (S.RUNNING, E.PAUSE): S.PAUSED,
+    (S.PAUSED, E.RESUME): S.RUNNING,
+    (S.HALTED, E.RESUME): S.RUNNING,
+    (S.RUNNING, E.ABORT): S.ABORTED,
+    (S.PAUSED, E.ABORT): S.ABORTED,
+    (S.HALTED, E.ABORT): S.ABORTED,
+    (S.RUNNING, E.ROLLBACK): S.ROLLING_BACK,
+    (S.PAUSED, E.ROLLBACK): S.ROLLING_BACK,
+    (S.HALTED, E.ROLLBACK): S.ROLLING_BACK,
+    (S.ABORTED, E.ROLLBACK): S.ROLLING_BACK,
+    (S.DONE, E.ROLLBACK): S.ROLLING_BACK,
+    (S.ROLLING_BACK, E.ROLLBACK_DONE): S.ROLLED_BACK,
+}
+ACTIVE = (S.RUNNING, S.ROLLING_BACK)
+FINAL = (S.ROLLED_BACK, S.ABORTED, S.DONE)
+
+
+class TransitionError(ConfigError):
+    """A command that does not apply in the rollout's current state (bad input: exit 2)."""
+
+
+def transition(state: State, event: Event) -> State:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise TransitionError(f"cannot {event.value} a rollout that is {state.value}") from None
+
+
+# --- policy ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gates:
+    min_install_success: float = 0.95      # fraction of a wave's devices serving the new one
+    max_error_rate: float = 0.02           # inference errors / requests on the new version
+    max_latency_ratio: float = 1.5         # new p50 / old p50, median over paired devices
+    min_shadow_agreement: float | None = None  # set when the release asks for shadow testing
+    min_requests: int = 20                 # served on the new version in the wave to judge
+
+
+@dataclass(frozen=True)
+class Policy:
+    waves: tuple[float, ...] = (0.01, 0.10, 0.50, 1.0)  # cumulative fractions of the group
+    on_failure: str = "pause"               # "pause" | "rollback"
+    soak_s: float = 30.0                    # serving time after the installs before judging
+    wave_timeout_s: float = 900.0           # no verdict by then: the wave fails
+    max_concurrent: int = 50                # devices downloading at once
+    jitter_s: float = 10.0                  # desired-state publishes spread over this window
+    baseline_window_s: float = 600.0        # old-version telemetry used as the baseline
+    all_or_none: bool = False               # one wave; any failure rolls every device back
+    gates: Gates = Gates()
+
+    def __post_init__(self) -> None:
+        w = self.waves
+        if not w or any(not 0 < f <= 1 for f in w) or list(w) != sorted(w) or w[-1] != 1:
+            raise ConfigError(f"waves {list(w)}: increasing fractions in (0, 1] ending at 1",
+                              key="waves")
+        if self.on_failure not in ("pause", "rollback"):
+            raise ConfigError("on_failure must be 'pause' or 'rollback'", key="on_failure")
+        if self.max_concurrent < 1 or self.soak_s < 0 or self.jitter_s < 0:
+            raise ConfigError("max_concurrent >= 1, soak_s >= 0, jitter_s >= 0", key="policy")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Policy":
+        raw = dict(raw)
+        gates = Gates(**raw.pop("gates", {}))
+        raw["waves"] = tuple(raw.get("waves", cls.waves))
+        if raw.get("all_or_none"):
+            raw["waves"] = (1.0,)
+        return cls(gates=gates, **raw)
+
+
+def parse_waves(text: str) -> tuple[float, ...]:
+    """'1,10,50,100' (percent) → (0.01, 0.1, 0.5, 1.0)."""
+    try:
+        return tuple(float(p.strip().rstrip("%")) / 100 for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"waves {text!r}: comma-separated percentages, e.g. 1,10,50,100",
+                          key="waves") from None
+
+
+# --- waves ----------------------------------------------------------------------------------
+
+def _rank(seed: str, device: str) -> str:
+    return hashlib.sha256(f"{seed}/{device}".encode()).hexdigest()
+
+
+def plan_waves(devices: list[str], fractions: tuple[float, ...],
+               seed: str) -> list[list[str]]:
+    """Split devices into waves of cumulative ``fractions`` (each wave at least one device),
+    in a stable pseudo-random order so a rollout always picks the same canaries."""
+    order = sorted(devices, key=lambda d: _rank(seed, d))
+    waves, taken = [], 0
+    for f in fractions:
+        upto = min(len(order), max(taken + 1, math.ceil(f * len(order))))
+        if upto > taken:
+            waves.append(order[taken:upto])
+            taken = upto
+    return waves
+
+
+def jitter_offset_s(seed: str, device: str, jitter_s: float) -> float:
+    """Deterministic per-device delay in [0, jitter_s) for spreading announcements."""
+    return int(_rank(seed, device)[:8], 16) / 0x1_0000_0000 * jitter_s
+
+
+# --- gates ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceStats:
+    requests: int = 0
+    errors: int = 0
+    p50_ms: float | None = None
+    agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class WaveObservation:
+    devices: tuple[str, ...]
+    started_at: float
+    outcomes: Mapping[str, tuple[str, str | None]]   # device -> ("serving"|"failed", reason)
+    new_stats: Mapping[str, DeviceStats]             # new version, since the wave started
+    baseline: Mapping[str, DeviceStats]              # old version, same devices, before
+    installed_at: float | None = None                # when the last device finished
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: str                  # "wait" | "pass" | "fail"
+    reason: str = ""
+    gate: str | None = None        # which gate failed
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+def _wait(reason: str, **measured: Any) -> Verdict:
+    return Verdict("wait", reason, None, measured)
+
+
+def _fail(gate: str, reason: str, **measured: Any) -> Verdict:
+    return Verdict("fail", reason, gate, measured)
+
+
+def install_gate(obs: WaveObservation, gates: Gates, now: float,
+                 timeout_s: float) -> Verdict | None:
+    """None once enough devices serve the new version; otherwise wait or fail."""
+    n = len(obs.devices)
+    serving = sum(1 for d in obs.devices if obs.outcomes.get(d, ("",))[0] == "serving")
+    failed = {d: obs.outcomes[d][1] for d in obs.devices
+              if obs.outcomes.get(d, ("",))[0] == "failed"}
+    allowed_failures = n - math.ceil(gates.min_install_success * n - 1e-9)
+    measured = {"devices": n, "serving": serving, "failed": len(failed)}
+    if len(failed) > allowed_failures:
+        reasons = sorted({r or "unknown" for r in failed.values()})
+        return _fail("install_success",
+                     f"install success {serving}/{n} below {gates.min_install_success:.0%} "
+                     f"(failed: {', '.join(reasons)})", **measured)
+    if serving + len(failed) < n:
+        if now - obs.started_at > timeout_s:
+            missing = n - serving - len(failed)
+            if len(failed) + missing > allowed_failures:
+                return _fail("install_success", f"{missing} of {n} devices did not install "
+                             f"within {timeout_s:.0f}s", **measured)
+            return None
+        return _wait(f"installing: {serving + len(failed)}/{n} reported", **measured)
+    return None
+
+
+def latency_ratio(new: Mapping[str, DeviceStats],
+                  old: Mapping[str, DeviceStats]) -> tuple[float | None, int]:
+    """Median of new/old p50 over devices that measured both; and how many did."""
+    ratios = [new[d].p50_ms / old[d].p50_ms for d in new
+              if d in old and new[d].p50_ms and old[d].p50_ms and new[d].requests > 0]
+    return (statistics.median(ratios), len(ratios)) if ratios else (None, 0)
+
+
+def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
+    g = policy.gates
+    verdict = install_gate(obs, g, now, policy.wave_timeout_s)
+    if verdict is not None:
+        return verdict
+    since = obs.installed_at if obs.installed_at is not None else obs.started_at
+    stats = [obs.new_stats[d] for d in obs.devices if d in obs.new_stats]
+    requests = sum(s.requests for s in stats)
+    errors = sum(s.errors for s in stats)
+    timed_out = now - obs.started_at > policy.wave_timeout_s
+    if requests < g.min_requests or now - since < policy.soak_s:
+        if timed_out:
+            return _fail("traffic", f"only {requests} requests served on the new version "
+                         f"within {policy.wave_timeout_s:.0f}s (need {g.min_requests})",
+                         requests=requests)
+        return _wait(f"soaking: {requests}/{g.min_requests} requests, "
+                     f"{max(0.0, now - since):.0f}/{policy.soak_s:.0f}s", requests=requests)
+    measured: dict[str, Any] = {"requests": requests, "errors": errors,
+                                "error_rate": errors / requests}
+    if errors / requests > g.max_error_rate:
+        return _fail("error_rate", f"error rate {errors / requests:.1%} above "
+                     f"{g.max_error_rate:.1%} ({errors}/{requests})", **measured)
+    ratio, paired = latency_ratio({d: obs.new_stats[d] for d in obs.devices
+                                   if d in obs.new_stats}, obs.baseline)
+    measured.update(latency_ratio=ratio, paired_devices=paired)
+    if ratio is not None and ratio > g.max_latency_ratio:
+        new_p50 = statistics.median(s.p50_ms for s in stats if s.p50_ms)
+        return _fail("latency", f"p50 latency {ratio:.2f}x the previous version on the same "
+                     f"{paired} device(s) ({new_p50:.2f} ms; limit "
+                     f"{g.max_latency_ratio:.2f}x)", **measured)
+    if g.min_shadow_agreement is not None:
+        agree = [s.agreement for s in stats if s.agreement is not None]
+        if not agree:
+            if timed_out:
+                return _fail("shadow", "no shadow agreement reported", **measured)
+            return _wait("waiting for shadow agreement", **measured)
+        measured["agreement"] = statistics.fmean(agree)
+        if measured["agreement"] < g.min_shadow_agreement:
+            return _fail("shadow", f"shadow agreement {measured['agreement']:.1%} below "
+                         f"{g.min_shadow_agreement:.1%}", **measured)
+    return Verdict("pass", "all gates passed", None, measured)
+
+
+def failure_event(policy: Policy) -> Event:
+    if policy.all_or_none or policy.on_failure == "rollback":
+        return Event.GATE_FAILED_ROLLBACK
+    return Event.GATE_FAILED_PAUSE
+
+
+# --- the rollout record -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rollout:
+    id: str
+    model: str
+    from_version: int | None
+    to_version: int
+    target: dict[str, str | None]     # {"group": ..., "tag": ...}
+    policy: Policy
+    waves: tuple[tuple[str, ...], ...]
+    created_by: str
+    created_at: float
+    state: State = State.RUNNING
+    wave: int = 0                     # index of the current wave
+    wave_started_at: float | None = None
+    wave_installed_at: float | None = None  # when the current wave's install gate passed
+    acted: str = ""                   # the state whose side effects the runner carried out
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sent: dict[str, float] = field(default_factory=dict)  # device -> desired published at
+    reason: str = ""                  # why it stopped (or finished)
+    verdicts: tuple[dict[str, Any], ...] = ()  # per finished wave
+
+    def apply(self, event: Event, reason: str = "") -> "Rollout":
+        return replace(self, state=transition(self.state, event),
+                       reason=reason or self.reason)
+
+    @property
+    def moved(self) -> list[str]:
+        return sorted(self.sent)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc.update(state=self.state.value, policy=self.policy.to_dict(),
+                   waves=[list(w) for w in self.waves], verdicts=list(self.verdicts))
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> "Rollout":
+        doc = dict(doc)
+        doc.update(state=State(doc["state"]), policy=Policy.from_dict(doc["policy"]),
+                   waves=tuple(tuple(w) for w in doc["waves"]),
+                   verdicts=tuple(doc.get("verdicts", ())))
+        return cls(**doc)

@@ -1,0 +1,266 @@
+"""Rollouts, I/O side: commands that record intent in the registry (used by the CLI and the
+REST API, from any process) and a runner inside the fleet server that carries it out —
+publishes per-device desired state with jitter and a concurrency cap, feeds the registry's
+observations to :func:`fleet.rollout.evaluate_wave`, and acts on the verdicts.
+
+Only the runner publishes: a command changes the rollout's state in the registry and the
+runner, on its next tick, does what that state requires (``acted`` remembers what it did).
+Every decision goes to the audit log with who, what, which devices and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import Callable
+
+from agent.errors import ConfigError, EdgeshipError
+from agent.protocol import DesiredState
+from fleet.registry import Registry
+from fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, State,
+                           WaveObservation, evaluate_wave, failure_event, install_gate,
+                           jitter_offset_s, plan_waves)
+
+logger = logging.getLogger(__name__)
+
+PublishDesired = Callable[[str, DesiredState], None]
+StopRelease = Callable[..., None]  # (model, version, *, stopped: bool)
+
+_COMMANDS = {"pause": Event.PAUSE, "resume": Event.RESUME, "abort": Event.ABORT,
+             "rollback": Event.ROLLBACK}
+
+
+# --- commands (any process) ---------------------------------------------------------------
+
+def start_rollout(registry: Registry, *, model: str, version: int, policy: Policy,
+                  actor: str, group: str | None = None, tag: str | None = None,
+                  from_version: int | None = None, now: float | None = None) -> Rollout:
+    now = registry.now() if now is None else now
+    devices = registry.devices(group=group, tag=tag)
+    if not devices:
+        raise ConfigError(f"no devices in group={group!r} tag={tag!r}", key="group")
+    if version not in [v for _, v, *_ in registry.releases(model)]:
+        raise ConfigError(f"{model} v{version} was never released (edgeship release)",
+                          key="version")
+    busy = [r["id"] for r in registry.rollouts([State.RUNNING.value, State.PAUSED.value,
+                                                State.HALTED.value, State.ROLLING_BACK.value])
+            if r["model"] == model]
+    if busy:
+        raise ConfigError(f"rollout {busy[0]} of {model} is still open; abort or finish it",
+                          key="model")
+    if from_version is None:
+        running = Counter(d.running(model) for d in devices if d.running(model) is not None)
+        from_version = running.most_common(1)[0][0] if running else None
+    rid = f"r-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(2)}"
+    waves = plan_waves([d.id for d in devices], policy.waves, seed=rid)
+    rollout = Rollout(id=rid, model=model, from_version=from_version, to_version=version,
+                      target={"group": group, "tag": tag}, policy=policy,
+                      waves=tuple(tuple(w) for w in waves), created_by=actor,
+                      created_at=now)
+    registry.save_rollout(rid, model, rollout.state.value, rollout.to_dict())
+    registry.audit(actor, "rollout.start", rid, model=model, version=version,
+                   from_version=from_version, target=rollout.target,
+                   waves=[len(w) for w in waves], policy=policy.to_dict())
+    return rollout
+
+
+def load(registry: Registry, rollout_id: str) -> Rollout:
+    doc = registry.rollout(rollout_id)
+    if doc is None:
+        raise ConfigError(f"no rollout {rollout_id!r}", key="rollout")
+    return Rollout.from_dict(doc)
+
+
+def control(registry: Registry, rollout_id: str, command: str, actor: str,
+            reason: str = "") -> Rollout:
+    """pause | resume | abort | rollback: valid in the current state or TransitionError."""
+    rollout = load(registry, rollout_id)
+    why = reason or f"{command} by {actor}"
+    new = rollout.apply(_COMMANDS[command], why)
+    registry.save_rollout(new.id, new.model, new.state.value, new.to_dict())
+    registry.audit(actor, f"rollout.{command}", new.id, reason=why,
+                   state=new.state.value)
+    return new
+
+
+# --- the runner (inside the fleet server) --------------------------------------------------
+
+class RolloutRunner:
+    def __init__(self, registry: Registry, publish: PublishDesired,
+                 stop_release: StopRelease | None = None, *, tick_s: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self._publish = publish
+        self._stop_release = stop_release
+        self.tick_s = tick_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fleet-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:  # one bad rollout must not stop the others
+                logger.exception("rollout tick failed")
+
+    def tick(self) -> None:
+        for doc in self.registry.rollouts():
+            if doc["state"] in [s.value for s in FINAL] and doc.get("acted") == doc["state"]:
+                continue
+            rollout = Rollout.from_dict(doc)
+            new = self.step(rollout)
+            if new != rollout:
+                self._save(rollout, new)
+
+    def _save(self, loaded: Rollout, new: Rollout) -> None:
+        """Keep a state a command wrote since we loaded (pause/abort win over our tick)."""
+        current = self.registry.rollout(new.id)
+        if current is not None and current["state"] != loaded.state.value:
+            new = replace(new, state=State(current["state"]), reason=current["reason"],
+                          acted=loaded.acted)
+        self.registry.save_rollout(new.id, new.model, new.state.value, new.to_dict())
+
+    def step(self, r: Rollout) -> Rollout:
+        now = self._clock()
+        if r.state == State.RUNNING:
+            return self._run(r, now)
+        if r.state == State.ROLLING_BACK:
+            return self._roll_back(r, now)
+        if r.state == State.ABORTED and r.acted != State.ABORTED.value:
+            return self._abort(r)
+        return r if r.acted == r.state.value else replace(r, acted=r.state.value)
+
+    # --- running ----------------------------------------------------------------------
+
+    def _run(self, r: Rollout, now: float) -> Rollout:
+        if r.acted != State.RUNNING.value and self._stop_release is not None:
+            self._stop_release(r.model, r.to_version, stopped=False)  # a resumed rollout
+        r = replace(r, acted=State.RUNNING.value)
+        if r.wave_started_at is None:
+            r = self._start_wave(r, now)
+        r = self._dispatch(r, now)
+        obs = self._observe(r)
+        if r.wave_installed_at is None and install_gate(
+                obs, r.policy.gates, now, r.policy.wave_timeout_s) is None:
+            r = replace(r, wave_installed_at=now)
+            obs = replace(obs, installed_at=now)
+        verdict = evaluate_wave(obs, r.policy, now)
+        if verdict.decision == "wait":
+            return r
+        record = {"wave": r.wave, "devices": len(r.waves[r.wave]), "at": now,
+                  "decision": verdict.decision, "gate": verdict.gate,
+                  "reason": verdict.reason, "measured": verdict.measured}
+        r = replace(r, verdicts=(*r.verdicts, record))
+        if verdict.decision == "fail":
+            return self._halt(r, verdict.reason, record)
+        last = r.wave + 1 >= len(r.waves)
+        self.registry.audit("fleet", "rollout.wave_passed", r.id, **record)
+        if last:
+            return r.apply(Event.LAST_WAVE_PASSED, f"all {len(r.waves)} waves passed")
+        return replace(r.apply(Event.WAVE_PASSED), wave=r.wave + 1, wave_started_at=None,
+                       wave_installed_at=None)
+
+    def _start_wave(self, r: Rollout, now: float) -> Rollout:
+        baseline = {}
+        if r.from_version is not None:
+            since = now - r.policy.baseline_window_s
+            stats = self.registry.version_stats(r.model, r.from_version, since)
+            baseline = {d: vars(stats[d]) for d in r.waves[r.wave] if d in stats}
+        self.registry.audit("fleet", "rollout.wave_started", r.id, wave=r.wave,
+                            devices=list(r.waves[r.wave]), baseline_devices=len(baseline))
+        return replace(r, wave_started_at=now, baseline={**r.baseline, **baseline})
+
+    def _dispatch(self, r: Rollout, now: float) -> Rollout:
+        """Publish desired state to due devices of the wave, at most max_concurrent
+        devices downloading (sent, no outcome yet) at once."""
+        outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at)
+        in_flight = sum(1 for d in r.sent if d not in outcomes)
+        room = r.policy.max_concurrent - in_flight
+        due = [d for d in r.waves[r.wave] if d not in r.sent and now >= r.wave_started_at
+               + jitter_offset_s(r.id, d, r.policy.jitter_s)][:max(0, room)]
+        if not due:
+            return r
+        for device in due:
+            self._desire(r, device, r.to_version)
+        self.registry.audit("fleet", "rollout.desired", r.id, wave=r.wave,
+                            version=r.to_version, devices=due)
+        return replace(r, sent={**r.sent, **{d: now for d in due}})
+
+    def _desire(self, r: Rollout, device: str, version: int) -> None:
+        record, changed = self.registry.set_desired(device, r.model, version, rollout=r.id)
+        if changed:
+            self._publish(device, DesiredState(r.model, version, record.seq, r.id))
+
+    def _observe(self, r: Rollout) -> WaveObservation:
+        wave = r.waves[r.wave]
+        since = r.wave_installed_at or r.wave_started_at or r.created_at
+        stats = self.registry.version_stats(r.model, r.to_version, since)
+        return WaveObservation(
+            devices=wave, started_at=r.wave_started_at or r.created_at,
+            outcomes=self.registry.install_outcomes(r.model, r.to_version, r.created_at),
+            new_stats={d: DeviceStats(s.requests, s.errors, s.p50_ms, s.agreement)
+                       for d, s in stats.items() if d in wave},
+            baseline={d: DeviceStats(**b) for d, b in r.baseline.items()},
+            installed_at=r.wave_installed_at)
+
+    def _halt(self, r: Rollout, reason: str, record: dict) -> Rollout:
+        event = failure_event(r.policy)
+        why = f"wave {r.wave + 1}/{len(r.waves)} failed: {reason}"
+        logger.warning("rollout %s halted: %s", r.id, why)
+        self.registry.audit("fleet", "rollout.halted", r.id, **{
+            **record, "reason": why, "then": event.value, "devices": list(r.waves[r.wave])})
+        return r.apply(event, why)
+
+    # --- stopping ---------------------------------------------------------------------
+
+    def _kill_transfers(self, r: Rollout) -> None:
+        if self._stop_release is not None:
+            self._stop_release(r.model, r.to_version, stopped=True)
+
+    def _abort(self, r: Rollout) -> Rollout:
+        """Kill switch: stop transfers of the new version; devices that had not finished
+        go back to wanting the old version (those already serving it stay: rollback)."""
+        self._kill_transfers(r)
+        outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at)
+        unfinished = [d for d in r.moved if outcomes.get(d, ("",))[0] != "serving"]
+        if r.from_version is not None:
+            for device in unfinished:
+                self._desire(r, device, r.from_version)
+        self.registry.audit("fleet", "rollout.aborted", r.id, reason=r.reason,
+                            devices=unfinished, transfers_stopped=self._stop_release is not None)
+        return replace(r, acted=State.ABORTED.value)
+
+    def _roll_back(self, r: Rollout, now: float) -> Rollout:
+        if r.acted != State.ROLLING_BACK.value:
+            self._kill_transfers(r)
+            if r.from_version is not None:
+                for device in r.moved:
+                    self._desire(r, device, r.from_version)
+            self.registry.audit("fleet", "rollout.rolling_back", r.id, reason=r.reason,
+                                version=r.from_version, devices=r.moved)
+            r = replace(r, acted=State.ROLLING_BACK.value, wave_started_at=now)
+        if r.from_version is None:
+            return r.apply(Event.ROLLBACK_DONE)
+        running = {d.id: d.running(r.model) for d in self.registry.devices()}
+        left = [d for d in r.moved if running.get(d) not in (r.from_version, None)]
+        timed_out = now - (r.wave_started_at or now) > r.policy.wave_timeout_s
+        if left and not timed_out:
+            return r
+        self.registry.audit("fleet", "rollout.rolled_back", r.id, version=r.from_version,
+                            devices=r.moved, not_reverted=left)
+        done = r.apply(Event.ROLLBACK_DONE)
+        return replace(done, acted=State.ROLLED_BACK.value)
