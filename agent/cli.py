@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
-
-from agent.errors import EdgeshipError
+from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: syslog priorities as sd-daemon(3) prefixes: journald stores them as the entry's PRIORITY.
+_SD_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -22,45 +25,150 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     run = asub.add_parser("run", help="run the agent (MQTT session, updates, local API)")
     run.add_argument("--config", required=True, type=Path, help="agent TOML config")
     run.set_defaults(func=cmd_run)
-    info = asub.add_parser("info", help="what this device is and which variant it would pick")
-    info.add_argument("--profile", default="generic-x86_64", help="device profile name")
-    info.add_argument("--json", action="store_true")
+    info = asub.add_parser("info", help="what this device is and what the agent would pick")
+    info.add_argument("--profile", default=None,
+                      help="device profile name or .toml (default: from --config, else "
+                           "generic-<arch>)")
+    info.add_argument("--config", type=Path, help="agent TOML config (profile, threads)")
+    info.add_argument("--bundle", type=Path,
+                      help="a bundle directory: also show which variant would be served")
+    info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
-    status = asub.add_parser("status", help="installed models and update records")
+    status = asub.add_parser("status", help="installed models, update records, telemetry "
+                                            "queue, and the live agent if it runs")
     status.add_argument("--config", required=True, type=Path)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+class _JournalFormatter(logging.Formatter):
+    """``<6>agent.daemon: message``: journald reads the priority; no timestamp (it has one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _SD_PRIORITY.get(record.levelno, 6)
+        text = super().format(record).replace("\n", "\n    ")
+        return f"<{prio}>{text}"
+
+
+def configure_logging(level: str, *, journal: bool | None = None) -> None:
+    journal = bool(os.environ.get("JOURNAL_STREAM")) if journal is None else journal
+    handler = logging.StreamHandler(sys.stderr)
+    if journal:
+        handler.setFormatter(_JournalFormatter("%(name)s [%(threadName)s]: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.daemon import Agent
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config)  # a bad key fails here, before anything starts
+    if not getattr(args, "verbose", False):
+        configure_logging(cfg.log_level)
     agent = Agent(cfg)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     agent.start()
-    print(f"edgeship agent {cfg.device_id} serving on {agent.api.url}", flush=True)
-    done.wait()
+    where = agent.api.url + (f" and {agent.unix_api.url}" if agent.unix_api else "")
+    logger.info("edgeship agent %s serving on %s", cfg.device_id, where)
+    print(f"edgeship agent {cfg.device_id} serving on {where}", flush=True)
+    while not done.wait(1.0):  # a timed wait lets the signal handler run promptly
+        pass
     agent.stop()
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    import devices
-    from agent.runtime import available_onnx_providers
+# --- info ------------------------------------------------------------------------------------
 
-    profile = devices.load_profile(args.profile)
-    info = {"machine": platform.machine(), "python": platform.python_version(),
-            "profile": profile.name, "profile_arch": profile.arch,
-            "onnxruntime_providers": available_onnx_providers(),
-            "preferred_precisions": list(profile.preferred_precisions),
-            "threads": profile.threads}
-    _emit(info, args.json)
+def info_doc(profile_name: str, threads: int = 0, bundle: Path | None = None
+             ) -> dict[str, Any]:
+    import devices
+    from agent.capabilities import detect, plan
+
+    caps = detect()
+    profile = devices.load_profile(profile_name)
+    chosen = plan(caps, profile_providers=profile.execution_providers,
+                  profile_runtimes=profile.runtimes,
+                  profile_precisions=profile.preferred_precisions,
+                  profile_threads=profile.threads, threads_override=threads)
+    doc: dict[str, Any] = {"profile": profile.name, "found": caps.to_dict(),
+                           "plan": chosen.to_dict()}
+    if caps.arch != profile.arch:
+        doc["warning"] = f"profile {profile.name} is for {profile.arch}, this is {caps.arch}"
+    if bundle is not None:
+        doc["bundle"] = _bundle_pick(bundle, chosen, profile.arch)
+    return doc
+
+
+def _bundle_pick(bundle: Path, chosen: Any, arch: str) -> dict[str, Any]:
+    from agent.errors import ConfigError, EdgeshipError
+    from agent.manifest import MANIFEST_NAME, Manifest
+    from agent.selection import select_variant
+
+    try:
+        manifest = Manifest.from_bytes((bundle / MANIFEST_NAME).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"no {MANIFEST_NAME} in {bundle}: {e.strerror}",
+                          key="bundle") from e
+    try:
+        v = select_variant(manifest, chosen.precisions, chosen.runtimes, arch)
+    except EdgeshipError as e:
+        return {"model": manifest.model, "version": manifest.version, "variant": None,
+                "reason": str(e)}
+    return {"model": manifest.model, "version": manifest.version, "variant": v.id,
+            "runtime": v.runtime, "precision": v.precision, "threads": chosen.threads,
+            "providers": list(chosen.providers) if v.runtime == "onnxruntime" else []}
+
+
+def _default_profile() -> str:
+    import platform
+    return "generic-arm64" if platform.machine() in ("aarch64", "arm64") else "generic-x86_64"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    threads = 0
+    profile = args.profile
+    if args.config is not None:
+        from agent.config import load_config
+        cfg = load_config(args.config)
+        threads, profile = cfg.threads, profile or cfg.profile
+    doc = info_doc(profile or _default_profile(), threads, args.bundle)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    found, chosen = doc["found"], doc["plan"]
+    rows = [("profile", doc["profile"]), ("arch", found["arch"]),
+            ("cpu", found["cpu_model"] or "?"), ("cores", found["cores"]),
+            ("ram", f"{found['ram_mb']} MB"),
+            ("cpu features", " ".join(found["cpu_features"]) or "-"),
+            ("gpu", found["gpu"] or "none"),
+            ("onnx providers", ", ".join(found["onnx_providers"])),
+            ("runtimes", ", ".join(found["runtimes"]) or "none"),
+            ("numpy", found["numpy_version"]),
+            ("-> providers", ", ".join(chosen["providers"])),
+            ("-> precisions", " > ".join(chosen["precisions"])),
+            ("-> threads", chosen["threads"])]
+    rows += [("-> note", n) for n in chosen["notes"]]
+    if "bundle" in doc:
+        b = doc["bundle"]
+        rows.append(("-> variant", f"{b['model']} v{b['version']}: "
+                                   f"{b['variant'] or 'none (' + b['reason'] + ')'}"))
+    if "warning" in doc:
+        rows.append(("warning", doc["warning"]))
+    for key, value in rows:
+        print(f"{key:16} {value}")
     return 0
 
+
+# --- status ----------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.config import load_config
@@ -76,8 +184,35 @@ def cmd_status(args: argparse.Namespace) -> int:
             models[name] = {"version": active.version, "variant": active.variant.id}
     records = {r.model: {"state": r.state.value, "version": r.version, "reason": r.reason}
                for r in RecordStore(cfg.updates_dir).all()}
-    _emit({"device": cfg.device_id, "models": models, "updates": records}, args.json)
+    doc = {"device": cfg.device_id, "models": models, "updates": records,
+           "telemetry": _spool_status(cfg), "live": _live_status(cfg)}
+    _emit(doc, args.json)
     return 0
+
+
+def _spool_status(cfg: Any) -> dict[str, Any] | None:
+    from agent.spool import SpoolSettings, TelemetrySpool
+
+    if not cfg.spool_path.exists():
+        return None
+    spool = TelemetrySpool(SpoolSettings(cfg.spool_path))
+    try:
+        return spool.stats().to_dict()
+    finally:
+        spool.close()
+
+
+def _live_status(cfg: Any) -> dict[str, Any] | None:
+    from agent.client import AgentClient
+
+    url = f"unix://{cfg.api_socket_path}" if cfg.api_socket_path and \
+        cfg.api_socket_path.exists() else f"http://{cfg.api_host}:{cfg.api_port}"
+    try:
+        with AgentClient(url, timeout_s=2.0) as c:
+            return {"url": url, "health": c.health(),
+                    "serving": {m["model"]: m["version"] for m in c.models()}}
+    except (OSError, ValueError):
+        return None
 
 
 def _emit(doc: dict, as_json: bool) -> None:

@@ -29,6 +29,24 @@ class AgentConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # --- agent runtime (issue 5) ---
+    api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
+    metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
+    spool_max_records: int = 10_000  # telemetry records kept while offline (oldest evicted)
+    spool_max_dead_letters: int = 1_000
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+    log_level: str = "info"
+
+    @property
+    def api_socket_path(self) -> Path | None:
+        if self.api_socket == "":
+            return None
+        return Path(self.api_socket) if self.api_socket else self.state_dir / "api.sock"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.state_dir / "telemetry.db"
 
     @property
     def tuf_dir(self) -> Path:
@@ -48,7 +66,8 @@ class AgentConfig:
 
 
 _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_model_bytes",
-             "max_request_bytes")
+             "max_request_bytes", "spool_max_records", "spool_max_dead_letters",
+             "reconnect_min_s", "reconnect_max_s")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
@@ -72,7 +91,20 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
     if values.get("chunk_bytes", 1) > MAX_CHUNK_BYTES:
         raise ConfigError(f"{source}: key 'chunk_bytes' must be <= {MAX_CHUNK_BYTES}",
                           key="chunk_bytes")
+    _check_runtime_keys(values, source)
     return AgentConfig(**values)
+    return AgentConfig(**values)
+
+
+def _check_runtime_keys(values: dict[str, Any], source: str) -> None:
+    if values.get("log_level", "info") not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: key 'log_level' must be debug|info|warning|error",
+                          key="log_level")
+    if not 0 <= values.get("metrics_port", 0) <= 65535:
+        raise ConfigError(f"{source}: key 'metrics_port' must be 0..65535", key="metrics_port")
+    if values.get("reconnect_min_s", 0.5) > values.get("reconnect_max_s", 60.0):
+        raise ConfigError(f"{source}: key 'reconnect_min_s' must be <= reconnect_max_s",
+                          key="reconnect_min_s")
 
 
 def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:

@@ -15,17 +15,20 @@ import time
 from typing import Any
 
 from agent import __version__, protocol
-from agent.api import InferenceHTTPServer
+from agent.api import InferenceHTTPServer, InferenceUnixServer
+from agent.capabilities import Capabilities, Plan, detect, plan
 from agent.config import AgentConfig
 from agent.desired import DesiredTracker, reactivate_kept
 from agent.errors import EdgeshipError, ProtocolError, Reason, TransferError
 from agent.lifecycle import RecordStore
 from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
 from agent.protocol import Topics
-from agent.runtime import available_onnx_providers
+from agent.metrics import AgentCollector, Metrics
+from agent.sdnotify import SdNotifier
 from agent.serving import ModelServer
 from agent.store import ModelStore
-from agent.telemetry import Spool, build_batch
+from agent.spool import SpoolSettings
+from agent.telemetry import TelemetryService, TelemetrySettings
 from agent.transfer import MqttFetcher, TransferClient, TransferSettings
 from agent.updater import DeviceTraits, UpdateManager
 
@@ -34,15 +37,24 @@ logger = logging.getLogger(__name__)
 INBOX_MAX = 1000
 
 
-def device_traits(cfg: AgentConfig) -> DeviceTraits:
+def device_plan(cfg: AgentConfig, caps: Capabilities | None = None) -> tuple[Any, Plan]:
+    """The profile, and what this device will use given what was detected on it."""
     import devices
     profile = devices.load_profile(cfg.profile)
-    available = set(available_onnx_providers())
-    providers = tuple(p for p in profile.execution_providers if p in available) or \
-        ("CPUExecutionProvider",)
-    return DeviceTraits(arch=profile.arch, runtimes=("onnxruntime",),
-                        preferred_precisions=profile.preferred_precisions,
-                        threads=cfg.threads or profile.threads, providers=providers,
+    caps = caps or detect()
+    return profile, plan(caps, profile_providers=profile.execution_providers,
+                         profile_runtimes=profile.runtimes,
+                         profile_precisions=profile.preferred_precisions,
+                         profile_threads=profile.threads, threads_override=cfg.threads)
+
+
+def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceTraits:
+    profile, chosen = device_plan(cfg, caps)
+    for note in chosen.notes:
+        logger.info("device plan: %s", note)
+    return DeviceTraits(arch=profile.arch, runtimes=chosen.runtimes,
+                        preferred_precisions=chosen.precisions,
+                        threads=chosen.threads, providers=chosen.providers,
                         latency_budget_ms=profile.latency_budget_ms)
 
 
@@ -60,7 +72,6 @@ class Agent:
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
-        self.spool = Spool()
         self.session = MqttSession(self._session_settings(), on_message=self._on_message,
                                    on_connect=lambda: self._hand_over("connected"))
         self.transfers = TransferClient(self.device, self.session.publish, TransferSettings(
@@ -70,9 +81,29 @@ class Agent:
             records=RecordStore(cfg.updates_dir), server=self.server,
             fetcher=MqttFetcher(self.transfers), traits=self.traits, report=self.report,
             max_model_bytes=cfg.max_model_bytes)
-        self.api = InferenceHTTPServer(cfg.api_host, cfg.api_port, self.server,
-                                       cfg.max_request_bytes)
+        self._init_runtime_services()
         self._threads: list[threading.Thread] = []
+
+    def _init_runtime_services(self) -> None:
+        """Telemetry pipeline, metrics, local API (TCP and Unix socket), systemd notify."""
+        cfg = self.cfg
+        self.telemetry = TelemetryService(
+            TelemetrySettings(device=self.device, topic=Topics.telemetry(self.device),
+                              state_dir=cfg.state_dir, interval_s=cfg.telemetry_interval_s,
+                              spool=SpoolSettings(cfg.spool_path, cfg.spool_max_records,
+                                                  cfg.spool_max_dead_letters)),
+            self.server, self.session, self._telemetry_extra)
+        self.spool = self.telemetry.spool
+        self.metrics = Metrics(AgentCollector(
+            self.server, self.spool, lambda: self.telemetry.last_system,
+            {"device": self.device, "agent_version": __version__, "profile": cfg.profile}))
+        self.api = InferenceHTTPServer(cfg.api_host, cfg.api_port, self.server,
+                                       cfg.max_request_bytes, self.metrics.text)
+        sock = cfg.api_socket_path
+        self.unix_api = InferenceUnixServer(sock, self.server, cfg.max_request_bytes,
+                                            self.metrics.text) if sock else None
+        self.notifier = SdNotifier()
+
 
     def _session_settings(self) -> SessionSettings:
         cfg = self.cfg
@@ -80,7 +111,8 @@ class Agent:
             if cfg.tls_ca_file else None
         will = (Topics.presence(self.device), self._presence(online=False), True)
         return SessionSettings(url=cfg.mqtt_url, client_id=f"edgeship-agent-{self.device}",
-                               tls=tls, will=will)
+                               tls=tls, will=will, reconnect_min_s=cfg.reconnect_min_s,
+                               reconnect_max_s=cfg.reconnect_max_s)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -95,21 +127,36 @@ class Agent:
             logger.info("serving %s v%s (%s) from disk", m.model, m.version, m.variant.id)
         self.api.start()
         logger.info("local API on %s", self.api.url)
+        if self.unix_api is not None:
+            self.unix_api.start()
+            logger.info("local API on %s", self.unix_api.url)
+        if self.cfg.metrics_port:
+            self.metrics.serve(self.cfg.api_host, self.cfg.metrics_port)
         self.session.start([(Topics.RELEASES_FILTER, 1),
                             (Topics.transfer_response(self.device), 1),
                             (Topics.desired(self.device), 1)])
-        for target, name in ((self._dispatch_loop, "dispatch"), (self._update_loop, "update"),
-                             (self._telemetry_loop, "telemetry")):
+        self.telemetry.start()
+        loops = [(self._dispatch_loop, "dispatch"), (self._update_loop, "update")]
+        if self.notifier.watchdog_s:
+            loops.append((self._watchdog_loop, "watchdog"))
+        for target, name in loops:
             t = threading.Thread(target=target, name=f"edgeship-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self.notifier.ready(f"serving {len(self.server.models())} model(s)")
+
 
     def stop(self) -> None:
         self._stop.set()
         with self._wanted_cv:
             self._wanted_cv.notify_all()
         self._hand_over("stop")
+        self.notifier.stopping()
         self.api.stop()
+        if self.unix_api is not None:
+            self.unix_api.stop()
+        self.metrics.stop()
+        self.telemetry.stop()
         self.session.stop(final=(Topics.presence(self.device), self._presence(False), True))
         for t in self._threads:
             t.join(timeout=5)
@@ -146,6 +193,7 @@ class Agent:
         if item == "connected":
             self.session.publish(Topics.presence(self.device), self._presence(True),
                                  retain=True)
+            self.telemetry.forwarder.wake()  # drain what piled up while offline
             return
         assert isinstance(item, Message)
         try:
@@ -223,23 +271,20 @@ class Agent:
             "arch": platform.machine(), "api": self.api.url if online else None,
             "models": models})
 
-    def _telemetry_loop(self) -> None:
-        while not self._stop.wait(self.cfg.telemetry_interval_s):
-            batch = build_batch(self.device, self.server, self.cfg.state_dir,
-                                {"spool_evicted": self.spool.evicted,
-                                 "dropped_messages": self.dropped_messages,
-                                 "rejected_messages": self.rejected_messages})
-            self.spool.push(protocol.encode("telemetry", batch))
-            self._drain_spool()
+    def _telemetry_extra(self) -> dict[str, Any]:
+        """Agent facts for each telemetry record (cheap: counters and a directory read)."""
+        updates = {r.model: {"state": r.state.value, "version": r.version}
+                   for r in self.updates.records.all()}
+        return {"agent_version": __version__, "profile": self.cfg.profile,
+                "updates": updates, "dropped_messages": self.dropped_messages,
+                "rejected_messages": self.rejected_messages,
+                "mqtt": {"connected": self.session.connected,
+                         "reconnects": self.session.reconnects}}
 
-    def _drain_spool(self) -> None:
-        while self.session.connected and (payload := self.spool.peek()) is not None:
-            try:
-                rc = self.session.publish_acked(Topics.telemetry(self.device), payload,
-                                                timeout_s=5.0)
-            except TransferError as e:
-                logger.info("telemetry held back: %s", e)
-                return
-            self.spool.pop()
-            if rc >= 0x80:
-                logger.warning("broker refused telemetry (reason %#x); dropped", rc)
+    def _watchdog_loop(self) -> None:
+        """Ping systemd while the dispatcher and the API still run; a hang stops the pings
+        and systemd restarts the agent."""
+        interval_s = (self.notifier.watchdog_s or 2.0) / 2
+        while not self._stop.wait(interval_s):
+            if all(t.is_alive() for t in self._threads if t.name != "edgeship-watchdog"):
+                self.notifier.watchdog()

@@ -9,6 +9,7 @@ Subscriptions are re-made on every (re)connect.
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import threading
 import urllib.parse
@@ -69,10 +70,33 @@ class SessionSettings:
     clean_start: bool = False
     session_expiry_s: int = 24 * 3600
     keepalive_s: int = 30
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 30
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
     tls: TlsSettings | None = None
     will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
+
+
+class Backoff:
+    """Capped exponential backoff with jitter (pure; ``rng`` injectable for tests).
+
+    Attempt n waits a uniform draw from [base/2, base] with base = min(max, min * 2**n):
+    a fleet that lost its broker at the same instant does not come back in lock-step."""
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        if not 0 < min_s <= max_s:
+            raise ConfigError(f"backoff needs 0 < min ({min_s}) <= max ({max_s})",
+                              key="reconnect_min_s")
+        self.min_s, self.max_s = min_s, max_s
+        self._rng = rng or random.Random()
+        self.attempt = 0
+
+    def next_delay_s(self) -> float:
+        base = min(self.max_s, self.min_s * 2 ** min(self.attempt, 32))
+        self.attempt += 1
+        return self._rng.uniform(base / 2, base)
+
+    def reset(self) -> None:
+        self.attempt = 0
 
 
 class MqttSession:
@@ -89,6 +113,8 @@ class MqttSession:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
+        self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        self.reconnects = 0
         self._client = self._build_client()
 
     # --- setup -----------------------------------------------------------------------
@@ -97,7 +123,9 @@ class MqttSession:
         s = self.settings
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
                              protocol=paho.MQTTv5)
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
+        # paho waits min(2 * previous, max) between attempts, without jitter: before each
+        # wait we set both bounds to our next jittered delay (see _schedule_retry).
+        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_min_s)
         client.max_queued_messages_set(10_000)
         if s.tls is not None or self._address.tls:
             if s.tls is None:
@@ -109,6 +137,7 @@ class MqttSession:
             client.will_set(topic, payload, qos=1, retain=retain)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
@@ -190,6 +219,9 @@ class MqttSession:
             return
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
                     self.settings.client_id)
+        self.backoff.reset()
+        self._client.reconnect_delay_set(self.settings.reconnect_min_s,
+                                         self.settings.reconnect_min_s)
         self._subscribed.clear()
         if self._subscriptions:
             opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
@@ -203,6 +235,16 @@ class MqttSession:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         logger.info("MQTT disconnected: %s", reason_code)
+        self._schedule_retry()
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        delay_s = self.backoff.next_delay_s()
+        self.reconnects += 1
+        self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
+        logger.debug("MQTT reconnect in %.2fs", delay_s)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [rc for rc in reason_codes if rc.is_failure]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import threading
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -24,9 +26,21 @@ class RuntimeLoadError(EdgeshipError):
     reason_code = Reason.HEALTH_CHECK_FAILED
 
 
+#: Execution providers we know how to use, fastest first (a Jetson has all three).
+KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                   "CPUExecutionProvider")
+
+
 def available_onnx_providers() -> list[str]:
     import onnxruntime as ort
     return list(ort.get_available_providers())
+
+
+def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
+    """The profile's providers that this onnxruntime build has, in the profile's order,
+    always ending with the CPU provider (pure)."""
+    chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+    return tuple(chosen) + ("CPUExecutionProvider",)
 
 
 class OnnxModel:
@@ -52,12 +66,95 @@ class OnnxModel:
         return self._session.run(self._output_names, inputs)
 
 
+# --- LiteRT (ai-edge-litert) and the tflite-runtime fallback -------------------------------
+
+def numpy_major() -> int:
+    return int(np.__version__.split(".")[0])
+
+
+def litert_backend() -> str | None:
+    """Which TFLite interpreter package this device can use: ``ai_edge_litert``, else
+    ``tflite_runtime`` (only with NumPy < 2), else None. Imports nothing heavy."""
+    if importlib.util.find_spec("ai_edge_litert") is not None:
+        return "ai_edge_litert"
+    if importlib.util.find_spec("tflite_runtime") is not None and numpy_major() < 2:
+        return "tflite_runtime"
+    return None
+
+
+def _interpreter_class() -> Any:
+    backend = litert_backend()
+    if backend == "ai_edge_litert":
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter
+    if backend == "tflite_runtime":
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+        return Interpreter
+    if importlib.util.find_spec("tflite_runtime") is not None:
+        raise RuntimeLoadError(
+            f"tflite-runtime is installed but needs NumPy < 2 (this device has NumPy "
+            f"{np.__version__}): pip install ai-edge-litert, or pin numpy<2",
+            reason_code=Reason.NO_COMPATIBLE_VARIANT)
+    raise RuntimeLoadError("no LiteRT interpreter: pip install 'edgeship[tflite]' "
+                           "(ai-edge-litert)", reason_code=Reason.NO_COMPATIBLE_VARIANT)
+
+
+class LiteRtModel:
+    """A TFLite interpreter. Inputs are matched by name, else by position; a batch size
+    other than the allocated one resizes the input. The interpreter is not thread-safe,
+    so calls are serialised."""
+
+    def __init__(self, path: Path, *, threads: int = 0) -> None:
+        interpreter = _interpreter_class()
+        try:
+            self._interp = interpreter(model_path=str(path), num_threads=threads or None)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise RuntimeLoadError(f"LiteRT cannot load {path.name}: {e}") from e
+        self._inputs = self._interp.get_input_details()
+        self._outputs = [d["index"] for d in self._interp.get_output_details()]
+        self._lock = threading.Lock()
+        self.providers = ["litert-cpu"]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = self._match(inputs)
+        with self._lock:
+            for detail, arr in zip(self._inputs, arrays):
+                if tuple(detail["shape"]) != arr.shape:
+                    self._interp.resize_tensor_input(detail["index"], list(arr.shape))
+                    self._interp.allocate_tensors()
+                    self._inputs = self._interp.get_input_details()
+                self._interp.set_tensor(detail["index"], arr)
+            self._interp.invoke()
+            return [self._interp.get_tensor(i) for i in self._outputs]
+
+    def _match(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [d["name"] for d in self._inputs]
+        if set(names) == set(inputs):
+            return [inputs[n] for n in names]
+        if len(inputs) != len(names):
+            raise InferenceInputError(f"model takes {len(names)} inputs, got {len(inputs)}")
+        return list(inputs.values())
+
+
 def load_runtime(runtime: str, path: Path, *, threads: int = 0,
                  providers: Sequence[str] | None = None) -> ModelRuntime:
     if runtime == "onnxruntime":
         return OnnxModel(path, threads=threads, providers=providers)
+    if runtime == "litert":
+        return LiteRtModel(path, threads=threads)
     raise RuntimeLoadError(f"runtime {runtime!r} is not available on this agent",
                            reason_code=Reason.NO_COMPATIBLE_VARIANT)
+
+
+def available_runtimes() -> tuple[str, ...]:
+    """Runtimes this agent can load right now."""
+    found = []
+    if importlib.util.find_spec("onnxruntime") is not None:
+        found.append("onnxruntime")
+    if litert_backend() is not None:
+        found.append("litert")
+    return tuple(found)
 
 
 def coerce_inputs(specs: Sequence[TensorSpec], raw: dict[str, object] | object,

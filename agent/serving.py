@@ -47,6 +47,8 @@ class ModelStats:
         self._lock = threading.Lock()
         self._reset()
         self.total_requests = 0
+        self.total_errors = 0  # never reset: the update trial window reads these
+        self.total_samples = 0
 
     def _reset(self) -> None:
         self.requests = 0
@@ -60,10 +62,18 @@ class ModelStats:
             self.requests += 1
             self.total_requests += 1
             self.samples += samples
+            self.total_samples += samples
             if latency_ms is None:
                 self.errors += 1
+                self.total_errors += 1
             else:
                 self.latencies_ms.append(latency_ms)
+
+    def totals(self) -> dict[str, int]:
+        """Cumulative counts since start (never reset; for Prometheus counters)."""
+        with self._lock:
+            return {"requests": self.total_requests, "errors": self.total_errors,
+                    "samples": self.total_samples}
 
     def snapshot(self, reset: bool = True) -> dict[str, Any]:
         with self._lock:

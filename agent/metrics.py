@@ -1,0 +1,110 @@
+"""Prometheus exposition of the agent's numbers (the same ones telemetry carries).
+
+A custom collector reads the live state at scrape time, so there is no second copy of any
+counter and nothing runs between scrapes (idle CPU stays at zero). Per-model latency
+quantiles are over the current telemetry window (since the last batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent.serving import ModelServer
+from agent.spool import TelemetrySpool
+
+logger = logging.getLogger(__name__)
+
+
+class AgentCollector(Collector):
+    def __init__(self, server: ModelServer, spool: TelemetrySpool | None,
+                 device: Callable[[], dict[str, Any]], info: dict[str, str]) -> None:
+        self.server = server
+        self.spool = spool
+        self.device = device
+        self.info = info
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._models()
+        yield from self._spool()
+        yield from self._device()
+
+    def _models(self) -> Iterator[Any]:
+        labels = ["model", "version", "variant"]
+        req = CounterMetricFamily("edgeship_model_requests", "Inference requests", labels=labels)
+        err = CounterMetricFamily("edgeship_model_errors", "Failed inference requests",
+                                  labels=labels)
+        smp = CounterMetricFamily("edgeship_model_samples", "Samples (batch rows) inferred",
+                                  labels=labels)
+        lat = GaugeMetricFamily("edgeship_model_latency_ms", "Inference latency quantiles "
+                                "over the current telemetry window", labels=labels + ["quantile"])
+        rate = GaugeMetricFamily("edgeship_model_input_rate_per_s", "Samples per second over "
+                                 "the current telemetry window", labels=labels)
+        for loaded in self.server.models():
+            inst = loaded.installed
+            values = [inst.model, str(inst.version), inst.variant.id]
+            stats = self.server.stats[inst.model]
+            totals = stats.totals()
+            req.add_metric(values, totals["requests"])
+            err.add_metric(values, totals["errors"])
+            smp.add_metric(values, totals["samples"])
+            snap = stats.snapshot(reset=False)
+            rate.add_metric(values, snap["input_rate_per_s"])
+            for q in ("p50", "p95", "p99"):
+                if snap["latency_ms"][q] is not None:
+                    lat.add_metric(values + [q], snap["latency_ms"][q])
+        yield from (req, err, smp, lat, rate)
+
+    def _spool(self) -> Iterator[Any]:
+        if self.spool is None:
+            return
+        st = self.spool.stats()
+        yield GaugeMetricFamily("edgeship_telemetry_queued", "Records waiting for a PUBACK",
+                                value=st.queued)
+        for name, doc in (("evicted", "Records evicted from a full queue"),
+                          ("acked", "Records the broker accepted"),
+                          ("dead_lettered", "Records the broker refused")):
+            yield CounterMetricFamily(f"edgeship_telemetry_{name}", doc,
+                                      value=getattr(st, name))
+
+    def _device(self) -> Iterator[Any]:
+        info = GaugeMetricFamily("edgeship_agent_info", "Agent and device facts",
+                                 labels=sorted(self.info))
+        info.add_metric([self.info[k] for k in sorted(self.info)], 1)
+        yield info
+        dev = self.device()
+        for key, doc in (("cpu_percent", "System CPU busy since the last sample"),
+                         ("rss_mb", "Agent resident memory"),
+                         ("temperature_c", "Hottest thermal zone"),
+                         ("disk_free_mb", "Free disk under the state directory")):
+            if dev.get(key) is not None:
+                yield GaugeMetricFamily(f"edgeship_device_{key}", doc, value=dev[key])
+        mem = dev.get("memory") or {}
+        if mem.get("available_mb") is not None:
+            yield GaugeMetricFamily("edgeship_device_memory_available_mb",
+                                    "MemAvailable", value=mem["available_mb"])
+
+
+class Metrics:
+    """A private registry (no process/platform collectors: nothing extra to compute)."""
+
+    def __init__(self, collector: AgentCollector) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        self._server: Any = None
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> None:
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        logger.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
