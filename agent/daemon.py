@@ -30,6 +30,9 @@ from agent.store import ModelStore
 from agent.spool import SpoolSettings
 from agent.telemetry import TelemetryService, TelemetrySettings
 from agent.transfer import MqttFetcher, TransferClient, TransferSettings
+from agent import faults
+from agent.health import HealthLimits
+from agent.install import InstallSettings
 from agent.updater import DeviceTraits, UpdateManager
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,19 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
                         latency_budget_ms=profile.latency_budget_ms)
 
 
+def install_settings(cfg: AgentConfig) -> InstallSettings:
+    """Issue 4: trial window, loop breakers and health-check limits from the config."""
+    import devices
+    memory_mb = cfg.health_max_memory_mb or devices.load_profile(cfg.profile) \
+        .model_memory_budget_mb
+    return InstallSettings(
+        trial_window_s=cfg.trial_window_s, trial_min_requests=cfg.trial_min_requests,
+        trial_max_error_rate=cfg.trial_max_error_rate,
+        trial_max_crashes=cfg.trial_max_crashes,
+        max_update_restarts=cfg.max_update_restarts,
+        health=HealthLimits(timeout_s=cfg.health_timeout_s, max_memory_mb=memory_mb))
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -80,7 +96,8 @@ class Agent:
             tuf_dir=cfg.tuf_dir, downloads_dir=cfg.downloads_dir, store=self.store,
             records=RecordStore(cfg.updates_dir), server=self.server,
             fetcher=MqttFetcher(self.transfers), traits=self.traits, report=self.report,
-            max_model_bytes=cfg.max_model_bytes)
+            max_model_bytes=cfg.max_model_bytes, settings=install_settings(cfg),
+            faults=faults.from_env(), superseded=self._superseded)
         self._init_runtime_services()
         self._threads: list[threading.Thread] = []
 
@@ -148,6 +165,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.updates.stop()
         with self._wanted_cv:
             self._wanted_cv.notify_all()
         self._hand_over("stop")
@@ -225,7 +243,13 @@ class Agent:
                 self._wanted[model] = version
                 self._wanted_cv.notify()
 
+    def _superseded(self, model: str) -> bool:
+        """A newer version of ``model`` is waiting (ends its running trial early)."""
+        with self._wanted_cv:
+            return model in self._wanted
+
     def _update_loop(self) -> None:
+        self.updates.resume_pending()  # issue 4: finish updates a restart interrupted
         while not self._stop.is_set():
             with self._wanted_cv:
                 while not self._wanted and not self._stop.is_set():

@@ -33,6 +33,20 @@ class Reason(StrEnum):
     BAD_REQUEST = "bad_request"
     CONFIG_INVALID = "config_invalid"
     INTERNAL = "internal_error"
+    # safe install (issue 4): why an update was reverted
+    HEALTH_CHECK_CRASHED = "health_check_crashed"
+    HEALTH_CHECK_TIMEOUT = "health_check_timeout"
+    HEALTH_CHECK_OUT_OF_MEMORY = "health_check_out_of_memory"
+    NONFINITE_OUTPUT = "nonfinite_output"
+    OUTPUT_SHAPE_MISMATCH = "output_shape_mismatch"
+    GOLDEN_MISMATCH = "golden_mismatch"
+    LATENCY_BUDGET_EXCEEDED = "latency_budget_exceeded"
+    TRIAL_ERROR_RATE = "trial_error_rate"
+    CRASH_LOOP = "crash_loop"
+    RESTART_LOOP = "restart_loop"
+    SHADOW_DISAGREEMENT = "shadow_disagreement"
+    VERSION_BLOCKED = "version_blocked"
+    FAULT_INJECTED = "fault_injected"
 
 
 class EdgeshipError(Exception):

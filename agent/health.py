@@ -1,8 +1,20 @@
 """Health check of a staged model: golden inputs in, golden outputs (within tolerance) out,
-finite values, expected output shape, and latency within the device profile's budget."""
+finite values, expected output shape, and latency within the device profile's budget.
+
+``check_health`` is the pure check on a loaded runtime. ``check_in_subprocess`` runs it in
+``agent.healthcheck_worker``, a child process with an address-space limit (RLIMIT_AS), a
+CPU-time limit (RLIMIT_CPU) and a wall-clock timeout, so a model that segfaults, hangs or
+eats all memory takes down only the child. Every failure maps to its own reason code.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -14,7 +26,12 @@ from agent.errors import HealthCheckError, Reason
 from agent.manifest import Manifest, Variant
 from agent.runtime import ModelRuntime
 
+logger = logging.getLogger(__name__)
+
 MAX_GOLDEN_BYTES = 64 * 1024 * 1024
+MAX_WORKER_OUTPUT_BYTES = 64 * 1024
+#: Address space the worker needs beyond the model (Python, numpy, onnxruntime, arenas).
+WORKER_BASE_MEMORY_MB = 2048
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,26 @@ class HealthReport:
     max_abs_diff: float
     latency_ms: float
     samples: int
+
+
+@dataclass(frozen=True)
+class HealthLimits:
+    """Limits of the health-check child process."""
+
+    timeout_s: float = 60.0
+    max_memory_mb: int = 1024  # for the model; WORKER_BASE_MEMORY_MB is added
+    threads: int = 0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    latency_budget_ms: float | None = None
+
+    @property
+    def address_space_bytes(self) -> int:
+        return (self.max_memory_mb + WORKER_BASE_MEMORY_MB) * 1024 * 1024
+
+    @property
+    def cpu_s(self) -> int:
+        """CPU seconds: every thread busy for the whole timeout, plus start-up."""
+        return int(self.timeout_s * max(1, self.threads)) + 5
 
 
 def load_golden(path: Path, variant: Variant) -> tuple[np.ndarray, np.ndarray]:
@@ -47,16 +84,20 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
         raise HealthCheckError(f"model failed on golden inputs: {e}") from e
     if got.shape != expected.shape:
         raise HealthCheckError(f"output shape {list(got.shape)} != golden "
-                               f"{list(expected.shape)}")
+                               f"{list(expected.shape)}",
+                               reason_code=Reason.OUTPUT_SHAPE_MISMATCH)
     if not np.all(np.isfinite(got)):
-        raise HealthCheckError("model produced NaN or infinite outputs")
+        raise HealthCheckError("model produced NaN or infinite outputs",
+                               reason_code=Reason.NONFINITE_OUTPUT)
     diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
     if diff > variant.golden_atol:
         raise HealthCheckError(f"golden outputs differ by {diff:.3g} > atol "
-                               f"{variant.golden_atol:.3g}", max_abs_diff=diff)
+                               f"{variant.golden_atol:.3g}", max_abs_diff=diff,
+                               reason_code=Reason.GOLDEN_MISMATCH)
     if latency_budget_ms is not None and per_sample_ms > latency_budget_ms:
         raise HealthCheckError(f"median latency {per_sample_ms:.2f} ms exceeds the "
-                               f"budget of {latency_budget_ms:.2f} ms", max_abs_diff=diff)
+                               f"budget of {latency_budget_ms:.2f} ms", max_abs_diff=diff,
+                               reason_code=Reason.LATENCY_BUDGET_EXCEEDED)
     return HealthReport(max_abs_diff=diff, latency_ms=per_sample_ms, samples=len(inputs))
 
 
@@ -69,3 +110,61 @@ def _median_latency_ms(runtime: ModelRuntime, name: str, one: np.ndarray,
         runtime.run({name: one})
         times.append((time.perf_counter() - start) * 1000)
     return float(np.median(times))
+
+
+# --- the health check in a child process --------------------------------------------------
+
+def check_in_subprocess(model_dir: Path, variant_id: str, limits: HealthLimits) -> HealthReport:
+    """Run the health check of the installed version in ``model_dir`` in a limited child."""
+    request = json.dumps({"dir": str(model_dir), "variant": variant_id,
+                          "threads": limits.threads, "providers": list(limits.providers),
+                          "latency_budget_ms": limits.latency_budget_ms,
+                          "address_space_bytes": limits.address_space_bytes,
+                          "cpu_s": limits.cpu_s})
+    cmd = [sys.executable, "-m", "agent.healthcheck_worker", request]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=limits.timeout_s,
+                              start_new_session=True, env=_worker_env())
+    except subprocess.TimeoutExpired as e:
+        raise HealthCheckError(f"health check did not finish in {limits.timeout_s:g} s "
+                               "(model hangs or is far too slow)",
+                               reason_code=Reason.HEALTH_CHECK_TIMEOUT) from e
+    logger.debug("health worker finished in %.2f s, rc=%s", time.monotonic() - start,
+                 proc.returncode)
+    return _interpret(proc.returncode, proc.stdout[-MAX_WORKER_OUTPUT_BYTES:],
+                      proc.stderr[-2000:])
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                else "")
+    return env
+
+
+def _interpret(rc: int, stdout: bytes, stderr: bytes) -> HealthReport:
+    if rc < 0:
+        sig = signal.Signals(-rc)
+        if sig in (signal.SIGXCPU, signal.SIGKILL):
+            raise HealthCheckError(f"health check exceeded its CPU limit ({sig.name})",
+                                   reason_code=Reason.HEALTH_CHECK_TIMEOUT)
+        raise HealthCheckError(f"model crashed the health-check process ({sig.name})",
+                               reason_code=Reason.HEALTH_CHECK_CRASHED)
+    try:
+        doc = json.loads(stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError, UnicodeDecodeError):
+        tail = stderr.decode(errors="replace").strip()[-300:]
+        if "MemoryError" in tail or "bad_alloc" in tail or "std::bad_alloc" in tail:
+            raise HealthCheckError(f"health check ran out of memory: {tail}",
+                                   reason_code=Reason.HEALTH_CHECK_OUT_OF_MEMORY) from None
+        raise HealthCheckError(f"health-check process exited {rc} without a result: "
+                               f"{tail}", reason_code=Reason.HEALTH_CHECK_CRASHED) from None
+    if not doc.get("ok"):
+        raise HealthCheckError(str(doc.get("message", "health check failed"))[:500],
+                               reason_code=Reason(doc.get("reason",
+                                                          Reason.HEALTH_CHECK_FAILED.value)),
+                               max_abs_diff=doc.get("max_abs_diff"))
+    return HealthReport(max_abs_diff=float(doc["max_abs_diff"]),
+                        latency_ms=float(doc["latency_ms"]), samples=int(doc["samples"]))

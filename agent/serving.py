@@ -47,7 +47,8 @@ class ModelStats:
         self._lock = threading.Lock()
         self._reset()
         self.total_requests = 0
-        self.total_errors = 0  # never reset: the update trial window reads these
+        self.total_errors = 0
+        self.total_model_errors = 0  # runtime failures only; the update trial reads it
         self.total_samples = 0
 
     def _reset(self) -> None:
@@ -57,7 +58,8 @@ class ModelStats:
         self.latencies_ms: deque[float] = deque(maxlen=MAX_LATENCY_SAMPLES)
         self.since = time.time()
 
-    def record(self, latency_ms: float | None, samples: int = 1) -> None:
+    def record(self, latency_ms: float | None, samples: int = 1,
+               client_error: bool = False) -> None:
         with self._lock:
             self.requests += 1
             self.total_requests += 1
@@ -66,6 +68,8 @@ class ModelStats:
             if latency_ms is None:
                 self.errors += 1
                 self.total_errors += 1
+                if not client_error:  # a bad request is not the model's failure
+                    self.total_model_errors += 1
             else:
                 self.latencies_ms.append(latency_ms)
 
@@ -108,6 +112,17 @@ class ModelServer:
             self.stats.setdefault(name, ModelStats())
         return old
 
+    def find(self, name: str) -> LoadedModel | None:
+        return self._models.get(name)
+
+    def remove(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.pop(name, None)
+
+    def stats_for(self, name: str) -> ModelStats:
+        with self._lock:
+            return self.stats.setdefault(name, ModelStats())
+
     def get(self, name: str) -> LoadedModel:
         loaded = self._models.get(name)
         if loaded is None:
@@ -125,7 +140,7 @@ class ModelServer:
         try:
             inputs = coerce_inputs(manifest.inputs, raw_inputs)
         except InferenceInputError:
-            stats.record(None)
+            stats.record(None, client_error=True)
             raise
         batch = int(next(iter(inputs.values())).shape[0]) if inputs else 1
         start = time.perf_counter()

@@ -81,14 +81,38 @@ class ModelStore:
             {"variant": variant.id, "installed_at": time.time()}).encode())
         fsync_dir(staging)
         final = self._model_dir(model) / str(version)
-        if final.exists():
-            shutil.rmtree(final)
+        self.remove_version(model, version)
         staging.rename(final)
         fsync_dir(final.parent)
         return InstalledModel(model, version, variant, manifest, final)
 
     def activate(self, model: str, version: int) -> None:
         atomic_symlink(self._model_dir(model) / "current", str(version))
+
+    def active_version(self, model: str) -> int | None:
+        link = self._model_dir(model) / "current"
+        return int(link.readlink().name) if link.is_symlink() else None
+
+    def deactivate(self, model: str) -> None:
+        """No active version any more (a first install was reverted)."""
+        link = self._model_dir(model) / "current"
+        link.unlink(missing_ok=True)
+        fsync_dir(link.parent)
+
+    def remove_version(self, model: str, version: int) -> None:
+        """Delete an inactive version: renamed aside first, so a crash never leaves a
+        half-deleted directory that looks like a version."""
+        d = self._model_dir(model) / str(version)
+        if not d.exists():
+            return
+        if self.active_version(model) == version:
+            raise BundleError(f"refusing to remove the active {model} v{version}")
+        trash = d.parent / f".staging-{version}.removing"
+        if trash.exists():
+            shutil.rmtree(trash)
+        d.rename(trash)
+        fsync_dir(d.parent)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def active(self, model: str) -> InstalledModel | None:
         link = self._model_dir(model) / "current"
@@ -117,4 +141,4 @@ class ModelStore:
         current = self.active(model)
         others = [v for v in self.versions(model) if not current or v != current.version]
         for v in others[:max(0, len(others) - (self.keep_versions - 1))]:
-            shutil.rmtree(self._model_dir(model) / str(v), ignore_errors=True)
+            self.remove_version(model, v)

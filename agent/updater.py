@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,12 +19,13 @@ from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface, Updater
 
 from agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
-from agent.health import check_health
-from agent.lifecycle import IN_FLIGHT, Event, RecordStore, State, UpdateRecord
+from agent.faults import FaultPlan
+from agent.install import InstallLifecycle, InstallSettings
+from agent.lifecycle import RecordStore
 from agent.manifest import MANIFEST_NAME, Manifest
 from agent.runtime import load_runtime
 from agent.selection import select_variant
-from agent.serving import LoadedModel, ModelServer
+from agent.serving import ModelServer
 from agent.store import InstalledModel, ModelStore
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,17 @@ def tuf_reason(e: Exception) -> Reason:
     return Reason.TRANSFER_FAILED
 
 
-class UpdateManager:
+class UpdateManager(InstallLifecycle):
+    """One update at a time per agent. The lifecycle (recover, install, health check,
+    trial, rollback) lives in ``agent.install``; this class adds the download side."""
+
+    max_attempts_per_version = MAX_ATTEMPTS_PER_VERSION
+
     def __init__(self, *, tuf_dir: Path, downloads_dir: Path, store: ModelStore,
                  records: RecordStore, server: ModelServer, fetcher: FetcherInterface,
-                 traits: DeviceTraits, report: Report, max_model_bytes: int) -> None:
+                 traits: DeviceTraits, report: Report, max_model_bytes: int,
+                 settings: InstallSettings | None = None, faults: FaultPlan | None = None,
+                 superseded: Callable[[str], bool] | None = None) -> None:
         self.tuf_dir = tuf_dir
         self.downloads_dir = downloads_dir
         self.store = store
@@ -81,87 +89,22 @@ class UpdateManager:
         self.report = report
         self.max_model_bytes = max_model_bytes
         self._attempts: dict[tuple[str, int], int] = {}
+        self.settings = settings or InstallSettings()
+        self.faults = faults or FaultPlan()
+        self.superseded = superseded or (lambda model: False)
+        self._pending = []
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Interrupt a trial window (the record stays in TRIAL and resumes on start)."""
+        self._stopping.set()
 
     # --- start-up -----------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """After a restart: roll back any update that was in flight, clean leftovers."""
-        for path in self.store.clean_leftovers():
-            logger.info("removed leftover %s", path)
+    def _clean_downloads(self) -> None:
+        """Scratch files of the download side (called on start and after a rollback)."""
         shutil.rmtree(self.downloads_dir, ignore_errors=True)
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        for record in self.records.all():
-            if record.state in IN_FLIGHT:
-                self._finish_rollback(record, Reason.INTERRUPTED,
-                                      f"agent restarted in state {record.state}")
-
-    def load_active(self) -> list[InstalledModel]:
-        """Serve every committed model from disk: works with no network at all."""
-        loaded = []
-        for name in self.store.models():
-            try:
-                installed = self.store.active(name)
-                if installed is None:
-                    continue
-                self.server.swap(LoadedModel(installed, self._load(installed)))
-                loaded.append(installed)
-            except EdgeshipError as e:
-                logger.error("cannot serve committed model %s: %s", name, e)
-        return loaded
-
-    # --- one update -----------------------------------------------------------------------
-
-    def handle_announcement(self, model: str, version: int) -> None:
-        active = self.store.active(model)
-        if active is not None and version <= active.version:
-            if version < active.version:
-                self.report("rejected", model=model, version=version,
-                            reason=Reason.STALE_ANNOUNCEMENT.value,
-                            detail=f"v{active.version} is installed")
-            return
-        attempts = self._attempts.get((model, version), 0)
-        if attempts >= MAX_ATTEMPTS_PER_VERSION:
-            logger.info("not retrying %s v%s after %d attempts", model, version, attempts)
-            return
-        self._attempts[(model, version)] = attempts + 1
-        self.install(model, version)
-
-    def install(self, model: str, version: int) -> bool:
-        record = self.records.load(model)
-        if record.state in (State.COMMITTED, State.FAILED):
-            record = self._step(record, Event.DONE)
-        record = self._save(record.begin(version))
-        self.report("downloading", model=model, version=version)
-        staging = self.store.staging_dir(model, version)
-        try:
-            manifest, variant_id = self._download(model, version, staging)
-            record = self._step(record, Event.DOWNLOADED)
-            variant = self._verify(manifest, variant_id, staging)
-            record = self._step(record, Event.VERIFIED)
-            installed = self.store.finalize(model, version, staging, manifest, variant)
-            record = self._step(record, Event.CHECK)
-            loaded = self._health_check(installed)
-            record = self._step(record, Event.HEALTHY)
-            self._commit(loaded)
-            self._step(record, Event.DONE)
-            return True
-        except EdgeshipError as e:
-            self._rollback(record, e.reason_code, str(e), staging)
-            return False
-        except Exception as e:  # a bug must not leave a half-installed model behind
-            logger.exception("unexpected error during update")
-            self._rollback(record, Reason.INTERNAL, f"{type(e).__name__}: {e}", staging)
-            return False
-
-    def _step(self, record: UpdateRecord, event: Event) -> UpdateRecord:
-        new = self._save(record.advance(event))
-        if new.state not in (State.IDLE, State.DOWNLOADING):
-            self.report(new.state.value, model=new.model, version=new.version)
-        return new
-
-    def _save(self, record: UpdateRecord) -> UpdateRecord:
-        self.records.save(record)
-        return record
 
     def _new_updater(self) -> Updater:
         return Updater(metadata_dir=str(self.tuf_dir), metadata_base_url=METADATA_URL,
@@ -220,52 +163,6 @@ class UpdateManager:
     def _load(self, installed: InstalledModel):
         return load_runtime(installed.variant.runtime, installed.model_path,
                             threads=self.traits.threads, providers=self.traits.providers)
-
-    def _health_check(self, installed: InstalledModel) -> LoadedModel:
-        runtime = self._load(installed)
-        report = check_health(runtime, installed.manifest, installed.variant,
-                              installed.golden_path,
-                              latency_budget_ms=self.traits.latency_budget_ms)
-        logger.info("%s v%s healthy: max_abs_diff=%.3g", installed.model, installed.version,
-                    report.max_abs_diff)
-        return LoadedModel(installed, runtime)
-
-    def _commit(self, loaded: LoadedModel) -> None:
-        inst = loaded.installed
-        self.store.activate(inst.model, inst.version)
-        self.server.swap(loaded)
-        self.store.prune(inst.model)
-        self.report("serving", model=inst.model, version=inst.version,
-                    variant=inst.variant.id, precision=inst.variant.precision)
-
-    # --- rollback -------------------------------------------------------------------------
-
-    def _rollback(self, record: UpdateRecord, reason: Reason, detail: str,
-                  staging: Path) -> None:
-        logger.warning("update %s v%s failed (%s): %s", record.model, record.version,
-                       reason, detail)
-        record = self._save(record.advance(Event.ERROR, reason=reason.value))
-        shutil.rmtree(staging, ignore_errors=True)
-        self._remove_inactive(record.model, record.version)
-        for part in self.downloads_dir.glob("*.part"):
-            part.unlink(missing_ok=True)
-        self._finish_rollback(record, reason, detail)
-
-    def _remove_inactive(self, model: str, version: int) -> None:
-        active = self.store.active(model)
-        if active is None or active.version != version:
-            shutil.rmtree(self.store.root / model / str(version), ignore_errors=True)
-
-    def _finish_rollback(self, record: UpdateRecord, reason: Reason, detail: str) -> None:
-        if record.state != State.ROLLING_BACK:
-            record = self._save(record.advance(Event.ERROR, reason=reason.value))
-        record = self._save(record.advance(Event.ROLLED_BACK))
-        self.report("failed", model=record.model, version=record.version,
-                    reason=reason.value, detail=detail[:500])
-        active = self.store.active(record.model)
-        self._save(record.advance(Event.DONE))
-        if active is not None:
-            logger.info("still serving %s v%s", active.model, active.version)
 
 
 def _sha256(path: Path) -> str:

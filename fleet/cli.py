@@ -22,6 +22,7 @@ from typing import Callable
 from agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
 from agent.mqtt import MqttSession, SessionSettings
 from agent.protocol import ReleaseAnnouncement, Topics
+from fleet.db import is_url
 from fleet.errors import ReleaseRejectedError
 from fleet.registry import DeviceRecord, Registry
 from fleet.server import FleetServer, FleetSettings
@@ -128,7 +129,9 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = FleetServer(FleetSettings(mqtt_url=args.mqtt, repo_dir=Path(args.repo),
-                                       db_path=Path(args.db), workers=args.workers,
+                                       db_path=args.db if is_url(args.db) else Path(args.db),
+                                       http_port=args.http_port, http_host=args.http_host,
+                                       workers=args.workers,
                                        keys_dir=Path(args.keys) if args.keys else None))
     server.start()
     print(f"fleet server serving {args.repo} on {args.mqtt}", flush=True)
@@ -156,29 +159,27 @@ def _print_table(devices: list[DeviceRecord]) -> None:
     from rich.table import Table
     now = time.time()
     table = Table(title=f"{len(devices)} device(s)")
-    for col in ("device", "online", "models", "last seen", "last event"):
+    for col in ("device", "online", "group", "runs", "desired", "last seen", "last event"):
         table.add_column(col)
     for d in devices:
-        table.add_row(d.id, "yes" if d.online else "no", _models_text(d.models),
-                      _ago(d.last_seen, now),
+        desired = ", ".join(f"{m}:v{v}" for m, v in sorted(d.desired.items()))
+        table.add_row(d.id, "yes" if d.online else "no", d.group or "",
+                      _models_text(d.models), desired, _ago(d.last_seen, now),
                       f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "")
     Console().print(table)
 
 
 @_command
 def cmd_fleet_status(args: argparse.Namespace) -> int:
-    if not Path(args.db).is_file():
+    if not is_url(args.db) and not Path(args.db).is_file():
         raise ConfigError(f"no registry at {args.db}", key="db")
-    registry = Registry(args.db)
+    registry = Registry(args.db if is_url(args.db) else Path(args.db))
     try:
         devices = registry.devices()
     finally:
         registry.close()
     if args.json:
-        print(json.dumps([{"id": d.id, "online": d.online, "models": d.models,
-                           "last_seen": d.last_seen, "profile": d.profile,
-                           "agent_version": d.agent_version, "last_event": d.last_event,
-                           "last_event_ts": d.last_event_ts} for d in devices]))
+        print(json.dumps([d.to_dict() for d in devices]))
     else:
         _print_table(devices)
     return EXIT_OK
@@ -232,12 +233,17 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve transfers and record device reports")
     serve.add_argument("--mqtt", required=True, help="broker URL, mqtt://host:port")
     serve.add_argument("--repo", required=True, type=Path, help="repository directory")
-    serve.add_argument("--db", required=True, type=Path, help="registry SQLite file")
+    serve.add_argument("--db", required=True,
+                       help="registry: SQLite file or postgresql:// URL")
+    serve.add_argument("--http-port", type=int,
+                       help="serve the dashboard, REST API and /metrics on this port")
+    serve.add_argument("--http-host", default="127.0.0.1", help="address for --http-port")
     serve.add_argument("--keys", type=Path,
                        help="keys directory: re-sign the timestamp periodically")
     serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
     serve.set_defaults(func=cmd_fleet_serve)
     status = sub.add_parser("status", help="show devices from the registry")
-    status.add_argument("--db", required=True, type=Path, help="registry SQLite file")
+    status.add_argument("--db", required=True,
+                        help="registry: SQLite file or postgresql:// URL")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_fleet_status)

@@ -264,3 +264,28 @@ class RolloutRunner:
                             devices=r.moved, not_reverted=left)
         done = r.apply(Event.ROLLBACK_DONE)
         return replace(done, acted=State.ROLLED_BACK.value)
+
+
+# --- views (CLI, REST API, dashboard) --------------------------------------------------------
+
+def progress(registry: Registry, rollout: Rollout) -> dict:
+    """The rollout as a document, with per-wave device counts from what devices reported."""
+    outcomes = registry.install_outcomes(rollout.model, rollout.to_version,
+                                         rollout.created_at)
+    verdicts = {v["wave"]: v for v in rollout.verdicts}
+    waves = []
+    for i, devices in enumerate(rollout.waves):
+        states = [outcomes.get(d, ("",))[0] for d in devices]
+        status = ("passed" if verdicts.get(i, {}).get("decision") == "pass" else
+                  "failed" if i in verdicts else
+                  "active" if i == rollout.wave and rollout.state == State.RUNNING else
+                  "stopped" if i == rollout.wave else "pending")
+        waves.append({"wave": i + 1, "devices": len(devices),
+                      "sent": sum(1 for d in devices if d in rollout.sent),
+                      "serving": states.count("serving"), "failed": states.count("failed"),
+                      "status": status, "verdict": verdicts.get(i)})
+    doc = rollout.to_dict()
+    doc.pop("baseline", None)
+    doc.update(waves=waves, wave=rollout.wave + 1, devices=sum(len(w) for w in rollout.waves),
+               moved=len(rollout.sent))
+    return doc

@@ -7,14 +7,15 @@ from agent.lifecycle import (TRANSITIONS, Event, RecordStore, State, TransitionE
 
 def test_happy_path_visits_every_step_in_order():
     r = UpdateRecord("digits").begin(2)
-    for ev in (Event.DOWNLOADED, Event.VERIFIED, Event.CHECK, Event.HEALTHY, Event.DONE):
+    for ev in (Event.DOWNLOADED, Event.VERIFIED, Event.CHECK, Event.HEALTHY, Event.PASSED,
+               Event.DONE):
         r = r.advance(ev)
     assert list(r.history) == ["idle", "downloading", "verifying", "staged", "health_check",
-                               "committed", "idle"]
+                               "trial", "committed", "idle"]
 
 
 @pytest.mark.parametrize("state", [State.DOWNLOADING, State.VERIFYING, State.STAGED,
-                                   State.HEALTH_CHECK])
+                                   State.HEALTH_CHECK, State.SHADOW, State.TRIAL])
 def test_an_error_in_any_in_flight_state_rolls_back_then_fails(state):
     assert next_state(state, Event.ERROR) == State.ROLLING_BACK
     assert next_state(State.ROLLING_BACK, Event.ROLLED_BACK) == State.FAILED

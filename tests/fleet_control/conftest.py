@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleet.broker import free_port
+from tests.fleet_control.helpers import WIDTH
 
 
 def _pg_bin() -> Path | None:
@@ -84,3 +85,15 @@ def registry_target(request, tmp_path):
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def synth_bundles(tmp_path_factory):
+    """Synthetic bundles of one model: v1 fast, v2 much slower (8x the compute, same size),
+    v3 as fast as v1 (other weights)."""
+    pytest.importorskip("onnx")
+    from fleet.bench.synthetic import write_synthetic_bundle
+    root = tmp_path_factory.mktemp("synth")
+    return {1: write_synthetic_bundle(root / "v1", version=1, width=WIDTH, depth=1),
+            2: write_synthetic_bundle(root / "v2", version=2, width=WIDTH, depth=8),
+            3: write_synthetic_bundle(root / "v3", version=3, width=WIDTH, depth=1, seed=5)}

@@ -3,56 +3,13 @@ the rollout in its first wave (the reason recorded), and only the canary ever mo
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from agent.errors import EdgeshipError
 from fleet.rollout import Gates, Policy, State
 from fleet.rollout_runner import load, start_rollout
-
-WIDTH = 256
-
-
-@pytest.fixture(scope="module")
-def synth_bundles(tmp_path_factory):
-    pytest.importorskip("onnx")
-    from fleet.bench.synthetic import write_synthetic_bundle
-    root = tmp_path_factory.mktemp("synth")
-    return {1: write_synthetic_bundle(root / "v1", version=1, width=WIDTH, depth=1),
-            2: write_synthetic_bundle(root / "v2", version=2, width=WIDTH, depth=8)}
-
-
-class Traffic:
-    """Calls each agent's model in-process (the way its local API would) until stopped."""
-
-    def __init__(self, agents, x) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(agents, x), daemon=True)
-        self._thread.start()
-
-    def _run(self, agents, x) -> None:
-        while not self._stop.wait(0.01):
-            for agent in agents:
-                try:
-                    agent.server.predict("synth", x)
-                except EdgeshipError:
-                    pass  # not serving yet
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def _wait(pred, timeout_s=90.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.fleet_control.helpers import WIDTH, Traffic, wait_until
 
 
 def test_much_slower_release_halts_in_its_first_wave(loop_env, synth_bundles):
@@ -65,9 +22,9 @@ def test_much_slower_release_halts_in_its_first_wave(loop_env, synth_bundles):
     registry = loop_env.fleet.registry
     for n in names:
         registry.set_group(n, "lab")
-    traffic = Traffic(agents, sample_inputs(WIDTH))
+    traffic = Traffic(agents, "synth", sample_inputs(WIDTH))
     try:
-        _wait(lambda: len(registry.version_stats("synth", 1, 0)) == 4, what="v1 telemetry")
+        wait_until(lambda: len(registry.version_stats("synth", 1, 0)) == 4, what="v1 telemetry")
         time.sleep(1.5)  # a few more baseline batches
         info = loop_env.release(synth_bundles[2], announce=False)
         registry.add_release("synth", info.version, info.released_at, "test")
@@ -77,7 +34,7 @@ def test_much_slower_release_halts_in_its_first_wave(loop_env, synth_bundles):
                                 actor="test", group="lab")
         canary = rollout.waves[0]
         assert rollout.from_version == 1 and len(canary) == 1
-        halted = _wait(lambda: (r := load(registry, rollout.id)).state != State.RUNNING and r,
+        halted = wait_until(lambda: (r := load(registry, rollout.id)).state != State.RUNNING and r,
                        what="the rollout to stop")
     finally:
         traffic.stop()
@@ -113,7 +70,7 @@ def test_rollback_command_returns_moved_devices_to_the_old_version(loop_env, syn
         loop_env.wait_serving(n, 2)
     from fleet.rollout_runner import control
     control(registry, rollout.id, "rollback", "ops", reason="customer complaint")
-    done = _wait(lambda: (r := load(registry, rollout.id)).state == State.ROLLED_BACK and r,
+    done = wait_until(lambda: (r := load(registry, rollout.id)).state == State.ROLLED_BACK and r,
                  what="rollback")
     assert done.reason == "customer complaint"
     for agent in loop_env.agents:

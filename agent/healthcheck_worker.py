@@ -1,0 +1,76 @@
+"""Child process of the health check (see ``agent.health.check_in_subprocess``).
+
+    python -m agent.healthcheck_worker '<request JSON>'
+
+Sets its own RLIMIT_AS / RLIMIT_CPU before importing the runtime, loads the installed
+version, runs ``check_health`` and prints one JSON line: ``{"ok": true, ...}`` or
+``{"ok": false, "reason": ..., "message": ...}``. A crash or a limit ends the process; the
+parent maps the signal to a reason code.
+
+Test hook (only for the bad-model tests, through this real process boundary):
+``EDGESHIP_HEALTH_FAULT=segfault@<sha256 prefix>`` makes this process die of a real
+SIGSEGV right after loading a model whose file hash starts with that prefix, the way a
+model that crashes the runtime would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+
+def _limit(request: dict) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (request["address_space_bytes"],) * 2)
+    cpu = int(request["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
+
+
+def _maybe_crash(sha256: str) -> None:
+    fault = os.environ.get("EDGESHIP_HEALTH_FAULT", "")
+    kind, _, prefix = fault.partition("@")
+    if kind == "segfault" and prefix and sha256.startswith(prefix):
+        import ctypes
+        ctypes.string_at(0)  # dereference NULL: a real SIGSEGV
+
+
+def _check(request: dict) -> dict:
+    from agent.errors import EdgeshipError
+    from agent.health import check_health
+    from agent.runtime import load_runtime
+    from agent.store import ModelStore
+
+    directory = Path(request["dir"])
+    store = ModelStore(directory.parent.parent)
+    try:
+        installed = store.load(directory.parent.name, int(directory.name))
+        runtime = load_runtime(installed.variant.runtime, installed.model_path,
+                               threads=request["threads"],
+                               providers=request["providers"] or None)
+        _maybe_crash(installed.variant.sha256)
+        report = check_health(runtime, installed.manifest, installed.variant,
+                              installed.golden_path,
+                              latency_budget_ms=request["latency_budget_ms"])
+    except EdgeshipError as e:
+        return {"ok": False, "reason": e.reason_code.value, "message": str(e),
+                "max_abs_diff": getattr(e, "max_abs_diff", None)}
+    return {"ok": True, "max_abs_diff": report.max_abs_diff,
+            "latency_ms": report.latency_ms, "samples": report.samples}
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(argv[1])
+    _limit(request)
+    try:
+        result = _check(request)
+    except MemoryError:
+        result = {"ok": False, "reason": "health_check_out_of_memory",
+                  "message": "health check ran out of memory"}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,90 @@
+"""The REST API's OpenAPI 3.1 description (served at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _op(summary: str, *, params: list[dict] | None = None, body: str | None = None,
+        result: str = "object") -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {
+        "200": {"description": "OK", "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{result}"} if result[0].isupper()
+            else {"type": result}}}},
+        "400": {"description": "bad input", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Error"}}}},
+        "404": {"description": "not found"}}}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    return op
+
+
+def _q(name: str, typ: str = "string", where: str = "query") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "schema": {"type": typ}}
+
+
+_ID = [_q("id", where="path")]
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "properties": {"error": {"type": "string"}},
+              "required": ["error"]},
+    "Device": {"type": "object", "properties": {
+        "id": {"type": "string"}, "online": {"type": "boolean"},
+        "last_seen": {"type": "number"}, "profile": {"type": ["string", "null"]},
+        "agent_version": {"type": ["string", "null"]}, "arch": {"type": ["string", "null"]},
+        "group": {"type": ["string", "null"]}, "tags": {"type": "array",
+                                                         "items": {"type": "string"}},
+        "models": {"description": "what the device reports it runs"},
+        "desired": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "last_event": {"type": ["string", "null"]}}},
+    "Rollout": {"type": "object", "properties": {
+        "id": {"type": "string"}, "model": {"type": "string"},
+        "from_version": {"type": ["integer", "null"]}, "to_version": {"type": "integer"},
+        "state": {"enum": ["running", "paused", "halted", "rolling_back", "rolled_back",
+                           "aborted", "done"]},
+        "reason": {"type": "string"}, "wave": {"type": "integer"},
+        "waves": {"type": "array", "items": {"type": "object"}},
+        "policy": {"type": "object"}, "created_by": {"type": "string"}}},
+    "RolloutStart": {"type": "object", "required": ["model", "version"], "properties": {
+        "model": {"type": "string"}, "version": {"type": "integer"},
+        "group": {"type": "string"}, "tag": {"type": "string"},
+        "from_version": {"type": "integer"}, "by": {"type": "string"},
+        "policy": {"type": "object", "description": "fleet.rollout.Policy fields"}}},
+    "Command": {"type": "object", "properties": {"reason": {"type": "string"},
+                                                 "by": {"type": "string"}}},
+    "Tagging": {"type": "object", "properties": {
+        "add": {"type": "array", "items": {"type": "string"}},
+        "remove": {"type": "array", "items": {"type": "string"}},
+        "group": {"type": ["string", "null"]}, "by": {"type": "string"}}},
+}
+
+
+def openapi() -> dict[str, Any]:
+    paths = {
+        "/api/v1/devices": {"get": _op("Devices with inventory, tags, group, what they run "
+                                       "and their desired state",
+                                       params=[_q("group"), _q("tag")], result="array")},
+        "/api/v1/devices/{id}/tags": {"post": _op("Tag a device / set its group",
+                                                  params=_ID, body="Tagging",
+                                                  result="Device")},
+        "/api/v1/releases": {"get": _op("Released model versions", result="array")},
+        "/api/v1/rollouts": {
+            "get": _op("Rollouts with progress by wave", result="array"),
+            "post": _op("Start a rollout", body="RolloutStart", result="Rollout")},
+        "/api/v1/rollouts/{id}": {"get": _op("One rollout, by wave, with its audit log",
+                                             params=_ID, result="Rollout")},
+        "/api/v1/telemetry/{model}": {"get": _op(
+            "Requests, errors and p50 latency per version over time",
+            params=[_q("model", where="path"), _q("since", "number"),
+                    _q("bucket_s", "number")], result="array")},
+        "/api/v1/audit": {"get": _op("Audit log", params=[_q("rollout")], result="array")},
+    }
+    for cmd in ("pause", "resume", "abort", "rollback"):
+        paths[f"/api/v1/rollouts/{{id}}/{cmd}"] = {"post": _op(
+            f"{cmd.capitalize()} a rollout", params=_ID, body="Command", result="Rollout")}
+    return {"openapi": "3.1.0",
+            "info": {"title": "edgeship fleet API", "version": "1"},
+            "paths": paths, "components": {"schemas": SCHEMAS}}

@@ -1,0 +1,140 @@
+"""Tiny ONNX models (built with onnx.helper) and bundles for the safe-install tests.
+
+Every model maps x[N,4] → y[N,3]. ``good`` computes x @ W(k); the bad ones are real ONNX
+graphs that onnxruntime runs: NaN outputs (log of a negative), a wrong output shape, a
+loop of matrix products that makes them slow (or, with a huge trip count, hang), and a
+Gather whose index comes from the input, so it fails at run time on live inputs > 10
+while passing the health check on the golden inputs (all in [0, 1)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
+
+GOLDEN_N = 8
+VARIANT_ID = "onnx-fp32"
+MODEL_FILE = "model.fp32.onnx"
+
+
+def weights(k: int) -> np.ndarray:
+    return (np.arange(12, dtype=np.float32).reshape(4, 3) / 10 + k).astype(np.float32)
+
+
+def golden_inputs() -> np.ndarray:
+    return np.random.default_rng(0).random((GOLDEN_N, 4), dtype=np.float32)
+
+
+def _model(nodes, inits, out_dim: int = 3, extra_graphs=()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "edgeship-test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dim])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _w(k: int, cols: int = 3):
+    w = weights(k) if cols == 3 else np.ones((4, cols), np.float32)
+    return numpy_helper.from_array(w, "W")
+
+
+def good(k: int) -> onnx.ModelProto:
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_w(k)])
+
+
+def nan_outputs(k: int) -> onnx.ModelProto:
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    return _model([helper.make_node("MatMul", ["x", "W"], ["m"]),
+                   helper.make_node("Mul", ["m", "zero"], ["z"]),
+                   helper.make_node("Sub", ["z", "one"], ["neg"]),
+                   helper.make_node("Log", ["neg"], ["y"])], [_w(k), zero, one])
+
+
+def wrong_shape(k: int) -> onnx.ModelProto:
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_w(k, cols=5)],
+                  out_dim=5)
+
+
+def heavy(k: int, iterations: int, size: int = 256) -> onnx.ModelProto:
+    """x @ W(k) plus 0 × (a loop of ``iterations`` size×size matrix products)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["s_in", "B"], ["p"]),
+         helper.make_node("Tanh", ["p"], ["s_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [size, size])])
+    rng = np.random.default_rng(k)
+    inits = [_w(k),
+             numpy_helper.from_array(np.array(iterations, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(rng.random((size, size), np.float32) / size, "B"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0),
+             helper.make_node("Expand", ["xmax", "shape"], ["s0"]),
+             helper.make_node("Loop", ["trips", "cond", "s0"], ["s_final"], body=body),
+             helper.make_node("ReduceMean", ["s_final"], ["mean"], keepdims=0),
+             helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+             helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Add", ["m", "nothing"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([size, size], np.int64), "shape"))
+    return _model(nodes, inits)
+
+
+def fails_on_large_inputs(k: int) -> onnx.ModelProto:
+    """Gather(table[10], int(max(x))): fine for golden inputs in [0, 1), a run-time error
+    ("indices element out of data bounds") for a live input ≥ 10."""
+    inits = [_w(k), numpy_helper.from_array(np.zeros(10, np.float32), "table"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0),
+             helper.make_node("Cast", ["xmax"], ["idx"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "idx"], ["g"]),
+             helper.make_node("Mul", ["g", "zero"], ["nothing"]),
+             helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Add", ["m", "nothing"], ["y"])]
+    return _model(nodes, inits)
+
+
+def write_bundle(out: Path, model: str, version: int, onnx_model: onnx.ModelProto,
+                 k: int | None = None, atol: float = 1e-4) -> Path:
+    """A bundle whose golden outputs are what a *good* model k would produce."""
+    k = version if k is None else k
+    out.mkdir(parents=True, exist_ok=True)
+    data = onnx_model.SerializeToString()
+    (out / MODEL_FILE).write_bytes(data)
+    x = golden_inputs()
+    np.savez(out / GOLDEN_NAME, inputs=x, **{VARIANT_ID: x @ weights(k)})
+    golden = (out / GOLDEN_NAME).read_bytes()
+    manifest = Manifest(
+        model=model, version=version, task="regression",
+        inputs=(TensorSpec("x", "float32", (None, 4)),),
+        outputs=(TensorSpec("y", "float32", (None, 3)),),
+        variants=(Variant(id=VARIANT_ID, runtime="onnxruntime", precision="fp32",
+                          file=MODEL_FILE, sha256=sha256(data), size=len(data),
+                          golden_atol=atol),),
+        golden_file=GOLDEN_NAME, golden_sha256=sha256(golden), golden_size=len(golden))
+    (out / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+    return out
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_sha(bundle: Path) -> str:
+    return json.loads((bundle / MANIFEST_NAME).read_bytes())["variants"][0]["sha256"]
