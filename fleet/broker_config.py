@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.errors import ConfigError
 from agent.fsutil import atomic_write
 from agent.protocol import SHARED_GROUP, TOPIC_ROOT
 from fleet.pki import FLEET_PREFIX, OPERATOR_PREFIX, CertificateAuthority
@@ -72,8 +73,6 @@ def acl_text(fleet_identities: list[str], operator_identities: list[str] = ()) -
 
 
 def _check_identity(ident: str, prefix: str) -> None:
-    from agent.errors import ConfigError
-
     if not ident.startswith(prefix) or any(c in ident for c in " +#/\n"):
         raise ConfigError(f"identity {ident!r} must look like {prefix}NAME", key="identity")
 
