@@ -98,3 +98,15 @@ def test_health_check_budget_is_sane_for_every_profile():
     clearly too big for the board."""
     for p in devices.load_all():
         assert 5.0 <= p.latency_budget_ms <= 100.0, p.name
+
+
+def test_devices_package_imports_nothing_from_the_host_side():
+    import subprocess
+    import sys
+
+    code = ("import sys, devices, devices.cli, devices.detect\n"
+            "print(','.join(m for m in ('torch', 'converter', 'fleet', 'rich', 'sklearn')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == ""
