@@ -19,58 +19,120 @@ from agent.protocol import validate_id
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("digits",)
+SOURCES = ("digits", "onnx", "torch")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``convert`` subcommand on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
-        "convert", help="convert a model into a gated bundle (fp32 + int8 ONNX)",
-        description="Export a model to ONNX fp32, quantize it to static INT8, measure "
-                    "both against the source model, drop variants that fail the gate and "
-                    "write the rest as a bundle directory DIR/{name}-v{version} plus "
-                    "DIR/{name}-v{version}.tar.")
+        "convert", help="convert a model into gated variants (ONNX fp32/fp16/int8, TFLite)",
+        description="Make ONNX (fp32 optimized, fp16, int8 dynamic, int8 static with "
+                    "accuracy-aware fallback) and, from PyTorch, TFLite variants; measure "
+                    "each against the source model; drop variants that fail the gate; write "
+                    "DIR/{name}-v{version} (bundle), .tar, .tar.zst and .report/ "
+                    "(JSON, Markdown, PNG).",
+        epilog="examples:\n  edgeship convert digits --device rpi4\n"
+               "  edgeship convert onnx model.onnx --calib calib.npz --val val.npz\n"
+               "  edgeship convert torch pkg.mod:make_model --weights w.safetensors "
+               "--input-shape 1,3,32,32 --calib imgs/ --val val.npz\n"
+               "  edgeship convert torch model.pt2 --recipe recipe.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=SOURCES,
-                   help="what to convert: 'digits' trains the demo CNN on sklearn digits")
-    p.add_argument("--out", type=Path, default=Path("bundles"), metavar="DIR",
-                   help="parent directory of the bundle (default: %(default)s)")
-    p.add_argument("--version", type=int, default=1, metavar="N",
-                   help="model version, an integer >= 1 (default: %(default)s)")
-    p.add_argument("--name", default=None, help="model name (default: the source name)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (digits)")
-    p.add_argument("--seed", type=int, default=0, help="training/split seed (digits)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="onnxruntime threads for latency measurement (default: 2)")
-    p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
-                   help="gate: largest accuracy drop in percentage points (default: 1.0)")
-    p.add_argument("--min-agreement", type=float, default=0.97,
-                   help="gate: smallest top-1 agreement with the source (default: 0.97)")
-    p.add_argument("--min-cosine", type=float, default=0.99,
-                   help="gate: smallest mean cosine similarity (default: 0.99)")
-    p.add_argument("--max-size-kb", type=float, default=None, metavar="KB",
-                   help="gate: largest variant file in KiB (default: no limit)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--no-tar", action="store_true", help="do not pack the bundle as .tar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--verbose", action="store_true", help="show error details")
+                   help="'digits' trains the demo CNN; 'onnx' takes an ONNX file; 'torch' "
+                        "takes package.module:factory, a TorchScript file or a .pt2")
+    p.add_argument("model", nargs="?", default=None,
+                   help="the model (onnx/torch sources)")
+    _add_io_options(p)
+    _add_gate_options(p)
     p.set_defaults(func=run)
     return p
 
 
+def _add_io_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", type=Path, default=None, metavar="TOML",
+                   help="options from a TOML recipe (flags given here win)")
+    p.add_argument("--weights", default=None, help="state_dict (.pt) or .safetensors")
+    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
+                   help="example input shape (torch source)")
+    p.add_argument("--calib", default=None, metavar="DATA",
+                   help=".npy/.npz (x[, y]), an image folder or package.module:callable")
+    p.add_argument("--val", default=None, metavar="DATA",
+                   help="validation data (same forms; labels y optional)")
+    p.add_argument("--resize", default=None, metavar="H,W", help="image folders: resize")
+    p.add_argument("--layout", default=None, choices=("NCHW", "NHWC"))
+    p.add_argument("--mean", default=None, help="image folders: per-channel mean, 0..1")
+    p.add_argument("--std", default=None, help="image folders: per-channel std, 0..1")
+    p.add_argument("--grayscale", action="store_true", default=None)
+    p.add_argument("--device", default=None, metavar="PROFILE",
+                   help="board profile (e.g. rpi4): picks variants, threads and gates")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variant ids or 'all' (default: from --device, "
+                        "else the ONNX ones; digits: onnx-fp32,onnx-int8)")
+    p.add_argument("--calibration", default=None, help="minmax (default), entropy, "
+                   "percentile")
+    p.add_argument("--no-fallback", dest="fallback", action="store_false", default=None,
+                   help="no accuracy-aware INT8 fallback")
+    p.add_argument("--out", type=Path, default=Path("bundles"), metavar="DIR",
+                   help="parent directory of the outputs (default: %(default)s)")
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help="model version, an integer >= 1 (default: 1)")
+    p.add_argument("--name", default=None, help="model name (default: from the source)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (digits)")
+    p.add_argument("--seed", type=int, default=0, help="training/split seed (digits)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for latency (default: the profile's, else 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-tar", action="store_true", help="no .tar / .tar.zst")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--verbose", action="store_true", help="show error details")
+
+
+def _add_gate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="gate: largest accuracy drop in points (default: profile or 1.0)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="gate: smallest top-1 agreement (default: profile or 0.97)")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="gate: smallest mean cosine similarity (default: profile or 0.99)")
+    p.add_argument("--max-size-kb", type=float, default=None, metavar="KB",
+                   help="gate: largest variant file in KiB (default: no limit)")
+
+
+def _apply_recipe(args: argparse.Namespace) -> None:
+    from converter.options import load_recipe
+
+    if args.recipe is None:
+        return
+    for dest, value in load_recipe(args.recipe).items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, value)
+
+
 def _validate(args: argparse.Namespace) -> tuple[str, Path]:
-    name = validate_id(args.name or args.source, "model name")
+    if args.source != "digits" and not args.model:
+        raise ConfigError(f"'convert {args.source}' needs a model argument", key="model")
+    args.version = 1 if args.version is None else args.version
+    name = validate_id(args.name or _default_name(args), "model name")
     if args.version < 1:
         raise ConfigError(f"--version must be >= 1, got {args.version}", key="version")
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}", key="epochs")
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}", key="threads")
     bundle_dir = args.out / f"{name}-v{args.version}"
     if bundle_dir.exists() and not args.overwrite:
         raise ConfigError(f"{bundle_dir} already exists (use --overwrite or another "
                           "--version)", key="out")
     return name, bundle_dir
+
+
+def _default_name(args: argparse.Namespace) -> str:
+    if args.source == "digits":
+        return "digits"
+    stem = str(args.model).rsplit(":", 1)[-1]
+    stem = Path(stem).name.split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem).lower() or "model"
 
 
 def _kib(value: float | None) -> int | None:
@@ -87,38 +149,106 @@ def _quiet_foreign_noise() -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _plan(args: argparse.Namespace):
+    from converter.options import check_calibration, parse_variants, plan
+    from converter.pipeline import DEFAULT_VARIANTS
+
+    variants = parse_variants(args.variants)
+    if variants is None and args.source == "digits" and args.device is None:
+        variants = DEFAULT_VARIANTS
+    check_calibration(args.calibration)
+    return plan(device=args.device, variants=variants, threads=args.threads,
+                gate_overrides={"max_accuracy_drop_points": args.max_drop,
+                                "min_agreement": args.min_agreement,
+                                "min_cosine": args.min_cosine,
+                                "max_size_bytes": _kib(args.max_size_kb)},
+                has_torch_source=args.source != "onnx")
+
+
+def _settings(args: argparse.Namespace, the_plan):
+    from converter.accuracy_aware import FallbackSettings
+    from converter.pipeline import ConvertSettings
+    from converter.quantize import QuantizeSettings
+
+    return ConvertSettings(
+        gate=the_plan.gate, variants=the_plan.variants, overwrite=args.overwrite,
+        quantize=QuantizeSettings(calibration_method=args.calibration or "minmax"),
+        fallback=FallbackSettings(enabled=args.fallback is not False))
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``edgeship convert``; returns the process exit code."""
-    from converter.gates import Gate
-    from converter.pipeline import ConvertSettings, convert_digits
+    from converter.errors import ExportError, InputError
 
     try:
+        _apply_recipe(args)
         name, bundle_dir = _validate(args)
-        gate = Gate(max_accuracy_drop_points=args.max_drop,
-                    min_agreement=args.min_agreement, min_cosine=args.min_cosine,
-                    max_size_bytes=_kib(args.max_size_kb))
+        the_plan = _plan(args)
+        settings = _settings(args, the_plan)
     except EdgeshipError as e:
         return _fail(args, e, 2)
     _quiet_foreign_noise()
+    outputs = _output_paths(bundle_dir)
     try:
-        result = convert_digits(
-            bundle_dir, args.version, epochs=args.epochs, seed=args.seed,
-            threads=args.threads, gate=gate, name=name, progress=not (args.quiet or args.json),
-            settings=ConvertSettings(overwrite=args.overwrite))
-        tar = None if args.no_tar else _pack(bundle_dir)
+        result = _convert(args, name, bundle_dir, the_plan, settings)
+        tar, zst = (None, None) if args.no_tar else _pack(bundle_dir, args.overwrite)
+        report = _report(result, outputs["report"], the_plan)
+    except (InputError, ExportError, ConfigError) as e:
+        _cleanup(outputs, args.overwrite)
+        return _fail(args, e, 2)
     except EdgeshipError as e:
+        _cleanup(outputs, args.overwrite)
         _print_reports(args, getattr(e, "reports", ()))
         return _fail(args, e, 1)
-    _print_result(args, result, tar)
+    _print_result(args, result, tar, zst, report, the_plan)
     return 0
 
 
-def _pack(bundle_dir: Path) -> Path:
-    from converter.bundle import pack_bundle
+def _output_paths(bundle_dir: Path) -> dict[str, Path]:
+    return {"bundle": bundle_dir, "tar": bundle_dir.with_name(bundle_dir.name + ".tar"),
+            "zst": bundle_dir.with_name(bundle_dir.name + ".tar.zst"),
+            "report": bundle_dir.with_name(bundle_dir.name + ".report")}
 
-    return pack_bundle(bundle_dir)
+
+def _cleanup(outputs: dict[str, Path], overwrite: bool) -> None:
+    """Remove what this run created before it failed (never a pre-existing output)."""
+    import shutil
+
+    if overwrite:
+        return  # cannot tell ours from the old ones; the bundle itself is all-or-nothing
+    for path in outputs.values():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _convert(args: argparse.Namespace, name: str, bundle_dir: Path, the_plan, settings):
+    from converter.inputs import convert_from_args
+
+    return convert_from_args(args, name, bundle_dir, the_plan, settings,
+                             progress=not (args.quiet or args.json))
+
+
+def _report(result, path: Path, the_plan) -> Path:
+    from converter.report import write_report
+
+    extra = {"device": the_plan.device or "-", "threads": the_plan.threads}
+    if the_plan.skipped:
+        extra["skipped"] = (", ".join(the_plan.skipped) + ": TFLite needs the PyTorch "
+                            "source")
+    return write_report(result, path, extra)
+
+
+def _pack(bundle_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    from converter.bundle import pack_bundle
+    from converter.compression import compress_file
+
+    tar = pack_bundle(bundle_dir)
+    return tar, compress_file(tar)
 
 
 def _fail(args: argparse.Namespace, error: EdgeshipError, code: int) -> int:
@@ -134,23 +264,33 @@ def _fail(args: argparse.Namespace, error: EdgeshipError, code: int) -> int:
     return code
 
 
-def _print_result(args: argparse.Namespace, result, tar: Path | None) -> None:
+def _print_result(args: argparse.Namespace, result, tar: Path | None, zst: Path | None,
+                  report: Path, the_plan) -> None:
+    sizes = {"tar_bytes": tar.stat().st_size if tar else None,
+             "tar_zst_bytes": zst.stat().st_size if zst else None}
     if args.json:
-        payload = {"ok": True, **result.to_dict(), "tar": str(tar) if tar else None}
+        payload = {"ok": True, **result.to_dict(), "tar": str(tar) if tar else None,
+                   "tar_zst": str(zst) if zst else None, **sizes, "report": str(report),
+                   "device": the_plan.device, "threads": the_plan.threads,
+                   "skipped": list(the_plan.skipped)}
         print(json.dumps(payload, indent=2))
         return
     _print_reports(args, result.reports)
+    for vid in the_plan.skipped:
+        print(f"{vid} skipped: TFLite needs the PyTorch source (litert-torch), not ONNX")
     print(f"bundle: {result.bundle_dir}")
     if tar is not None:
-        print(f"tar:    {tar}")
+        print(f"tar:    {tar} ({sizes['tar_bytes'] / 1024:.1f} KiB)")
+        print(f"zstd:   {zst} ({sizes['tar_zst_bytes'] / 1024:.1f} KiB)")
+    print(f"report: {report / 'report.md'}")
 
 
 def _print_reports(args: argparse.Namespace, reports: Sequence) -> None:
     if args.json or not reports:
         return
     rows = [_row(r) for r in reports]
-    headers = ("variant", "precision", "size KB", "accuracy", "drop pt", "p50 ms",
-               "p99 ms", "gate")
+    headers = ("variant", "precision", "size KB", "accuracy", "drop pt", "cosine",
+               "p50 ms", "p99 ms", "gate")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -164,7 +304,10 @@ def _print_reports(args: argparse.Namespace, reports: Sequence) -> None:
         table.add_column(h, justify="left" if h in ("variant", "precision") else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    console.print(table)
     _print_failures(reports)
 
 
@@ -178,7 +321,7 @@ def _row(report) -> tuple[str, ...]:
     m = report.metrics
     gate = "PASS" if report.passed else "FAIL"
     return (report.id, report.precision, f"{m.size_bytes / 1024:.1f}",
-            f"{m.accuracy * 100:.2f}%", f"{m.accuracy_drop:.2f}",
+            f"{m.accuracy * 100:.2f}%", f"{m.accuracy_drop:.2f}", f"{m.cosine:.5f}",
             f"{m.latency_p50_ms:.3f}", f"{m.latency_p99_ms:.3f}", gate)
 
 

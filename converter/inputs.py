@@ -1,0 +1,97 @@
+"""From parsed ``edgeship convert`` arguments to a :class:`ConvertResult` (the glue between
+:mod:`converter.sources` and :mod:`converter.pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from converter.errors import InputError
+from converter.options import parse_floats, parse_shape
+from converter.sources import Dataset, Preprocess, check_shape, load_data, load_torch_model
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess_from_args(args: argparse.Namespace) -> Preprocess:
+    size = parse_shape(args.resize)
+    if size is not None and len(size) != 2:
+        raise InputError(f"--resize wants H,W, got {args.resize!r}", key="resize")
+    kw = {"size": size, "layout": args.layout or "NCHW",
+          "grayscale": bool(args.grayscale)}
+    for key in ("mean", "std"):
+        values = parse_floats(getattr(args, key), f"--{key}")
+        if values is not None:
+            kw[key] = values
+    return Preprocess(**kw)
+
+
+def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    """Calibration and validation data; validation defaults to the calibration data."""
+    if not args.calib:
+        raise InputError("missing calibration data: give --calib (.npy, .npz, image folder "
+                         "or package.module:callable)", key="calib")
+    pre = preprocess_from_args(args)
+    calib = load_data(args.calib, pre)
+    if not args.val:
+        logger.warning("no --val: measuring variants on the calibration data")
+        return calib, calib
+    val = load_data(args.val, pre)
+    if val.x.shape[1:] != calib.x.shape[1:]:
+        raise InputError(f"--val samples have shape {list(val.x.shape[1:])} but --calib "
+                         f"samples {list(calib.x.shape[1:])}")
+    return calib, val
+
+
+def convert_from_args(args: argparse.Namespace, name: str, bundle_dir: Path, plan,
+                      settings, progress: bool):
+    from converter.pipeline import convert, convert_digits, convert_onnx
+
+    if args.source == "digits":
+        return convert_digits(bundle_dir, args.version, epochs=args.epochs, seed=args.seed,
+                              threads=plan.threads, gate=plan.gate, name=name,
+                              progress=progress, settings=settings)
+    calib, val = load_datasets(args)
+    if args.source == "onnx":
+        return convert_onnx(args.model, calib.x, val.x, val.y, bundle_dir, name,
+                            args.version, plan.gate, plan.threads, settings=settings,
+                            progress=progress)
+    model = _torch_model(args)
+    example = _example_input(model, args, val.x)
+    return convert(model, example, calib.x, val.x, val.y, bundle_dir, name, args.version,
+                   plan.gate, plan.threads, settings=replace(settings), progress=progress)
+
+
+def _torch_model(args: argparse.Namespace):
+    spec = str(args.model)
+    if ":" in spec and not Path(spec).exists():
+        return load_torch_model(factory=spec, weights=args.weights)
+    if args.weights:
+        raise InputError("--weights goes with a package.module:factory model, not a file")
+    if spec.endswith(".pt2"):
+        return load_torch_model(exported=spec)
+    return load_torch_model(torchscript=spec)
+
+
+def _example_input(model, args: argparse.Namespace, data: np.ndarray) -> np.ndarray:
+    """One sample of the data, checked against ``--input-shape`` and run once in torch."""
+    import torch
+
+    shape = parse_shape(args.input_shape)
+    if shape is not None:
+        check_shape(shape, data.shape, "--input-shape")
+    example = np.ascontiguousarray(data[:1], dtype=np.float32)
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(example))
+    except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces as anything
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise InputError(f"{args.model}: model fails on data of shape "
+                         f"{list(example.shape)}: {type(e).__name__}: {first}") from e
+    if not isinstance(out, torch.Tensor) or out.ndim < 2:
+        raise InputError(f"{args.model}: model must return one N×C tensor")
+    return example
