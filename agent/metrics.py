@@ -1,8 +1,9 @@
 """Prometheus exposition of the agent's numbers (the same ones telemetry carries).
 
 A custom collector reads the live state at scrape time, so there is no second copy of any
-counter and nothing runs between scrapes (idle CPU stays at zero). Per-model latency
-quantiles are over the current telemetry window (since the last batch).
+counter and nothing runs between scrapes (idle CPU stays at zero). Per-model latency is a
+cumulative histogram (``edgeship_model_latency_seconds``); the p50/p95/p99 gauges are over
+the current telemetry window (since the last batch), as in the telemetry records.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import logging
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 from prometheus_client.registry import Collector
 
-from agent.serving import ModelServer
+from agent.serving import LATENCY_BUCKETS_MS, ModelServer
 from agent.spool import TelemetrySpool
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class AgentCollector(Collector):
                                   labels=labels)
         lat = GaugeMetricFamily("edgeship_model_latency_ms", "Inference latency quantiles "
                                 "over the current telemetry window", labels=labels + ["quantile"])
+        hist = HistogramMetricFamily("edgeship_model_latency_seconds", "Inference latency",
+                                     labels=labels)
         rate = GaugeMetricFamily("edgeship_model_input_rate_per_s", "Samples per second over "
                                  "the current telemetry window", labels=labels)
         for loaded in self.server.models():
@@ -52,12 +56,14 @@ class AgentCollector(Collector):
             req.add_metric(values, totals["requests"])
             err.add_metric(values, totals["errors"])
             smp.add_metric(values, totals["samples"])
+            counts, sum_ms = stats.histogram()
+            hist.add_metric(values, _buckets(counts), sum_ms / 1000)
             snap = stats.snapshot(reset=False)
             rate.add_metric(values, snap["input_rate_per_s"])
             for q in ("p50", "p95", "p99"):
                 if snap["latency_ms"][q] is not None:
                     lat.add_metric(values + [q], snap["latency_ms"][q])
-        yield from (req, err, smp, lat, rate)
+        yield from (req, err, smp, hist, lat, rate)
 
     def _spool(self) -> Iterator[Any]:
         if self.spool is None:
@@ -87,6 +93,16 @@ class AgentCollector(Collector):
         if mem.get("available_mb") is not None:
             yield GaugeMetricFamily("edgeship_device_memory_available_mb",
                                     "MemAvailable", value=mem["available_mb"])
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts → Prometheus' cumulative ``le`` buckets, in seconds."""
+    out, running = [], 0
+    for bound_ms, n in zip(LATENCY_BUCKETS_MS, counts):
+        running += n
+        out.append((repr(bound_ms / 1000), running))
+    out.append(("+Inf", running + counts[-1]))
+    return out
 
 
 class Metrics:

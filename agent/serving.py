@@ -6,6 +6,7 @@ model finishes on it. The network is never on this path.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from agent.runtime import ModelRuntime, coerce_inputs
 from agent.store import InstalledModel
 
 MAX_LATENCY_SAMPLES = 10_000
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 
 class ModelNotFoundError(EdgeshipError):
@@ -50,6 +52,9 @@ class ModelStats:
         self.total_errors = 0
         self.total_model_errors = 0  # runtime failures only; the update trial reads it
         self.total_samples = 0
+        # cumulative latency histogram (Prometheus): counts per LATENCY_BUCKETS_MS bound
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum_ms = 0.0
 
     def _reset(self) -> None:
         self.requests = 0
@@ -72,12 +77,19 @@ class ModelStats:
                     self.total_model_errors += 1
             else:
                 self.latencies_ms.append(latency_ms)
+                self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+                self.latency_sum_ms += latency_ms
 
     def totals(self) -> dict[str, int]:
         """Cumulative counts since start (never reset; for Prometheus counters)."""
         with self._lock:
             return {"requests": self.total_requests, "errors": self.total_errors,
                     "samples": self.total_samples}
+
+    def histogram(self) -> tuple[list[int], float]:
+        """Cumulative (never reset) latency bucket counts and their sum in ms."""
+        with self._lock:
+            return list(self.latency_buckets), self.latency_sum_ms
 
     def snapshot(self, reset: bool = True) -> dict[str, Any]:
         with self._lock:
