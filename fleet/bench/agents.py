@@ -1,0 +1,96 @@
+"""A bench worker process: ``count`` real :class:`agent.daemon.Agent` instances (each with
+its own MQTT connection, TUF client and state directory) in one process, plus optional
+inference traffic on them. Driven by lines on stdin: ``traffic RATE`` (requests per second
+per device), ``stop``. Prints ``READY n`` once every agent has started."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.errors import EdgeshipError
+from fleet.bench.synthetic import sample_inputs
+
+
+def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float) -> Agent:
+    state = root / device
+    (state / "tuf").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(repo / "metadata" / "1.root.json", state / "tuf" / "root.json")
+    fields = {f.name for f in dataclasses.fields(AgentConfig)}
+    extra = {k: v for k, v in (("api_socket", ""), ("trial_window_s", 0.0)) if k in fields}
+    cfg = AgentConfig(device_id=device, state_dir=state, mqtt_url=url, api_port=0,
+                      telemetry_interval_s=telemetry_s, threads=1, **extra)
+    agent = Agent(cfg)
+    settings = getattr(agent.updates, "settings", None)
+    if settings is not None and hasattr(settings, "health_in_subprocess"):
+        # one Python child per install x 1,000 simulated devices on 2 cores would measure
+        # process start-up, not the fleet: the same check runs in-process instead
+        agent.updates.settings = dataclasses.replace(settings, health_in_subprocess=False)
+    return agent
+
+
+class Traffic:
+    def __init__(self, agents: list[Agent], model: str, width: int, rate_per_s: float) -> None:
+        self.agents, self.model, self.rate = agents, model, rate_per_s
+        self.x = sample_inputs(width)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        period = 1.0 / self.rate
+        while not self._stop.is_set():
+            start = time.monotonic()
+            for agent in self.agents:
+                try:
+                    agent.server.predict(self.model, self.x)
+                except EdgeshipError:
+                    pass
+            self._stop.wait(max(0.0, period - (time.monotonic() - start)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--first", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--telemetry-s", type=float, default=5.0)
+    p.add_argument("--model", default="synth")
+    p.add_argument("--width", type=int, default=724)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    agents = []
+    for i in range(args.first, args.first + args.count):
+        agent = make_agent(args.root, f"sim-{i:05d}", args.url, args.repo, args.telemetry_s)
+        agent.start()
+        agents.append(agent)
+    print(f"READY {len(agents)}", flush=True)
+    traffic = None
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[:1] == ["traffic"]:
+            traffic = Traffic(agents, args.model, args.width, float(cmd[1]))
+        elif cmd[:1] == ["stop"]:
+            break
+    if traffic:
+        traffic.stop()
+    for agent in agents:
+        agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
