@@ -34,6 +34,10 @@ def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float
         # one Python child per install x 1,000 simulated devices on 2 cores would measure
         # process start-up, not the fleet: the same check runs in-process instead
         agent.updates.settings = dataclasses.replace(settings, health_in_subprocess=False)
+    # the profile's per-inference latency budget is a property of one board; 1,000 simulated
+    # boards sharing 2 cores would miss it for reasons that are not the model's
+    agent.traits = agent.updates.traits = dataclasses.replace(agent.traits,
+                                                              latency_budget_ms=None)
     return agent
 
 
