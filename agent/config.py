@@ -20,6 +20,7 @@ class AgentConfig:
     profile: str = "generic-x86_64"
     api_host: str = "127.0.0.1"
     api_port: int = 8470
+    api_enabled: bool = True  # false: no TCP API (e.g. many simulated agents per process)
     telemetry_interval_s: float = 60.0
     chunk_bytes: int = 256 * 1024
     transfer_timeout_s: float = 10.0
@@ -125,6 +126,10 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
+        if t.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         if t.startswith("int"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError

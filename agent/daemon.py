@@ -114,8 +114,8 @@ class Agent:
         self.metrics = Metrics(AgentCollector(
             self.server, self.spool, lambda: self.telemetry.last_system,
             {"device": self.device, "agent_version": __version__, "profile": cfg.profile}))
-        self.api = InferenceHTTPServer(cfg.api_host, cfg.api_port, self.server,
-                                       cfg.max_request_bytes, self.metrics.text)
+        self.api = None if not cfg.api_enabled else InferenceHTTPServer(
+            cfg.api_host, cfg.api_port, self.server, cfg.max_request_bytes, self.metrics.text)
         sock = cfg.api_socket_path
         self.unix_api = InferenceUnixServer(sock, self.server, cfg.max_request_bytes,
                                             self.metrics.text) if sock else None
@@ -142,8 +142,9 @@ class Agent:
             self._want(model, version)
         for m in self.updates.load_active():
             logger.info("serving %s v%s (%s) from disk", m.model, m.version, m.variant.id)
-        self.api.start()
-        logger.info("local API on %s", self.api.url)
+        if self.api is not None:
+            self.api.start()
+            logger.info("local API on %s", self.api.url)
         if self.unix_api is not None:
             self.unix_api.start()
             logger.info("local API on %s", self.unix_api.url)
@@ -170,7 +171,8 @@ class Agent:
             self._wanted_cv.notify_all()
         self._hand_over("stop")
         self.notifier.stopping()
-        self.api.stop()
+        if self.api is not None:
+            self.api.stop()
         if self.unix_api is not None:
             self.unix_api.stop()
         self.metrics.stop()
@@ -292,7 +294,7 @@ class Agent:
         return protocol.encode("presence", {
             "device": self.device, "online": online, "ts": time.time(),
             "agent_version": __version__, "profile": self.cfg.profile,
-            "arch": platform.machine(), "api": self.api.url if online else None,
+            "arch": platform.machine(), "api": self.api.url if online and self.api else None,
             "models": models})
 
     def _telemetry_extra(self) -> dict[str, Any]:

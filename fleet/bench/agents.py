@@ -25,7 +25,8 @@ def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float
     (state / "tuf").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(repo / "metadata" / "1.root.json", state / "tuf" / "root.json")
     fields = {f.name for f in dataclasses.fields(AgentConfig)}
-    extra = {k: v for k, v in (("api_socket", ""), ("trial_window_s", 0.0)) if k in fields}
+    extra = {k: v for k, v in (("api_socket", ""), ("trial_window_s", 0.0),
+                                         ("api_enabled", False)) if k in fields}
     cfg = AgentConfig(device_id=device, state_dir=state, mqtt_url=url, api_port=0,
                       telemetry_interval_s=telemetry_s, threads=1, **extra)
     agent = Agent(cfg)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -214,7 +215,7 @@ def dashboard_reason(url: str, rid: str, out_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench-fleet")
     p.add_argument("--sizes", default="100,1000", help="fleet sizes (default 100,1000)")
-    p.add_argument("--per-process", type=int, default=250, help="agents per worker process")
+    p.add_argument("--per-process", type=int, default=100, help="agents per worker process")
     p.add_argument("--telemetry-s", type=float, default=5.0)
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--rollout-size", type=int, default=0,
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-s", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the fleet on kill
     sizes = [int(s) for s in args.sizes.split(",")]
     rollout_size = args.rollout_size or min(sizes)
     args.out.mkdir(parents=True, exist_ok=True)

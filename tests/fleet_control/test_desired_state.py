@@ -42,3 +42,13 @@ def test_newest_seq_wins_even_after_restart(tmp_path):
 def test_unreadable_state_file_is_ignored(tmp_path):
     (tmp_path / "desired.json").write_text("{not json")
     assert DesiredTracker(tmp_path).items() == []
+
+
+def test_local_api_can_be_disabled_in_the_config(tmp_path):
+    from agent.config import config_from_dict
+    from agent.errors import ConfigError
+    base = {"device_id": "pi-1", "state_dir": str(tmp_path)}
+    assert config_from_dict(base).api_enabled is True
+    assert config_from_dict({**base, "api_enabled": False}).api_enabled is False
+    with pytest.raises(ConfigError, match="api_enabled"):
+        config_from_dict({**base, "api_enabled": "no"})
