@@ -77,7 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     agent.start()
-    where = agent.api.url + (f" and {agent.unix_api.url}" if agent.unix_api else "")
+    urls = [a.url for a in (agent.api, agent.unix_api) if a is not None]
+    where = " and ".join(urls) or "no local API"
     logger.info("edgeship agent %s serving on %s", cfg.device_id, where)
     print(f"edgeship agent {cfg.device_id} serving on {where}", flush=True)
     while not done.wait(1.0):  # a timed wait lets the signal handler run promptly
