@@ -26,6 +26,7 @@ class AgentConfig:
     transfer_timeout_s: float = 10.0
     max_model_bytes: int = 512 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024
+    transfer_max_bytes_per_s: int = 0  # per-device download rate cap; 0 = unlimited
     threads: int = 0  # 0 = from the device profile
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None

@@ -58,7 +58,8 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
     return DeviceTraits(arch=profile.arch, runtimes=chosen.runtimes,
                         preferred_precisions=chosen.precisions,
                         threads=chosen.threads, providers=chosen.providers,
-                        latency_budget_ms=profile.latency_budget_ms)
+                        latency_budget_ms=profile.latency_budget_ms,
+                        hardware_classes=(profile.arch, profile.name))
 
 
 def install_settings(cfg: AgentConfig) -> InstallSettings:
@@ -91,11 +92,13 @@ class Agent:
         self.session = MqttSession(self._session_settings(), on_message=self._on_message,
                                    on_connect=lambda: self._hand_over("connected"))
         self.transfers = TransferClient(self.device, self.session.publish, TransferSettings(
-            chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s))
+            chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s,
+            max_bytes_per_s=cfg.transfer_max_bytes_per_s))
         self.updates = UpdateManager(
             tuf_dir=cfg.tuf_dir, downloads_dir=cfg.downloads_dir, store=self.store,
             records=RecordStore(cfg.updates_dir), server=self.server,
-            fetcher=MqttFetcher(self.transfers), traits=self.traits, report=self.report,
+            fetcher=MqttFetcher(self.transfers, resume_dir=cfg.downloads_dir),
+            traits=self.traits, report=self.report,
             max_model_bytes=cfg.max_model_bytes, settings=install_settings(cfg),
             faults=faults.from_env(), superseded=self._superseded)
         self._init_runtime_services()

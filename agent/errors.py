@@ -47,6 +47,10 @@ class Reason(StrEnum):
     SHADOW_DISAGREEMENT = "shadow_disagreement"
     VERSION_BLOCKED = "version_blocked"
     FAULT_INJECTED = "fault_injected"
+    # secure delivery (issue 3)
+    HARDWARE_MISMATCH = "hardware_mismatch"
+    RELEASE_STOPPED = "release_stopped"
+    DELTA_MISMATCH = "delta_mismatch"
 
 
 class EdgeshipError(Exception):

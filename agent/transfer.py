@@ -3,7 +3,12 @@
 Requests go to the fleet (shared subscription), each with a ResponseTopic and a fresh
 CorrelationData; responses are raw bytes with user properties. A response whose
 correlation data matches no outstanding request (another transfer's chunk, a replay) is
-dropped and counted.
+dropped and counted; a response larger than the chunk asked for is rejected before use.
+
+Target files resume: the fetcher appends every chunk it receives to
+``{resume_dir}/{name}.resume`` and, on the next attempt (after a disconnect that outlasted
+the retries, or after an agent restart), replays those bytes and asks only for the rest.
+TUF still verifies length and hash of the whole file afterwards.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
@@ -36,6 +43,37 @@ class TransferSettings:
     max_retries: int = 5
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
+    max_bytes_per_s: int = 0  # per-device byte-rate cap; 0 = unlimited
+
+
+#: Statuses the fleet answers besides 200 (see fleet/transfer.py).
+STATUS_BUSY = 503  # fleet at its concurrent-transfer cap: retry with backoff
+STATUS_STOPPED = 410  # kill switch: the release's transfers were stopped
+RESUME_SUFFIX = ".resume"
+
+
+class RateLimiter:
+    """Token bucket over bytes; ``acquire`` sleeps until ``n`` bytes may be requested."""
+
+    def __init__(self, bytes_per_s: int, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.rate = bytes_per_s
+        self._clock, self._sleep = clock, sleep
+        self._allowance = float(bytes_per_s)
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._allowance = min(float(self.rate), self._allowance +
+                                  (now - self._last) * self.rate)
+            self._last = now
+            self._allowance -= n
+            wait_s = -self._allowance / self.rate if self._allowance < 0 else 0.0
+        if wait_s > 0:
+            self._sleep(wait_s)
 
 
 @dataclass(frozen=True)
@@ -80,6 +118,8 @@ class TransferClient:
         self._rng = random.Random()
         self.unmatched_responses = 0
         self.bytes_received = 0
+        self.oversized_responses = 0
+        self._limiter = RateLimiter(settings.max_bytes_per_s)
 
     @property
     def response_topic(self) -> str:
@@ -94,10 +134,20 @@ class TransferClient:
         waiter.put_nowait(msg)
 
     def request(self, path: str, offset: int, length: int) -> Chunk:
-        """One chunk, with bounded retries and jittered backoff on timeouts."""
+        """One chunk, with bounded retries and jittered backoff on timeouts and on a busy
+        fleet; a stopped release raises at once."""
+        self._limiter.acquire(length)
         for attempt in range(self.settings.max_retries + 1):
             try:
-                return self._request_once(path, offset, length)
+                chunk = self._request_once(path, offset, length)
+                if chunk.status == STATUS_STOPPED:
+                    raise TransferError(f"transfers of {path} were stopped by the fleet",
+                                        reason_code=Reason.RELEASE_STOPPED,
+                                        status=STATUS_STOPPED)
+                if chunk.status == STATUS_BUSY:
+                    raise TransferError("fleet busy", reason_code=Reason.TRANSFER_TIMEOUT,
+                                        status=STATUS_BUSY)
+                return chunk
             except TransferError as e:
                 if e.reason_code != Reason.TRANSFER_TIMEOUT or \
                         attempt == self.settings.max_retries:
@@ -127,41 +177,101 @@ class TransferClient:
         finally:
             with self._lock:
                 self._pending.pop(correlation, None)
+        if len(msg.payload) > length:  # checked before the response is parsed or used
+            self.oversized_responses += 1
+            raise TransferError(f"response of {len(msg.payload)} bytes for a {length}-byte "
+                                f"chunk of {path}", reason_code=Reason.PAYLOAD_TOO_LARGE)
         chunk = parse_chunk(msg)
         self.bytes_received += len(chunk.data)
         return chunk
 
 
 class MqttFetcher(FetcherInterface):
-    """TUF's fetcher over MQTT: URLs look like ``mqtt://fleet/metadata/timestamp.json``."""
+    """TUF's fetcher over MQTT: URLs look like ``mqtt://fleet/metadata/timestamp.json``.
+    With ``resume_dir``, target files resume from the bytes already received."""
 
     PREFIX = "mqtt://fleet/"
 
-    def __init__(self, client: TransferClient) -> None:
+    def __init__(self, client: TransferClient, resume_dir: Path | None = None) -> None:
         self._client = client
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.bytes_resumed = 0  # bytes replayed from resume files instead of fetched
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(self.PREFIX):
             raise tuf_exc.DownloadError(f"not an edgeship MQTT URL: {url}")
         path = url[len(self.PREFIX):]
-        try:
-            first = self._client.request(path, 0, self._client.settings.chunk_bytes)
-        except TransferError as e:
-            raise tuf_exc.DownloadError(str(e)) from e
+        part = self._resume_path(path)
+        offset = part.stat().st_size if part is not None and part.exists() else 0
+        first = self._get(path, offset)
+        if first.status == 416 and offset:  # the resume file is longer than the file
+            discard_resume(part)
+            offset, first = 0, self._get(path, 0)
         if first.status != 200:
             raise tuf_exc.DownloadHTTPError(f"{first.status} for {path}", first.status)
-        return self._rest(path, first)
+        return self._stream(path, first, part, offset)
 
-    def _rest(self, path: str, first: Chunk) -> Iterator[bytes]:
-        yield first.data
-        offset = len(first.data)
-        while offset < first.total:
-            try:
-                chunk = self._client.request(path, offset, self._client.settings.chunk_bytes)
-            except TransferError as e:
-                raise tuf_exc.DownloadError(str(e)) from e
-            if chunk.status != 200 or chunk.offset != offset or not chunk.data \
-                    or chunk.total != first.total:
-                raise tuf_exc.DownloadError(f"bad chunk for {path} at {offset}")
-            offset += len(chunk.data)
-            yield chunk.data
+    def _resume_path(self, path: str) -> Path | None:
+        if self.resume_dir is None or not path.startswith("targets/"):
+            return None
+        return self.resume_dir / (quote(path, safe="") + RESUME_SUFFIX)
+
+    def _get(self, path: str, offset: int) -> Chunk:
+        try:
+            return self._client.request(path, offset, self._client.settings.chunk_bytes)
+        except TransferError as e:
+            raise tuf_exc.DownloadError(str(e)) from e
+
+    def _stream(self, path: str, first: Chunk, part: Path | None,
+                offset: int) -> Iterator[bytes]:
+        out = open(part, "ab") if part is not None else None
+        complete = False
+        try:
+            if offset:
+                yield from self._replay(part, offset)
+            chunk = first
+            while True:
+                if chunk.status != 200 or chunk.offset != offset or chunk.total != first.total \
+                        or (not chunk.data and offset < first.total):
+                    raise tuf_exc.DownloadError(f"bad chunk for {path} at {offset}")
+                if out is not None:
+                    out.write(chunk.data)
+                    out.flush()
+                offset += len(chunk.data)
+                yield chunk.data
+                if offset >= first.total:
+                    break
+                chunk = self._get(path, offset)
+            complete = True
+        except tuf_exc.DownloadError as e:
+            if isinstance(e.__cause__, TransferError) and \
+                    e.__cause__.reason_code == Reason.RELEASE_STOPPED:
+                complete = True  # nothing to resume
+            raise
+        finally:  # keep a partial file only for network trouble; drop it otherwise
+            if out is not None:
+                out.close()
+                if complete or not _network_trouble():
+                    discard_resume(part)
+
+    def _replay(self, part: Path, size: int) -> Iterator[bytes]:
+        with open(part, "rb") as f:
+            left = size
+            while left > 0 and (block := f.read(min(left, 1 << 20))):
+                left -= len(block)
+                self.bytes_resumed += len(block)
+                yield block
+
+
+def _network_trouble() -> bool:
+    """Inside a ``finally``: is the exception in flight a transfer error worth resuming?"""
+    import sys
+    exc = sys.exc_info()[1]
+    cause = getattr(exc, "__cause__", None)
+    return isinstance(exc, tuf_exc.DownloadError) and isinstance(cause, TransferError) and \
+        cause.reason_code in (Reason.TRANSFER_TIMEOUT, Reason.TRANSFER_FAILED)
+
+
+def discard_resume(part: Path | None) -> None:
+    if part is not None:
+        part.unlink(missing_ok=True)

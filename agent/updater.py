@@ -25,6 +25,9 @@ from agent.lifecycle import RecordStore
 from agent.manifest import MANIFEST_NAME, Manifest
 from agent.runtime import load_runtime
 from agent.selection import select_variant
+from agent.delta import apply_delta
+from agent.transfer import RESUME_SUFFIX
+from agent.trust import VersionFloor, check_target
 from agent.serving import ModelServer
 from agent.store import InstalledModel, ModelStore
 
@@ -45,6 +48,7 @@ class DeviceTraits:
     threads: int
     providers: tuple[str, ...]
     latency_budget_ms: float | None = None
+    hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
 
 
 def tuf_reason(e: Exception) -> Reason:
@@ -103,17 +107,48 @@ class UpdateManager(InstallLifecycle):
 
     def _clean_downloads(self) -> None:
         """Scratch files of the download side (called on start and after a rollback)."""
-        shutil.rmtree(self.downloads_dir, ignore_errors=True)
+        # issue 3: partial target files (*.resume) survive a restart so the download
+        # resumes where it stopped; everything else in downloads_dir is scratch.
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        for path in self.downloads_dir.iterdir():
+            if not path.name.endswith(RESUME_SUFFIX):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _new_updater(self) -> Updater:
         return Updater(metadata_dir=str(self.tuf_dir), metadata_base_url=METADATA_URL,
                        target_base_url=TARGETS_URL, fetcher=self.fetcher, bootstrap=None)
 
+    # --- download side (issue 3: trust checks, resume, deltas, stale metadata) ----------
+
+    @property
+    def version_floor(self) -> VersionFloor:
+        return VersionFloor(self.tuf_dir.parent / "version_floor.json")
+
+    def _hardware_classes(self) -> tuple[str, ...]:
+        return self.traits.hardware_classes or (self.traits.arch,)
+
+    def _check_floor(self, model: str, version: int) -> None:
+        """Never below the highest version ever installed (persisted across restarts)."""
+        floor = self.version_floor
+        active = self.store.active(model)
+        if active is not None:
+            floor.raise_to(model, active.version)
+        floor.check(model, version)
+
+    def _refresh(self, model: str, version: int) -> Updater:
+        updater = self._new_updater()
+        try:
+            updater.refresh()
+        except tuf_exc.ExpiredMetadataError as e:
+            self.report("metadata_stale", model=model, version=version,
+                        reason=Reason.METADATA_EXPIRED.value, detail=str(e)[:300])
+            raise
+        return updater
+
     def _download(self, model: str, version: int, staging: Path) -> tuple[Manifest, str]:
         try:
-            updater = self._new_updater()
-            updater.refresh()
+            self._check_floor(model, version)
+            updater = self._refresh(model, version)
             manifest = Manifest.from_bytes(self._fetch_target(
                 updater, f"{model}/{version}/{MANIFEST_NAME}", staging).read_bytes())
             if manifest.model != model or manifest.version != version:
@@ -140,11 +175,50 @@ class UpdateManager(InstallLifecycle):
         if info.length > self.max_model_bytes:
             raise BundleError(f"target {target} is {info.length} bytes, over the cap of "
                               f"{self.max_model_bytes}")
+        model, version = target.split("/")[:2]
+        check_target(info, model, int(version), self._hardware_classes())
         dest = staging / target.rsplit("/", 1)[1]
+        if self._fetch_by_delta(updater, info, model, int(version), dest):
+            return dest
         tmp = self.downloads_dir / f"{dest.name}.part"
         updater.download_target(info, filepath=str(tmp))
         tmp.replace(dest)
         return dest
+
+    def _fetch_by_delta(self, updater: Updater, info, model: str, version: int,
+                        dest: Path) -> bool:
+        """Rebuild ``dest`` from the installed model and a signed delta; False (after
+        reporting why, when a delta was tried) means: download the full file."""
+        active = self.store.active(model)
+        if active is None or active.variant.file != dest.name or not \
+                active.model_path.is_file():
+            return False
+        delta_info = updater.get_targetinfo(f"{info.path}.from-{active.version}.delta")
+        if delta_info is None or delta_info.length > self.max_model_bytes:
+            return False
+        delta = self.downloads_dir / f"{dest.name}.delta.part"
+        rebuilt = self.downloads_dir / f"{dest.name}.rebuilt.part"
+        try:
+            check_target(delta_info, model, version, self._hardware_classes())
+            updater.download_target(delta_info, filepath=str(delta))
+            apply_delta(delta, active.model_path, rebuilt, max_bytes=info.length)
+            # the rebuilt file must be exactly the signed full target
+            with open(rebuilt, "rb") as f:
+                info.verify_length_and_hashes(f)
+        except (EdgeshipError, tuf_exc.RepositoryError, tuf_exc.DownloadError, OSError) as e:
+            reason = e.reason_code if isinstance(e, EdgeshipError) else Reason.DELTA_MISMATCH
+            logger.warning("delta for %s rejected (%s): %s; downloading the full file",
+                           info.path, reason, e)
+            self.report("delta_rejected", model=model, version=version,
+                        reason=reason.value, detail=str(e)[:300])
+            rebuilt.unlink(missing_ok=True)
+            return False
+        finally:
+            delta.unlink(missing_ok=True)
+        rebuilt.replace(dest)
+        logger.info("rebuilt %s from v%d and a %d-byte delta", info.path, active.version,
+                    delta_info.length)
+        return True
 
     def _verify(self, manifest: Manifest, variant_id: str, staging: Path):
         variant = manifest.variant(variant_id)

@@ -26,7 +26,9 @@ from fleet.db import is_url
 from fleet.errors import ReleaseRejectedError
 from fleet.registry import DeviceRecord, Registry
 from fleet.server import FleetServer, FleetSettings
-from fleet.tuf_repo import ReleaseInfo, RepoSettings, init_repository, release_bundle
+from fleet.transfer import stop_release
+from fleet.tuf_repo import (ReleaseInfo, RepoSettings, init_repository, release_bundle,
+                            rotate_root)
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +67,33 @@ def _help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
 
 @_command
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    init_repository(args.keys, args.repo, RepoSettings(root_threshold=args.root_threshold))
-    print(f"initialised TUF repository {args.repo} (keys in {args.keys}); provision devices "
-          f"with {Path(args.repo) / 'metadata' / '1.root.json'}")
+    settings = RepoSettings(root_threshold=args.root_threshold, root_keys=args.root_keys or 0)
+    init_repository(args.keys, args.repo, settings, root_keys_dir=args.root_keys_dir)
+    where = f"; root keys in {args.root_keys_dir} (keep them offline)" \
+        if args.root_keys_dir else ""
+    print(f"initialised TUF repository {args.repo} (keys in {args.keys}{where}); provision "
+          f"devices with {Path(args.repo) / 'metadata' / '1.root.json'}")
+    return EXIT_OK
+
+
+@_command
+def cmd_keys_rotate_root(args: argparse.Namespace) -> int:
+    version = rotate_root(args.repo, args.old_root_keys, args.new_root_keys,
+                          threshold=args.threshold, keys=args.count or 0)
+    print(f"published root v{version} signed by the old and the new root keys (new keys "
+          f"in {args.new_root_keys})")
+    return EXIT_OK
+
+
+@_command
+def cmd_fleet_stop_release(args: argparse.Namespace) -> int:
+    stop_release(args.repo, args.model, args.version, stopped=not args.resume)
+    state = "allowed again" if args.resume else "stopped"
+    if args.json:
+        print(json.dumps({"model": args.model, "version": args.version,
+                          "stopped": not args.resume}))
+    else:
+        print(f"transfers of {args.model} v{args.version} {state}")
     return EXIT_OK
 
 
@@ -212,7 +238,21 @@ def _add_keys(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--repo", required=True, type=Path, help="repository directory")
     init.add_argument("--root-threshold", type=_positive_int, default=1,
                       help="root keys needed to sign root (default 1)")
+    init.add_argument("--root-keys", type=_positive_int,
+                      help="root keys to generate (default: the threshold)")
+    init.add_argument("--root-keys-dir", type=Path,
+                      help="separate directory for the root keys, to keep offline")
     init.set_defaults(func=cmd_keys_init)
+    rot = sub.add_parser("rotate-root", help="replace the root keys (old and new sign)")
+    rot.add_argument("--repo", required=True, type=Path, help="repository directory")
+    rot.add_argument("--old-root-keys", required=True, type=Path,
+                     help="directory holding the current root keys")
+    rot.add_argument("--new-root-keys", required=True, type=Path,
+                     help="empty directory for the new root keys")
+    rot.add_argument("--threshold", type=_positive_int, default=1,
+                     help="root keys needed to sign the next root (default 1)")
+    rot.add_argument("--count", type=_positive_int, help="new keys (default: threshold)")
+    rot.set_defaults(func=cmd_keys_rotate_root)
 
 
 def _add_release(subparsers: argparse._SubParsersAction) -> None:
@@ -242,6 +282,14 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
                        help="keys directory: re-sign the timestamp periodically")
     serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
     serve.set_defaults(func=cmd_fleet_serve)
+    kill = sub.add_parser("stop-release",
+                          help="kill switch: stop all transfers of a release")
+    kill.add_argument("--repo", required=True, type=Path, help="repository directory")
+    kill.add_argument("--model", required=True, help="model name")
+    kill.add_argument("--version", required=True, type=_positive_int, help="model version")
+    kill.add_argument("--resume", action="store_true", help="lift the stop instead")
+    kill.add_argument("--json", action="store_true", help="print JSON")
+    kill.set_defaults(func=cmd_fleet_stop_release)
     status = sub.add_parser("status", help="show devices from the registry")
     status.add_argument("--db", required=True,
                         help="registry: SQLite file or postgresql:// URL")

@@ -13,6 +13,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from agent.protocol import (QOS_AT_LEAST_ONCE, SCHEMA_VERSION, TRANSFER_ERROR, T
                             parse_topic)
 from fleet.registry import Registry
 from fleet.rollout_runner import RolloutRunner
-from fleet.transfer import STATUS_BAD_REQUEST, ChunkResult, read_chunk
+from fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
+                            StoppedReleases, TransferGate, read_chunk, release_of,
+                            stop_release)
 from fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 
 logger = logging.getLogger(__name__)
@@ -43,8 +46,10 @@ class FleetSettings:
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
     tls: TlsSettings | None = None
-    keys_dir: Path | None = None  # set: re-sign timestamp every timestamp_refresh_s
-    timestamp_refresh_s: float = 6 * 3600
+    keys_dir: Path | None = None  # online keys: re-sign timestamp every timestamp_refresh_s
+    timestamp_refresh_s: float = 2 * 3600  # timestamp expiry is 6 h (RepoSettings)
+    max_transfers: int = 200  # concurrent target transfers; more are answered 503
+    transfer_idle_s: float = 60.0  # a transfer with no request for this long frees its slot
     repo_settings: RepoSettings = RepoSettings()
     rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
@@ -62,6 +67,8 @@ class FleetStats:
     malformed: int = 0
     dropped: int = 0  # queue full
     records: int = 0  # presence/status/telemetry stored
+    busy: int = 0  # answered 503 (concurrent-transfer cap)
+    stopped: int = 0  # answered 410 (kill switch)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def bump(self, **deltas: int) -> None:
@@ -94,6 +101,8 @@ class FleetServer:
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
+        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
+        self.stopped_releases = StoppedReleases(settings.repo_dir)
         self._threads: list[threading.Thread] = []
         client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self._session = MqttSession(
@@ -155,6 +164,12 @@ class FleetServer:
                                 f"v{info.version} (reason code {rc:#x})")
         self.registry.add_release(info.model, info.version, info.released_at, by)
 
+    def stop_release(self, model: str, version: int, *, stopped: bool = True) -> None:
+        """Kill switch: stop (or, with ``stopped=False``, allow again) every transfer of
+        this release on every fleet server sharing the repository; devices mid-download
+        fail with reason ``release_stopped`` and keep serving what they have."""
+        stop_release(self.settings.repo_dir, model, version, stopped=stopped)
+
     def publish_desired(self, device: str, desired: DesiredState) -> None:
         """Retained per-device desired state (QoS 1; the newest ``seq`` wins on the device)."""
         self._session.publish(Topics.desired(device), desired.to_bytes(),
@@ -205,7 +220,22 @@ class FleetServer:
             self.stats.bump(malformed=1)
             self._respond(msg, ChunkResult(STATUS_BAD_REQUEST, 0, 0, error=str(e)))
             return
-        self._respond(msg, read_chunk(self.settings.repo_dir, request))
+        self._respond(msg, self._serve(parse_topic(msg.topic).device or "", request))
+
+    def _serve(self, device: str, request: TransferRequest) -> ChunkResult:
+        release = release_of(request.path)
+        if release is not None and self.stopped_releases.is_stopped(*release):
+            self.stats.bump(stopped=1)
+            return ChunkResult(STATUS_GONE, request.offset, 0, error="release stopped")
+        if release is not None and not self.gate.admit(device, request.path,
+                                                        time.monotonic()):
+            self.stats.bump(busy=1)
+            return ChunkResult(STATUS_BUSY, request.offset, 0, error="busy, retry later")
+        result = read_chunk(self.settings.repo_dir, request)
+        if release is not None and (result.status != 200 or
+                                    result.offset + len(result.data) >= result.total):
+            self.gate.finish(device, request.path)
+        return result
 
     def _respond(self, msg: Message, result: ChunkResult) -> None:
         props = {TRANSFER_SCHEMA: str(SCHEMA_VERSION), TRANSFER_STATUS: str(result.status),

@@ -8,9 +8,11 @@ files (temp files of atomic writes, the lock) are never served.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +85,94 @@ def _read_range(resolved: Path, offset: int, length: int) -> ChunkResult:
         return ChunkResult(STATUS_OK, offset, total, data)
     finally:
         os.close(fd)
+
+
+# --- admission: concurrent-transfer cap and the kill switch -------------------------------
+
+STATUS_GONE = 410  # the release's transfers were stopped (kill switch)
+STATUS_BUSY = 503  # at the concurrent-transfer cap: the device retries with backoff
+STOPPED_FILE = ".stopped-releases.json"  # hidden: never served
+
+
+def release_of(path: str) -> tuple[str, int] | None:
+    """``targets/{model}/{version}/…`` → (model, version); None for anything else."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[0] == "targets" and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None
+
+
+def stop_release(repo_dir: Path, model: str, version: int, *, stopped: bool = True) -> None:
+    """Kill switch: every fleet server on ``repo_dir`` answers 410 for this release's files
+    from now on (``stopped=False`` lifts it). Shared through a file, so a CLI in another
+    process and several fleet servers all see it."""
+    from fleet.files import atomic_write
+    path = Path(repo_dir) / STOPPED_FILE
+    current = set(_read_stopped(path))
+    key = f"{model}/{version}"
+    current = current | {key} if stopped else current - {key}
+    atomic_write(path, json.dumps(sorted(current)).encode())
+    logger.warning("release %s v%d %s", model, version, "stopped" if stopped else "resumed")
+
+
+def _read_stopped(path: Path) -> list[str]:
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        logger.error("cannot read %s: %s", path, e)
+        return []
+    return [k for k in raw if isinstance(k, str)] if isinstance(raw, list) else []
+
+
+class StoppedReleases:
+    """Reads the kill-switch file, re-reading only when it changed."""
+
+    def __init__(self, repo_dir: Path) -> None:
+        self.path = Path(repo_dir) / STOPPED_FILE
+        self._stamp: tuple[int, int] | None = None
+        self._keys: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def is_stopped(self, model: str, version: int) -> bool:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp:
+                self._keys = frozenset(_read_stopped(self.path)) if stamp else frozenset()
+                self._stamp = stamp
+            return f"{model}/{version}" in self._keys
+
+
+class TransferGate:
+    """Caps concurrent target transfers. A transfer is (device, path); it holds a slot from
+    its first chunk until its last one, or until it has been idle for ``idle_s``."""
+
+    def __init__(self, max_transfers: int, idle_s: float = 60.0) -> None:
+        self.max_transfers = max_transfers
+        self.idle_s = idle_s
+        self._active: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, device: str, path: str, now: float) -> bool:
+        key = (device, path)
+        with self._lock:
+            for k, seen in list(self._active.items()):
+                if now - seen > self.idle_s:
+                    del self._active[k]
+            if key not in self._active and len(self._active) >= self.max_transfers:
+                return False
+            self._active[key] = now
+            return True
+
+    def finish(self, device: str, path: str) -> None:
+        with self._lock:
+            self._active.pop((device, path), None)
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)

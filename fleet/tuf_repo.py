@@ -6,8 +6,11 @@ Layout (``repo_dir``)::
     metadata/N.targets.json  metadata/N.snapshot.json  metadata/timestamp.json
     targets/{model}/{version}/{sha256}.{file}      (target path {model}/{version}/{file})
 
-Keys (``keys_dir``, mode 0700): ``root-1.pem`` … ``root-K.pem``, ``targets.pem``,
-``snapshot.pem``, ``timestamp.pem`` (PKCS#8 PEM, mode 0600).
+Keys (``keys_dir``, mode 0700): ``targets.pem``, ``snapshot.pem``, ``timestamp.pem`` (the
+online keys) and ``root-1.pem`` … ``root-K.pem`` — or, with ``root_keys_dir``, the root keys
+live in a separate directory that can stay offline (only ``keys init`` and ``rotate_root``
+need it). PKCS#8 PEM, mode 0600. Timestamp metadata is short-lived (hours): the fleet server
+re-signs it with the online timestamp key, so a device notices a frozen feed.
 
 Writes happen in dependency order — target files, targets, snapshot, and last the
 timestamp, which is the commit point — so a reader never sees metadata that points at
@@ -50,23 +53,34 @@ _SERIALIZER = JSONSerializer(compact=False)
 @dataclass(frozen=True)
 class RepoSettings:
     root_threshold: int = 1
+    root_keys: int = 0  # root keys to generate; 0 = exactly root_threshold
     root_expiry_days: int = 365
     targets_expiry_days: int = 90
     snapshot_expiry_days: int = 7
-    timestamp_expiry_days: int = 1
+    timestamp_expiry_hours: int = 6
     max_bundle_bytes: int = 4 * 1024**3
     max_bundle_files: int = 64
+    deltas: bool = True  # release: add deltas from the previous version of the model
 
     def __post_init__(self) -> None:
         for key in ("root_threshold", "root_expiry_days", "targets_expiry_days",
-                    "snapshot_expiry_days", "timestamp_expiry_days", "max_bundle_bytes",
+                    "snapshot_expiry_days", "timestamp_expiry_hours", "max_bundle_bytes",
                     "max_bundle_files"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}", key=key)
+        if self.root_keys and self.root_keys < self.root_threshold:
+            raise ConfigError(f"root_keys ({self.root_keys}) must be >= root_threshold "
+                              f"({self.root_threshold})", key="root_keys")
 
-    def expiry_days(self, role: str) -> int:
-        return getattr(self, f"{role}_expiry_days")
+    @property
+    def root_key_count(self) -> int:
+        return self.root_keys or self.root_threshold
+
+    def lifetime(self, role: str) -> timedelta:
+        if role == Timestamp.type:
+            return timedelta(hours=self.timestamp_expiry_hours)
+        return timedelta(days=getattr(self, f"{role}_expiry_days"))
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,10 @@ def _utcnow() -> datetime:
 
 # --- keys ----------------------------------------------------------------------------------
 
+def _write_key(path: Path, signer: CryptoSigner) -> None:
+    write_new(path, signer.private_bytes, mode=0o600)
+
+
 def _key_files(keys_dir: Path, role: str) -> list[Path]:
     if role == Root.type:
         return sorted(keys_dir.glob("root-*.pem"))
@@ -90,18 +108,32 @@ def _key_files(keys_dir: Path, role: str) -> list[Path]:
     return [path] if path.exists() else []
 
 
-def _generate_keys(keys_dir: Path, settings: RepoSettings) -> dict[str, list[CryptoSigner]]:
+def _empty_keys_dir(keys_dir: Path) -> Path:
+    keys_dir = Path(keys_dir)
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(keys_dir.glob("*.pem")):
         raise RepositoryError(f"keys directory {keys_dir} already holds keys; refusing to "
                               "overwrite them")
-    signers: dict[str, list[CryptoSigner]] = {}
-    for role in ROLES:
-        count = settings.root_threshold if role == Root.type else 1
-        signers[role] = [CryptoSigner.generate_ed25519() for _ in range(count)]
-        for i, signer in enumerate(signers[role], start=1):
-            name = f"root-{i}.pem" if role == Root.type else f"{role}.pem"
-            write_new(keys_dir / name, signer.private_bytes, mode=0o600)
+    return keys_dir
+
+
+def _generate_root_keys(root_keys_dir: Path, count: int) -> list[CryptoSigner]:
+    signers = [CryptoSigner.generate_ed25519() for _ in range(count)]
+    for i, signer in enumerate(signers, start=1):
+        _write_key(root_keys_dir / f"root-{i}.pem", signer)
+    return signers
+
+
+def _generate_keys(keys_dir: Path, root_keys_dir: Path,
+                   settings: RepoSettings) -> dict[str, list[CryptoSigner]]:
+    _empty_keys_dir(keys_dir)
+    if root_keys_dir != keys_dir:
+        _empty_keys_dir(root_keys_dir)
+    signers: dict[str, list[CryptoSigner]] = {
+        Root.type: _generate_root_keys(root_keys_dir, settings.root_key_count)}
+    for role in ROLES[1:]:
+        signers[role] = [CryptoSigner.generate_ed25519()]
+        _write_key(keys_dir / f"{role}.pem", signers[role][0])
     return signers
 
 
@@ -188,9 +220,9 @@ def _locked(repo_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _bump(md: Metadata, days: int, now: datetime, bump: bool) -> None:
+def _bump(md: Metadata, lifetime: timedelta, now: datetime, bump: bool) -> None:
     md.signed.version += 1 if bump else 0
-    md.signed.expires = now + timedelta(days=days)
+    md.signed.expires = now + lifetime
 
 
 def _commit(repo_dir: Path, cur: _Current, signers: dict[str, list], settings: RepoSettings,
@@ -199,16 +231,16 @@ def _commit(repo_dir: Path, cur: _Current, signers: dict[str, list], settings: R
     """Re-sign and write targets (optional) → snapshot (optional) → timestamp."""
     meta_dir = repo_dir / "metadata"
     if new_targets:
-        _bump(cur.targets, settings.targets_expiry_days, now, bump)
+        _bump(cur.targets, settings.lifetime(Targets.type), now, bump)
         _sign(cur.targets, signers[Targets.type])
         data = _write(meta_dir / f"{cur.targets.signed.version}.targets.json", cur.targets)
         cur.snapshot.signed.meta["targets.json"] = _meta_file(cur.targets.signed.version, data)
     if new_targets or new_snapshot:
-        _bump(cur.snapshot, settings.snapshot_expiry_days, now, bump)
+        _bump(cur.snapshot, settings.lifetime(Snapshot.type), now, bump)
         _sign(cur.snapshot, signers[Snapshot.type])
         data = _write(meta_dir / f"{cur.snapshot.signed.version}.snapshot.json", cur.snapshot)
         cur.timestamp.signed.snapshot_meta = _meta_file(cur.snapshot.signed.version, data)
-    _bump(cur.timestamp, settings.timestamp_expiry_days, now, bump)
+    _bump(cur.timestamp, settings.lifetime(Timestamp.type), now, bump)
     _sign(cur.timestamp, signers[Timestamp.type])
     _write(meta_dir / "timestamp.json", cur.timestamp)
 
@@ -216,14 +248,16 @@ def _commit(repo_dir: Path, cur: _Current, signers: dict[str, list], settings: R
 # --- public API ---------------------------------------------------------------------------
 
 def init_repository(keys_dir: Path, repo_dir: Path, settings: RepoSettings = RepoSettings(),
-                    *, now: datetime | None = None) -> None:
-    """Generate keys and write version-1 metadata. Refuses to touch an existing repo."""
+                    *, now: datetime | None = None, root_keys_dir: Path | None = None) -> None:
+    """Generate keys and write version-1 metadata. Refuses to touch an existing repo.
+    ``root_keys_dir`` (default: ``keys_dir``) receives the root keys: keep it offline."""
     keys_dir, repo_dir = Path(keys_dir), Path(repo_dir)
+    root_keys_dir = Path(root_keys_dir) if root_keys_dir else keys_dir
     meta_dir = repo_dir / "metadata"
     if meta_dir.exists() and any(meta_dir.iterdir()):
         raise RepositoryError(f"{repo_dir} already holds a repository; refusing to overwrite")
     now = now or _utcnow()
-    signers = _generate_keys(keys_dir, settings)
+    signers = _generate_keys(keys_dir, root_keys_dir, settings)
     meta_dir.mkdir(parents=True, exist_ok=True)
     (repo_dir / "targets").mkdir(exist_ok=True)
 
@@ -283,6 +317,42 @@ def _add_targets(repo_dir: Path, bundle: LoadedBundle, targets: Targets) -> tupl
     return tuple(paths)
 
 
+def delta_target_path(target: str, base_version: int) -> str:
+    return f"{target}.from-{base_version}.delta"
+
+
+def _add_deltas(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
+                base_version: int) -> tuple[str, ...]:
+    """For every variant file that also exists in ``base_version``, a delta target (when it
+    is clearly smaller than the file). The delta's own target pins its bytes; the rebuilt
+    file is pinned by the full file's target."""
+    from fleet.delta import make_delta
+    m = bundle.manifest
+    dest_dir = repo_dir / "targets" / m.model / str(m.version)
+    added = []
+    for f in bundle.files:
+        base = targets.targets.get(f"{m.model}/{base_version}/{f.name}")
+        if f.kind != "variant" or base is None:
+            continue
+        base_file = (repo_dir / "targets" / m.model / str(base_version) /
+                     f"{base.hashes['sha256']}.{f.name}")
+        delta = make_delta(base_file, bundle.directory / f.name)
+        if len(delta) > 0.8 * f.size:
+            continue
+        path = delta_target_path(f"{m.model}/{m.version}/{f.name}", base_version)
+        sha = hashlib.sha256(delta).hexdigest()
+        atomic_write(dest_dir / f"{sha}.{path.rsplit('/', 1)[1]}", delta)
+        targets.targets[path] = TargetFile(
+            length=len(delta), hashes={"sha256": sha}, path=path,
+            unrecognized_fields={"custom": {CUSTOM_KEY: {
+                "model": m.model, "version": m.version, "kind": "delta",
+                "base_version": base_version, "base_sha256": base.hashes["sha256"],
+                "target": f"{m.model}/{m.version}/{f.name}"}}})
+        added.append(path)
+        logger.info("delta %s: %d bytes (full file %d)", path, len(delta), f.size)
+    return tuple(added)
+
+
 def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
                    settings: RepoSettings = RepoSettings(), *,
                    now: datetime | None = None) -> ReleaseInfo:
@@ -301,6 +371,8 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
         signers = load_signers(Path(keys_dir), cur.root.signed,
                                (Targets.type, Snapshot.type, Timestamp.type))
         paths = _add_targets(repo_dir, bundle, cur.targets.signed)
+        if settings.deltas and latest:
+            paths += _add_deltas(repo_dir, bundle, cur.targets.signed, latest)
         _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True)
     logger.info("released %s v%d (%d targets)", m.model, m.version, len(paths))
     return ReleaseInfo(m.model, m.version, paths, time.time())
@@ -324,9 +396,38 @@ def refresh_timestamp(repo_dir: Path, keys_dir: Path, settings: RepoSettings = R
         return cur.timestamp.signed.version
 
 
+def rotate_root(repo_dir: Path, old_root_keys_dir: Path, new_root_keys_dir: Path, *,
+                threshold: int, keys: int = 0, settings: RepoSettings = RepoSettings(),
+                now: datetime | None = None) -> int:
+    """Replace the root keys: generate ``keys`` (default ``threshold``) new root keys into
+    the empty ``new_root_keys_dir`` and publish root N+1, signed by a threshold of the old
+    keys *and* a threshold of the new ones (so devices that pin root N can follow).
+    Returns the new root version."""
+    repo_dir, now = Path(repo_dir), now or _utcnow()
+    if keys and keys < threshold:
+        raise ConfigError(f"keys ({keys}) must be >= threshold ({threshold})", key="keys")
+    with _locked(repo_dir):
+        meta_dir = repo_dir / "metadata"
+        root_md = _read(meta_dir / "root.json", Root)
+        old = load_signers(Path(old_root_keys_dir), root_md.signed, (Root.type,))[Root.type]
+        new = _generate_root_keys(_empty_keys_dir(new_root_keys_dir), keys or threshold)
+        root = root_md.signed
+        for keyid in list(root.roles[Root.type].keyids):
+            root.revoke_key(keyid, Root.type)
+        for signer in new:
+            root.add_key(signer.public_key, Root.type)
+        root.roles[Root.type].threshold = threshold
+        root.version += 1
+        root.expires = now + settings.lifetime(Root.type)
+        _sign(root_md, old + new)
+        _write(meta_dir / f"{root.version}.root.json", root_md)
+        _write(meta_dir / "root.json", root_md)
+    logger.info("rotated root to version %d (threshold %d)", root.version, threshold)
+    return root.version
+
+
 def _half_expired(signed: Targets | Snapshot, settings: RepoSettings, now: datetime) -> bool:
-    lifetime = timedelta(days=settings.expiry_days(signed.type))
-    return signed.expires - now < lifetime / 2
+    return signed.expires - now < settings.lifetime(signed.type) / 2
 
 
 def verify_repository(repo_dir: Path) -> None:
@@ -341,5 +442,5 @@ def verify_repository(repo_dir: Path) -> None:
         raise RepositoryError(f"repository {repo_dir} does not verify: {e}") from e
 
 
-__all__ = ["RepoSettings", "ReleaseInfo", "init_repository", "release_bundle",
+__all__ = ["RepoSettings", "ReleaseInfo", "init_repository", "release_bundle", "rotate_root",
            "refresh_timestamp", "released_versions", "load_signers", "verify_repository"]
