@@ -90,9 +90,10 @@ class Clock:
 
 
 @pytest.fixture
-def fleet(tmp_path):
+def fleet(registry_target):
+    """A registry (SQLite and PostgreSQL) with ten devices running m v1, m v2 released."""
     clock = Clock()
-    reg = Registry(tmp_path / "fleet.db", clock=clock)
+    reg = Registry(registry_target, clock=clock)
     for i in range(10):
         reg.upsert_presence(f"d{i}", {"online": True, "models": {"m": {"version": 1}}})
         reg.set_group(f"d{i}", "north")
