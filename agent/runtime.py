@@ -112,6 +112,8 @@ class LiteRtModel:
         except (ValueError, RuntimeError) as e:
             raise RuntimeLoadError(f"LiteRT cannot load {path.name}: {e}") from e
         self._inputs = self._interp.get_input_details()
+        self._names = [d["name"] for d in self._inputs]
+        self._slots = [(d["index"], tuple(d["shape"])) for d in self._inputs]
         self._outputs = [d["index"] for d in self._interp.get_output_details()]
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
@@ -119,22 +121,24 @@ class LiteRtModel:
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = self._match(inputs)
         with self._lock:
-            for detail, arr in zip(self._inputs, arrays):
-                if tuple(detail["shape"]) != arr.shape:
-                    self._interp.resize_tensor_input(detail["index"], list(arr.shape))
+            for i, ((index, shape), arr) in enumerate(zip(self._slots, arrays)):
+                if shape != arr.shape:
+                    self._interp.resize_tensor_input(index, list(arr.shape))
                     self._interp.allocate_tensors()
-                    self._inputs = self._interp.get_input_details()
-                self._interp.set_tensor(detail["index"], arr)
+                    self._slots[i] = (index, arr.shape)
+                self._interp.set_tensor(index, arr)
             self._interp.invoke()
             return [self._interp.get_tensor(i) for i in self._outputs]
 
     def _match(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = [d["name"] for d in self._inputs]
-        if set(names) == set(inputs):
-            return [inputs[n] for n in names]
-        if len(inputs) != len(names):
-            raise InferenceInputError(f"model takes {len(names)} inputs, got {len(inputs)}")
-        return list(inputs.values())
+        if len(inputs) != len(self._names):
+            raise InferenceInputError(f"model takes {len(self._names)} inputs, "
+                                      f"got {len(inputs)}")
+        if len(inputs) == 1:
+            return list(inputs.values())
+        if all(n in inputs for n in self._names):
+            return [inputs[n] for n in self._names]
+        return list(inputs.values())  # names differ after conversion: by position
 
 
 def load_runtime(runtime: str, path: Path, *, threads: int = 0,
@@ -173,28 +177,46 @@ def coerce_inputs(specs: Sequence[TensorSpec], raw: dict[str, object] | object,
     return {s.name: _coerce_one(s, raw[s.name], max_batch) for s in specs}
 
 
+_DTYPE_CACHE: dict[str, np.dtype] = {}
+
+
+def _dtype(name: str) -> np.dtype:
+    dt = _DTYPE_CACHE.get(name)
+    if dt is None:
+        dt = _DTYPE_CACHE[name] = np.dtype(name)
+    return dt
+
+
 def _coerce_one(spec: TensorSpec, value: object, max_batch: int) -> np.ndarray:
-    if isinstance(value, np.ndarray) and value.dtype != np.dtype(spec.dtype) and \
-            not np.can_cast(value.dtype, spec.dtype, casting="same_kind"):
-        raise InferenceInputError(f"input {spec.name!r}: dtype {value.dtype} cannot be "
-                                  f"used as {spec.dtype}")
-    try:
-        arr = np.asarray(value, dtype=spec.dtype)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InferenceInputError(f"input {spec.name!r} is not a {spec.dtype} array: "
-                                  f"{e}") from e
+    want = _dtype(spec.dtype)
+    if isinstance(value, np.ndarray) and value.dtype == want:
+        arr = value  # the hot path (.npy bodies, in-process callers): no copy, no casts
+    else:
+        arr = _convert(spec, value, want)
     if arr.ndim != len(spec.shape):
         raise InferenceInputError(f"input {spec.name!r}: expected rank {len(spec.shape)} "
                                   f"{_shape_str(spec.shape)}, got shape {list(arr.shape)}")
-    for got, want in zip(arr.shape, spec.shape):
-        if want is not None and got != want:
+    for got, expected in zip(arr.shape, spec.shape):
+        if expected is not None and got != expected:
             raise InferenceInputError(f"input {spec.name!r}: expected shape "
                                       f"{_shape_str(spec.shape)}, got {list(arr.shape)}")
     if arr.ndim and arr.shape[0] > max_batch:
         raise InferenceInputError(f"batch of {arr.shape[0]} exceeds {max_batch}")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InferenceInputError(f"input {spec.name!r} contains NaN or infinity")
     return arr
+
+
+def _convert(spec: TensorSpec, value: object, want: np.dtype) -> np.ndarray:
+    if isinstance(value, np.ndarray) and \
+            not np.can_cast(value.dtype, want, casting="same_kind"):
+        raise InferenceInputError(f"input {spec.name!r}: dtype {value.dtype} cannot be "
+                                  f"used as {spec.dtype}")
+    try:
+        return np.asarray(value, dtype=want)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InferenceInputError(f"input {spec.name!r} is not a {spec.dtype} array: "
+                                  f"{e}") from e
 
 
 def _shape_str(shape: Sequence[int | None]) -> str:
