@@ -133,13 +133,21 @@ class Fleet:
         self.broker.cleanup() if hasattr(self.broker, "cleanup") else self.broker.stop()
 
 
-def measure_release(fleet: Fleet, bundle: Path, version: int, timeout_s: float) -> dict:
+def measure_release(fleet: Fleet, bundle: Path, version: int, timeout_s: float,
+                    staged: tuple[int, float] | None = None) -> dict:
+    """Release and wait for every device to serve it. ``staged=(max_concurrent, jitter_s)``:
+    through a one-wave rollout (desired state with jitter and a download cap) instead of the
+    fleet-wide announcement."""
     samples = [Sample(), Sample()]
     for s, pid in zip(samples, fleet.pids()):
         s.cpu0, s.peak_rss = proc_usage(pid)
     start = time.monotonic()
     fleet.cli("release", str(bundle), "--repo", str(fleet.repo), "--keys", str(fleet.keys),
-              "--mqtt", fleet.broker.url, "--db", str(fleet.db))
+              *([] if staged else ["--mqtt", fleet.broker.url]), "--db", str(fleet.db))
+    if staged:
+        fleet.cli("rollout", "start", "synth", str(version), "--db", str(fleet.db),
+                  "--waves", "100", "--max-concurrent", str(staged[0]), "--jitter-s",
+                  str(staged[1]), "--min-requests", "0", "--soak-s", "0", "--by", "bench")
 
     def done():
         reg = fleet.registry()
@@ -158,7 +166,8 @@ def measure_release(fleet: Fleet, bundle: Path, version: int, timeout_s: float) 
     elapsed = time.monotonic() - start
     fleet.sample(samples)
     serving = sum(1 for e, _ in outcomes.values() if e == "serving")
-    return {"devices": fleet.size, "seconds": elapsed, "serving": serving,
+    return {"devices": fleet.size, "mode": f"staged {staged[0]}/{staged[1]:.0f}s"
+            if staged else "announce", "seconds": elapsed, "serving": serving,
             "failed": fleet.size - serving,
             "broker_cpu_s": samples[0].cpu1 - samples[0].cpu0,
             "broker_rss_mb": samples[0].peak_rss,
@@ -224,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="inference requests per second per device during the rollout")
     p.add_argument("--soak-s", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--staged-from", type=int, default=0,
+                   help="fleets this large get the release through a one-wave rollout "
+                   "(jitter + download cap) instead of the fleet-wide announcement")
+    p.add_argument("--max-concurrent", type=int, default=100)
+    p.add_argument("--jitter-s", type=float, default=20.0)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the fleet on kill
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -242,11 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             fleet = Fleet(work / f"n{size}", size, args.per_process, args.telemetry_s,
                           free_port())
             try:
-                rows.append(measure_release(fleet, v1, 1, args.timeout_s))
+                staged = (args.max_concurrent, args.jitter_s) \
+                    if args.staged_from and size >= args.staged_from else None
+                rows.append(measure_release(fleet, v1, 1, args.timeout_s, staged))
                 rows[-1]["load1"] = os.getloadavg()[0]
                 print(json.dumps(rows[-1]), flush=True)
                 if size == rollout_size:
                     rollout = run_rollout(fleet, v2, args.traffic_rps, args.soak_s, args.out)
+                    print(json.dumps({k: v for k, v in rollout.items() if k != "cli"}),
+                          flush=True)
             finally:
                 fleet.close()
     finally:
@@ -259,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(rows: list[dict], rollout: dict | None) -> None:
     print("\nrelease -> whole fleet serving a 2 MB model")
-    print(f"{'devices':>8} {'seconds':>8} {'failed':>7} {'broker cpu s':>13} "
+    print(f"{'devices':>8} {'release':>16} {'seconds':>8} {'failed':>7} {'broker cpu s':>13} "
           f"{'broker MiB':>11} {'fleet cpu s':>12} {'fleet MiB':>10} {'load1':>6}")
     for r in rows:
-        print(f"{r['devices']:>8} {r['seconds']:>8.1f} {r['failed']:>7} "
+        print(f"{r['devices']:>8} {r['mode']:>16} {r['seconds']:>8.1f} {r['failed']:>7} "
               f"{r['broker_cpu_s']:>13.1f} {r['broker_rss_mb']:>11.1f} "
               f"{r['fleet_cpu_s']:>12.1f} {r['fleet_rss_mb']:>10.1f} {r['load1']:>6.2f}")
     if rollout:
