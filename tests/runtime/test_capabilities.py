@@ -107,3 +107,25 @@ def test_agent_info_json_prints_found_and_picked():
     assert doc["found"]["cores"] >= 1 and "onnx_providers" in doc["found"]
     assert doc["plan"]["precisions"][0].startswith("int8")
     assert doc["plan"]["providers"][-1] == "CPUExecutionProvider"
+
+
+def test_agent_info_with_a_bundle_names_the_variant_it_would_serve(tmp_path):
+    from dataclasses import replace
+
+    from agent.manifest import MANIFEST_NAME
+    from tests.runtime.models import manifest_for
+
+    base = manifest_for("m.onnx", "onnxruntime")
+    variants = tuple(replace(base.variants[0], id=f"onnx-{p}", precision=p,
+                             file=f"{p}.onnx")
+                     for p in ("fp32", "fp16", "int8-static"))
+    (tmp_path / MANIFEST_NAME).write_bytes(replace(base, variants=variants).to_bytes())
+    picks = {}
+    for profile in ("rpi4", "generic-x86_64"):
+        out = subprocess.run([sys.executable, "-m", "edgeship.cli", "agent", "info",
+                              "--profile", profile, "--bundle", str(tmp_path), "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        picks[profile] = json.loads(out.stdout)["bundle"]["variant"]
+    assert picks["rpi4"] == "onnx-int8-static"  # int8 SIMD here (avx2 or asimd): the Pi profile's pick
+    assert picks["generic-x86_64"] != "onnx-fp16"  # no GPU here: never fp16 on a CPU
