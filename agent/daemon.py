@@ -248,10 +248,10 @@ class Agent:
                 self._wanted[model] = version
                 self._wanted_cv.notify()
 
-    def _superseded(self, model: str) -> bool:
+    def _superseded(self, model: str, version: int) -> bool:
         """A newer version of ``model`` is waiting (ends its running trial early)."""
         with self._wanted_cv:
-            return model in self._wanted
+            return self._wanted.get(model, 0) > version
 
     def _update_loop(self) -> None:
         self.updates.resume_pending()  # issue 4: finish updates a restart interrupted

@@ -8,7 +8,7 @@ this process: no clean-up, no atexit, like a power cut) or ``error`` (raise
 inside each state; at each one a matching rule fires with its probability, and at the
 state's last point it always fires, so faults land at random points inside the state.
 Each rule fires at most once per update (version) and process; ``version=N`` restricts
-the plan to the update to version N.
+the plan to the update to version N, ``min_version=N`` to versions from N on.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class FaultInjectedError(EdgeshipError):
 class FaultPlan:
     rules: dict[str, tuple[str, float]] = field(default_factory=dict)
     version: int | None = None
+    min_version: int = 0
     seed: int = 0
     fired: set[tuple[str, int]] = field(default_factory=set)
 
@@ -46,7 +47,8 @@ class FaultPlan:
         rule = self.rules.get(state)
         if rule is None or (state, version) in self.fired:
             return
-        if self.version is not None and version != self.version:
+        if (self.version is not None and version != self.version) or \
+                version < self.min_version:
             return
         action, probability = rule
         if not last and self._rng.random() >= probability:
@@ -62,6 +64,8 @@ def parse_fault_plan(spec: str) -> FaultPlan:
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         if part.startswith("version="):
             plan.version = int(part.split("=", 1)[1])
+        elif part.startswith("min_version="):
+            plan.min_version = int(part.split("=", 1)[1])
         elif part.startswith("seed="):
             plan.seed = int(part.split("=", 1)[1])
         else:

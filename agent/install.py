@@ -46,7 +46,8 @@ MODEL_FAULTS = frozenset({
     Reason.HEALTH_CHECK_OUT_OF_MEMORY, Reason.NONFINITE_OUTPUT,
     Reason.OUTPUT_SHAPE_MISMATCH, Reason.GOLDEN_MISMATCH, Reason.LATENCY_BUDGET_EXCEEDED,
     Reason.TRIAL_ERROR_RATE, Reason.CRASH_LOOP, Reason.RESTART_LOOP,
-    Reason.SHADOW_DISAGREEMENT})
+    Reason.SHADOW_DISAGREEMENT,
+    Reason.FAULT_INJECTED})  # the tests' stand-in for "this update broke"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class InstallLifecycle:
     ``_verify``, ``_clean_downloads``) and the attributes used here."""
 
     settings: InstallSettings
-    superseded: Callable[[str], bool]
+    superseded: Callable[[str, int], bool]
     _pending: list[UpdateRecord]
     _stopping: threading.Event
 
@@ -299,7 +300,7 @@ class InstallLifecycle:
             if requests >= s.trial_min_requests and errors / requests > s.trial_max_error_rate:
                 raise TrialFailedError(f"{errors} of {requests} requests failed during the "
                                        f"trial (max rate {s.trial_max_error_rate:g})")
-            if self.superseded(record.model):
+            if self.superseded(record.model, record.version):
                 logger.info("trial of %s v%s cut short by a newer release", record.model,
                             record.version)
                 return

@@ -82,7 +82,7 @@ class UpdateManager(InstallLifecycle):
                  records: RecordStore, server: ModelServer, fetcher: FetcherInterface,
                  traits: DeviceTraits, report: Report, max_model_bytes: int,
                  settings: InstallSettings | None = None, faults: FaultPlan | None = None,
-                 superseded: Callable[[str], bool] | None = None) -> None:
+                 superseded: Callable[[str, int], bool] | None = None) -> None:
         self.tuf_dir = tuf_dir
         self.downloads_dir = downloads_dir
         self.store = store
@@ -95,7 +95,7 @@ class UpdateManager(InstallLifecycle):
         self._attempts: dict[tuple[str, int], int] = {}
         self.settings = settings or InstallSettings()
         self.faults = faults or FaultPlan()
-        self.superseded = superseded or (lambda model: False)
+        self.superseded = superseded or (lambda model, version: False)
         self._pending = []
         self._stopping = threading.Event()
 

@@ -24,9 +24,12 @@ class Fleet:
 
     def events(self, device: str, version: int | None = None, model: str | None = None,
                since: int = 0) -> list[dict]:
-        return [e for e in self.env.watcher.events[since:] if e.get("device") == device and
-                (version is None or e.get("version") == version) and
-                (model is None or e.get("model") == model)]
+        """In the order the agent sent them (its timestamps): messages queued while it was
+        offline may reach the broker after newer ones."""
+        found = [e for e in self.env.watcher.events[since:] if e.get("device") == device and
+                 (version is None or e.get("version") == version) and
+                 (model is None or e.get("model") == model)]
+        return sorted(found, key=lambda e: e.get("ts", 0))
 
     def chain(self, device: str, version: int, since: int = 0) -> list[str]:
         return [e["event"] for e in self.events(device, version, since=since)]
