@@ -66,6 +66,13 @@ def _export_dynamo(model, example, out: Path, opset: int) -> None:
     import torch
 
     dim = torch.export.Dim(BATCH_DIM)
+    program = getattr(model, "program", None)  # a loaded .pt2 keeps its own dynamic shapes
+    if program is not None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(program, (example,), str(out), dynamo=True,
+                              opset_version=opset, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], external_data=False)
+        return
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
             model, (example,), str(out), dynamo=True, opset_version=opset,

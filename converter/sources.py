@@ -77,10 +77,33 @@ def _load_exported(path: Path):
 
     _require_file(path)
     try:
-        return torch.export.load(str(path)).module()
+        program = torch.export.load(str(path))
+        return _ExportedModule(program)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{path}: not a torch.export .pt2 file ({type(e).__name__})") \
             from e
+
+
+def _exported_module_class():
+    from torch import nn
+
+    class ExportedModule(nn.Module):
+        """Wraps ``ExportedProgram.module()``, which refuses ``eval()``/``train()`` (it is
+        already in inference form); the inner module is not registered as a child."""
+
+        def __init__(self, program) -> None:
+            super().__init__()
+            object.__setattr__(self, "program", program)  # converter.export uses it as is
+            object.__setattr__(self, "_inner", program.module())
+
+        def forward(self, *args):
+            return self._inner(*args)
+
+    return ExportedModule
+
+
+def _ExportedModule(program):  # noqa: N802 - a factory standing in for a class
+    return _exported_module_class()(program)
 
 
 def _load_weights(model, path: Path) -> None:

@@ -1,0 +1,38 @@
+"""TFLite variants from PyTorch via litert-torch + ai-edge-quantizer, run with LiteRT.
+
+Skipped cleanly where the ``tflite-convert`` extra is not installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_quantizer")
+pytest.importorskip("ai_edge_litert")
+
+from agent.manifest import GOLDEN_NAME  # noqa: E402
+from converter.bundle import read_bundle_dir  # noqa: E402
+from converter.evaluate import TFLiteRunner  # noqa: E402
+from converter.pipeline import ConvertSettings, convert_digits  # noqa: E402
+from converter.variants import TFLITE_VARIANTS  # noqa: E402
+
+
+def test_all_four_tflite_variants_pass_and_reproduce_their_golden_outputs(trained, tmp_path):
+    result = convert_digits(tmp_path / "b", trained=trained,
+                            settings=ConvertSettings(variants=("onnx-fp32", *TFLITE_VARIANTS)))
+    assert set(result.shipped) == {"onnx-fp32", *TFLITE_VARIANTS}
+    manifest = read_bundle_dir(result.bundle_dir)
+    sizes = {v.id: v.size for v in manifest.variants}
+    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite-fp32"]
+    assert sizes["tflite-int8"] < 0.35 * sizes["tflite-fp32"]
+    with np.load(result.bundle_dir / GOLDEN_NAME) as golden:
+        for v in manifest.variants:
+            if v.runtime != "litert":
+                continue
+            assert v.file.endswith(".tflite")
+            out = TFLiteRunner(result.bundle_dir / v.file, threads=1).run_all(golden["inputs"])
+            np.testing.assert_allclose(out, golden[v.id], atol=v.golden_atol, rtol=0)
+            assert v.metrics["accuracy_drop"] <= 1.0
+    fp32 = manifest.variant("tflite-fp32").metrics
+    assert fp32["max_abs_diff"] < 1e-3 and fp32["agreement"] == 1.0
