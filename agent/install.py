@@ -1,12 +1,15 @@
 """Safe install: the lifecycle driver behind ``UpdateManager`` (download side excluded).
 
-    downloading → verifying → staged → health_check → trial → committed
+    downloading → verifying → staged → health_check [→ shadow] → trial → committed
                                    any error → rolling_back → failed
 
 - Every state is persisted (``RecordStore``, fsynced) before its side effects and reported
   on the status topic.
 - The health check runs in a child process with memory/CPU limits and a timeout
   (``agent.health.check_in_subprocess``).
+- SHADOW (only when the release's manifest has a ``shadow`` policy and a version is being
+  served): the candidate runs beside it on a sample of live requests (``agent.shadow``);
+  below the release's top-1 agreement threshold it is reverted before it ever serves.
 - TRIAL: the new version is loaded and warmed in this process, the ``current`` symlink is
   switched, then the serving reference is swapped (requests in flight finish on the old
   runtime). During the trial window a rise of the error rate reverts; a crash of the agent
@@ -210,9 +213,47 @@ class InstallLifecycle:
         self._fault(record, "entered")
         report = self._health_check(installed)
         self._fault(record, "checked", last=True)
-        record = self._step(record, Event.HEALTHY, max_abs_diff=report.max_abs_diff,
-                            latency_ms=round(report.latency_ms, 3))
+        health = {"max_abs_diff": report.max_abs_diff,
+                  "latency_ms": round(report.latency_ms, 3)}
+        if installed.manifest.shadow is not None and self.server.find(model) is not None:
+            record = self._step(record, Event.SHADOW, **health)
+            loaded, agreement = self._shadow(record, installed)
+            record = self._step(record, Event.AGREED, agreement=round(agreement, 4))
+            return self._trial(record, installed, loaded)
+        record = self._step(record, Event.HEALTHY, **health)
         return self._trial(record, installed)
+
+    def _shadow(self: "UpdateManager", record: UpdateRecord,
+                installed: InstalledModel) -> tuple[LoadedModel, float]:
+        """Run the candidate beside the served version on a sample of live requests."""
+        from agent.shadow import ShadowRun
+
+        policy = installed.manifest.shadow
+        assert policy is not None
+        self._fault(record, "entered")
+        loaded = self._warm(installed)
+        run = ShadowRun(loaded, policy)
+        self.server.shadows[record.model] = run
+        try:
+            deadline = time.monotonic() + policy.timeout_s
+            while run.compared < policy.samples and time.monotonic() < deadline:
+                if self._stopping.wait(0.05):
+                    raise _Stopping("the agent is stopping")
+                self._fault(record, "watching")
+        finally:
+            self.server.shadows.pop(record.model, None)
+            run.close()
+        self._fault(record, "compared", last=True)
+        if run.compared < policy.samples:
+            raise EdgeshipError(f"only {run.compared} of {policy.samples} shadow samples in "
+                                f"{policy.timeout_s:g} s", reason_code=Reason.SHADOW_DISAGREEMENT)
+        if run.agreement < policy.min_agreement:
+            raise EdgeshipError(f"top-1 agreement {run.agreement:.3f} with the served version "
+                                f"is below {policy.min_agreement:g} ({run.compared} samples)",
+                                reason_code=Reason.SHADOW_DISAGREEMENT)
+        logger.info("%s v%s agrees with the served version on %.1f%% of %d samples",
+                    record.model, record.version, 100 * run.agreement, run.compared)
+        return loaded, run.agreement
 
     def _step(self: "UpdateManager", record: UpdateRecord, event: Event,
               **extra: object) -> UpdateRecord:
@@ -260,10 +301,10 @@ class InstallLifecycle:
                                 reason_code=Reason.HEALTH_CHECK_FAILED) from e
         return LoadedModel(installed, runtime)
 
-    def _trial(self: "UpdateManager", record: UpdateRecord,
-               installed: InstalledModel) -> UpdateRecord:
+    def _trial(self: "UpdateManager", record: UpdateRecord, installed: InstalledModel,
+               loaded: LoadedModel | None = None) -> UpdateRecord:
         self._fault(record, "entered")
-        loaded = self._warm(installed)
+        loaded = loaded or self._warm(installed)
         self._fault(record, "warmed")
         self.store.activate(record.model, record.version)
         self._fault(record, "activated")

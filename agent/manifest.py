@@ -52,6 +52,21 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class ShadowPolicy:
+    """Optional per release (issue 4): before the switch, the candidate runs beside the
+    current model on a sample of live requests; it is committed only if the top-1
+    agreement over ``samples`` compared samples reaches ``min_agreement``."""
+
+    min_agreement: float
+    samples: int = 100
+    sample_rate: float = 1.0  # fraction of live requests mirrored to the candidate
+    timeout_s: float = 600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: str
     version: int
@@ -65,6 +80,7 @@ class Manifest:
     reference: dict[str, float] = field(default_factory=dict)
     created_at: str = ""
     labels: tuple[str, ...] = ()
+    shadow: ShadowPolicy | None = None
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -87,6 +103,7 @@ class Manifest:
                        "size": self.golden_size},
             "reference": dict(self.reference),
             "labels": list(self.labels),
+            **({"shadow": self.shadow.to_dict()} if self.shadow else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -178,4 +195,18 @@ def _parse_manifest(raw: Any) -> Manifest:
         reference={str(k): float(v) for k, v in dict(raw.get("reference", {})).items()},
         created_at=str(raw.get("created_at", "")),
         labels=tuple(str(x) for x in raw.get("labels", [])),
+        shadow=_shadow(raw.get("shadow")),
     )
+
+
+def _shadow(raw: Any) -> ShadowPolicy | None:
+    if raw is None:
+        return None
+    policy = ShadowPolicy(min_agreement=float(raw["min_agreement"]),
+                          samples=int(raw.get("samples", 100)),
+                          sample_rate=float(raw.get("sample_rate", 1.0)),
+                          timeout_s=float(raw.get("timeout_s", 600.0)))
+    if not (0 < policy.min_agreement <= 1 and 1 <= policy.samples <= 1_000_000
+            and 0 < policy.sample_rate <= 1 and policy.timeout_s > 0):
+        raise BundleError(f"bad shadow policy in manifest: {raw!r}")
+    return policy

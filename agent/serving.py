@@ -115,6 +115,7 @@ class ModelServer:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         self.stats: dict[str, ModelStats] = {}
+        self.shadows: dict[str, Any] = {}  # name -> agent.shadow.ShadowRun (issue 4)
 
     def swap(self, loaded: LoadedModel) -> LoadedModel | None:
         name = loaded.installed.model
@@ -162,4 +163,7 @@ class ModelServer:
             stats.record(None, batch)
             raise EdgeshipError(f"inference failed: {e}") from e
         stats.record((time.perf_counter() - start) * 1000, batch)
+        shadow = self.shadows.get(name)
+        if shadow is not None:
+            shadow.offer(inputs, outputs)
         return outputs, loaded

@@ -16,9 +16,10 @@ class Fleet:
         self._n = itertools.count()
 
     def release(self, model: str, version: int, onnx_model, k: int | None = None,
-                announce: bool = True):
+                announce: bool = True, **bundle_options):
         bundle = models.write_bundle(self.root / "bundles" / f"{model}-{version}-"
-                                     f"{next(self._n)}", model, version, onnx_model, k)
+                                     f"{next(self._n)}", model, version, onnx_model, k,
+                                     **bundle_options)
         self.env.release(bundle, announce=announce)
         return bundle
 

@@ -110,15 +110,25 @@ def fails_on_large_inputs(k: int) -> onnx.ModelProto:
     return _model(nodes, inits)
 
 
+def reversed_classes(k: int) -> onnx.ModelProto:
+    """A healthy model (its golden outputs match) whose top-1 class is never the one
+    ``good`` picks: the output columns are reversed."""
+    w = numpy_helper.from_array(np.ascontiguousarray(weights(k)[:, ::-1]), "W")
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [w])
+
+
 def write_bundle(out: Path, model: str, version: int, onnx_model: onnx.ModelProto,
-                 k: int | None = None, atol: float = 1e-4) -> Path:
-    """A bundle whose golden outputs are what a *good* model k would produce."""
+                 k: int | None = None, atol: float = 1e-4, shadow=None,
+                 golden_weights: np.ndarray | None = None) -> Path:
+    """A bundle whose golden outputs are what a *good* model k would produce (or
+    ``x @ golden_weights``)."""
     k = version if k is None else k
     out.mkdir(parents=True, exist_ok=True)
     data = onnx_model.SerializeToString()
     (out / MODEL_FILE).write_bytes(data)
     x = golden_inputs()
-    np.savez(out / GOLDEN_NAME, inputs=x, **{VARIANT_ID: x @ weights(k)})
+    w = weights(k) if golden_weights is None else golden_weights
+    np.savez(out / GOLDEN_NAME, inputs=x, **{VARIANT_ID: x @ w})
     golden = (out / GOLDEN_NAME).read_bytes()
     manifest = Manifest(
         model=model, version=version, task="regression",
@@ -127,7 +137,8 @@ def write_bundle(out: Path, model: str, version: int, onnx_model: onnx.ModelProt
         variants=(Variant(id=VARIANT_ID, runtime="onnxruntime", precision="fp32",
                           file=MODEL_FILE, sha256=sha256(data), size=len(data),
                           golden_atol=atol),),
-        golden_file=GOLDEN_NAME, golden_sha256=sha256(golden), golden_size=len(golden))
+        golden_file=GOLDEN_NAME, golden_sha256=sha256(golden), golden_size=len(golden),
+        shadow=shadow)
     (out / MANIFEST_NAME).write_bytes(manifest.to_bytes())
     return out
 

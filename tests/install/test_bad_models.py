@@ -100,3 +100,23 @@ def test_errors_on_live_traffic_during_the_trial_revert_to_the_old_version(fleet
     assert reverted["event"] == "serving" and reverted["version"] == 1
     _still_serving_v1(agent)
     _assert_blocked(fleet, agent, version)
+
+
+def test_two_models_on_one_device_each_have_their_own_lifecycle(fleet, agent):
+    fleet.release("second", 1, models.good(7))
+    fleet.env.watcher.wait_for(lambda e: e.get("device") == DEVICE and
+                               e.get("model") == "second" and e.get("event") == "committed",
+                               60)
+    version = next(_versions)
+    fleet.release(MODEL, version, models.nan_outputs(version))
+    assert fleet.env.wait_failed(DEVICE, version)["reason"] == "nonfinite_output"
+    port = agent.api.server_address[1]
+    x = models.golden_inputs()[:1]
+    status, doc = predict(port, "second", x.tolist())
+    assert status == 200 and doc["version"] == 1
+    np.testing.assert_allclose(doc["outputs"]["y"], x @ models.weights(7), rtol=1e-5)
+    _still_serving_v1(agent)
+    records = agent.updates.records
+    assert records.load("second").history[-3:] == ("trial", "committed", "idle")
+    assert records.load("second").blocked == ()
+    assert version in records.load(MODEL).blocked
