@@ -103,7 +103,7 @@ def test_errors_on_live_traffic_during_the_trial_revert_to_the_old_version(fleet
 
 
 def test_two_models_on_one_device_each_have_their_own_lifecycle(fleet, agent):
-    fleet.release("second", 1, models.good(7))
+    fleet.release("second", 1, models.good(7), k=7)
     fleet.env.watcher.wait_for(lambda e: e.get("device") == DEVICE and
                                e.get("model") == "second" and e.get("event") == "committed",
                                60)
