@@ -148,7 +148,10 @@ def _windows(fleet, updates: list[dict]) -> list[tuple[float, float]]:
     """Swap windows: from download complete to 0.5 s after committed/failed."""
     out = []
     for u in updates:
-        ev = {e["event"]: e["ts"] for e in fleet.events("bench-swap", u["version"])}
+        ev: dict[str, float] = {}
+        for e in fleet.events("bench-swap", u["version"]):
+            if "reverted_from" not in e:  # v4 serves again after v5's revert: not a swap-in
+                ev.setdefault(e["event"], e["ts"])
         end = ev.get("committed", ev.get("failed"))
         out.append((ev["verifying"], end + 0.5))
         u["download_to_serving_s"] = ev["serving"] - ev["verifying"]
