@@ -81,7 +81,10 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
         got = np.asarray(runtime.run({name: feed})[0])
         per_sample_ms = _median_latency_ms(runtime, name, feed[:1])
     except Exception as e:  # any runtime failure is a failed health check
-        raise HealthCheckError(f"model failed on golden inputs: {e}") from e
+        oom = "alloc" in str(e).lower() or isinstance(e, MemoryError)
+        raise HealthCheckError(f"model failed on golden inputs: {str(e)[:300]}",
+                               reason_code=Reason.HEALTH_CHECK_OUT_OF_MEMORY if oom
+                               else None) from e
     if got.shape != expected.shape:
         raise HealthCheckError(f"output shape {list(got.shape)} != golden "
                                f"{list(expected.shape)}",

@@ -41,3 +41,45 @@ def test_records_survive_a_round_trip_on_disk(tmp_path):
 def test_a_corrupt_record_reads_as_failed_not_as_a_crash(tmp_path):
     (tmp_path / "digits.json").write_text("{not json")
     assert RecordStore(tmp_path).load("digits").state == State.FAILED
+
+
+@pytest.mark.parametrize("state,after", [
+    (State.DOWNLOADING, State.DOWNLOADING), (State.VERIFYING, State.DOWNLOADING),
+    (State.STAGED, State.DOWNLOADING), (State.HEALTH_CHECK, State.DOWNLOADING),
+    (State.SHADOW, State.DOWNLOADING), (State.TRIAL, State.TRIAL),
+    (State.ROLLING_BACK, State.ROLLING_BACK)])
+def test_a_restart_resumes_reinstalls_or_finishes_and_is_counted(state, after):
+    r = UpdateRecord("digits", version=3, state=state, restarts=1)
+    resumed = r.resumed()
+    assert resumed.state == after and resumed.restarts == 2
+    assert resumed.history[-1] == after.value
+
+
+def test_blocked_versions_outlive_later_updates_and_old_records_still_load(tmp_path):
+    store = RecordStore(tmp_path)
+    r = UpdateRecord("digits").begin(2, previous_version=1).block(2)
+    r = r.advance(Event.ERROR).advance(Event.ROLLED_BACK).advance(Event.DONE).begin(3, 1)
+    assert r.is_blocked(2) and not r.is_blocked(3) and r.restarts == 0
+    store.save(r)
+    assert store.load("digits") == r
+    (tmp_path / "old.json").write_text('{"schema": 1, "model": "old", "version": 4, '
+                                       '"state": "idle", "reason": null, "updated_at": 0, '
+                                       '"history": ["idle"]}')
+    assert store.load("old").blocked == () and store.load("old").version == 4
+    (tmp_path / ".digits.json.x1.tmp").write_text("half")
+    assert [p.name for p in store.clean_temp()] == [".digits.json.x1.tmp"]
+
+
+def test_fault_plan_fires_once_per_update_at_the_last_point_at_the_latest():
+    from agent.faults import FaultInjectedError, parse_fault_plan
+
+    plan = parse_fault_plan("min_version=2;seed=1;staged:error:0")
+    plan.point("staged", 1, last=True)  # below min_version: nothing
+    plan.point("staged", 2)  # probability 0: not before the last point
+    with pytest.raises(FaultInjectedError):
+        plan.point("staged", 2, last=True)
+    plan.point("staged", 2, last=True)  # once per update
+    with pytest.raises(FaultInjectedError):
+        plan.point("staged", 3, last=True)
+    with pytest.raises(ValueError):
+        parse_fault_plan("staged:explode")

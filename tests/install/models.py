@@ -117,6 +117,19 @@ def reversed_classes(k: int) -> onnx.ModelProto:
     return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [w])
 
 
+def memory_hog(k: int, floats: int = 800_000_000) -> onnx.ModelProto:
+    """x @ W(k) plus 0 × the mean of a ``floats``-element tensor (3.2 GB by default)."""
+    inits = [_w(k), numpy_helper.from_array(np.array([floats], np.int64), "n"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [helper.make_node("ConstantOfShape", ["n"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceMean", ["big"], ["mean"], keepdims=0),
+             helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+             helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Add", ["m", "nothing"], ["y"])]
+    return _model(nodes, inits)
+
+
 def write_bundle(out: Path, model: str, version: int, onnx_model: onnx.ModelProto,
                  k: int | None = None, atol: float = 1e-4, shadow=None,
                  golden_weights: np.ndarray | None = None) -> Path:

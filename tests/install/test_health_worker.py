@@ -1,0 +1,39 @@
+"""The health-check child process on its own: limits and the reason code of each failure."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from agent.errors import HealthCheckError
+from agent.health import HealthLimits, check_in_subprocess
+from agent.manifest import Manifest
+from agent.store import ModelStore
+from tests.install import models
+
+
+def _installed(tmp_path, onnx_model, version: int = 1):
+    bundle = models.write_bundle(tmp_path / "bundle", "tiny", version, onnx_model)
+    store = ModelStore(tmp_path / "models")
+    staging = store.staging_dir("tiny", version)
+    for p in bundle.iterdir():
+        shutil.copy(p, staging / p.name)
+    manifest = Manifest.from_bytes((bundle / "manifest.json").read_bytes())
+    return store.finalize("tiny", version, staging, manifest, manifest.variants[0])
+
+
+def test_a_good_model_passes_and_reports_its_latency(tmp_path):
+    inst = _installed(tmp_path, models.good(1))
+    report = check_in_subprocess(inst.directory, inst.variant.id,
+                                 HealthLimits(timeout_s=60, threads=1, latency_budget_ms=50))
+    assert report.max_abs_diff < 1e-5 and report.samples == models.GOLDEN_N
+    assert 0 < report.latency_ms < 50
+
+
+def test_a_model_that_needs_more_memory_than_the_limit_fails_as_out_of_memory(tmp_path):
+    inst = _installed(tmp_path, models.memory_hog(1))  # a 3.2 GB intermediate tensor
+    with pytest.raises(HealthCheckError) as e:
+        check_in_subprocess(inst.directory, inst.variant.id,
+                            HealthLimits(timeout_s=60, max_memory_mb=256, threads=1))
+    assert e.value.reason_code == "health_check_out_of_memory", e.value
