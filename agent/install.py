@@ -139,7 +139,7 @@ class InstallLifecycle:
         loaded = []
         for name in self.store.models():
             try:
-                installed = self.store.active(name)
+                installed = self._verified_active(name)
                 if installed is None:
                     continue
                 self.server.swap(LoadedModel(installed, self._load(installed)))
@@ -147,6 +147,26 @@ class InstallLifecycle:
             except EdgeshipError as e:
                 logger.error("cannot serve committed model %s: %s", name, e)
         return loaded
+
+    def _verified_active(self: "UpdateManager", model: str) -> InstalledModel | None:
+        """The active version if its files still match its manifest; else the newest other
+        kept version that does (made active), so a damaged file is never served."""
+        active = self.store.active(model)
+        if active is None or self.store.verify(active):
+            return active
+        logger.error("%s v%s is damaged on disk (hash mismatch)", model, active.version)
+        blocked = self.records.load(model).blocked
+        for version in sorted(self.store.versions(model), reverse=True):
+            if version == active.version or version in blocked:
+                continue
+            candidate = self.store.load(model, version)
+            if self.store.verify(candidate):
+                self.store.activate(model, version)
+                self.report("serving", model=model, version=version,
+                            variant=candidate.variant.id, reason=Reason.HASH_MISMATCH.value,
+                            detail=f"v{active.version} is damaged on disk")
+                return candidate
+        return None
 
     # --- one update -------------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ Layout under ``<state>/models/<model>/``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -77,6 +79,10 @@ class ModelStore:
     def finalize(self, model: str, version: int, staging: Path, manifest: Manifest,
                  variant: Variant) -> InstalledModel:
         """Turn a verified staging directory into version ``version`` (not yet active)."""
+        for f in staging.iterdir():  # file contents on disk before the version exists
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         atomic_write(staging / INSTALLED_NAME, json.dumps(
             {"variant": variant.id, "installed_at": time.time()}).encode())
         fsync_dir(staging)
@@ -130,6 +136,18 @@ class ModelStore:
             raise BundleError(f"installed {model} v{version} is unreadable: {e}") from e
         return InstalledModel(model, version, variant, manifest, d)
 
+    def verify(self, installed: InstalledModel) -> bool:
+        """The variant and golden files still match the manifest (size and sha256)."""
+        m, v = installed.manifest, installed.variant
+        for path, size, sha in ((installed.model_path, v.size, v.sha256),
+                                (installed.golden_path, m.golden_size, m.golden_sha256)):
+            try:
+                if path.stat().st_size != size or _sha256(path) != sha:
+                    return False
+            except OSError:
+                return False
+        return True
+
     def versions(self, model: str) -> list[int]:
         d = self._model_dir(model)
         if not d.exists():
@@ -142,3 +160,11 @@ class ModelStore:
         others = [v for v in self.versions(model) if not current or v != current.version]
         for v in others[:max(0, len(others) - (self.keep_versions - 1))]:
             self.remove_version(model, v)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -37,3 +37,30 @@ def test_a_model_that_needs_more_memory_than_the_limit_fails_as_out_of_memory(tm
         check_in_subprocess(inst.directory, inst.variant.id,
                             HealthLimits(timeout_s=60, max_memory_mb=256, threads=1))
     assert e.value.reason_code == "health_check_out_of_memory", e.value
+
+
+def test_a_damaged_active_version_is_not_served_after_a_restart(tmp_path):
+    """Bit rot or a torn write: on start the agent falls back to a kept version whose
+    files still match their manifest."""
+    from agent.lifecycle import RecordStore
+    from agent.serving import ModelServer
+    from agent.updater import DeviceTraits, UpdateManager
+
+    old = _installed(tmp_path, models.good(1), version=1)
+    store = ModelStore(tmp_path / "models")
+    new = _installed(tmp_path / "b2", models.good(2), version=2)
+    shutil.move(str(new.directory), str(store.root / "tiny" / "2"))
+    store.activate("tiny", 2)
+    data = bytearray((store.root / "tiny" / "2" / models.MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (store.root / "tiny" / "2" / models.MODEL_FILE).write_bytes(bytes(data))
+    events = []
+    updates = UpdateManager(
+        tuf_dir=tmp_path / "tuf", downloads_dir=tmp_path / "dl", store=store,
+        records=RecordStore(tmp_path / "updates"), server=ModelServer(), fetcher=None,
+        traits=DeviceTraits("x86_64", ("onnxruntime",), ("fp32",), 1,
+                            ("CPUExecutionProvider",)),
+        report=lambda ev, **kw: events.append((ev, kw)), max_model_bytes=1 << 30)
+    assert [m.version for m in updates.load_active()] == [old.version]
+    assert store.active_version("tiny") == 1
+    assert events[0][0] == "serving" and events[0][1]["reason"] == "hash_mismatch"
