@@ -100,9 +100,10 @@ def _interpreter_class() -> Any:
 
 
 class LiteRtModel:
-    """A TFLite interpreter. Inputs are matched by name, else by position; a batch size
-    other than the allocated one resizes the input. The interpreter is not thread-safe,
-    so calls are serialised."""
+    """A TFLite interpreter. Inputs are matched by name, else by position. A batch size
+    other than the allocated one resizes the inputs when the model's batch dimension is
+    dynamic; a model exported with a fixed batch of 1 (litert-torch does that) runs the
+    rows one by one. The interpreter is not thread-safe, so calls are serialised."""
 
     def __init__(self, path: Path, *, threads: int = 0) -> None:
         interpreter = _interpreter_class()
@@ -111,24 +112,37 @@ class LiteRtModel:
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise RuntimeLoadError(f"LiteRT cannot load {path.name}: {e}") from e
-        self._inputs = self._interp.get_input_details()
-        self._names = [d["name"] for d in self._inputs]
-        self._slots = [(d["index"], tuple(d["shape"])) for d in self._inputs]
+        details = self._interp.get_input_details()
+        self._names = [d["name"] for d in details]
+        self._slots = [(d["index"], tuple(d["shape"])) for d in details]
+        signatures = [tuple(d.get("shape_signature", d["shape"])) for d in details]
+        self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
         self._outputs = [d["index"] for d in self._interp.get_output_details()]
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = self._match(inputs)
+        batch = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         with self._lock:
-            for i, ((index, shape), arr) in enumerate(zip(self._slots, arrays)):
-                if shape != arr.shape:
+            if self._fixed_batch_1 and batch != 1:
+                rows = [self._invoke([a[r:r + 1] for a in arrays]) for r in range(batch)]
+                return [np.concatenate(outs) for outs in zip(*rows)]
+            return self._invoke(arrays)
+
+    def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        for i, ((index, shape), arr) in enumerate(zip(self._slots, arrays)):
+            if shape != arr.shape:
+                try:
                     self._interp.resize_tensor_input(index, list(arr.shape))
                     self._interp.allocate_tensors()
-                    self._slots[i] = (index, arr.shape)
-                self._interp.set_tensor(index, arr)
-            self._interp.invoke()
-            return [self._interp.get_tensor(i) for i in self._outputs]
+                except (ValueError, RuntimeError) as e:
+                    raise InferenceInputError(f"this LiteRT model cannot take shape "
+                                              f"{list(arr.shape)}: {e}") from e
+                self._slots[i] = (index, arr.shape)
+            self._interp.set_tensor(index, arr)
+        self._interp.invoke()
+        return [self._interp.get_tensor(i) for i in self._outputs]
 
     def _match(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if len(inputs) != len(self._names):

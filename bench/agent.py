@@ -109,18 +109,22 @@ def bare_onnx(path: Path, threads: int, x: np.ndarray):
 
 
 def bare_litert(path: Path, threads: int, x: np.ndarray):
+    """The same work the agent does: litert-torch models have a fixed batch of 1, so a
+    batch is run row by row."""
     from ai_edge_litert.interpreter import Interpreter
     interp = Interpreter(model_path=str(path), num_threads=threads)
-    i_idx = interp.get_input_details()[0]["index"]
-    if tuple(interp.get_input_details()[0]["shape"]) != x.shape:
-        interp.resize_tensor_input(i_idx, list(x.shape))
     interp.allocate_tensors()
+    i_idx = interp.get_input_details()[0]["index"]
     o_idx = interp.get_output_details()[0]["index"]
+    rows = [np.ascontiguousarray(x[r:r + 1]) for r in range(x.shape[0])]
 
     def run():
-        interp.set_tensor(i_idx, x)
-        interp.invoke()
-        return interp.get_tensor(o_idx)
+        outs = []
+        for row in rows:
+            interp.set_tensor(i_idx, row)
+            interp.invoke()
+            outs.append(interp.get_tensor(o_idx))
+        return outs
     return run
 
 

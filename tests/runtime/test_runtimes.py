@@ -86,3 +86,16 @@ def test_unknown_runtime_is_refused(tmp_path):
 ])
 def test_providers_follow_the_profile_and_always_end_on_cpu(wanted, available, expected):
     assert choose_providers(wanted, available) == expected
+
+
+def test_litert_model_with_a_fixed_batch_of_one_serves_batches_row_by_row(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    from tests.runtime.tflite_model import reference, write_dense_tflite
+
+    w, b = weights(5)
+    path = write_dense_tflite(tmp_path / "fixed.tflite", w, b, fixed_batch=True)
+    server = serve(path, "litert")
+    x = np.random.default_rng(2).normal(size=(4, IN_DIM)).astype(np.float32)
+    (y,), _ = server.predict("dense", x)
+    np.testing.assert_allclose(y, reference(x, w, b), atol=1e-5)
+    assert server.get("dense").runtime._slots[0][1] == (1, IN_DIM)  # never resized

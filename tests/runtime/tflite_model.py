@@ -9,8 +9,9 @@ import numpy as np
 
 
 def write_dense_tflite(path: Path, weights: np.ndarray, bias: np.ndarray,
-                       input_name: str = "x") -> Path:
-    """y = softmax(x @ weights.T + bias); x is float32 [N, in], y float32 [N, out]."""
+                       input_name: str = "x", fixed_batch: bool = False) -> Path:
+    """y = softmax(x @ weights.T + bias); x is float32 [N, in], y float32 [N, out]
+    (``fixed_batch``: [1, in] → [1, out], as litert-torch exports)."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
@@ -30,10 +31,11 @@ def write_dense_tflite(path: Path, weights: np.ndarray, bias: np.ndarray,
     buffers = [buffer(None), buffer(weights.astype(np.float32).tobytes()),
                buffer(bias.astype(np.float32).tobytes()), buffer(None), buffer(None),
                buffer(None)]
-    tensors = [tensor(input_name, [1, in_dim], 3, [-1, in_dim]),
+    n = 1 if fixed_batch else -1
+    tensors = [tensor(input_name, [1, in_dim], 3, [n, in_dim]),
                tensor("w", [out_dim, in_dim], 1), tensor("b", [out_dim], 2),
-               tensor("logits", [1, out_dim], 4, [-1, out_dim]),
-               tensor("probs", [1, out_dim], 5, [-1, out_dim])]
+               tensor("logits", [1, out_dim], 4, [n, out_dim]),
+               tensor("probs", [1, out_dim], 5, [n, out_dim])]
     fc_code, sm_code = s.OperatorCodeT(), s.OperatorCodeT()
     fc_code.builtinCode = fc_code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
     sm_code.builtinCode = sm_code.deprecatedBuiltinCode = s.BuiltinOperator.SOFTMAX
