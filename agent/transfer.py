@@ -44,6 +44,7 @@ class TransferSettings:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
     max_bytes_per_s: int = 0  # per-device byte-rate cap; 0 = unlimited
+    busy_max_wait_s: float = 600.0  # how long to keep retrying a fleet at its transfer cap
 
 
 #: Statuses the fleet answers besides 200 (see fleet/transfer.py).
@@ -119,6 +120,7 @@ class TransferClient:
         self.unmatched_responses = 0
         self.bytes_received = 0
         self.oversized_responses = 0
+        self.received_by_path: dict[str, int] = {}  # bounded: cleared past 1,000 paths
         self._limiter = RateLimiter(settings.max_bytes_per_s)
 
     @property
@@ -134,30 +136,37 @@ class TransferClient:
         waiter.put_nowait(msg)
 
     def request(self, path: str, offset: int, length: int) -> Chunk:
-        """One chunk, with bounded retries and jittered backoff on timeouts and on a busy
-        fleet; a stopped release raises at once."""
+        """One chunk, with bounded retries and jittered backoff on timeouts; a busy fleet is
+        waited for (jittered backoff, up to ``busy_max_wait_s``); a stopped release raises
+        at once."""
         self._limiter.acquire(length)
-        for attempt in range(self.settings.max_retries + 1):
+        timeouts, busy_since = 0, None
+        while True:
             try:
                 chunk = self._request_once(path, offset, length)
-                if chunk.status == STATUS_STOPPED:
-                    raise TransferError(f"transfers of {path} were stopped by the fleet",
-                                        reason_code=Reason.RELEASE_STOPPED,
-                                        status=STATUS_STOPPED)
-                if chunk.status == STATUS_BUSY:
-                    raise TransferError("fleet busy", reason_code=Reason.TRANSFER_TIMEOUT,
-                                        status=STATUS_BUSY)
-                return chunk
             except TransferError as e:
                 if e.reason_code != Reason.TRANSFER_TIMEOUT or \
-                        attempt == self.settings.max_retries:
+                        timeouts >= self.settings.max_retries:
                     raise
-                delay = backoff_s(attempt, self.settings.backoff_base_s,
-                                  self.settings.backoff_max_s, self._rng)
-                logger.info("chunk %s@%d timed out, retry %d in %.1fs", path, offset,
-                            attempt + 1, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                timeouts += 1
+                self._pause(timeouts - 1, f"chunk {path}@{offset} timed out")
+                continue
+            if chunk.status == STATUS_STOPPED:
+                raise TransferError(f"transfers of {path} were stopped by the fleet",
+                                    reason_code=Reason.RELEASE_STOPPED, status=STATUS_STOPPED)
+            if chunk.status != STATUS_BUSY:
+                return chunk
+            busy_since = busy_since if busy_since is not None else time.monotonic()
+            if time.monotonic() - busy_since > self.settings.busy_max_wait_s:
+                raise TransferError(f"fleet busy for over {self.settings.busy_max_wait_s}s",
+                                    reason_code=Reason.TRANSFER_TIMEOUT, status=STATUS_BUSY)
+            self._pause(min(timeouts + 3, 8), "fleet busy")
+
+    def _pause(self, attempt: int, why: str) -> None:
+        delay = backoff_s(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s,
+                          self._rng)
+        logger.info("%s; retrying in %.1fs", why, delay)
+        time.sleep(delay)
 
     def _request_once(self, path: str, offset: int, length: int) -> Chunk:
         correlation = os.urandom(16)
@@ -183,6 +192,9 @@ class TransferClient:
                                 f"chunk of {path}", reason_code=Reason.PAYLOAD_TOO_LARGE)
         chunk = parse_chunk(msg)
         self.bytes_received += len(chunk.data)
+        if len(self.received_by_path) > 1000:
+            self.received_by_path.clear()
+        self.received_by_path[path] = self.received_by_path.get(path, 0) + len(chunk.data)
         return chunk
 
 
