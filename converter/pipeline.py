@@ -197,15 +197,20 @@ def _refuse(reports: Sequence[VariantReport]) -> NoVariantPassedError:
 def convert(model, example_input, calib_x: np.ndarray, val_x: np.ndarray,
             val_y: np.ndarray | None, out_dir: str | os.PathLike, name: str, version: int,
             gate: Gate | None = None, threads: int = 2, *, labels: Sequence[str] = (),
-            settings: ConvertSettings | None = None, progress: bool = False) -> ConvertResult:
+            settings: ConvertSettings | None = None, progress: bool = False,
+            reference_model=None) -> ConvertResult:
     """Convert a torch ``model`` into a gated bundle directory at ``out_dir``.
+
+    ``reference_model`` (default ``model``) is what every variant is measured against:
+    pass the original when ``model`` is a pruned or distilled version of it.
 
     Raises :class:`~agent.errors.GateError` (``NoVariantPassedError``) and writes nothing
     if no variant passes; :class:`~agent.errors.BundleError` if ``out_dir`` exists.
     """
     settings = _settings(settings, gate, threads)
     _check_out(out_dir, name, settings)
-    reference = torch_reference(model, val_x)
+    reference = torch_reference(reference_model if reference_model is not None else model,
+                                val_x)
     with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
         steps = _Steps(progress, total=2 * len(settings.variants) + 2)
         with steps.active():
