@@ -183,7 +183,7 @@ def coerce_inputs(specs: Sequence[TensorSpec], raw: dict[str, object] | object,
     if not isinstance(raw, dict):
         if len(specs) != 1:
             raise InferenceInputError("model has several inputs: send an object by name")
-        raw = {specs[0].name: raw}
+        return {specs[0].name: _coerce_one(specs[0], raw, max_batch)}  # the common case
     missing = [s.name for s in specs if s.name not in raw]
     extra = sorted(set(raw) - {s.name for s in specs})
     if missing or extra:
