@@ -72,6 +72,17 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
                    "percentile")
     p.add_argument("--no-fallback", dest="fallback", action="store_false", default=None,
                    help="no accuracy-aware INT8 fallback")
+    p.add_argument("--prune-sparsity", type=float, default=None, metavar="S",
+                   help="unstructured magnitude pruning to sparsity S (0..1) before export")
+    p.add_argument("--prune-channels", type=float, default=None, metavar="R",
+                   help="remove fraction R of channels (torch-pruning) before export")
+    p.add_argument("--student", default=None, metavar="PKG.MOD:FACTORY",
+                   help="distil this smaller model from the source and convert it")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of fine-tune/distillation on --calib data (default: 3)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation T")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="distillation weight of the teacher's soft targets (0..1)")
     p.add_argument("--out", type=Path, default=Path("bundles"), metavar="DIR",
                    help="parent directory of the outputs (default: %(default)s)")
     p.add_argument("--version", type=int, default=None, metavar="N",

@@ -49,12 +49,18 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
 
 def convert_from_args(args: argparse.Namespace, name: str, bundle_dir: Path, plan,
                       settings, progress: bool):
-    from converter.pipeline import convert, convert_digits, convert_onnx
+    from converter.pipeline import convert_digits, convert_onnx
 
-    if args.source == "digits":
+    shrinking = any(getattr(args, k, None) is not None
+                    for k in ("prune_sparsity", "prune_channels", "student"))
+    if args.source == "digits" and not shrinking:
         return convert_digits(bundle_dir, args.version, epochs=args.epochs, seed=args.seed,
                               threads=plan.threads, gate=plan.gate, name=name,
                               progress=progress, settings=settings)
+    if args.source == "digits":
+        model, calib, val = _digits(args)
+        return _convert_shrunk(model, model, calib, val, args, name, bundle_dir, plan,
+                               settings, progress, data_example=val.x[:1])
     calib, val = load_datasets(args)
     if args.source == "onnx":
         return convert_onnx(args.model, calib.x, val.x, val.y, bundle_dir, name,
@@ -62,8 +68,51 @@ def convert_from_args(args: argparse.Namespace, name: str, bundle_dir: Path, pla
                             progress=progress)
     model = _torch_model(args)
     example = _example_input(model, args, val.x)
-    return convert(model, example, calib.x, val.x, val.y, bundle_dir, name, args.version,
-                   plan.gate, plan.threads, settings=replace(settings), progress=progress)
+    return _convert_shrunk(model, model, calib, val, args, name, bundle_dir, plan, settings,
+                           progress, data_example=example)
+
+
+def _digits(args: argparse.Namespace):
+    from converter.digits import calibration_images, train_digits
+
+    trained = train_digits(epochs=args.epochs, seed=args.seed)
+    d = trained.data
+    return (trained.model, Dataset(calibration_images(d, count=len(d.x_train)), None),
+            Dataset(d.x_test, d.y_test))
+
+
+def _shrink(model, calib: Dataset, args: argparse.Namespace, example):
+    """Apply --prune-sparsity / --prune-channels / --student in that order."""
+    from converter.shrink import TrainSpec, distill, prune_channels, prune_unstructured
+    from converter.sources import import_object
+
+    spec = TrainSpec(epochs=3 if args.finetune_epochs is None else args.finetune_epochs,
+                     temperature=args.temperature or 4.0,
+                     alpha=0.7 if args.alpha is None else args.alpha)
+    notes = {}
+    if args.prune_sparsity is not None:
+        model = prune_unstructured(model, float(args.prune_sparsity))
+        notes["pruned_sparsity"] = float(args.prune_sparsity)
+    if args.prune_channels is not None:
+        model = prune_channels(model, example, float(args.prune_channels), calib.x, calib.y,
+                               spec)
+        notes["pruned_channels"] = float(args.prune_channels)
+    if args.student is not None:
+        model = distill(model, import_object(args.student)(), calib.x, calib.y, spec)
+        notes["student"] = args.student
+    return model, notes
+
+
+def _convert_shrunk(original, model, calib: Dataset, val: Dataset, args, name, bundle_dir,
+                    plan, settings, progress, data_example):
+    from converter.pipeline import convert
+
+    shrunk, notes = _shrink(model, calib, args, data_example)
+    if notes:
+        logger.info("converting the shrunk model %s against the original", notes)
+    return convert(shrunk, data_example, calib.x, val.x, val.y, bundle_dir, name,
+                   args.version, plan.gate, plan.threads, settings=replace(settings),
+                   progress=progress, reference_model=original)
 
 
 def _torch_model(args: argparse.Namespace):

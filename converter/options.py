@@ -26,6 +26,8 @@ RECIPE_KEYS = {
     "max_accuracy_drop_points": "max_drop", "min_agreement": "min_agreement",
     "min_cosine": "min_cosine", "max_size_kb": "max_size_kb", "fallback": "fallback",
     "version": "version", "prune_sparsity": "prune_sparsity",
+    "prune_channels": "prune_channels", "student": "student",
+    "finetune_epochs": "finetune_epochs", "temperature": "temperature", "alpha": "alpha",
 }
 
 

@@ -54,3 +54,24 @@ def test_distilled_student_is_gated_against_the_teacher(trained, tmp_path):
     fp32 = result.reports[0].metrics
     assert abs(fp32.accuracy - acc) < 1e-9
     assert abs(fp32.accuracy_drop - (trained.test_accuracy - acc) * 100) < 1e-6
+
+
+def test_cli_channel_pruning_and_student_report_against_the_source(tmp_path, capsys):
+    import argparse
+    import json
+
+    from converter import cli
+
+    parser = argparse.ArgumentParser(prog="edgeship")
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([
+        "convert", "digits", "--epochs", "8", "--prune-channels", "0.5",
+        "--finetune-epochs", "3", "--variants", "onnx-fp32,onnx-int8",
+        "--out", str(tmp_path), "--json", "--max-drop", "3", "--min-agreement", "0.9",
+        "--min-cosine", "0.8"])
+    assert args.func(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    fp32 = next(v for v in res["variants"] if v["id"] == "onnx-fp32")["metrics"]
+    assert 0 < fp32["agreement"] < 1.0  # measured against the unpruned source model
+    assert res["reference_accuracy"] > 0.9
+    assert fp32["size_bytes"] < 0.45 * 166_000  # half the channels: well under half size
