@@ -219,6 +219,7 @@ class MqttSession:
             return
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
                     self.settings.client_id)
+        _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
         self.backoff.reset()
         self._client.reconnect_delay_set(self.settings.reconnect_min_s,
                                          self.settings.reconnect_min_s)
@@ -268,3 +269,14 @@ class MqttSession:
         self._on_message_cb(Message(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos,
                                     retain=bool(msg.retain), response_topic=response_topic,
                                     correlation_data=correlation, user_properties=user))
+
+
+def _set_nodelay(sock) -> None:
+    """Chunk request/response is stop-and-wait: without TCP_NODELAY each small request
+    waits for the peer's delayed ACK (~40 ms on Linux), capping throughput."""
+    import socket as _socket
+    try:
+        raw = getattr(sock, "_sock", sock)  # unwrap paho's websocket wrapper, if any
+        raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as e:
+        logger.debug("TCP_NODELAY not set: %s", e)

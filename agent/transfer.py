@@ -13,6 +13,7 @@ TUF still verifies length and hash of the whole file afterwards.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -44,6 +45,7 @@ class TransferSettings:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
     max_bytes_per_s: int = 0  # per-device byte-rate cap; 0 = unlimited
+    window: int = 4  # chunk requests kept in flight per transfer (pipelining)
     busy_max_wait_s: float = 600.0  # how long to keep retrying a fleet at its transfer cap
 
 
@@ -169,23 +171,56 @@ class TransferClient:
         time.sleep(delay)
 
     def _request_once(self, path: str, offset: int, length: int) -> Chunk:
-        correlation = os.urandom(16)
-        waiter: "queue.Queue[Message]" = queue.Queue(maxsize=4)
-        with self._lock:
-            self._pending[correlation] = waiter
+        pending = self._send(path, offset, length)
         try:
-            payload = protocol.TransferRequest(path, offset, length).to_bytes()
-            self._publish(protocol.Topics.transfer_request(self.device), payload, qos=1,
-                          response_topic=self.response_topic, correlation_data=correlation)
-            try:
-                msg = waiter.get(timeout=self.settings.request_timeout_s)
-            except queue.Empty:
-                raise TransferError(f"no answer for {path}@{offset} within "
-                                    f"{self.settings.request_timeout_s}s",
-                                    reason_code=Reason.TRANSFER_TIMEOUT) from None
+            return self._wait(pending)
         finally:
-            with self._lock:
-                self._pending.pop(correlation, None)
+            self.cancel(pending)
+
+    # --- pipelining: several requests in flight, answers matched by correlation data ----
+
+    def prefetch(self, path: str, offset: int, length: int) -> "Pending":
+        """Send a request now; :meth:`collect` its chunk later (or :meth:`cancel` it)."""
+        self._limiter.acquire(length)
+        return self._send(path, offset, length)
+
+    def collect(self, pending: "Pending") -> Chunk:
+        """The prefetched chunk; a timeout or a busy fleet falls back to :meth:`request`
+        (bounded retries); a stopped release raises."""
+        try:
+            chunk = self._wait(pending)
+        except TransferError as e:
+            if e.reason_code != Reason.TRANSFER_TIMEOUT:
+                raise
+            chunk = None
+        finally:
+            self.cancel(pending)
+        if chunk is None or chunk.status in (STATUS_BUSY, STATUS_STOPPED):
+            return self.request(pending.path, pending.offset, pending.length)
+        return chunk
+
+    def cancel(self, pending: "Pending") -> None:
+        with self._lock:
+            self._pending.pop(pending.correlation, None)
+
+    def _send(self, path: str, offset: int, length: int) -> "Pending":
+        pending = Pending(path, offset, length, os.urandom(16), queue.Queue(maxsize=4))
+        with self._lock:
+            self._pending[pending.correlation] = pending.waiter
+        payload = protocol.TransferRequest(path, offset, length).to_bytes()
+        self._publish(protocol.Topics.transfer_request(self.device), payload, qos=1,
+                      response_topic=self.response_topic,
+                      correlation_data=pending.correlation)
+        return pending
+
+    def _wait(self, pending: "Pending") -> Chunk:
+        path, offset, length = pending.path, pending.offset, pending.length
+        try:
+            msg = pending.waiter.get(timeout=self.settings.request_timeout_s)
+        except queue.Empty:
+            raise TransferError(f"no answer for {path}@{offset} within "
+                                f"{self.settings.request_timeout_s}s",
+                                reason_code=Reason.TRANSFER_TIMEOUT) from None
         if len(msg.payload) > length:  # checked before the response is parsed or used
             self.oversized_responses += 1
             raise TransferError(f"response of {len(msg.payload)} bytes for a {length}-byte "
@@ -198,6 +233,15 @@ class TransferClient:
         return chunk
 
 
+@dataclass(frozen=True)
+class Pending:
+    path: str
+    offset: int
+    length: int
+    correlation: bytes
+    waiter: "queue.Queue[Message]"
+
+
 class MqttFetcher(FetcherInterface):
     """TUF's fetcher over MQTT: URLs look like ``mqtt://fleet/metadata/timestamp.json``.
     With ``resume_dir``, target files resume from the bytes already received."""
@@ -208,6 +252,12 @@ class MqttFetcher(FetcherInterface):
         self._client = client
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.bytes_resumed = 0  # bytes replayed from resume files instead of fetched
+        self._max_bytes: dict[str, int] = {}  # url -> pinned length (+1), from TUF
+
+    def download_file(self, url: str, max_length: int):
+        """Remember TUF's pinned length so no chunk beyond it is ever requested."""
+        self._max_bytes = {url: max_length + 1}  # +1: let TUF see (and reject) excess
+        return super().download_file(url, max_length)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(self.PREFIX):
@@ -221,7 +271,7 @@ class MqttFetcher(FetcherInterface):
             offset, first = 0, self._get(path, 0)
         if first.status != 200:
             raise tuf_exc.DownloadHTTPError(f"{first.status} for {path}", first.status)
-        return self._stream(path, first, part, offset)
+        return self._stream(path, first, part, offset, self._max_bytes.get(url))
 
     def _resume_path(self, path: str) -> Path | None:
         if self.resume_dir is None or not path.startswith("targets/"):
@@ -234,36 +284,55 @@ class MqttFetcher(FetcherInterface):
         except TransferError as e:
             raise tuf_exc.DownloadError(str(e)) from e
 
-    def _stream(self, path: str, first: Chunk, part: Path | None,
-                offset: int) -> Iterator[bytes]:
+    def _collect(self, pending: Pending) -> Chunk:
+        try:
+            return self._client.collect(pending)
+        except TransferError as e:
+            raise tuf_exc.DownloadError(str(e)) from e
+
+    def _stream(self, path: str, first: Chunk, part: Path | None, offset: int,
+                max_bytes: int | None) -> Iterator[bytes]:
         out = open(part, "ab") if part is not None else None
         complete = False
+        window: collections.deque[Pending] = collections.deque()  # requests in flight
         try:
             if offset:
                 yield from self._replay(part, offset)
             chunk = first
+            size = self._client.settings.chunk_bytes
+            ahead = offset + len(first.data)  # next offset to request
+            limit = min(first.total, max_bytes) if max_bytes else first.total
             while True:
                 if chunk.status != 200 or chunk.offset != offset or chunk.total != first.total \
                         or (not chunk.data and offset < first.total):
                     raise tuf_exc.DownloadError(f"bad chunk for {path} at {offset}")
+                while len(window) < self._client.settings.window and ahead < limit:
+                    window.append(self._client.prefetch(path, ahead, size))
+                    ahead += size
                 if out is not None:
                     out.write(chunk.data)
                     out.flush()
                 offset += len(chunk.data)
                 yield chunk.data
-                if offset >= first.total:
+                if offset >= limit:
                     break
-                chunk = self._get(path, offset)
+                chunk = self._collect(window.popleft())
             complete = True
         except tuf_exc.DownloadError as e:
-            if isinstance(e.__cause__, TransferError) and \
-                    e.__cause__.reason_code == Reason.RELEASE_STOPPED:
-                complete = True  # nothing to resume
+            if isinstance(e.__cause__, TransferError) and e.__cause__.reason_code in (
+                    Reason.RELEASE_STOPPED, Reason.PAYLOAD_TOO_LARGE,
+                    Reason.MALFORMED_MESSAGE, Reason.UNSUPPORTED_SCHEMA):
+                complete = True  # nothing worth resuming
             raise
-        finally:  # keep a partial file only for network trouble; drop it otherwise
+        except GeneratorExit:  # TUF stopped reading (e.g. more bytes than pinned)
+            complete = True
+            raise
+        finally:  # keep a partial file after transient trouble; drop it otherwise
+            for pending in window:
+                self._client.cancel(pending)
             if out is not None:
                 out.close()
-                if complete or not _network_trouble():
+                if complete:
                     discard_resume(part)
 
     def _replay(self, part: Path, size: int) -> Iterator[bytes]:
@@ -275,15 +344,12 @@ class MqttFetcher(FetcherInterface):
                 yield block
 
 
-def _network_trouble() -> bool:
-    """Inside a ``finally``: is the exception in flight a transfer error worth resuming?"""
-    import sys
-    exc = sys.exc_info()[1]
-    cause = getattr(exc, "__cause__", None)
-    return isinstance(exc, tuf_exc.DownloadError) and isinstance(cause, TransferError) and \
-        cause.reason_code in (Reason.TRANSFER_TIMEOUT, Reason.TRANSFER_FAILED)
-
-
 def discard_resume(part: Path | None) -> None:
     if part is not None:
+        part.unlink(missing_ok=True)
+
+
+def discard_all_resume(downloads_dir: Path) -> None:
+    """After a verification failure: no partial file of a rejected target may be reused."""
+    for part in Path(downloads_dir).glob("*" + RESUME_SUFFIX):
         part.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from agent.manifest import MANIFEST_NAME, Manifest
 from agent.runtime import load_runtime
 from agent.selection import select_variant
 from agent.delta import apply_delta
-from agent.transfer import RESUME_SUFFIX
+from agent.transfer import RESUME_SUFFIX, discard_all_resume
 from agent.trust import VersionFloor, check_target
 from agent.serving import ModelServer
 from agent.store import InstalledModel, ModelStore
@@ -181,7 +181,11 @@ class UpdateManager(InstallLifecycle):
         if self._fetch_by_delta(updater, info, model, int(version), dest):
             return dest
         tmp = self.downloads_dir / f"{dest.name}.part"
-        updater.download_target(info, filepath=str(tmp))
+        try:
+            updater.download_target(info, filepath=str(tmp))
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadLengthMismatchError):
+            discard_all_resume(self.downloads_dir)  # verified bad: never resume from it
+            raise
         tmp.replace(dest)
         return dest
 

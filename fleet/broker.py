@@ -44,7 +44,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.dir}/\n"
             "max_packet_size 4194304\nmax_inflight_messages 100\n"
-            "max_queued_messages 10000\n" + self.extra_conf))
+            "max_queued_messages 10000\nset_tcp_nodelay true\n" + self.extra_conf))
         self.proc = subprocess.Popen([self.binary, "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 MIN_TENSOR_BYTES = 1024  # smaller tensors are cheaper inline than as a copy op
 ZSTD_LEVEL = 19
+ZSTD_LEVEL_BIG = 6  # level 19 over a 100 MB dictionary takes minutes
+BIG_FILE_BYTES = 16 * 1024 * 1024
 
 
 def _sha(data: bytes) -> str:
@@ -35,8 +37,9 @@ def _header(method: str, base: bytes, new: bytes, ops=()) -> DeltaHeader:
 def zstd_patch(base: bytes, new: bytes, *, header_base: bytes | None = None) -> bytes:
     dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     window_log = max(20, min(31, (len(base) + len(new)).bit_length()))
+    level = ZSTD_LEVEL if len(new) < BIG_FILE_BYTES else ZSTD_LEVEL_BIG
     params = zstandard.ZstdCompressionParameters.from_level(
-        ZSTD_LEVEL, window_log=window_log, enable_ldm=True)
+        level, window_log=window_log, enable_ldm=True)
     body = zstandard.ZstdCompressor(dict_data=dictionary,
                                     compression_params=params).compress(new)
     return _header("zstd-patch", header_base or base, new).to_bytes() + body
@@ -77,7 +80,8 @@ def onnx_tensor_ops(base: bytes, new: bytes) -> tuple[list, bytes]:
 
 def onnx_delta(base: bytes, new: bytes, *, header_base: bytes | None = None) -> bytes:
     ops, literals = onnx_tensor_ops(base, new)
-    body = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(literals)
+    level = ZSTD_LEVEL if len(literals) < BIG_FILE_BYTES else ZSTD_LEVEL_BIG
+    body = zstandard.ZstdCompressor(level=level).compress(literals)
     return _header("onnx-tensors", header_base or base, new, ops).to_bytes() + body
 
 

@@ -91,6 +91,10 @@ def response_topic_allowed(request_topic: str, response_topic: str) -> bool:
 
 
 class FleetServer:
+    """One fleet-server process. Its MQTT session ends with its connection: a persistent
+    session would stay in the shared-subscription group after the process is gone, and the
+    broker would keep handing it a share of the transfer requests (devices time out)."""
+
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
         self.stats = FleetStats()
@@ -106,8 +110,8 @@ class FleetServer:
         self._threads: list[threading.Thread] = []
         client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self._session = MqttSession(
-            SessionSettings(url=settings.mqtt_url, client_id=client_id, clean_start=False,
-                            tls=settings.tls), on_message=self._on_message)
+            SessionSettings(url=settings.mqtt_url, client_id=client_id, clean_start=True,
+                            session_expiry_s=0, tls=settings.tls), on_message=self._on_message)
 
     # --- lifecycle ---------------------------------------------------------------------
 
