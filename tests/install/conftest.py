@@ -37,10 +37,15 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(shared_broker, tmp_path_factory):
+def fleet(tmp_path_factory):
+    """Its own broker per module: release announcements are retained, and an agent acts on
+    every model announced on its broker."""
+    from fleet.broker import Mosquitto
     from tests.loop_env import LoopEnv
 
     root = tmp_path_factory.mktemp("install")
-    env = LoopEnv(shared_broker.url, root)
+    broker = Mosquitto().start()
+    env = LoopEnv(broker.url, root)
     yield Fleet(env, root)
     env.close()
+    broker.cleanup()
