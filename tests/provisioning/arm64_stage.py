@@ -23,7 +23,11 @@ NEEDS_HOST = {"broker", "shared_broker", "loop_env", "digits_bundles", "locked_b
 
 
 def pytest_collection_modifyitems(config, items):  # pytest plugin hook
-    keep = [i for i in items if not NEEDS_HOST & set(getattr(i, "fixturenames", ()))]
+    def needs_host(item) -> bool:
+        names = set(getattr(item, "fixturenames", ()))
+        return bool(NEEDS_HOST & names) or any("broker" in n for n in names)
+
+    keep = [i for i in items if not needs_host(i)]
     drop = [i for i in items if i not in keep]
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -34,7 +38,7 @@ def stage(out: Path) -> None:
     from converter.digits import train_digits
     from converter.pipeline import convert_digits
     from fleet.broker import Mosquitto, free_port
-    from tests.loop_env import LoopEnv
+    from tests.loop_env import LoopEnv, predict
 
     trained = train_digits(epochs=2)
     bundle = convert_digits(out / "bundle", version=1, trained=trained)
@@ -42,9 +46,11 @@ def stage(out: Path) -> None:
     try:
         env = LoopEnv(mosq.url, out / "host")
         try:
-            env.start_agent("arm64-check", profile="generic-arm64")
+            agent = env.start_agent("arm64-check", profile="generic-arm64")
             env.release(bundle.bundle_dir)
             env.wait_serving("arm64-check", 1, timeout_s=120)
+            x = trained.data.x_test[:8]
+            host_doc = predict(agent, "digits", x)
         finally:
             env.close()
     finally:
@@ -55,8 +61,10 @@ def stage(out: Path) -> None:
         f'mqtt_url = "mqtt://127.0.0.1:{free_port()}"\nprofile = "generic-arm64"\n'
         "api_port = 8470\n")
     state.rename(out / "state")
-    x, y = trained.data.x_test[:1], int(trained.data.y_test[0])
-    (out / "sample.json").write_text(json.dumps({"inputs": x.tolist(), "label": y}))
+    (out / "sample.json").write_text(json.dumps({
+        "inputs": x.tolist(), "labels": [int(v) for v in trained.data.y_test[:8]],
+        "host_outputs": next(iter(host_doc["outputs"].values())),
+        "host_variant": host_doc.get("variant")}))
 
 
 def infer(root: Path) -> int:
@@ -81,13 +89,21 @@ def infer(root: Path) -> int:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        scores = next(iter(doc["outputs"].values()))[0]
-        got = max(range(len(scores)), key=scores.__getitem__)
-        print(f"arm64 inference: predicted {got}, label {sample['label']}, "
-              f"variant {doc.get('variant')}")
-        return 0 if got == sample["label"] else 1
+        got = next(iter(doc["outputs"].values()))
+        want = sample["host_outputs"]
+        diff = max(abs(a - b) for ga, wa in zip(got, want) for a, b in zip(ga, wa))
+        same = [_argmax(g) == _argmax(w) for g, w in zip(got, want)]
+        print(f"arm64 inference through the local API: {len(got)} images, variant "
+              f"{doc.get('variant', '?')}; predictions equal to the x86_64 agent's: "
+              f"{sum(same)}/{len(same)}; max |arm64 - x86_64| = {diff:.3g}; labels "
+              f"{sample['labels']}, arm64 {[_argmax(g) for g in got]}")
+        return 0 if all(same) else 1
     finally:
         agent.stop()
+
+
+def _argmax(v: list[float]) -> int:
+    return max(range(len(v)), key=v.__getitem__)
 
 
 if __name__ == "__main__":
