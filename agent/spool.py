@@ -83,6 +83,7 @@ class TelemetrySpool:
         self.settings = settings
         settings.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._claimed: set[int] = set()  # being published: never evicted under the sender
         try:
             self._db = sqlite3.connect(str(settings.path), check_same_thread=False,
                                        isolation_level=None, timeout=10)
@@ -116,20 +117,23 @@ class TelemetrySpool:
         (count,) = db.execute("SELECT COUNT(*) FROM queue").fetchone()
         over = count - self.settings.max_records
         if over > 0:
-            db.execute("DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq "
-                       "LIMIT ?)", (over,))
-            self._bump(db, "evicted", over)
-            logger.warning("telemetry spool full: evicted %d oldest record(s)", over)
+            claimed = ",".join(str(int(s)) for s in self._claimed)
+            cur = db.execute(f"DELETE FROM queue WHERE seq IN (SELECT seq FROM queue WHERE "
+                             f"seq NOT IN ({claimed}) ORDER BY seq LIMIT ?)", (over,))
+            self._bump(db, "evicted", cur.rowcount)
+            logger.warning("telemetry spool full: evicted %d oldest record(s)", cur.rowcount)
 
     def ack(self, seq: int) -> None:
         """The broker accepted ``seq``: forget it."""
         with self._lock, self._tx() as db:
+            self._claimed.discard(seq)
             if db.execute("DELETE FROM queue WHERE seq = ?", (seq,)).rowcount:
                 self._bump(db, "acked", 1)
 
     def dead_letter(self, seq: int, reason_code: int) -> None:
         """The broker refused ``seq``: keep it aside (bounded), never retry it."""
         with self._lock, self._tx() as db:
+            self._claimed.discard(seq)
             row = db.execute("SELECT created_s, payload FROM queue WHERE seq = ?",
                              (seq,)).fetchone()
             if row is None:
@@ -150,6 +154,21 @@ class TelemetrySpool:
             rows = self._db.execute("SELECT seq, payload FROM queue ORDER BY seq LIMIT ?",
                                     (limit,)).fetchall()
         return [(int(s), bytes(p)) for s, p in rows]
+
+    def claim(self, limit: int = 16) -> list[tuple[int, bytes]]:
+        """Like ``peek``, and the records stay out of eviction until ``ack``,
+        ``dead_letter`` or ``release``: a record is either evicted or sent, never both.
+        (The queue may exceed ``max_records`` by the claimed few meanwhile.)"""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, payload FROM queue ORDER BY seq LIMIT ?",
+                                    (limit,)).fetchall()
+            self._claimed = {int(s) for s, _ in rows}
+        return [(int(s), bytes(p)) for s, p in rows]
+
+    def release(self) -> None:
+        """Sending stopped (offline, no PUBACK): claimed records may be evicted again."""
+        with self._lock:
+            self._claimed.clear()
 
     def dead_letters(self) -> list[tuple[int, int, bytes]]:
         with self._lock:

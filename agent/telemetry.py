@@ -222,13 +222,15 @@ class TelemetryForwarder:
         sent = 0
         while not self._stop.is_set() and self.publisher.connected and \
                 (max_records is None or sent < max_records):
-            batch = self.spool.peek(16)
+            batch = self.spool.claim(16)
             if not batch:
                 break
             for seq, payload in batch:
                 if not self._send_one(seq, payload):
+                    self.spool.release()
                     return sent
                 sent += 1
+        self.spool.release()
         return sent
 
     def _send_one(self, seq: int, payload: bytes) -> bool:

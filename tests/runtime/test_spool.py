@@ -64,3 +64,19 @@ def test_oversized_record_is_refused_and_nothing_is_stored(tmp_path):
     with pytest.raises(SpoolError):
         spool.push(lambda seq: b"x" * 101)
     assert spool.stats().queued == 0 and spool.stats().pushed == 0
+
+
+def test_a_record_being_sent_is_never_evicted_under_the_sender(tmp_path):
+    spool = _spool(tmp_path, max_records=3)
+    for _ in range(3):
+        spool.push(_rec)
+    claimed = [s for s, _ in spool.claim(2)]
+    assert claimed == [1, 2]
+    spool.push(_rec)  # full: evicts the oldest *unclaimed* record
+    assert [s for s, _ in spool.peek(10)] == [1, 2, 4]
+    spool.ack(1)  # delivered, so not counted as evicted
+    spool.release()
+    spool.push(_rec)
+    st = spool.stats()
+    assert (st.evicted, st.acked) == (1, 1)
+    assert [s for s, _ in spool.peek(10)] == [2, 4, 5]
