@@ -119,7 +119,8 @@ def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S)
 
 @_command
 def cmd_release(args: argparse.Namespace) -> int:
-    info = release_bundle(args.bundle, args.repo, args.keys)
+    info = release_bundle(args.bundle, args.repo, args.keys,
+                          RepoSettings(deltas=args.deltas))
     announced = False
     if args.mqtt:
         try:
@@ -263,6 +264,9 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--mqtt", help="broker URL: publish the retained release announcement")
     rel.add_argument("--db", type=Path, help="fleet registry to record the release in")
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
+    rel.add_argument("--deltas", action="store_true",
+                     help="also publish deltas from the previous version (devices holding "
+                          "it download only what changed)")
     rel.set_defaults(func=cmd_release)
 
 

@@ -60,7 +60,7 @@ class RepoSettings:
     timestamp_expiry_hours: int = 6
     max_bundle_bytes: int = 4 * 1024**3
     max_bundle_files: int = 64
-    deltas: bool = True  # release: add deltas from the previous version of the model
+    deltas: bool = False  # release: also publish deltas from the previous version
 
     def __post_init__(self) -> None:
         for key in ("root_threshold", "root_expiry_days", "targets_expiry_days",

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.delta import DeltaError, apply_delta, read_header
 from fleet.delta import make_delta, onnx_delta, zstd_patch
-from fleet.tuf_repo import delta_target_path
+from fleet.tuf_repo import RepoSettings, delta_target_path, release_bundle
 from tests.delivery.helpers import edit_targets, start_agent, variant_target, wait_event
 
 
@@ -74,7 +74,9 @@ def test_update_is_rebuilt_from_a_delta_on_the_device(loop_env, digits_bundles):
     agent = start_agent(loop_env, "dev")
     loop_env.release(digits_bundles[1].bundle_dir)
     loop_env.wait_serving("dev", 1)
-    info = loop_env.release(digits_bundles[2].bundle_dir)
+    info = release_bundle(digits_bundles[2].bundle_dir, loop_env.repo, loop_env.keys,
+                          RepoSettings(deltas=True))
+    loop_env.announce("digits", 2)
     assert delta_target_path("digits/2/model.fp32.onnx", 1) in info.targets
     loop_env.wait_serving("dev", 2)
     full = variant_target(loop_env.repo, 2)
@@ -88,7 +90,8 @@ def test_wrong_reconstruction_is_rejected_and_the_full_file_downloaded(loop_env,
     agent = start_agent(loop_env, "dev")
     loop_env.release(digits_bundles[1].bundle_dir)
     loop_env.wait_serving("dev", 1)
-    loop_env.release(digits_bundles[2].bundle_dir, announce=False)
+    release_bundle(digits_bundles[2].bundle_dir, loop_env.repo, loop_env.keys,
+                   RepoSettings(deltas=True))
     base = variant_target(loop_env.repo, 1).read_bytes()
     wrong = bytearray(variant_target(loop_env.repo, 2).read_bytes())
     wrong[-100] ^= 0xFF

@@ -183,7 +183,7 @@ def test_refresh_timestamp_extends_expiry_and_clients_accept_it(repo, tmp_path):
     later = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=5)
     refresh_timestamp(repo_dir, keys, now=later)  # snapshot (7 d) is past half-life
     ts = Metadata.from_file(str(repo_dir / "metadata" / "timestamp.json")).signed
-    assert ts.snapshot_meta.version == 3 and ts.expires == later + timedelta(days=1)
+    assert ts.snapshot_meta.version == 3 and ts.expires == later + timedelta(hours=6)
     updater, _ = make_updater(repo_dir, tmp_path / "client")
     updater.refresh()
     assert updater.get_targetinfo("digits/1/manifest.json") is not None
