@@ -31,14 +31,6 @@ class AgentConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
-    # --- safe install (issue 4) ---
-    trial_window_s: float = 30.0  # live-traffic trial after the health check; 0 = none
-    trial_min_requests: int = 20
-    trial_max_error_rate: float = 0.05
-    trial_max_crashes: int = 2  # agent restarts during one trial before it is reverted
-    max_update_restarts: int = 3  # restarts during one install before it is stopped
-    health_timeout_s: float = 60.0
-    health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
     # --- agent runtime (issue 5) ---
     api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
@@ -47,6 +39,14 @@ class AgentConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
     log_level: str = "info"
+    # --- safe install (issue 4) ---
+    trial_window_s: float = 30.0  # live-traffic trial after the health check; 0 = none
+    trial_min_requests: int = 20
+    trial_max_error_rate: float = 0.05
+    trial_max_crashes: int = 2  # agent restarts during one trial before it is reverted
+    max_update_restarts: int = 3  # restarts during one install before it is stopped
+    health_timeout_s: float = 60.0
+    health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
 
     @property
     def api_socket_path(self) -> Path | None:
@@ -77,8 +77,8 @@ class AgentConfig:
 
 _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_model_bytes",
              "max_request_bytes", "spool_max_records", "spool_max_dead_letters",
-             "reconnect_min_s", "reconnect_max_s", "health_timeout_s",
-             "trial_max_crashes", "max_update_restarts")
+             "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
+             "max_update_restarts")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
@@ -103,7 +103,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
         raise ConfigError(f"{source}: key 'chunk_bytes' must be <= {MAX_CHUNK_BYTES}",
                           key="chunk_bytes")
     _check_runtime_keys(values, source)
-    return AgentConfig(**values)
     return AgentConfig(**values)
 
 

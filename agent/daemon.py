@@ -124,7 +124,6 @@ class Agent:
                                             self.metrics.text) if sock else None
         self.notifier = SdNotifier()
 
-
     def _session_settings(self) -> SessionSettings:
         cfg = self.cfg
         tls = TlsSettings(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) \
@@ -165,7 +164,6 @@ class Agent:
             t.start()
             self._threads.append(t)
         self.notifier.ready(f"serving {len(self.server.models())} model(s)")
-
 
     def stop(self) -> None:
         self._stop.set()

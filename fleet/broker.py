@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,9 @@ class Mosquitto:
         self.binary = binary
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="edgeship-mosq-"))
+        # Started as root, mosquitto drops to the 'mosquitto' user: it must still be able to
+        # write its persistence file here, or sessions and queued messages vanish on restart.
+        os.chmod(self.dir, 0o777)
         self.extra_conf = extra_conf
         self.config_text = config_text
         self.tls = tls
