@@ -15,7 +15,6 @@ caller; any mismatch means: throw it away and download the full file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -26,6 +25,7 @@ from typing import BinaryIO
 import zstandard
 
 from agent.errors import EdgeshipError, Reason
+from agent.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ def read_header(f: BinaryIO) -> DeltaHeader:
     if header.method not in METHODS:
         raise DeltaError(f"unknown delta method {header.method!r}")
     return header
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def apply_delta(delta_path: Path, base_path: Path, out_path: Path, *,

@@ -9,7 +9,6 @@ Layout under ``<state>/models/<model>/``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import BundleError
-from agent.fsutil import atomic_symlink, atomic_write, fsync_dir
+from agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
 from agent.manifest import MANIFEST_NAME, Manifest, Variant
 from agent.protocol import validate_id
 
@@ -142,7 +141,7 @@ class ModelStore:
         for path, size, sha in ((installed.model_path, v.size, v.sha256),
                                 (installed.golden_path, m.golden_size, m.golden_sha256)):
             try:
-                if path.stat().st_size != size or _sha256(path) != sha:
+                if path.stat().st_size != size or sha256_file(path) != sha:
                     return False
             except OSError:
                 return False
@@ -160,11 +159,3 @@ class ModelStore:
         others = [v for v in self.versions(model) if not current or v != current.version]
         for v in others[:max(0, len(others) - (self.keep_versions - 1))]:
             self.remove_version(model, v)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -7,7 +7,6 @@ active model and the one being served stay exactly as they were.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -20,6 +19,7 @@ from tuf.ngclient import FetcherInterface, Updater
 
 from agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
 from agent.faults import FaultPlan
+from agent.fsutil import sha256_file
 from agent.install import InstallLifecycle, InstallSettings
 from agent.lifecycle import RecordStore
 from agent.manifest import MANIFEST_NAME, Manifest
@@ -233,7 +233,7 @@ class UpdateManager(InstallLifecycle):
             if path.stat().st_size != size:
                 raise BundleError(f"{name}: size differs from the manifest",
                                   reason_code=Reason.LENGTH_MISMATCH)
-            if _sha256(path) != sha:
+            if sha256_file(path) != sha:
                 raise BundleError(f"{name}: sha256 differs from the manifest",
                                   reason_code=Reason.HASH_MISMATCH)
         return variant
@@ -241,11 +241,3 @@ class UpdateManager(InstallLifecycle):
     def _load(self, installed: InstalledModel):
         return load_runtime(installed.variant.runtime, installed.model_path,
                             threads=self.traits.threads, providers=self.traits.providers)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
