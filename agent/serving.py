@@ -122,7 +122,12 @@ class ModelServer:
         with self._lock:
             old = self._models.get(name)
             self._models[name] = loaded
-            self.stats.setdefault(name, ModelStats())
+            stats = self.stats.setdefault(name, ModelStats())
+        if old is not None and old.installed.version != loaded.installed.version:
+            # Telemetry labels a window with the version being served when it is sent: start a
+            # fresh window so the old version's latencies are never reported as the new one's
+            # (rollout gates compare the two). Cumulative totals are kept.
+            stats.snapshot(reset=True)
         return old
 
     def find(self, name: str) -> LoadedModel | None:
