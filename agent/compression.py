@@ -12,11 +12,11 @@ signed TUF metadata declares (or the agent's ``max_bundle_bytes``).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import BundleError
+from agent.fsutil import atomic_output
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK_BYTES = 256 * 1024
@@ -104,15 +104,6 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike,
 
     Nothing is left at ``dst`` (nor a temp file) when the cap is hit or the data is bad.
     """
-    out = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            written = decompress_stream(fin, fout, max_output_bytes)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as fin, atomic_output(Path(dst)) as fout:
+        written = decompress_stream(fin, fout, max_output_bytes)
     return written

@@ -6,8 +6,9 @@ The device side (``agent.compression``) decompresses as a stream with a hard out
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from agent.fsutil import atomic_output
 
 ZSTD_LEVEL = 19  # converter runs once on a host; devices only decompress (fast at any level)
 CHUNK_BYTES = 1 << 20
@@ -31,16 +32,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     """Write ``src`` as ``dst`` (default ``src + '.zst'``) atomically; returns ``dst``."""
     src = Path(src)
     out = Path(dst) if dst else src.with_name(src.name + ".zst")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            _compressor(level).copy_stream(fin, fout, size=src.stat().st_size,
-                                           read_size=CHUNK_BYTES, write_size=CHUNK_BYTES)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as fin, atomic_output(out) as fout:
+        _compressor(level).copy_stream(fin, fout, size=src.stat().st_size,
+                                       read_size=CHUNK_BYTES, write_size=CHUNK_BYTES)
     return out

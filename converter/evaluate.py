@@ -135,6 +135,17 @@ def measure_latency(session, sample: np.ndarray, warmup_runs: int,
     return latency_percentiles(durations)
 
 
+
+def _accuracy_pair(outputs: np.ndarray, reference_outputs: np.ndarray,
+                   labels: np.ndarray | None, reference_accuracy: float | None,
+                   cmp: OutputComparison) -> tuple[float, float]:
+    """(variant accuracy, reference accuracy); without labels, agreement vs 1.0."""
+    if labels is None:
+        return cmp.agreement, 1.0
+    ref_acc = (reference_accuracy if reference_accuracy is not None
+               else top1_accuracy(reference_outputs, labels))
+    return top1_accuracy(outputs, labels), ref_acc
+
 def evaluate_variant(path: str | os.PathLike, x: np.ndarray, reference_outputs: np.ndarray,
                      labels: np.ndarray | None = None,
                      reference_accuracy: float | None = None,
@@ -152,12 +163,8 @@ def evaluate_variant(path: str | os.PathLike, x: np.ndarray, reference_outputs: 
     session = open_session(path, settings.threads)
     outputs = run_batched(session, x, settings.batch_size)
     cmp = compare_outputs(outputs, reference_outputs)
-    if labels is not None:
-        accuracy = top1_accuracy(outputs, labels)
-        ref_acc = (reference_accuracy if reference_accuracy is not None
-                   else top1_accuracy(reference_outputs, labels))
-    else:
-        accuracy, ref_acc = cmp.agreement, 1.0
+    accuracy, ref_acc = _accuracy_pair(outputs, reference_outputs, labels,
+                                       reference_accuracy, cmp)
     p50, p99 = measure_latency(session, x, settings.warmup_runs, settings.timed_runs)
     metrics = VariantMetrics(
         accuracy=accuracy, accuracy_drop=(ref_acc - accuracy) * 100.0,
@@ -246,12 +253,8 @@ def evaluate_any(path: str | os.PathLike, x: np.ndarray, reference_outputs: np.n
         runner = TFLiteRunner(path, settings.threads)
         outputs = runner.run_all(np.ascontiguousarray(x, dtype=np.float32))
         cmp = compare_outputs(outputs.reshape(reference_outputs.shape), reference_outputs)
-        if labels is not None:
-            accuracy = top1_accuracy(outputs, labels)
-            ref_acc = (reference_accuracy if reference_accuracy is not None
-                       else top1_accuracy(reference_outputs, labels))
-        else:
-            accuracy, ref_acc = cmp.agreement, 1.0
+        accuracy, ref_acc = _accuracy_pair(outputs, reference_outputs, labels,
+                                           reference_accuracy, cmp)
         p50, p99 = _tflite_latency(runner, x, settings.warmup_runs, settings.timed_runs)
         metrics = VariantMetrics(accuracy, (ref_acc - accuracy) * 100.0, cmp.agreement,
                                  cmp.cosine, cmp.max_abs_diff, p50, p99,
