@@ -1,12 +1,13 @@
-"""Streaming zstd decompression with a hard cap on output size (device side).
+"""Streaming zstd decompression with a hard cap on output size.
 
-A bundle travels as ``.tar.zst``. A hostile or corrupt frame could expand to far more than
-the disk holds (a decompression bomb), so :func:`decompress_stream` counts every byte it
-writes and stops with :class:`~agent.errors.BundleError` the moment the output would exceed
-``max_output_bytes`` — it never trusts the size a frame header declares, and it never holds
-more than one chunk in memory. The updater should call it on the downloaded file before
-unpacking the tar (see :func:`decompress_file`), with the cap set to the bundle size the
-signed TUF metadata declares (or the agent's ``max_bundle_bytes``).
+``edgeship convert`` packs a bundle as ``.tar.zst``. A hostile or corrupt frame could expand
+to far more than the disk holds (a decompression bomb), so :func:`decompress_stream` counts
+every byte it writes and stops with :class:`~agent.errors.BundleError` the moment the output
+would exceed ``max_output_bytes`` — it never trusts the size a frame header declares, and it
+never holds more than one chunk in memory. ``edgeship release`` (``fleet.bundle``) calls
+:func:`decompress_file` on a ``.tar.zst`` before unpacking the tar, capped at the bundle size
+limit; devices then fetch the bundle's files one by one as signed TUF targets, so they never
+unpack a tar. It lives in ``agent`` (no torch, no fleet imports) so both sides can use it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from agent.compression import decompress_file, is_zstd
 from agent.errors import BundleError
 from agent.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, Variant
 from fleet.files import fsync_dir
@@ -54,7 +55,8 @@ class LoadedBundle:
 
 @contextlib.contextmanager
 def open_bundle(path: Path, workdir: Path, limits: BundleLimits) -> Iterator[LoadedBundle]:
-    """Yield the bundle at ``path`` (a directory or a tar, extracted under ``workdir``)."""
+    """Yield the bundle at ``path`` (a directory, a tar or a ``.tar.zst``, extracted under
+    ``workdir``)."""
     path = Path(path)
     if path.is_dir():
         yield load_bundle_dir(path)
@@ -62,8 +64,24 @@ def open_bundle(path: Path, workdir: Path, limits: BundleLimits) -> Iterator[Loa
     if not path.is_file():
         raise BundleError(f"bundle {path} not found")
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".bundle-") as tmp:
-        extract_tar(path, Path(tmp), limits)
+        tar = _decompressed(path, Path(tmp), limits)
+        extract_tar(tar, Path(tmp), limits)
+        if tar != path:
+            tar.unlink()
         yield load_bundle_dir(Path(tmp))
+
+
+def _decompressed(path: Path, tmp: Path, limits: BundleLimits) -> Path:
+    """The tar to extract: ``path`` itself, or for a ``.tar.zst`` (what ``edgeship convert``
+    writes) the tar decompressed under ``tmp``, capped at the bundle size limit (a zstd
+    frame that would expand past it is refused, not written out)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not is_zstd(head):
+        return path
+    tar = tmp / ".bundle.tar"
+    decompress_file(path, tar, max_output_bytes=limits.max_bundle_bytes)
+    return tar
 
 
 def load_bundle_dir(directory: Path) -> LoadedBundle:

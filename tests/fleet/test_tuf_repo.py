@@ -165,6 +165,30 @@ def test_oversized_tar_is_rejected(repo, tmp_path):
         extract_tar(tar, tmp_path / "out", BundleLimits(max_bundle_bytes=100))
 
 
+def test_tar_zst_bundle_from_the_converter_is_released(repo, tmp_path):
+    """``edgeship convert`` writes a .tar.zst beside the .tar: release takes it as it is."""
+    from converter.compression import compress_file
+    keys, repo_dir = repo
+    zst = compress_file(make_tar(make_bundle(tmp_path / "b", version=4)))
+    release_bundle(zst, repo_dir, keys)
+    assert released_versions(repo_dir) == {"digits": 4}
+    assert not [p for p in repo_dir.rglob(".*") if p.name != ".lock"]  # no temp leftovers
+
+
+def test_zstd_bomb_is_refused_before_it_is_written_out(repo, tmp_path):
+    """A .tar.zst that expands past the bundle size limit is refused; nothing is released."""
+    from converter.compression import compress_file
+    keys, repo_dir = repo
+    big = tmp_path / "bomb.tar"
+    big.write_bytes(bytes(64 * 1024 * 1024))  # 64 MiB of zeros: a few KiB compressed
+    zst = compress_file(big)
+    assert zst.stat().st_size < 64 * 1024
+    with pytest.raises(BundleError, match="over the cap"):
+        release_bundle(zst, repo_dir, keys, RepoSettings(max_bundle_bytes=1024 * 1024))
+    assert released_versions(repo_dir) == {}
+    assert not [p for p in repo_dir.rglob(".*") if p.name != ".lock"]
+
+
 def test_release_with_keys_of_another_repository_is_refused(repo, tmp_path):
     _, repo_dir = repo
     init_repository(tmp_path / "k2", tmp_path / "r2")
