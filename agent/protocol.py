@@ -173,18 +173,25 @@ class DesiredState:
     newer than the last one it accepted, so a redelivered or out-of-order command never
     moves it off the newest desired version. Like an announcement it is a hint: TUF still
     decides what may be installed. Once a device has a desired state for a model it ignores
-    fleet-wide announcements for that model (the rollout decides)."""
+    fleet-wide announcements for that model (the rollout decides).
+
+    ``hold`` (all-or-none rollouts): download, verify and health-check the version, report
+    ``held``, but do not switch; a later command with a larger ``seq`` and no ``hold``
+    commits (switch) or names the old version (discard)."""
 
     model: str
     version: int
     seq: int
     rollout: str | None = None
+    hold: bool = False
     KIND = "desired"
 
     def to_bytes(self) -> bytes:
         body: dict[str, Any] = {"model": self.model, "version": self.version, "seq": self.seq}
         if self.rollout is not None:
             body["rollout"] = self.rollout
+        if self.hold:
+            body["hold"] = True
         return encode(self.KIND, body)
 
     @classmethod
@@ -196,8 +203,10 @@ class DesiredState:
         rollout = msg.get("rollout")
         if rollout is not None and not isinstance(rollout, str):
             raise ProtocolError("field 'rollout' must be a string")
+        if not isinstance(msg.get("hold", False), bool):
+            raise ProtocolError("field 'hold' must be a boolean")
         return cls(model=validate_id(_require(msg, "model", str), "model name"),
-                   version=version, seq=seq, rollout=rollout)
+                   version=version, seq=seq, rollout=rollout, hold=msg.get("hold", False))
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,12 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS desired (
     device TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL,
     seq INTEGER NOT NULL, rollout TEXT, updated_at {real} NOT NULL,
-    PRIMARY KEY (device, model));
+    hold INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device, model));
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, state TEXT NOT NULL, created_at {real} NOT NULL,
     updated_at {real} NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id {serial}, ts {real} NOT NULL, actor TEXT, action TEXT NOT NULL, rollout TEXT,
     detail TEXT NOT NULL);
@@ -120,6 +122,7 @@ class DesiredRecord:
     seq: int
     rollout: str | None
     updated_at: float
+    hold: bool = False  # all-or-none: stage and health-check, wait for the commit
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,14 @@ class Registry:
         self._inserts = 0
         self._db = open_backend(target, settings.busy_timeout_s)
         self._db.script(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a registry was first created (same on both backends)."""
+        try:
+            self._db.execute("SELECT hold FROM desired LIMIT 0")
+        except Exception:  # sqlite3 or psycopg error: the column is missing
+            self._db.execute("ALTER TABLE desired ADD COLUMN hold INTEGER NOT NULL DEFAULT 0")
 
     def now(self) -> float:
         """The registry's clock (what its timestamps are in)."""
@@ -303,31 +314,58 @@ class Registry:
     # --- desired state ---------------------------------------------------------------------
 
     def set_desired(self, device: str, model: str, version: int,
-                    rollout: str | None = None) -> tuple[DesiredRecord, bool]:
-        """Idempotent: asking again for the current desired version changes nothing (same
-        ``seq``); a different version gets the next fleet-wide ``seq``. Returns the record
-        and whether it changed."""
+                    rollout: str | None = None,
+                    hold: bool = False) -> tuple[DesiredRecord, bool]:
+        """Idempotent: asking again for the current desired version (and ``hold``) changes
+        nothing (same ``seq``); anything else gets the next fleet-wide ``seq``. ``hold``:
+        stage and health-check, do not switch (all-or-none). Returns the record and
+        whether it changed."""
         with self._db.transaction():
-            rows = self._db.execute("SELECT version, seq, rollout, updated_at FROM desired "
-                                    "WHERE device = ? AND model = ?", (device, model))
-            if rows and rows[0][0] == version:
+            rows = self._db.execute("SELECT version, seq, rollout, updated_at, hold FROM "
+                                    "desired WHERE device = ? AND model = ?", (device, model))
+            if rows and rows[0][0] == version and bool(rows[0][4]) == hold:
                 r = rows[0]
-                return DesiredRecord(device, model, version, r[1], r[2], r[3]), False
+                return DesiredRecord(device, model, version, r[1], r[2], r[3], hold), False
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM desired")[0][0]
             now = self._clock()
             self._db.execute(
-                "INSERT INTO desired (device, model, version, seq, rollout, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, model) DO UPDATE SET "
+                "INSERT INTO desired (device, model, version, seq, rollout, updated_at, hold) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, model) DO UPDATE SET "
                 "version = excluded.version, seq = excluded.seq, rollout = excluded.rollout, "
-                "updated_at = excluded.updated_at", (device, model, version, seq, rollout, now))
-            return DesiredRecord(device, model, version, seq, rollout, now), True
+                "updated_at = excluded.updated_at, hold = excluded.hold",
+                (device, model, version, seq, rollout, now, int(hold)))
+            return DesiredRecord(device, model, version, seq, rollout, now, hold), True
 
     def desired(self, device: str | None = None,
                 model: str | None = None) -> list[DesiredRecord]:
         where, params = self._where(("device", device), ("model", model))
-        rows = self._query("SELECT device, model, version, seq, rollout, updated_at FROM "
-                           f"desired{where} ORDER BY device, model", params)
-        return [DesiredRecord(*r) for r in rows]
+        rows = self._query("SELECT device, model, version, seq, rollout, updated_at, hold "
+                           f"FROM desired{where} ORDER BY device, model", params)
+        return [DesiredRecord(*r[:6], bool(r[6])) for r in rows]
+
+    # --- leases: one rollout runner per registry ------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew lease ``name`` for ``holder`` until now + ``ttl_s``; True when
+        ``holder`` has it. Another holder gets it only once it has expired (one atomic
+        upsert, so two processes can never both succeed)."""
+        now = self._clock()
+        with self._db.transaction():
+            self._db.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires_at = excluded.expires_at WHERE leases.holder = excluded.holder "
+                "OR leases.expires_at < ?", (name, holder, now + ttl_s, now))
+            rows = self._db.execute("SELECT holder FROM leases WHERE name = ?", (name,))
+        return bool(rows) and rows[0][0] == holder
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._write("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease(self, name: str) -> tuple[str, float] | None:
+        """(holder, expires_at) of lease ``name``, expired or not; None when free."""
+        rows = self._query("SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     @staticmethod
     def _where(*conds: tuple[str, Any]) -> tuple[str, tuple]:
@@ -405,12 +443,15 @@ class Registry:
                            f"FROM events{where} ORDER BY id LIMIT {int(limit)}", params)
         return [EventRecord(*r[:7], raw=json.loads(r[7])) for r in rows]
 
-    def install_outcomes(self, model: str, version: int,
-                         since: float) -> dict[str, tuple[str, str | None]]:
-        """device -> (last ``serving``/``failed`` event, reason) for one model version."""
+    def install_outcomes(self, model: str, version: int, since: float,
+                         events: tuple[str, ...] = ("serving", "failed"),
+                         ) -> dict[str, tuple[str, str | None]]:
+        """device -> (last of ``events``, reason) for one model version; all-or-none
+        staging asks for ``("held", "failed")``."""
+        clause, names = _in(events)
         rows = self._query("SELECT device, event, reason FROM events WHERE model = ? AND "
-                           "version = ? AND ts >= ? AND event IN ('serving', 'failed') "
-                           "ORDER BY id", (model, version, since))
+                           f"version = ? AND ts >= ? AND event IN {clause} "
+                           "ORDER BY id", (model, version, since, *names))
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def version_stats(self, model: str, version: int,

@@ -11,7 +11,9 @@ Every decision goes to the audit log with who, what, which devices and why.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections import Counter
@@ -89,15 +91,33 @@ def control(registry: Registry, rollout_id: str, command: str, actor: str,
 
 # --- the runner (inside the fleet server) --------------------------------------------------
 
+LEASE_NAME = "rollout-runner"
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 class RolloutRunner:
+    """Drives every open rollout of one registry. Several fleet servers may share a
+    registry; only the holder of the ``rollout-runner`` lease acts (renewed every tick,
+    taken over by another runner ``lease_ttl_s`` after the holder stops renewing)."""
+
     def __init__(self, registry: Registry, publish: PublishDesired,
                  stop_release: StopRelease | None = None, *, tick_s: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, lease_ttl_s: float = 10.0,
+                 holder: str | None = None) -> None:
+        if lease_ttl_s <= 2 * tick_s:
+            raise ConfigError(f"lease_ttl_s {lease_ttl_s} must exceed 2 x tick_s {tick_s}",
+                              key="lease_ttl_s")
         self.registry = registry
         self._publish = publish
         self._stop_release = stop_release
         self.tick_s = tick_s
         self._clock = clock
+        self.lease_ttl_s = lease_ttl_s
+        self.holder = holder or default_holder()
+        self.is_leader = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,6 +129,12 @@ class RolloutRunner:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.is_leader:  # hand over now rather than after the lease expires
+            self.is_leader = False
+            try:
+                self.registry.release_lease(LEASE_NAME, self.holder)
+            except Exception:  # the database may be gone; the lease then just expires
+                logger.warning("could not release the rollout-runner lease", exc_info=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
@@ -118,6 +144,8 @@ class RolloutRunner:
                 logger.exception("rollout tick failed")
 
     def tick(self) -> None:
+        if not self._lead():
+            return
         for doc in self.registry.rollouts():
             if doc["state"] in [s.value for s in FINAL] and doc.get("acted") == doc["state"]:
                 continue
@@ -125,6 +153,28 @@ class RolloutRunner:
             new = self.step(rollout)
             if new != rollout:
                 self._save(rollout, new)
+
+    def _lead(self) -> bool:
+        """Take or renew the lease; on taking over, re-publish the desired state of open
+        rollouts (a publish the previous holder recorded but never sent is not lost; a
+        device ignores a ``seq`` it already has)."""
+        held = self.registry.acquire_lease(LEASE_NAME, self.holder, self.lease_ttl_s)
+        if held and not self.is_leader:
+            logger.info("rollout runner %s now leads", self.holder)
+            self.registry.audit("fleet", "runner.lead", None, holder=self.holder)
+            self._republish_open()
+        elif not held and self.is_leader:
+            logger.warning("rollout runner %s lost the lease", self.holder)
+        self.is_leader = held
+        return held
+
+    def _republish_open(self) -> None:
+        open_states = [s.value for s in State if s not in FINAL]
+        for doc in self.registry.rollouts(open_states):
+            for rec in self.registry.desired(model=doc["model"]):
+                if rec.rollout == doc["id"]:
+                    self._publish(rec.device, DesiredState(rec.model, rec.version, rec.seq,
+                                                           rec.rollout, hold=rec.hold))
 
     def _save(self, loaded: Rollout, new: Rollout) -> None:
         """Keep a state a command wrote since we loaded (pause/abort win over our tick)."""
