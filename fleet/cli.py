@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
-from agent.mqtt import MqttSession, SessionSettings
+from agent.mqtt import MqttSession, SessionSettings, TlsSettings
 from agent.protocol import ReleaseAnnouncement, Topics
 from fleet.db import is_url
 from fleet.errors import ReleaseRejectedError
@@ -99,11 +99,13 @@ def cmd_fleet_stop_release(args: argparse.Namespace) -> int:
 
 # --- release -------------------------------------------------------------------------------
 
-def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
+def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
+             tls: TlsSettings | None = None) -> None:
     """Publish the retained announcement with a short-lived session; wait for the PUBACK."""
     session = MqttSession(SessionSettings(url=url, client_id=f"edgeship-release-"
                                           f"{secrets.token_hex(4)}", clean_start=True,
-                                          session_expiry_s=0), on_message=lambda m: None)
+                                          session_expiry_s=0, tls=tls),
+                          on_message=lambda m: None)
     session.start()
     try:
         if not session.wait_connected(timeout_s):
@@ -119,12 +121,13 @@ def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S)
 
 @_command
 def cmd_release(args: argparse.Namespace) -> int:
+    tls = _tls(args)  # bad flags are refused before anything is signed
     info = release_bundle(args.bundle, args.repo, args.keys,
                           RepoSettings(deltas=args.deltas))
     announced = False
     if args.mqtt:
         try:
-            announce(args.mqtt, info)
+            announce(args.mqtt, info, tls=tls)
             announced = True
         except EdgeshipError as e:
             raise EdgeshipError(f"released {info.model} v{info.version} but the announcement "
@@ -159,7 +162,8 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
                                        db_path=args.db if is_url(args.db) else Path(args.db),
                                        http_port=args.http_port, http_host=args.http_host,
                                        workers=args.workers,
-                                       keys_dir=Path(args.keys) if args.keys else None))
+                                       keys_dir=Path(args.keys) if args.keys else None,
+                                       tls=_tls(args)))
     server.start()
     print(f"fleet server serving {args.repo} on {args.mqtt}", flush=True)
     stop.wait()
@@ -256,9 +260,32 @@ def _add_keys(subparsers: argparse._SubParsersAction) -> None:
     rot.set_defaults(func=cmd_keys_rotate_root)
 
 
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    """``--tls-ca/--tls-cert/--tls-key``: connect to an ``mqtts://`` broker that wants a client
+    certificate (the fleet identity from ``edgeship broker issue fleet NAME``)."""
+    p.add_argument("--tls-ca", type=Path, help="CA certificate that signed the broker's")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="client private key (PEM)")
+
+
+def _tls(args: argparse.Namespace) -> TlsSettings | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together", key="tls_cert")
+    if args.tls_ca is None:
+        if args.tls_cert is not None:
+            raise ConfigError("--tls-cert needs --tls-ca", key="tls_ca")
+        return None
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--{key.replace('_', '-')} {path}: no such file", key=key)
+    return TlsSettings(str(args.tls_ca), str(args.tls_cert) if args.tls_cert else None,
+                       str(args.tls_key) if args.tls_key else None)
+
+
 def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel = subparsers.add_parser("release", help="sign a bundle into the repository")
-    rel.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    rel.add_argument("bundle", type=Path, help="bundle directory, .tar or .tar.zst")
     rel.add_argument("--repo", required=True, type=Path, help="repository directory")
     rel.add_argument("--keys", required=True, type=Path, help="directory of private keys")
     rel.add_argument("--mqtt", help="broker URL: publish the retained release announcement")
@@ -267,6 +294,7 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
                           "it download only what changed)")
+    _add_tls(rel)
     rel.set_defaults(func=cmd_release)
 
 
@@ -285,6 +313,7 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--keys", type=Path,
                        help="keys directory: re-sign the timestamp periodically")
     serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
+    _add_tls(serve)
     serve.set_defaults(func=cmd_fleet_serve)
     kill = sub.add_parser("stop-release",
                           help="kill switch: stop all transfers of a release")

@@ -84,6 +84,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         _parser().parse_args(["keys", "init", "--keys", "k", "--repo", "r",
                               "--root-threshold", "0"])
     assert e.value.code == 2
+    # TLS flags are checked before anything is signed: nothing is released
+    bundle = make_bundle(tmp_path / "b")
+    assert run("release", bundle, "--repo", tmp_path / "r", "--keys", tmp_path / "k",
+               "--mqtt", "mqtts://127.0.0.1:1", "--tls-ca", tmp_path / "ca.pem",
+               "--tls-cert", tmp_path / "c.pem") == 2
+    assert run("release", bundle, "--repo", tmp_path / "r", "--keys", tmp_path / "k",
+               "--mqtt", "mqtts://127.0.0.1:1", "--tls-ca", tmp_path / "ca.pem") == 2
+    err = capsys.readouterr().err
+    assert "--tls-cert and --tls-key go together" in err and "ca.pem: no such file" in err
+    assert not (tmp_path / "r" / "targets" / "digits").exists()
 
 
 def test_fleet_status_lists_devices(tmp_path, capsys):

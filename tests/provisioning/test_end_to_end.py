@@ -7,19 +7,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from agent.config import load_config
 from agent.daemon import Agent
-from agent.mqtt import TlsSettings
 from agent.protocol import Topics
 from fleet.broker import free_port
 from fleet.broker_config import refresh_acl_and_crl
 from fleet.provision import EnrollmentSettings, build_enrollment
-from fleet.server import FleetServer, FleetSettings
-from fleet.tuf_repo import init_repository, release_bundle
+from fleet.registry import Registry
+from fleet.tuf_repo import init_repository
+
+ROOT = Path(__file__).resolve().parents[2]
+EDGESHIP = [sys.executable, "-m", "edgeship"]
 
 
 class StatusWatcher:
@@ -67,19 +73,26 @@ def test_provisioned_device_connects_over_tls_and_serves_a_release(locked_broker
         device_id="pi-e2e", profile="generic-x86_64", mqtt_url=locked_broker.url,
         repo_dir=tmp_path / "repo"), locked_broker.ca, tmp_path / "enroll")
     fleet_id = locked_broker.identity("fleet", "server-1")
-    fleet = FleetServer(FleetSettings(
-        mqtt_url=locked_broker.url, repo_dir=tmp_path / "repo", db_path=tmp_path / "f.db",
-        tls=TlsSettings(str(locked_broker.ca.cert_path), str(fleet_id.cert_path),
-                        str(fleet_id.key_path))))
-    fleet.start()
+    tls = ["--tls-ca", str(locked_broker.ca.cert_path), "--tls-cert", str(fleet_id.cert_path),
+           "--tls-key", str(fleet_id.key_path)]
+    # the fleet side as an operator runs it: `edgeship fleet serve` and `edgeship release`
+    # with the fleet identity's certificate on the command line
+    fleet = subprocess.Popen(
+        [*EDGESHIP, "fleet", "serve", "--mqtt", locked_broker.url, "--repo",
+         str(tmp_path / "repo"), "--db", str(tmp_path / "f.db"), *tls],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watcher = StatusWatcher(locked_broker)
     agent = Agent(device_config(bundle, tmp_path))
     try:
+        assert b"serving" in fleet.stdout.readline()
         agent.start()
         assert agent.session.wait_connected(20)
-        info = release_bundle(digits_bundles[1].bundle_dir, tmp_path / "repo",
-                              tmp_path / "keys")
-        fleet.announce(info)
+        released = subprocess.run(
+            [*EDGESHIP, "release", str(digits_bundles[1].bundle_dir), "--repo",
+             str(tmp_path / "repo"), "--keys", str(tmp_path / "keys"), "--mqtt",
+             locked_broker.url, *tls], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert released.returncode == 0, released.stderr
+        assert "announced" in released.stdout
         ev = watcher.wait_for("pi-e2e", "serving")
         assert ev["version"] == 1
         x = digits_bundles["trained"].data.x_test[:2]
@@ -89,11 +102,17 @@ def test_provisioned_device_connects_over_tls_and_serves_a_release(locked_broker
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
         # the registry saw the device through the fleet server's own TLS identity
-        assert "pi-e2e" in [d.id for d in fleet.registry.devices()]
+        registry = Registry(tmp_path / "f.db")
+        try:
+            assert "pi-e2e" in [d.id for d in registry.devices()]
+        finally:
+            registry.close()
     finally:
         agent.stop()
         watcher.session.stop()
-        fleet.stop()
+        fleet.send_signal(signal.SIGTERM)
+        _, err = fleet.communicate(timeout=20)
+    assert fleet.returncode == 0, err.decode()
     # revoke: after the broker restarts with the new CRL, the device cannot come back
     locked_broker.ca.revoke("pi-e2e")
     refresh_acl_and_crl(locked_broker.conf_dir, locked_broker.ca)
