@@ -86,6 +86,7 @@ class Agent:
         self._wanted: dict[str, int] = {}  # model -> newest announced version
         self._wanted_cv = threading.Condition()
         self.desired = DesiredTracker(cfg.state_dir)  # issue 6: per-device desired state
+        self._not_before: dict[str, float] = {}  # model -> monotonic start (announce spread)
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
@@ -226,6 +227,7 @@ class Agent:
             elif kind == "desired":
                 self._on_desired(protocol.DesiredState.from_bytes(item.payload))
         except ProtocolError as e:
+                    self._spread(ann)
             self.rejected_messages += 1
             logger.warning("rejected message on %s: %s", item.topic, e)
             self.report("rejected", reason=e.reason_code.value, detail=str(e)[:300],
@@ -264,11 +266,34 @@ class Agent:
                 self._apply_desired(model, self.desired.version(model) or version)
             else:
                 self.updates.handle_announcement(model, version)
+            if not self.desired.governs(model) and self._wait_spread(model, version):
+                continue
 
     def _apply_desired(self, model: str, version: int) -> None:
         active = self.store.active(model)
         if active is not None and active.version == version:
             return
+    def _spread(self, ann: protocol.ReleaseAnnouncement) -> None:
+        """Issue 3: an announcement with ``spread_s`` starts this device's fetch at its own
+        offset in the window (protocol.spread_delay_s)."""
+        delay_s = protocol.spread_delay_s(self.device, ann.model, ann.version, ann.spread_s,
+                                          ann.released_at, time.time())
+        with self._wanted_cv:
+            self._not_before[ann.model] = time.monotonic() + delay_s
+
+    def _wait_spread(self, model: str, version: int) -> bool:
+        """Wait out the announcement spread; True: skip this version (the agent stops, a
+        newer version was announced, or a rollout took the model over meanwhile)."""
+        with self._wanted_cv:
+            delay_s = self._not_before.pop(model, 0.0) - time.monotonic()
+        if delay_s <= 0:
+            return False
+        logger.info("announcement spread: fetching %s v%d in %.1fs", model, version, delay_s)
+        if self._stop.wait(delay_s):
+            return True
+        with self._wanted_cv:
+            return self._wanted.get(model, 0) > version or self.desired.governs(model)
+
         if active is not None and version < active.version and reactivate_kept(
                 self.store, self.server, model=model, version=version,
                 threads=self.traits.threads, providers=self.traits.providers,

@@ -7,6 +7,7 @@ version with reason ``unsupported_schema``. Sizes are checked before parsing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -144,16 +145,24 @@ def _require(msg: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any
 @dataclass(frozen=True)
 class ReleaseAnnouncement:
     """Fleet → devices, retained per model: 'version N of model M is available'. A hint
-    only: the device trusts nothing in it until TUF metadata confirms it."""
+    only: the device trusts nothing in it until TUF metadata confirms it.
+
+    ``spread_s`` (optional, absent = 0): devices start fetching at a deterministic
+    per-device offset in ``[0, spread_s)`` after ``released_at`` (see
+    :func:`spread_delay_s`), so a fleet does not hit the fleet servers in one instant."""
 
     model: str
     version: int
     released_at: float
+    spread_s: float = 0.0
     KIND = "release"
 
     def to_bytes(self) -> bytes:
-        return encode(self.KIND, {"model": self.model, "version": self.version,
-                                  "released_at": self.released_at})
+        body: dict[str, Any] = {"model": self.model, "version": self.version,
+                                "released_at": self.released_at}
+        if self.spread_s > 0:
+            body["spread_s"] = self.spread_s
+        return encode(self.KIND, body)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "ReleaseAnnouncement":
@@ -161,9 +170,32 @@ class ReleaseAnnouncement:
         version = _require(msg, "version", int)
         if version < 1:
             raise ProtocolError("field 'version' must be >= 1")
+        spread_s = msg.get("spread_s", 0)
+        if isinstance(spread_s, bool) or not isinstance(spread_s, (int, float)) \
+                or not 0 <= spread_s <= MAX_SPREAD_S:
+            raise ProtocolError(f"field 'spread_s' must be a number in [0, {MAX_SPREAD_S}]")
         return cls(model=validate_id(_require(msg, "model", str), "model name"),
                    version=version, released_at=float(_require(msg, "released_at",
-                                                               (int, float))))
+                                                               (int, float))),
+                   spread_s=float(spread_s))
+
+
+#: Longest announcement spread a device accepts (a day).
+MAX_SPREAD_S = 86_400.0
+
+
+def spread_delay_s(device: str, model: str, version: int, spread_s: float,
+                   released_at: float, now: float) -> float:
+    """How long a device waits before fetching an announced release: its own offset in
+    ``[0, spread_s)`` (from a hash of device, model and version, so it is the same after a
+    restart and differs per release), counted from ``released_at``. A device that hears of
+    the release late (was offline) starts at once; a device whose clock is behind never
+    waits longer than its offset."""
+    if spread_s <= 0:
+        return 0.0
+    digest = hashlib.sha256(f"{device}/{model}/{version}".encode()).digest()
+    offset_s = int.from_bytes(digest[:8], "big") / 2 ** 64 * min(spread_s, MAX_SPREAD_S)
+    return max(0.0, min(offset_s, released_at + offset_s - now))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
 from agent.mqtt import MqttSession, SessionSettings, TlsSettings
-from agent.protocol import ReleaseAnnouncement, Topics
+from agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
 from fleet.db import is_url
 from fleet.errors import ReleaseRejectedError
 from fleet.registry import DeviceRecord, Registry
@@ -100,8 +100,9 @@ def cmd_fleet_stop_release(args: argparse.Namespace) -> int:
 # --- release -------------------------------------------------------------------------------
 
 def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
-             tls: TlsSettings | None = None) -> None:
-    """Publish the retained announcement with a short-lived session; wait for the PUBACK."""
+             tls: TlsSettings | None = None, spread_s: float = 0.0) -> None:
+    """Publish the retained announcement with a short-lived session; wait for the PUBACK.
+    ``spread_s``: devices start fetching at a per-device offset within this window."""
     session = MqttSession(SessionSettings(url=url, client_id=f"edgeship-release-"
                                           f"{secrets.token_hex(4)}", clean_start=True,
                                           session_expiry_s=0, tls=tls),
@@ -110,7 +111,8 @@ def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
     try:
         if not session.wait_connected(timeout_s):
             raise EdgeshipError(f"could not connect to {url} within {timeout_s}s")
-        payload = ReleaseAnnouncement(info.model, info.version, info.released_at).to_bytes()
+        payload = ReleaseAnnouncement(info.model, info.version, info.released_at,
+                                      spread_s).to_bytes()
         rc = session.publish_acked(Topics.release(info.model), payload, timeout_s=timeout_s,
                                    retain=True)
         if rc >= 0x80:
@@ -127,7 +129,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     announced = False
     if args.mqtt:
         try:
-            announce(args.mqtt, info, tls=tls)
+            announce(args.mqtt, info, tls=tls, spread_s=args.spread_s)
             announced = True
         except EdgeshipError as e:
             raise EdgeshipError(f"released {info.model} v{info.version} but the announcement "
@@ -228,6 +230,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _spread_s(text: str) -> float:
+    """``--spread-s``: seconds in [0, MAX_SPREAD_S] (what a device accepts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_SPREAD_S:
+        raise argparse.ArgumentTypeError(f"expected seconds in [0, {MAX_SPREAD_S:.0f}], "
+                                         f"got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     _add_keys(subparsers)
     _add_release(subparsers)
@@ -294,6 +318,9 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
                           "it download only what changed)")
+    rel.add_argument("--spread-s", type=_spread_s, default=0.0,
+                     help="with --mqtt: devices start fetching at a per-device offset within "
+                     "this many seconds (default 0: at once)")
     _add_tls(rel)
     rel.set_defaults(func=cmd_release)
 

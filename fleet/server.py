@@ -50,6 +50,7 @@ class FleetSettings:
     timestamp_refresh_s: float = 2 * 3600  # timestamp expiry is 6 h (RepoSettings)
     max_transfers: int = 200  # concurrent target transfers; more are answered 503
     transfer_idle_s: float = 60.0  # a transfer with no request for this long frees its slot
+    announce_spread_s: float = 0.0  # devices spread their fetches over this window; 0 = none
     repo_settings: RepoSettings = RepoSettings()
     rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
@@ -158,9 +159,14 @@ class FleetServer:
 
     # --- releases ----------------------------------------------------------------------
 
-    def announce(self, info: ReleaseInfo, *, by: str | None = None) -> None:
-        """Publish the retained release announcement (waits for the PUBACK) and record it."""
-        payload = ReleaseAnnouncement(info.model, info.version, info.released_at).to_bytes()
+    def announce(self, info: ReleaseInfo, *, by: str | None = None,
+                 spread_s: float | None = None) -> None:
+        """Publish the retained release announcement (waits for the PUBACK) and record it.
+        ``spread_s`` (default ``settings.announce_spread_s``): devices start fetching at a
+        per-device offset within this window (docs/protocol.md)."""
+        spread_s = self.settings.announce_spread_s if spread_s is None else spread_s
+        payload = ReleaseAnnouncement(info.model, info.version, info.released_at,
+                                      spread_s).to_bytes()
         rc = self._session.publish_acked(Topics.release(info.model), payload, retain=True,
                                          timeout_s=self.settings.publish_timeout_s)
         if rc >= 0x80:
