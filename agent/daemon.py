@@ -84,9 +84,9 @@ class Agent:
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self._wanted: dict[str, int] = {}  # model -> newest announced version
+        self._not_before: dict[str, float] = {}  # model -> monotonic start (announce spread)
         self._wanted_cv = threading.Condition()
         self.desired = DesiredTracker(cfg.state_dir)  # issue 6: per-device desired state
-        self._not_before: dict[str, float] = {}  # model -> monotonic start (announce spread)
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
@@ -223,11 +223,11 @@ class Agent:
             if kind == "release":
                 ann = protocol.ReleaseAnnouncement.from_bytes(item.payload)
                 if not self.desired.governs(ann.model):  # else the rollout decides
+                    self._spread(ann)
                     self._want(ann.model, ann.version)
             elif kind == "desired":
                 self._on_desired(protocol.DesiredState.from_bytes(item.payload))
         except ProtocolError as e:
-                    self._spread(ann)
             self.rejected_messages += 1
             logger.warning("rejected message on %s: %s", item.topic, e)
             self.report("rejected", reason=e.reason_code.value, detail=str(e)[:300],
@@ -262,17 +262,13 @@ class Agent:
                 if self._stop.is_set():
                     return
                 model, version = self._wanted.popitem()
+            if not self.desired.governs(model) and self._wait_spread(model, version):
+                continue
             if self.desired.governs(model):
                 self._apply_desired(model, self.desired.version(model) or version)
             else:
                 self.updates.handle_announcement(model, version)
-            if not self.desired.governs(model) and self._wait_spread(model, version):
-                continue
 
-    def _apply_desired(self, model: str, version: int) -> None:
-        active = self.store.active(model)
-        if active is not None and active.version == version:
-            return
     def _spread(self, ann: protocol.ReleaseAnnouncement) -> None:
         """Issue 3: an announcement with ``spread_s`` starts this device's fetch at its own
         offset in the window (protocol.spread_delay_s)."""
@@ -294,6 +290,10 @@ class Agent:
         with self._wanted_cv:
             return self._wanted.get(model, 0) > version or self.desired.governs(model)
 
+    def _apply_desired(self, model: str, version: int) -> None:
+        active = self.store.active(model)
+        if active is not None and active.version == version:
+            return
         if active is not None and version < active.version and reactivate_kept(
                 self.store, self.server, model=model, version=version,
                 threads=self.traits.threads, providers=self.traits.providers,
