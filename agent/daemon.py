@@ -18,7 +18,7 @@ from agent import __version__, protocol
 from agent.api import InferenceHTTPServer, InferenceUnixServer
 from agent.capabilities import Capabilities, Plan, detect, plan
 from agent.config import AgentConfig
-from agent.desired import DesiredTracker, reactivate_kept
+from agent.desired import DesiredTracker, HeldVersions, reactivate_kept
 from agent.errors import EdgeshipError, ProtocolError, Reason, TransferError
 from agent.lifecycle import RecordStore
 from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
@@ -102,6 +102,7 @@ class Agent:
             traits=self.traits, report=self.report,
             max_model_bytes=cfg.max_model_bytes, settings=install_settings(cfg),
             faults=faults.from_env(), superseded=self._superseded)
+        self.held = HeldVersions(self.updates)  # issue 6: all-or-none staging
         self._init_runtime_services()
         self._threads: list[threading.Thread] = []
 
@@ -291,6 +292,10 @@ class Agent:
             return self._wanted.get(model, 0) > version or self.desired.governs(model)
 
     def _apply_desired(self, model: str, version: int) -> None:
+        if self.desired.holds(model):  # all-or-none: stage, report held, wait for commit
+            self.held.stage(model, version)
+            return
+        held = self.held.take(model, version)  # the commit (or a discard)
         active = self.store.active(model)
         if active is not None and active.version == version:
             return
@@ -299,7 +304,7 @@ class Agent:
                 threads=self.traits.threads, providers=self.traits.providers,
                 report=self.report):
             return
-        self.updates.install(model, version)
+        self.updates.install(model, version, held=held)
 
     # --- outbound -------------------------------------------------------------------------
 

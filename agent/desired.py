@@ -10,6 +10,13 @@ A model with a desired state is governed by it: fleet-wide release announcements
 model are ignored. Going back to an older version (a rollout rollback) reactivates the
 copy the store kept of it, without a download, since the device's anti-rollback floor
 refuses to install an older version afresh.
+
+All-or-none (``hold``): :class:`HeldVersions` downloads, verifies, finalizes (inactive)
+and health-checks the version, keeps it loaded and warm, and reports ``held``; nothing
+switches. The commit (same version, no ``hold``) hands the warm copy to the install
+lifecycle, which only records the steps already done and switches; a discard (the old
+version) removes the held copy and reports ``discarded``. The hold is persisted in
+``desired.json`` first, so an agent restarted while holding stages again and still waits.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from agent.errors import EdgeshipError
+from agent.errors import EdgeshipError, Reason
 from agent.fsutil import atomic_write
 from agent.protocol import DesiredState
 from agent.runtime import load_runtime
 from agent.serving import LoadedModel, ModelServer
-from agent.store import ModelStore
+from agent.store import InstalledModel, ModelStore
+
+if TYPE_CHECKING:
+    from agent.updater import UpdateManager
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +66,7 @@ class DesiredTracker:
             if current is not None and desired.seq <= current["seq"]:
                 return False
             self._state[desired.model] = {"version": desired.version, "seq": desired.seq,
-                                          "rollout": desired.rollout}
+                                          "rollout": desired.rollout, "hold": desired.hold}
             atomic_write(self.path, json.dumps(self._state, sort_keys=True).encode())
             return True
 
@@ -64,6 +74,11 @@ class DesiredTracker:
         with self._lock:
             entry = self._state.get(model)
             return entry["version"] if entry else None
+
+    def holds(self, model: str) -> bool:
+        """The newest command says: stage this version, do not switch yet."""
+        with self._lock:
+            return bool(self._state.get(model, {}).get("hold"))
 
     def governs(self, model: str) -> bool:
         return self.version(model) is not None
@@ -92,3 +107,90 @@ def reactivate_kept(store: ModelStore, server: ModelServer, *, model: str, versi
     report("serving", model=model, version=version, variant=installed.variant.id,
            precision=installed.variant.precision, reverted=True)
     return True
+
+
+class HeldVersions:
+    """Versions staged and health-checked on a ``hold``, waiting for the fleet's commit
+    (one per model, loaded and warm so the switch costs a symlink and a swap). Runs on the
+    agent's update thread, like every install."""
+
+    def __init__(self, updates: "UpdateManager") -> None:
+        self.updates = updates
+        self._held: dict[str, LoadedModel] = {}
+
+    def version(self, model: str) -> int | None:
+        held = self._held.get(model)
+        return held.installed.version if held else None
+
+    def stage(self, model: str, version: int) -> bool:
+        """Idempotent: a version already held (or already served) is reported again."""
+        u = self.updates
+        active = u.store.active_version(model)
+        if self.version(model) == version or active == version:
+            u.report("held", model=model, version=version, hold=True)
+            return True
+        self.discard(model)
+        if u.records.load(model).is_blocked(version):
+            u.report("failed", model=model, version=version, hold=True,
+                     reason=Reason.VERSION_BLOCKED.value,
+                     detail="this version was reverted on this device before")
+            return False
+        try:
+            installed = self._kept_or_download(model, version)
+            check = u._health_check(installed)
+            self._held[model] = u._warm(installed)
+        except EdgeshipError as e:
+            self._failed(model, version, e)
+            return False
+        except Exception as e:  # a bug must not stop the update thread
+            logger.exception("staging %s v%s failed", model, version)
+            self._failed(model, version, EdgeshipError(f"{type(e).__name__}: {e}",
+                                                       reason_code=Reason.INTERNAL))
+            return False
+        u.report("held", model=model, version=version, variant=installed.variant.id,
+                 hold=True, max_abs_diff=check.max_abs_diff,
+                 latency_ms=round(check.latency_ms, 3))
+        return True
+
+    def _kept_or_download(self, model: str, version: int) -> InstalledModel:
+        """A copy finalized before (an agent restarted while holding) if its files still
+        match; else download and verify into staging, and finalize it (not active)."""
+        u = self.updates
+        if version in u.store.versions(model):
+            kept = u.store.load(model, version)
+            if u.store.verify(kept):
+                return kept
+        staging = u.store.staging_dir(model, version)
+        manifest, variant_id = u._download(model, version, staging)
+        variant = u._verify(manifest, variant_id, staging)
+        return u.store.finalize(model, version, staging, manifest, variant)
+
+    def _failed(self, model: str, version: int, e: EdgeshipError) -> None:
+        from agent.install import MODEL_FAULTS
+        u = self.updates
+        logger.warning("staging %s v%s on hold failed (%s): %s", model, version,
+                       e.reason_code, e)
+        u._remove_inactive(model, version)
+        u._clean_downloads()
+        if e.reason_code in MODEL_FAULTS:
+            u.records.save(u.records.load(model).block(version))
+        u.report("failed", model=model, version=version, hold=True,
+                 reason=e.reason_code.value, detail=str(e)[:500])
+
+    def take(self, model: str, version: int) -> LoadedModel | None:
+        """The commit: the warm copy of ``version`` if it is the one held; a different
+        held version is discarded."""
+        if self.version(model) == version:
+            return self._held.pop(model)
+        self.discard(model)
+        return None
+
+    def discard(self, model: str) -> None:
+        held = self._held.pop(model, None)
+        if held is None:
+            return
+        version = held.installed.version
+        if self.updates.store.active_version(model) != version:
+            self.updates._remove_inactive(model, version)
+        logger.info("discarded held %s v%s", model, version)
+        self.updates.report("discarded", model=model, version=version)

@@ -190,14 +190,26 @@ class InstallLifecycle:
         self._attempts[(model, version)] = attempts + 1
         self.install(model, version)
 
-    def install(self: "UpdateManager", model: str, version: int) -> bool:
+    def install(self: "UpdateManager", model: str, version: int,
+                held: LoadedModel | None = None) -> bool:
+        """``held``: the warm copy an all-or-none hold staged and health-checked
+        (``agent.desired.HeldVersions``); the commit then only switches."""
         record = self.records.load(model)
         if record.state in (State.COMMITTED, State.FAILED):
             record = self._save(record.advance(Event.DONE))
         active = self.store.active(model)
         record = self._save(record.begin(version, active.version if active else None))
+        if held is not None and held.installed.version == version:
+            return self._guarded(record, lambda r: self._commit_held(r, held))
         self.report("downloading", model=model, version=version)
         return self._guarded(record, self._run)
+
+    def _commit_held(self: "UpdateManager", record: UpdateRecord,
+                     held: LoadedModel) -> UpdateRecord:
+        """Record the steps the hold already went through, then shadow/trial as usual."""
+        for event in (Event.DOWNLOADED, Event.VERIFIED, Event.CHECK):
+            record = self._save(record.advance(event))
+        return self._checked(record, held.installed, {"held": True}, held)
 
     def _guarded(self: "UpdateManager", record: UpdateRecord,
                  body: Callable[[UpdateRecord], UpdateRecord]) -> bool:
@@ -235,13 +247,19 @@ class InstallLifecycle:
         self._fault(record, "checked", last=True)
         health = {"max_abs_diff": report.max_abs_diff,
                   "latency_ms": round(report.latency_ms, 3)}
-        if installed.manifest.shadow is not None and self.server.find(model) is not None:
+        return self._checked(record, installed, health)
+
+    def _checked(self: "UpdateManager", record: UpdateRecord, installed: InstalledModel,
+                 health: dict, loaded: LoadedModel | None = None) -> UpdateRecord:
+        """Healthy: through the shadow run (when the release asks for one) to the trial."""
+        if installed.manifest.shadow is not None and \
+                self.server.find(record.model) is not None:
             record = self._step(record, Event.SHADOW, **health)
             loaded, agreement = self._shadow(record, installed)
             record = self._step(record, Event.AGREED, agreement=round(agreement, 4))
             return self._trial(record, installed, loaded)
         record = self._step(record, Event.HEALTHY, **health)
-        return self._trial(record, installed)
+        return self._trial(record, installed, loaded)
 
     def _shadow(self: "UpdateManager", record: UpdateRecord,
                 installed: InstalledModel) -> tuple[LoadedModel, float]:

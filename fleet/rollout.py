@@ -98,7 +98,8 @@ class Policy:
     max_concurrent: int = 50                # devices downloading at once
     jitter_s: float = 10.0                  # desired-state publishes spread over this window
     baseline_window_s: float = 600.0        # old-version telemetry used as the baseline
-    all_or_none: bool = False               # one wave; any failure rolls every device back
+    all_or_none: bool = False               # one wave: all stage, then one commit switches
+    #                                         all; any failure: all discard (see docs/rollouts.md)
     gates: Gates = Gates()
 
     def __post_init__(self) -> None:
@@ -270,6 +271,27 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
     return Verdict("pass", "all gates passed", None, measured)
 
 
+def staging_verdict(devices: tuple[str, ...], outcomes: Mapping[str, tuple[str, str | None]],
+                    started_at: float, now: float, timeout_s: float) -> Verdict:
+    """All-or-none, before the switch: "pass" (commit) once every device reported
+    ``held``; "fail" (discard everywhere) as soon as one failed or the deadline passed."""
+    held = [d for d in devices if outcomes.get(d, ("",))[0] == "held"]
+    failed = {d: outcomes[d][1] for d in devices if outcomes.get(d, ("",))[0] == "failed"}
+    measured = {"devices": len(devices), "held": len(held), "failed": len(failed)}
+    if failed:
+        why = ", ".join(f"{d}: {r or 'unknown'}" for d, r in sorted(failed.items()))
+        return _fail("all_or_none", f"{len(failed)} of {len(devices)} device(s) could not "
+                     f"stage the new version ({why}); none switches", **measured)
+    if len(held) == len(devices):
+        return Verdict("pass", f"all {len(devices)} devices staged", None, measured)
+    if now - started_at > timeout_s:
+        missing = sorted(set(devices) - set(held))
+        return _fail("all_or_none", f"{len(missing)} of {len(devices)} device(s) did not "
+                     f"stage within {timeout_s:.0f}s ({', '.join(missing[:10])}); "
+                     "none switches", **measured)
+    return _wait(f"staging: {len(held)}/{len(devices)} held", **measured)
+
+
 def failure_event(policy: Policy) -> Event:
     if policy.all_or_none or policy.on_failure == "rollback":
         return Event.GATE_FAILED_ROLLBACK
@@ -293,6 +315,7 @@ class Rollout:
     wave: int = 0                     # index of the current wave
     wave_started_at: float | None = None
     wave_installed_at: float | None = None  # when the current wave's install gate passed
+    committed_at: float | None = None  # all-or-none: when the one commit went out
     acted: str = ""                   # the state whose side effects the runner carried out
     baseline: dict[str, dict[str, Any]] = field(default_factory=dict)
     sent: dict[str, float] = field(default_factory=dict)  # device -> desired published at

@@ -25,7 +25,7 @@ from agent.protocol import DesiredState
 from fleet.registry import Registry
 from fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, State,
                            WaveObservation, evaluate_wave, failure_event, install_gate,
-                           jitter_offset_s, plan_waves)
+                           jitter_offset_s, plan_waves, staging_verdict)
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,8 @@ class RolloutRunner:
         r = replace(r, acted=State.RUNNING.value)
         if r.wave_started_at is None:
             r = self._start_wave(r, now)
+        if r.policy.all_or_none and r.committed_at is None:
+            return self._stage_all(r, now)
         r = self._dispatch(r, now)
         obs = self._observe(r)
         if r.wave_installed_at is None and install_gate(
@@ -234,10 +236,12 @@ class RolloutRunner:
                             devices=list(r.waves[r.wave]), baseline_devices=len(baseline))
         return replace(r, wave_started_at=now, baseline={**r.baseline, **baseline})
 
-    def _dispatch(self, r: Rollout, now: float) -> Rollout:
+    def _dispatch(self, r: Rollout, now: float, hold: bool = False) -> Rollout:
         """Publish desired state to due devices of the wave, at most max_concurrent
         devices downloading (sent, no outcome yet) at once."""
-        outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at)
+        events = ("held", "failed") if hold else ("serving", "failed")
+        outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at,
+                                                  events)
         in_flight = sum(1 for d in r.sent if d not in outcomes)
         room = r.policy.max_concurrent - in_flight
         due = [d for d in r.waves[r.wave] if d not in r.sent and now >= r.wave_started_at
@@ -245,15 +249,43 @@ class RolloutRunner:
         if not due:
             return r
         for device in due:
-            self._desire(r, device, r.to_version)
+            self._desire(r, device, r.to_version, hold=hold)
         self.registry.audit("fleet", "rollout.desired", r.id, wave=r.wave,
-                            version=r.to_version, devices=due)
+                            version=r.to_version, devices=due, hold=hold)
         return replace(r, sent={**r.sent, **{d: now for d in due}})
 
-    def _desire(self, r: Rollout, device: str, version: int) -> None:
-        record, changed = self.registry.set_desired(device, r.model, version, rollout=r.id)
+    def _desire(self, r: Rollout, device: str, version: int, hold: bool = False) -> None:
+        record, changed = self.registry.set_desired(device, r.model, version, rollout=r.id,
+                                                    hold=hold)
         if changed:
-            self._publish(device, DesiredState(r.model, version, record.seq, r.id))
+            self._publish(device, DesiredState(r.model, version, record.seq, r.id,
+                                               hold=hold))
+
+    # --- all-or-none: every device stages, then one commit --------------------------
+
+    def _stage_all(self, r: Rollout, now: float) -> Rollout:
+        """Desired state with ``hold`` to every device (jitter, download cap); when all
+        reported ``held``, the commit; when one failed or the deadline passed, the
+        rollback (every device discards what it holds; none ever switched)."""
+        r = self._dispatch(r, now, hold=True)
+        wave = r.waves[r.wave]
+        outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at,
+                                                  ("held", "failed"))
+        verdict = staging_verdict(wave, outcomes, r.wave_started_at or r.created_at, now,
+                                  r.policy.wave_timeout_s)
+        if verdict.decision == "wait":
+            return r
+        if verdict.decision == "fail":
+            record = {"wave": r.wave, "devices": len(wave), "at": now, "phase": "staging",
+                      "decision": "fail", "gate": verdict.gate, "reason": verdict.reason,
+                      "measured": verdict.measured}
+            return self._halt(replace(r, verdicts=(*r.verdicts, record)), verdict.reason,
+                              record)
+        for device in wave:  # back to back, no jitter: the switch is simultaneous
+            self._desire(r, device, r.to_version, hold=False)
+        self.registry.audit("fleet", "rollout.commit", r.id, version=r.to_version,
+                            devices=list(wave), held=verdict.measured["held"])
+        return replace(r, committed_at=now, wave_started_at=now)
 
     def _observe(self, r: Rollout) -> WaveObservation:
         wave = r.waves[r.wave]

@@ -179,3 +179,42 @@ def test_pause_resume_abort_commands(fleet):
         ("carol", "rollout.abort")]
     with pytest.raises(ConfigError):
         start_rollout(reg, model="m", version=9, policy=FAST, actor="x")
+
+
+def test_all_or_none_commits_only_when_every_device_held_and_fails_on_any_failure():
+    from fleet.rollout import staging_verdict
+    devs = ("a", "b", "c")
+    held = {"a": ("held", None), "b": ("held", None)}
+    assert staging_verdict(devs, held, 0, 5, 60).decision == "wait"
+    assert staging_verdict(devs, {**held, "c": ("held", None)}, 0, 5, 60).decision == "pass"
+    v = staging_verdict(devs, {**held, "c": ("failed", "golden_mismatch")}, 0, 5, 60)
+    assert (v.decision, v.gate) == ("fail", "all_or_none")
+    assert "c: golden_mismatch" in v.reason and "none switches" in v.reason
+    v = staging_verdict(devs, held, 0, 61, 60)  # c never staged: deadline
+    assert v.decision == "fail" and "did not stage within 60s (c)" in v.reason
+
+
+def test_hold_commit_and_discard_on_the_wire_and_across_restarts(tmp_path):
+    from agent.desired import DesiredTracker
+    from agent.protocol import DesiredState
+    hold = DesiredState("m", 3, 7, "r-1", hold=True)
+    assert DesiredState.from_bytes(hold.to_bytes()) == hold
+    assert b"hold" not in DesiredState("m", 3, 8).to_bytes()  # old agents read it as before
+    t = DesiredTracker(tmp_path)
+    assert t.accept(hold) and t.holds("m")
+    assert DesiredTracker(tmp_path).holds("m")  # a restarted agent still waits
+    assert not t.accept(hold)  # redelivered hold: nothing happens
+    assert t.accept(DesiredState("m", 3, 8, "r-1")) and not t.holds("m")  # the commit
+    assert not t.accept(hold)  # a late hold never undoes the commit
+    assert not DesiredTracker(tmp_path).holds("m") and t.version("m") == 3
+
+
+def test_registry_records_hold_and_commit_as_separate_changes(tmp_path):
+    reg = Registry(tmp_path / "f.db")
+    first, changed = reg.set_desired("d", "m", 3, rollout="r", hold=True)
+    assert changed and first.hold
+    assert reg.set_desired("d", "m", 3, rollout="r", hold=True) == (first, False)
+    commit, changed = reg.set_desired("d", "m", 3, rollout="r")
+    assert changed and not commit.hold and commit.seq > first.seq
+    assert reg.desired("d")[0].hold is False
+    reg.close()
