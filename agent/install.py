@@ -281,6 +281,8 @@ class InstallLifecycle:
         finally:
             self.server.shadows.pop(record.model, None)
             run.close()
+        self.report("shadow_result", model=record.model, version=record.version,
+                    shadow=run.summary())  # issue 6: the fleet's shadow gate reads this
         self._fault(record, "compared", last=True)
         if run.compared < policy.samples:
             raise EdgeshipError(f"only {run.compared} of {policy.samples} shadow samples in "

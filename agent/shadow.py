@@ -4,6 +4,9 @@ The serving path only *offers* a sample of live requests (inputs and the served 
 a bounded queue and never waits; a worker thread runs the candidate on them and counts
 top-1 agreement per sample. A full queue drops the sample (counted), so the candidate can
 never slow down or fail a live request.
+
+When the run ends the agent reports :meth:`ShadowRun.summary` in a ``shadow_result`` status
+event (pass or fail); the fleet's rollout shadow gate reads that field and nothing else.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ class ShadowRun:
     def agreement(self) -> float:
         with self._lock:
             return self.agreed / self.compared if self.compared else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """What the device reports at the end of the shadow run (status event
+        ``shadow_result``, field ``shadow``); the fleet's shadow gate reads exactly this."""
+        with self._lock:
+            compared, agreed = self.compared, self.agreed
+        return {"agreement": round(agreed / compared, 4) if compared else None,
+                "compared": compared, "agreed": agreed, "errors": self.errors,
+                "dropped": self.dropped, "samples": self.policy.samples,
+                "min_agreement": self.policy.min_agreement}
 
     def offer(self, inputs: dict[str, np.ndarray], outputs: list[Any]) -> None:
         """Called on the serving path after the reply is computed: never blocks."""

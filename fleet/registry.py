@@ -167,10 +167,11 @@ def model_stat_rows(msg: dict[str, Any]) -> list[tuple]:
         if not isinstance(m, dict) or _int_or_none(m.get("version")) is None:
             continue
         lat = m.get("latency_ms") if isinstance(m.get("latency_ms"), dict) else {}
-        shadow = m.get("shadow") if isinstance(m.get("shadow"), dict) else {}
+        # agreement: the agent reports shadow runs in ``shadow_result`` status events,
+        # not in telemetry (see shadow_results); the column stays for old registries
         rows.append((str(name)[:64], m["version"], _int_or_none(m.get("requests")) or 0,
                      _int_or_none(m.get("errors")) or 0, _num_or_none(lat.get("p50")),
-                     _num_or_none(lat.get("p95")), _num_or_none(shadow.get("agreement"))))
+                     _num_or_none(lat.get("p95")), None))
     return rows
 
 
@@ -453,6 +454,21 @@ class Registry:
                            f"version = ? AND ts >= ? AND event IN {clause} "
                            "ORDER BY id", (model, version, since, *names))
         return {r[0]: (r[1], r[2]) for r in rows}
+
+    def shadow_results(self, model: str, version: int,
+                       since: float) -> dict[str, dict[str, Any]]:
+        """device -> the ``shadow`` field of its last ``shadow_result`` status event for
+        one model version: exactly what the agent's shadow run reported
+        (``agent.shadow.ShadowRun.summary``)."""
+        rows = self._query("SELECT device, raw FROM events WHERE model = ? AND version = ? "
+                           "AND ts >= ? AND event = 'shadow_result' ORDER BY id",
+                           (model, version, since))
+        results = {}
+        for device, raw in rows:
+            shadow = json.loads(raw).get("shadow")
+            if isinstance(shadow, dict):
+                results[device] = shadow
+        return results
 
     def version_stats(self, model: str, version: int,
                       since: float) -> dict[str, VersionStats]:

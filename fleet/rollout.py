@@ -170,6 +170,27 @@ class DeviceStats:
 
 
 @dataclass(frozen=True)
+class ShadowResult:
+    """One device's shadow run of the new version, as the agent reported it: the ``shadow``
+    field of its ``shadow_result`` status event (``agent.shadow.ShadowRun.summary``)."""
+
+    agreement: float | None          # top-1 agreement with the served version
+    compared: int = 0                # samples compared
+    samples: int = 0                 # samples the release asked for
+    min_agreement: float | None = None  # the release's own threshold (signed manifest)
+
+    @classmethod
+    def from_report(cls, doc: Mapping[str, Any]) -> "ShadowResult":
+        def num(v: Any) -> float | None:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            return float(v) if ok else None
+        count = {k: int(doc[k]) if isinstance(doc.get(k), int) else 0
+                 for k in ("compared", "samples")}
+        return cls(num(doc.get("agreement")), min_agreement=num(doc.get("min_agreement")),
+                   **count)
+
+
+@dataclass(frozen=True)
 class WaveObservation:
     devices: tuple[str, ...]
     started_at: float
@@ -177,6 +198,7 @@ class WaveObservation:
     new_stats: Mapping[str, DeviceStats]             # new version, since the wave started
     baseline: Mapping[str, DeviceStats]              # old version, same devices, before
     installed_at: float | None = None                # when the last device finished
+    shadow: Mapping[str, ShadowResult] = field(default_factory=dict)  # device -> its run
 
 
 @dataclass(frozen=True)
@@ -220,6 +242,30 @@ def install_gate(obs: WaveObservation, gates: Gates, now: float,
     return None
 
 
+def shadow_gate(obs: WaveObservation, gates: Gates) -> Verdict | None:
+    """Fails as soon as one device of the wave reported a shadow run below the threshold
+    (the rollout's ``min_shadow_agreement``, else the release's own) or short of the
+    samples the release asked for. Checked before the install gate: a device that
+    reverted its candidate for disagreeing shows here, with the agreement it measured."""
+    runs = {d: obs.shadow[d] for d in obs.devices if d in obs.shadow}
+    low: dict[str, float] = {}
+    for device, run in runs.items():
+        limit = gates.min_shadow_agreement if gates.min_shadow_agreement is not None \
+            else run.min_agreement
+        if limit is not None and (run.agreement is None or run.agreement < limit
+                                  or run.compared < run.samples):
+            low[device] = limit
+    if not low:
+        return None
+    measured = [runs[d].agreement for d in low if runs[d].agreement is not None]
+    agreement = statistics.fmean(measured) if measured else 0.0
+    compared = sum(runs[d].compared for d in low)
+    return _fail("shadow", f"shadow agreement {agreement:.1%} below {max(low.values()):.1%} "
+                 f"on {len(low)} of {len(obs.devices)} device(s) ({compared} samples "
+                 "compared with the served version)", agreement=agreement,
+                 shadow_devices=len(runs), below=sorted(low))
+
+
 def latency_ratio(new: Mapping[str, DeviceStats],
                   old: Mapping[str, DeviceStats]) -> tuple[float | None, int]:
     """Median of new/old p50 over devices that measured both; and how many did."""
@@ -230,7 +276,7 @@ def latency_ratio(new: Mapping[str, DeviceStats],
 
 def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
     g = policy.gates
-    verdict = install_gate(obs, g, now, policy.wave_timeout_s)
+    verdict = shadow_gate(obs, g) or install_gate(obs, g, now, policy.wave_timeout_s)
     if verdict is not None:
         return verdict
     since = obs.installed_at if obs.installed_at is not None else obs.started_at
@@ -258,16 +304,15 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
         return _fail("latency", f"p50 latency {ratio:.2f}x the previous version on the same "
                      f"{paired} device(s) ({new_p50:.2f} ms; limit "
                      f"{g.max_latency_ratio:.2f}x)", **measured)
-    if g.min_shadow_agreement is not None:
-        agree = [s.agreement for s in stats if s.agreement is not None]
-        if not agree:
-            if timed_out:
-                return _fail("shadow", "no shadow agreement reported", **measured)
-            return _wait("waiting for shadow agreement", **measured)
-        measured["agreement"] = statistics.fmean(agree)
-        if measured["agreement"] < g.min_shadow_agreement:
-            return _fail("shadow", f"shadow agreement {measured['agreement']:.1%} below "
-                         f"{g.min_shadow_agreement:.1%}", **measured)
+    agree = [obs.shadow[d].agreement for d in obs.devices
+             if d in obs.shadow and obs.shadow[d].agreement is not None]
+    if agree:  # all at or above the threshold (shadow_gate), recorded with the verdict
+        measured.update(agreement=statistics.fmean(agree), shadow_devices=len(agree))
+    elif g.min_shadow_agreement is not None:  # the rollout demands a shadow run
+        if timed_out:
+            return _fail("shadow", "no shadow agreement reported (does the release ask "
+                         "for shadow testing?)", **measured)
+        return _wait("waiting for shadow agreement", **measured)
     return Verdict("pass", "all gates passed", None, measured)
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 from agent.errors import ConfigError, EdgeshipError
 from agent.protocol import DesiredState
 from fleet.registry import Registry
-from fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, State,
+from fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult, State,
                            WaveObservation, evaluate_wave, failure_event, install_gate,
                            jitter_offset_s, plan_waves, staging_verdict)
 
@@ -297,7 +297,10 @@ class RolloutRunner:
             new_stats={d: DeviceStats(s.requests, s.errors, s.p50_ms, s.agreement)
                        for d, s in stats.items() if d in wave},
             baseline={d: DeviceStats(**b) for d, b in r.baseline.items()},
-            installed_at=r.wave_installed_at)
+            installed_at=r.wave_installed_at,
+            shadow={d: ShadowResult.from_report(doc) for d, doc in self.registry
+                    .shadow_results(r.model, r.to_version, r.created_at).items()
+                    if d in wave})
 
     def _halt(self, r: Rollout, reason: str, record: dict) -> Rollout:
         event = failure_event(r.policy)

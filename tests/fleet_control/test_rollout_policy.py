@@ -4,6 +4,7 @@ decisions driven through a real SQLite registry with a recording publish functio
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -76,9 +77,35 @@ def test_latency_verdict_names_the_ratio_and_timeouts_fail():
     assert "3.00x the previous version on the same 2 device(s)" in verdict.reason
     late = evaluate_wave(_obs({"a": ("serving", None)}), FAST, now=1000.0)
     assert late.decision == "fail" and "did not install" in late.reason
-    shadow = Policy(soak_s=0, gates=Gates(min_requests=1, min_shadow_agreement=0.9))
-    low = _obs(OK, {"a": DeviceStats(50, 0, 1.0, agreement=0.5)})
-    assert evaluate_wave(low, shadow, now=10.0).gate == "shadow"
+
+
+
+def test_shadow_gate_reads_the_agents_shadow_result_and_fails_before_the_install_gate():
+    from agent.manifest import ShadowPolicy
+    from agent.shadow import ShadowRun
+    from fleet.rollout import ShadowResult
+    run = ShadowRun(None, ShadowPolicy(min_agreement=0.9, samples=40))  # no samples offered
+    run.compared, run.agreed = 40, 2
+    run.close()
+    report = ShadowResult.from_report(run.summary())
+    assert report == ShadowResult(0.05, 40, 40, 0.9)
+    # the device reverted it (shadow_disagreement): the verdict names the shadow gate
+    obs = WaveObservation(devices=("a", "b"), started_at=0.0, outcomes={
+        "a": ("failed", "shadow_disagreement")}, new_stats={}, baseline={},
+        shadow={"a": report})
+    verdict = evaluate_wave(obs, FAST, now=10.0)  # no rollout threshold: the release's
+    assert (verdict.decision, verdict.gate) == ("fail", "shadow")
+    assert "shadow agreement 5.0% below 90.0% on 1 of 2 device(s) (40 samples" \
+        in verdict.reason
+    strict = Policy(soak_s=0, gates=Gates(min_requests=1, min_shadow_agreement=0.99))
+    good = ShadowResult(0.95, 40, 40, 0.9)
+    agreed = _obs(OK, {"a": DeviceStats(50, 0, 1.0)})
+    assert evaluate_wave(replace(agreed, shadow={"a": good}), FAST, 10.0).decision == "pass"
+    assert evaluate_wave(replace(agreed, shadow={"a": good}), strict, 10.0).gate == "shadow"
+    short = ShadowResult(1.0, 10, 40, 0.9)  # timed out before enough samples
+    assert evaluate_wave(replace(agreed, shadow={"a": short}), FAST, 10.0).gate == "shadow"
+    waiting = evaluate_wave(agreed, strict, 10.0)  # demanded, none reported yet
+    assert waiting.decision == "wait" and "shadow" in waiting.reason
 
 
 class Clock:

@@ -52,9 +52,13 @@ def test_a_candidate_that_agrees_with_the_served_model_is_committed(fleet, live)
     fleet.release("sh", 2, models.good(2), shadow=POLICY)
     wait_until(lambda: "committed" in fleet.chain(DEVICE, 2), 90, "v2 committed")
     assert fleet.chain(DEVICE, 2) == ["downloading", "verifying", "staged", "health_check",
-                                      "shadow", "trial", "serving", "committed"]
+                                      "shadow", "shadow_result", "trial", "serving",
+                                      "committed"]
     trial = next(e for e in fleet.events(DEVICE, 2) if e["event"] == "trial")
     assert trial["agreement"] >= 0.9
+    result = next(e for e in fleet.events(DEVICE, 2) if e["event"] == "shadow_result")
+    assert result["shadow"]["agreement"] == round(trial["agreement"], 4)  # what the fleet reads
+    assert result["shadow"]["compared"] >= 40 and result["shadow"]["min_agreement"] == 0.9
     assert failures == []
 
 
@@ -66,7 +70,7 @@ def test_a_candidate_that_disagrees_is_reverted_before_it_serves(fleet, live):
     assert ev["reason"] == "shadow_disagreement"
     assert "agreement 0.000" in ev["detail"]
     assert fleet.chain(DEVICE, 3) == ["downloading", "verifying", "staged", "health_check",
-                                      "shadow", "rolling_back", "failed"]
+                                      "shadow", "shadow_result", "rolling_back", "failed"]
     assert agent.store.active_version("sh") == 2
     assert predict(agent.api.server_address[1], "sh", [[0.1, 0.2, 0.3, 0.4]])[1]["version"] == 2
     assert 3 in agent.updates.records.load("sh").blocked
