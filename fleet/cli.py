@@ -164,6 +164,8 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
                                        db_path=args.db if is_url(args.db) else Path(args.db),
                                        http_port=args.http_port, http_host=args.http_host,
                                        workers=args.workers,
+                                       max_transfers=args.max_transfers,
+                                       max_device_bytes_per_s=args.max_device_bytes_per_s,
                                        keys_dir=Path(args.keys) if args.keys else None,
                                        tls=_tls(args)))
     server.start()
@@ -340,6 +342,12 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--keys", type=Path,
                        help="keys directory: re-sign the timestamp periodically")
     serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
+    serve.add_argument("--max-transfers", type=_positive_int, default=200,
+                       help="concurrent target transfers; more are answered 503 and the "
+                       "devices retry with backoff (default 200)")
+    serve.add_argument("--max-device-bytes-per-s", type=_non_negative_int, default=0,
+                       help="byte-rate cap per device, enforced by this server (answers are "
+                       "paced); 0 = unlimited (default)")
     _add_tls(serve)
     serve.set_defaults(func=cmd_fleet_serve)
     kill = sub.add_parser("stop-release",

@@ -19,14 +19,16 @@ from pathlib import Path
 
 from agent.errors import EdgeshipError, ProtocolError
 from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from agent.protocol import (QOS_AT_LEAST_ONCE, SCHEMA_VERSION, TRANSFER_ERROR, TRANSFER_OFFSET,
-                            TRANSFER_SCHEMA, TRANSFER_STATUS, TRANSFER_TOTAL,
-                            DesiredState, ReleaseAnnouncement, Topics, TransferRequest, decode,
+from agent.protocol import (QOS_AT_LEAST_ONCE, SCHEMA_VERSION,
+                            TRANSFER_ERROR, TRANSFER_OFFSET, TRANSFER_SCHEMA,
+                            TRANSFER_STATUS, TRANSFER_TOTAL, DesiredState,
+                            ReleaseAnnouncement, Topics, TransferRequest, decode,
                             parse_topic)
 from fleet.registry import Registry
 from fleet.rollout_runner import RolloutRunner
 from fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
-                            StoppedReleases, TransferGate, read_chunk, release_of,
+                            DeviceRateLimits, Pacer, StoppedReleases, TransferGate,
+                            read_chunk, release_of,
                             stop_release)
 from fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 
@@ -51,6 +53,8 @@ class FleetSettings:
     max_transfers: int = 200  # concurrent target transfers; more are answered 503
     transfer_idle_s: float = 60.0  # a transfer with no request for this long frees its slot
     announce_spread_s: float = 0.0  # devices spread their fetches over this window; 0 = none
+    max_device_bytes_per_s: int = 0  # fleet-side byte-rate cap per device; 0 = unlimited
+    pace_max_delay_s: float = 5.0  # a capped answer waits at most this long, else 503
     repo_settings: RepoSettings = RepoSettings()
     rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
@@ -70,6 +74,7 @@ class FleetStats:
     records: int = 0  # presence/status/telemetry stored
     busy: int = 0  # answered 503 (concurrent-transfer cap)
     stopped: int = 0  # answered 410 (kill switch)
+    paced: int = 0  # answers delayed by the per-device byte-rate cap
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def bump(self, **deltas: int) -> None:
@@ -108,6 +113,9 @@ class FleetServer:
         self._stopping = threading.Event()
         self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
+        self.rates = DeviceRateLimits(settings.max_device_bytes_per_s,  # bursts of 1 s
+                                      burst_bytes=max(1, settings.max_device_bytes_per_s))
+        self.pacer = Pacer(self._send_paced)
         self._threads: list[threading.Thread] = []
         client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self._session = MqttSession(
@@ -119,6 +127,7 @@ class FleetServer:
     def start(self, *, wait: bool = True) -> None:
         for i in range(self.settings.workers):
             self._spawn(self._worker, f"fleet-worker-{i}")
+        self.pacer.start()
         if self.settings.keys_dir is not None:
             self._spawn(self._refresher, "fleet-timestamp")
         self._session.start([(Topics.TRANSFER_REQUESTS_SHARED, QOS_AT_LEAST_ONCE),
@@ -148,6 +157,7 @@ class FleetServer:
         self.rollouts.stop()
         if self.web is not None:
             self.web.stop()
+        self.pacer.stop()
         self._session.stop()
         for _ in range(self.settings.workers):
             self._queue.put(_STOP)  # workers drain what is queued, then stop
@@ -230,7 +240,27 @@ class FleetServer:
             self.stats.bump(malformed=1)
             self._respond(msg, ChunkResult(STATUS_BAD_REQUEST, 0, 0, error=str(e)))
             return
-        self._respond(msg, self._serve(parse_topic(msg.topic).device or "", request))
+        self._answer(msg, parse_topic(msg.topic).device or "", request)
+
+    def _answer(self, msg: Message, device: str, request: TransferRequest) -> None:
+        """The fleet-side per-device byte-rate cap (issue 3): over it, the answer waits in
+        the pacer (up to ``pace_max_delay_s``); beyond that, 503 and the device backs off."""
+        now = time.monotonic()
+        wait_s = self.rates.reserve(device, request.length, now)
+        if wait_s <= 0:
+            self._respond(msg, self._serve(device, request))
+        elif wait_s <= self.settings.pace_max_delay_s and \
+                self.pacer.schedule(now + wait_s, (msg, device, request)):
+            self.stats.bump(paced=1)
+        else:
+            self.rates.refund(device, request.length)
+            self.stats.bump(busy=1)
+            self._respond(msg, ChunkResult(STATUS_BUSY, request.offset, 0,
+                                           error="over the byte-rate cap, retry later"))
+
+    def _send_paced(self, item: tuple[Message, str, TransferRequest]) -> None:
+        msg, device, request = item
+        self._respond(msg, self._serve(device, request))
 
     def _serve(self, device: str, request: TransferRequest) -> ChunkResult:
         release = release_of(request.path)

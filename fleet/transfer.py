@@ -8,13 +8,16 @@ files (temp files of atomic writes, the lock) are never served.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from agent.errors import ProtocolError
 from agent.protocol import MAX_CHUNK_BYTES, TransferRequest, safe_repo_path
@@ -176,3 +179,94 @@ class TransferGate:
     def active(self) -> int:
         with self._lock:
             return len(self._active)
+
+
+# --- per-device byte-rate cap ---------------------------------------------------------------
+
+class DeviceRateLimits:
+    """One token bucket per requesting device, in bytes: ``reserve`` takes ``n`` bytes and
+    says how long the answer must wait so the device stays under ``bytes_per_s`` (bursts
+    up to ``burst_bytes``). Pure: the caller passes the clock. At most ``max_devices``
+    buckets are kept (the least recently used go; a returning device starts full)."""
+
+    def __init__(self, bytes_per_s: int, burst_bytes: int, max_devices: int = 100_000) -> None:
+        if bytes_per_s < 0 or burst_bytes < 1 or max_devices < 1:
+            raise ValueError("bytes_per_s >= 0, burst_bytes >= 1, max_devices >= 1")
+        self.bytes_per_s, self.burst_bytes = bytes_per_s, burst_bytes
+        self.max_devices = max_devices
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def reserve(self, device: str, n: int, now: float) -> float:
+        """Charge ``n`` bytes; return seconds to wait before sending them (0 = now)."""
+        if self.bytes_per_s <= 0:
+            return 0.0
+        with self._lock:
+            tokens, at = self._buckets.pop(device, (float(self.burst_bytes), now))
+            tokens = min(float(self.burst_bytes), tokens + (now - at) * self.bytes_per_s)
+            tokens -= n
+            self._buckets[device] = (tokens, now)  # re-inserted: most recently used last
+            if len(self._buckets) > self.max_devices:
+                del self._buckets[next(iter(self._buckets))]
+        return max(0.0, -tokens / self.bytes_per_s)
+
+    def refund(self, device: str, n: int) -> None:
+        """Give back a reservation that was not served (answered 503 instead)."""
+        with self._lock:
+            if device in self._buckets:
+                tokens, at = self._buckets[device]
+                self._buckets[device] = (min(float(self.burst_bytes), tokens + n), at)
+
+
+class Pacer:
+    """Sends answers at their due time from one thread, so workers never sleep. Holds at
+    most ``max_pending`` answers (callers answer 503 when it is full)."""
+
+    def __init__(self, send: Callable[[object], None], max_pending: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._send, self._clock = send, clock
+        self.max_pending = max_pending
+        self._heap: list[tuple[float, int, object]] = []
+        self._seq = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fleet-pacer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def schedule(self, due: float, item: object) -> bool:
+        """Queue ``item`` for ``send`` at monotonic time ``due``; False when full."""
+        with self._cv:
+            if len(self._heap) >= self.max_pending:
+                return False
+            self._seq += 1
+            heapq.heappush(self._heap, (due, self._seq, item))
+            self._cv.notify()
+            return True
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and (not self._heap or
+                                              self._heap[0][0] > self._clock()):
+                    self._cv.wait(self._heap[0][0] - self._clock() if self._heap else None)
+                if self._stopping:
+                    return
+                _, _, item = heapq.heappop(self._heap)
+            try:
+                self._send(item)
+            except Exception:  # the pacer must survive anything one answer does
+                logger.exception("paced answer failed")
