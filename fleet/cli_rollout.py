@@ -17,7 +17,7 @@ from fleet.cli import EXIT_OK, _command, _models_text
 from fleet.db import is_url
 from fleet.registry import Registry
 from fleet.rollout import Gates, Policy, parse_waves
-from fleet.rollout_runner import control, load, progress, start_rollout
+from fleet.rollout_runner import LEASE_NAME, control, load, progress, start_rollout
 
 from agent.errors import ConfigError
 
@@ -87,12 +87,19 @@ def _print_rollout(doc: dict[str, Any]) -> None:
     print(f"rollout {doc['id']}: {doc['model']} v{doc['from_version']} -> "
           f"v{doc['to_version']}  state={doc['state']}  wave {doc['wave']}/"
           f"{len(doc['waves'])}  moved {doc['moved']}/{doc['devices']}  by {doc['created_by']}")
+    if doc.get("phase"):
+        print(f"all-or-none: {doc['phase']} ({sum(w['held'] for w in doc['waves'])}/"
+              f"{doc['devices']} held; nothing switches before the commit)")
+    if doc.get("runner"):
+        print(f"runner: {doc['runner']['holder']} (lease until "
+              f"{time.strftime('%H:%M:%S', time.localtime(doc['runner']['expires_at']))})")
     if doc["reason"]:
         print(f"reason: {doc['reason']}")
-    _table("waves", ["wave", "devices", "sent", "serving", "failed", "status", "verdict"],
-           [[str(w["wave"]), str(w["devices"]), str(w["sent"]), str(w["serving"]),
-             str(w["failed"]), w["status"], (w["verdict"] or {}).get("reason", "")]
-            for w in doc["waves"]])
+    _table("waves", ["wave", "devices", "sent", "held", "serving", "failed", "status",
+                     "verdict"],
+           [[str(w["wave"]), str(w["devices"]), str(w["sent"]), str(w["held"]),
+             str(w["serving"]), str(w["failed"]), w["status"],
+             (w["verdict"] or {}).get("reason", "")] for w in doc["waves"]])
 
 
 @_command
@@ -102,6 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.rollout:
             doc = progress(registry, load(registry, args.rollout))
             doc["audit"] = registry.audit_log(args.rollout)
+            lease = registry.lease(LEASE_NAME)
+            doc["runner"] = lease and {"holder": lease[0], "expires_at": lease[1]}
             docs = [doc]
         else:
             docs = [progress(registry, load(registry, d["id"])) for d in registry.rollouts()]
@@ -153,7 +162,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                        help="cumulative percentages (default 1,10,50,100)")
     start.add_argument("--on-failure", choices=("pause", "rollback"), default="pause")
     start.add_argument("--all-or-none", action="store_true",
-                       help="one wave; any failure rolls every device back")
+                       help="one simultaneous switch for the whole group: every device "
+                       "downloads, verifies and health-checks the version without switching "
+                       "(held); when all have, one commit switches them all; if any fails "
+                       "or --wave-timeout-s passes first, all discard it and none switches. "
+                       "Devices offline at the commit switch when they return "
+                       "(docs/rollouts.md)")
     start.add_argument("--soak-s", type=float, default=30.0)
     start.add_argument("--wave-timeout-s", type=float, default=900.0)
     start.add_argument("--max-concurrent", type=int, default=50,
@@ -164,7 +178,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--max-latency-ratio", type=float, default=1.5,
                        help="new/old p50 on the same devices")
     start.add_argument("--shadow-agreement", type=float, default=None,
-                       help="require this shadow agreement (0..1)")
+                       help="require this top-1 agreement (0..1) in the devices' shadow "
+                       "runs (default: the threshold of the release's own shadow policy, "
+                       "when it asks for shadow testing)")
     start.add_argument("--min-requests", type=int, default=20)
     start.set_defaults(func=cmd_start)
     status = sub.add_parser("status", help="rollouts, or one rollout by wave with its log")

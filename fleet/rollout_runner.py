@@ -357,6 +357,8 @@ def progress(registry: Registry, rollout: Rollout) -> dict:
     """The rollout as a document, with per-wave device counts from what devices reported."""
     outcomes = registry.install_outcomes(rollout.model, rollout.to_version,
                                          rollout.created_at)
+    held = {} if not rollout.policy.all_or_none else registry.install_outcomes(
+        rollout.model, rollout.to_version, rollout.created_at, ("held", "failed"))
     verdicts = {v["wave"]: v for v in rollout.verdicts}
     waves = []
     for i, devices in enumerate(rollout.waves):
@@ -368,9 +370,12 @@ def progress(registry: Registry, rollout: Rollout) -> dict:
         waves.append({"wave": i + 1, "devices": len(devices),
                       "sent": sum(1 for d in devices if d in rollout.sent),
                       "serving": states.count("serving"), "failed": states.count("failed"),
+                      "held": sum(1 for d in devices if held.get(d, ("",))[0] == "held"),
                       "status": status, "verdict": verdicts.get(i)})
     doc = rollout.to_dict()
     doc.pop("baseline", None)
+    phase = None if not rollout.policy.all_or_none else \
+        "committed" if rollout.committed_at is not None else "staging"
     doc.update(waves=waves, wave=rollout.wave + 1, devices=sum(len(w) for w in rollout.waves),
-               moved=len(rollout.sent))
+               moved=len(rollout.sent), phase=phase)
     return doc

@@ -53,3 +53,35 @@ def test_devices_and_rollout_commands(tmp_path, capsys):
     assert run("devices", "ls", "--db", tmp_path / "missing.db") == 2
     assert run("fleet", "status", "--db", db, "--json") == 0
     assert {d["id"]: d["group"] for d in _out(capsys)}["pi-0"] == "north"
+
+
+def test_all_or_none_status_shows_the_phase_held_devices_and_the_runner(tmp_path, capsys):
+    from fleet.rollout_runner import RolloutRunner
+    db = tmp_path / "fleet.db"
+    reg = Registry(db)
+    for i in range(3):
+        reg.upsert_presence(f"pi-{i}", {"online": True, "models": {"m": {"version": 1}}})
+    reg.add_release("m", 2, 0.0, "test")
+    assert run("rollout", "start", "m", "2", "--all-or-none", "--jitter-s", "0",
+               "--db", db, "--json") == 0
+    rid = _out(capsys)["id"]
+    sent = []
+    runner = RolloutRunner(reg, lambda d, s: sent.append(s), holder="fleet-a")
+    runner.tick()
+    assert {s.hold for s in sent} == {True} and len(sent) == 3
+    reg.add_event("pi-1", {"event": "held", "model": "m", "version": 2})
+    runner.tick()
+    assert run("rollout", "status", rid, "--db", db, "--json") == 0
+    doc = _out(capsys)
+    assert doc["phase"] == "staging" and doc["waves"][0]["held"] == 1
+    assert doc["runner"]["holder"] == "fleet-a"
+    assert run("rollout", "status", rid, "--db", db) == 0
+    text = capsys.readouterr().out
+    assert "all-or-none: staging (1/3 held" in text and "runner: fleet-a" in text
+    for d in ("pi-0", "pi-2"):
+        reg.add_event(d, {"event": "held", "model": "m", "version": 2})
+    runner.tick()  # all held: the commit goes to all three at once
+    assert [s.hold for s in sent[3:]] == [False] * 3
+    assert run("rollout", "status", rid, "--db", db, "--json") == 0
+    assert _out(capsys)["phase"] == "committed"
+    reg.close()
