@@ -291,10 +291,10 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
                          requests=requests)
         return _wait(f"soaking: {requests}/{g.min_requests} requests, "
                      f"{max(0.0, now - since):.0f}/{policy.soak_s:.0f}s", requests=requests)
-    measured: dict[str, Any] = {"requests": requests, "errors": errors,
-                                "error_rate": errors / requests}
-    if errors / requests > g.max_error_rate:
-        return _fail("error_rate", f"error rate {errors / requests:.1%} above "
+    rate = errors / requests if requests else 0.0  # min_requests=0: no traffic needed
+    measured: dict[str, Any] = {"requests": requests, "errors": errors, "error_rate": rate}
+    if rate > g.max_error_rate:
+        return _fail("error_rate", f"error rate {rate:.1%} above "
                      f"{g.max_error_rate:.1%} ({errors}/{requests})", **measured)
     ratio, paired = latency_ratio({d: obs.new_stats[d] for d in obs.devices
                                    if d in obs.new_stats}, obs.baseline)

@@ -245,3 +245,8 @@ def test_registry_records_hold_and_commit_as_separate_changes(tmp_path):
     assert changed and not commit.hold and commit.seq > first.seq
     assert reg.desired("d")[0].hold is False
     reg.close()
+
+
+def test_a_wave_that_needs_no_traffic_passes_without_any():
+    no_traffic = Policy(soak_s=0, gates=Gates(min_requests=0))
+    assert evaluate_wave(_obs(OK), no_traffic, now=10.0).decision == "pass"
