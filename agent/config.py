@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class AgentConfig:
     max_model_bytes: int = 512 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024
     transfer_max_bytes_per_s: int = 0  # per-device download rate cap; 0 = unlimited
+    transport: str = "mqtt"  # how updates are fetched: "mqtt" (the fleet server) | "http"
+    http_base_url: str = ""  # transport "http": the repository's URL (metadata/, targets/)
     threads: int = 0  # 0 = from the device profile
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -103,7 +106,28 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
         raise ConfigError(f"{source}: key 'chunk_bytes' must be <= {MAX_CHUNK_BYTES}",
                           key="chunk_bytes")
     _check_runtime_keys(values, source)
+    _check_transport(values, source)
     return AgentConfig(**values)
+
+
+def _check_transport(values: dict[str, Any], source: str) -> None:
+    """Issue 3: ``transport = "http"`` fetches metadata and targets from ``http_base_url``
+    (a CDN or any static server of the repository directory); MQTT still carries the rest."""
+    transport = values.get("transport", "mqtt")
+    if transport not in ("mqtt", "http"):
+        raise ConfigError(f"{source}: key 'transport' must be \"mqtt\" or \"http\", got "
+                          f"{transport!r}", key="transport")
+    url = values.get("http_base_url", "")
+    if transport == "http" and not url:
+        raise ConfigError(f"{source}: key 'http_base_url' is required with transport = "
+                          "\"http\"", key="http_base_url")
+    if url:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query \
+                or parsed.fragment:
+            raise ConfigError(f"{source}: key 'http_base_url' must be an http:// or https:// "
+                              f"URL without query or fragment, got {url!r}",
+                              key="http_base_url")
 
 
 def _check_runtime_keys(values: dict[str, Any], source: str) -> None:

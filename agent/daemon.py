@@ -98,13 +98,24 @@ class Agent:
         self.updates = UpdateManager(
             tuf_dir=cfg.tuf_dir, downloads_dir=cfg.downloads_dir, store=self.store,
             records=RecordStore(cfg.updates_dir), server=self.server,
-            fetcher=MqttFetcher(self.transfers, resume_dir=cfg.downloads_dir),
+            fetcher=self._fetcher(),
+            base_url=cfg.http_base_url if cfg.transport == "http" else MqttFetcher.PREFIX,
             traits=self.traits, report=self.report,
             max_model_bytes=cfg.max_model_bytes, settings=install_settings(cfg),
             faults=faults.from_env(), superseded=self._superseded)
         self.held = HeldVersions(self.updates)  # issue 6: all-or-none staging
         self._init_runtime_services()
         self._threads: list[threading.Thread] = []
+
+    def _fetcher(self) -> Any:
+        """Issue 3: the update transport from the config: MQTT (the fleet server, the
+        default) or HTTP(S) from ``http_base_url`` (a CDN or any static file server)."""
+        cfg = self.cfg
+        if cfg.transport == "http":
+            from agent.http_fetch import HttpFetcher  # urllib3 only when configured
+            return HttpFetcher(cfg.downloads_dir, timeout_s=cfg.transfer_timeout_s,
+                               max_bytes_per_s=cfg.transfer_max_bytes_per_s)
+        return MqttFetcher(self.transfers, resume_dir=cfg.downloads_dir)
 
     def _init_runtime_services(self) -> None:
         """Telemetry pipeline, metrics, local API (TCP and Unix socket), systemd notify."""
@@ -170,6 +181,8 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self.updates.stop()
+        if hasattr(self.updates.fetcher, "stop"):  # HttpFetcher: end a download now
+            self.updates.fetcher.stop()
         with self._wanted_cv:
             self._wanted_cv.notify_all()
         self._hand_over("stop")

@@ -33,8 +33,9 @@ from agent.store import InstalledModel, ModelStore
 
 logger = logging.getLogger(__name__)
 
-METADATA_URL = "mqtt://fleet/metadata/"
-TARGETS_URL = "mqtt://fleet/targets/"
+MQTT_BASE_URL = "mqtt://fleet/"  # the fleet server over MQTT (agent/transfer.py)
+METADATA_URL = MQTT_BASE_URL + "metadata/"
+TARGETS_URL = MQTT_BASE_URL + "targets/"
 MAX_ATTEMPTS_PER_VERSION = 3
 
 Report = Callable[..., None]  # report(event, *, model, version, reason=None, **extra)
@@ -82,8 +83,10 @@ class UpdateManager(InstallLifecycle):
                  records: RecordStore, server: ModelServer, fetcher: FetcherInterface,
                  traits: DeviceTraits, report: Report, max_model_bytes: int,
                  settings: InstallSettings | None = None, faults: FaultPlan | None = None,
-                 superseded: Callable[[str, int], bool] | None = None) -> None:
+                 superseded: Callable[[str, int], bool] | None = None,
+                 base_url: str = MQTT_BASE_URL) -> None:
         self.tuf_dir = tuf_dir
+        self.base_url = base_url.rstrip("/") + "/"  # issue 3: mqtt://fleet/ or http(s)://
         self.downloads_dir = downloads_dir
         self.store = store
         self.records = records
@@ -115,8 +118,10 @@ class UpdateManager(InstallLifecycle):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _new_updater(self) -> Updater:
-        return Updater(metadata_dir=str(self.tuf_dir), metadata_base_url=METADATA_URL,
-                       target_base_url=TARGETS_URL, fetcher=self.fetcher, bootstrap=None)
+        return Updater(metadata_dir=str(self.tuf_dir),
+                       metadata_base_url=self.base_url + "metadata/",
+                       target_base_url=self.base_url + "targets/", fetcher=self.fetcher,
+                       bootstrap=None)
 
     # --- download side (issue 3: trust checks, resume, deltas, stale metadata) ----------
 

@@ -3,10 +3,8 @@ Updater downloads through HttpFetcher, and an interrupted download resumes with 
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,44 +12,11 @@ import pytest
 import urllib3
 from tuf.ngclient import Updater
 
+from agent.daemon import Agent
 from agent.http_fetch import HttpFetcher
-from fleet.broker import free_port
+from agent.transfer import RESUME_SUFFIX
 from fleet.tuf_repo import init_repository, release_bundle
-
-
-@pytest.fixture
-def nginx(tmp_path):
-    """nginx on a free loopback port, serving ``tmp_path/repo``; config, logs, pid in tmp."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.skip("nginx not installed")
-    repo, run = tmp_path / "repo", tmp_path / "nginx"
-    run.mkdir()
-    port = free_port()
-    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read tmp_path
-    temps = "".join(f"{k}_temp_path {run}/{k};\n" for k in
-                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (run / "nginx.conf").write_text(
-        f"{user}daemon off;\npid {run}/nginx.pid;\nerror_log {run}/error.log;\n"
-        "worker_processes 1;\nevents {}\nhttp {\n"
-        f"access_log {run}/access.log;\n{temps}"
-        f"server {{ listen 127.0.0.1:{port}; root {repo};\n"
-        "  location ~ /\\. { deny all; } }\n}\n")
-    proc = subprocess.Popen([binary, "-p", str(run), "-c", str(run / "nginx.conf")],
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"nginx did not start: {proc.stderr.read().decode()}")
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", repo, run / "access.log"
-    proc.terminate()
-    proc.wait(10)
+from tests.delivery.helpers import release_full, start_agent, variant_target
 
 
 def _updater(base: str, device: Path, repo: Path, fetcher: HttpFetcher) -> Updater:
@@ -105,3 +70,65 @@ def test_http_updater_rejects_a_tampered_target(nginx, tmp_path, digits_bundles)
     with pytest.raises(LengthOrHashMismatchError):
         updater.download_target(updater.get_targetinfo("digits/1/model.fp32.onnx"),
                                 filepath=str(tmp_path / "m.onnx"))
+
+
+def _wait(pred, timeout_s: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_agent_configured_for_http_installs_and_resumes_after_a_restart(
+        nginx, loop_env, digits_bundles):
+    """``transport = "http"``: a real agent fetches metadata and targets from nginx (the
+    fleet server answers no transfer request), is stopped mid-download and, restarted,
+    resumes with a Range request (nginx answers 206)."""
+    base, repo, access_log = nginx
+    assert repo == loop_env.repo  # nginx serves the fleet's repository directory
+    agent = start_agent(loop_env, "dev-http", transport="http", http_base_url=base,
+                        transfer_max_bytes_per_s=48_000)
+    loop_env.release(digits_bundles[1].bundle_dir)
+    loop_env.wait_serving("dev-http", 1, timeout_s=90)
+    release_full(loop_env, digits_bundles[2].bundle_dir, announce=True)
+    target = variant_target(loop_env.repo, 2)
+    size = target.stat().st_size
+    downloads = agent.cfg.downloads_dir
+    _wait(lambda: any(p.stat().st_size >= size // 3
+                      for p in downloads.glob("*" + RESUME_SUFFIX)),
+          what="a third of v2 downloaded over HTTP")
+    agent.stop()  # mid-transfer
+    loop_env.agents.remove(agent)
+    (part,) = downloads.glob("*" + RESUME_SUFFIX)
+    kept = part.stat().st_size
+    assert 0 < kept < size
+    again = Agent(dataclasses.replace(agent.cfg, transfer_max_bytes_per_s=0))
+    again.start()
+    loop_env.agents.append(again)
+    loop_env.wait_serving("dev-http", 2, timeout_s=90)
+    assert again.updates.fetcher.bytes_resumed == kept  # replayed from disk
+    assert again.store.active("digits").model_path.read_bytes() == target.read_bytes()
+    ranged = [line for line in access_log.read_text().splitlines()
+              if target.name in line and '" 206 ' in line]
+    assert ranged, "no Range request for the interrupted target"
+    assert loop_env.fleet.stats.snapshot()["requests_served"] == 0  # nothing over MQTT
+    assert list(downloads.glob("*" + RESUME_SUFFIX)) == []
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"transport": "ftp"}, "transport"),
+    ({"transport": "http"}, "http_base_url"),
+    ({"transport": "http", "http_base_url": "ftp://cdn/repo"}, "http_base_url"),
+    ({"transport": "http", "http_base_url": "https://cdn/repo?x=1"}, "http_base_url"),
+])
+def test_transport_config_errors_name_the_key(raw, key):
+    from agent.config import config_from_dict
+    from agent.errors import ConfigError
+    with pytest.raises(ConfigError, match=key) as err:
+        config_from_dict({"device_id": "d", "state_dir": "/tmp/d", **raw})
+    assert err.value.key == key
+    ok = config_from_dict({"device_id": "d", "state_dir": "/tmp/d", "transport": "http",
+                           "http_base_url": "https://cdn.example.net/repo"})
+    assert ok.transport == "http"
