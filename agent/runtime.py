@@ -61,9 +61,34 @@ class OnnxModel:
             raise RuntimeLoadError(f"onnxruntime cannot load {path.name}: {e}") from e
         self.providers = self._session.get_providers()
         self._output_names = [o.name for o in self._session.get_outputs()]
+        self._n_inputs = len(self._session.get_inputs())
+        self._c_run = _c_level_run(self._session)
+        from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+        self._ep_fail = EPFail
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(self._output_names, inputs)
+        """The session's C-level run with the output names resolved at load. With every
+        input given, the C++ side checks names, ranks, dims and types itself; anything else
+        (a missing input, a provider failure to fall back from) takes the public
+        ``InferenceSession.run`` with its checks and provider fallback."""
+        if len(inputs) == self._n_inputs:
+            try:
+                return self._c_run(self._output_names, inputs, None)
+            except self._ep_fail:
+                logger.warning("execution provider failed; retrying through onnxruntime's "
+                               "provider fallback")
+        outputs = self._session.run(self._output_names, inputs)
+        self._c_run = _c_level_run(self._session)  # a fallback replaces the C session
+        self.providers = self._session.get_providers()
+        return outputs
+
+
+def _c_level_run(session: Any) -> Any:
+    """``InferenceSession._sess.run`` (what the public ``run`` calls after its Python-side
+    checks), or the public ``run`` where a future onnxruntime has no ``_sess``."""
+    c_session = getattr(session, "_sess", None)
+    run = getattr(c_session, "run", None)
+    return run if callable(run) else session.run
 
 
 # --- LiteRT (ai-edge-litert) and the tflite-runtime fallback -------------------------------
@@ -103,7 +128,10 @@ class LiteRtModel:
     """A TFLite interpreter. Inputs are matched by name, else by position. A batch size
     other than the allocated one resizes the inputs when the model's batch dimension is
     dynamic; a model exported with a fixed batch of 1 (litert-torch does that) runs the
-    rows one by one. The interpreter is not thread-safe, so calls are serialised."""
+    rows one by one into preallocated outputs. The interpreter is not thread-safe, so calls
+    are serialised. Requests call the wrapper's C-level ``SetTensor`` / ``Invoke`` /
+    ``GetTensor`` (what the public ``set_tensor`` / ``invoke`` / ``get_tensor`` call; the
+    agent never holds views into the interpreter, the case ``invoke``'s check is for)."""
 
     def __init__(self, path: Path, *, threads: int = 0) -> None:
         interpreter = _interpreter_class()
@@ -117,32 +145,65 @@ class LiteRtModel:
         self._slots = [(d["index"], tuple(d["shape"])) for d in details]
         signatures = [tuple(d.get("shape_signature", d["shape"])) for d in details]
         self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
-        self._outputs = [d["index"] for d in self._interp.get_output_details()]
+        outputs = self._interp.get_output_details()
+        self._outputs = [d["index"] for d in outputs]
+        self._row_outputs = [(d["index"], tuple(d["shape"][1:]), d["dtype"]) for d in outputs]
+        c_level = getattr(self._interp, "_interpreter", None)
+        # another wrapper version: use the public methods
+        self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = self._match(inputs)
-        batch = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+        first = arrays[0] if arrays else None
+        batch = first.shape[0] if first is not None and first.ndim else 1
         with self._lock:
             if self._fixed_batch_1 and batch != 1:
-                rows = [self._invoke([a[r:r + 1] for a in arrays]) for r in range(batch)]
-                return [np.concatenate(outs) for outs in zip(*rows)]
+                return self._rows(arrays, batch)
             return self._invoke(arrays)
 
+    def _calls(self) -> tuple[Any, Any, Any]:
+        """set, invoke, get for this request. Never kept on ``self``: a reference held to
+        the C-level interpreter makes ``allocate_tensors`` refuse to run."""
+        if self._c_level:
+            c = self._interp._interpreter
+            return c.SetTensor, c.Invoke, c.GetTensor
+        return self._interp.set_tensor, self._interp.invoke, self._interp.get_tensor
+
     def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        for i, ((index, shape), arr) in enumerate(zip(self._slots, arrays)):
-            if shape != arr.shape:
-                try:
-                    self._interp.resize_tensor_input(index, list(arr.shape))
-                    self._interp.allocate_tensors()
-                except (ValueError, RuntimeError) as e:
-                    raise InferenceInputError(f"this LiteRT model cannot take shape "
-                                              f"{list(arr.shape)}: {e}") from e
-                self._slots[i] = (index, arr.shape)
-            self._interp.set_tensor(index, arr)
-        self._interp.invoke()
-        return [self._interp.get_tensor(i) for i in self._outputs]
+        for i, arr in enumerate(arrays):
+            if self._slots[i][1] != arr.shape:
+                self._resize(i, arr.shape)
+        set_tensor, invoke, get_tensor = self._calls()
+        for (index, _), arr in zip(self._slots, arrays):
+            set_tensor(index, arr)
+        invoke()
+        return [get_tensor(i) for i in self._outputs]
+
+    def _rows(self, arrays: list[np.ndarray], batch: int) -> list[np.ndarray]:
+        """A batch through a model with a fixed batch of 1: row by row, each output row
+        copied once into the preallocated result."""
+        results = [np.empty((batch, *shape), dtype) for _, shape, dtype in self._row_outputs]
+        slots = [index for index, _ in self._slots]
+        set_tensor, invoke, get_tensor = self._calls()
+        for r in range(batch):
+            for index, arr in zip(slots, arrays):
+                set_tensor(index, arr[r:r + 1])
+            invoke()
+            for out, (index, _, _) in zip(results, self._row_outputs):
+                out[r:r + 1] = get_tensor(index)
+        return results
+
+    def _resize(self, i: int, shape: tuple[int, ...]) -> None:
+        index = self._slots[i][0]
+        try:
+            self._interp.resize_tensor_input(index, list(shape))
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise InferenceInputError(f"this LiteRT model cannot take shape "
+                                      f"{list(shape)}: {e}") from e
+        self._slots[i] = (index, shape)
 
     def _match(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if len(inputs) != len(self._names):

@@ -2,15 +2,19 @@
 
 A swap replaces one dict entry under a short lock; a request that already holds the old
 model finishes on it. The network is never on this path.
+
+The request path is kept to a few attribute compares: everything a request needs (the bound
+run method, the input name, dtype and fixed dims) is resolved once per swap into a
+``_Serving`` entry, latencies go into a preallocated ring of ``perf_counter_ns`` deltas plus a
+fixed bucket counter, and the percentile maths runs on the telemetry/metrics thread.
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Any
 
 import numpy as np
@@ -19,8 +23,14 @@ from agent.errors import EdgeshipError, InferenceInputError, Reason
 from agent.runtime import ModelRuntime, coerce_inputs
 from agent.store import InstalledModel
 
-MAX_LATENCY_SAMPLES = 10_000
+#: latencies kept for the window's percentiles (a ring: the newest this many are used)
+LATENCY_RING_SIZE = 8192
+_RING_MASK = LATENCY_RING_SIZE - 1
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+_BUCKET_BOUNDS_NS = np.array([round(ms * 1_000_000) for ms in LATENCY_BUCKETS_MS],
+                             dtype=np.int64)
+MAX_BATCH = 1024
+_isfinite = np.isfinite
 
 
 class ModelNotFoundError(EdgeshipError):
@@ -43,64 +53,113 @@ class LoadedModel:
 
 
 class ModelStats:
-    """Counts and latencies since the last snapshot (bounded, oldest dropped)."""
+    """Cumulative counters, a cumulative latency histogram and the current telemetry window.
+
+    The request path (``record_ns``) stores one int in a preallocated ring and bumps two
+    counters under an uncontended lock. The histogram is brought up to date from the ring in
+    vectorised batches (when read, or before a slot not yet counted is overwritten), and
+    ``snapshot`` turns the window into percentiles."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._reset()
-        self.total_requests = 0
-        self.total_errors = 0
-        self.total_model_errors = 0  # runtime failures only; the update trial reads it
-        self.total_samples = 0
-        # cumulative latency histogram (Prometheus): counts per LATENCY_BUCKETS_MS bound
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.latency_sum_ms = 0.0
+        self._ring = [0] * LATENCY_RING_SIZE  # latency ns of successful requests
+        self._ok = 0  # successful requests ever; also the ring's write position
+        self._errors = 0
+        self._model_errors = 0  # runtime failures only; the update trial reads it
+        self._samples = 0
+        # cumulative histogram of the ring entries before ``_folded`` (updated in batches)
+        self._folded = 0
+        self._buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)  # per bucket, last one +Inf
+        self._sum_ns = 0
+        self._window = (0, 0, 0, time.time())  # ok, errors, samples at its start; since
 
-    def _reset(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.samples = 0
-        self.latencies_ms: deque[float] = deque(maxlen=MAX_LATENCY_SAMPLES)
-        self.since = time.time()
+    def record_ns(self, latency_ns: int, samples: int) -> None:
+        """One successful request (the hot path): a ring slot and two counters."""
+        with self._lock:
+            n = self._ok
+            if n - self._folded == LATENCY_RING_SIZE:
+                self._fold()  # the slot about to be overwritten is not in the histogram yet
+            self._ring[n & _RING_MASK] = latency_ns
+            self._ok = n + 1
+            self._samples += samples
+
+    def _fold(self) -> None:
+        """Adds the ring's latencies not yet counted to the cumulative histogram and sum
+        (vectorised; caller holds the lock)."""
+        lat = np.asarray(self._ring_tail(self._ok - self._folded), dtype=np.int64)
+        self._folded = self._ok
+        if lat.size:
+            where = np.searchsorted(_BUCKET_BOUNDS_NS, lat, side="left")
+            counts = np.bincount(where, minlength=len(self._buckets))
+            self._buckets = [a + int(b) for a, b in zip(self._buckets, counts)]
+            self._sum_ns += int(lat.sum())
+
+    def record_error(self, samples: int = 1, client_error: bool = False) -> None:
+        with self._lock:
+            self._errors += 1
+            self._samples += samples
+            if not client_error:  # a bad request is not the model's failure
+                self._model_errors += 1
 
     def record(self, latency_ms: float | None, samples: int = 1,
                client_error: bool = False) -> None:
-        with self._lock:
-            self.requests += 1
-            self.total_requests += 1
-            self.samples += samples
-            self.total_samples += samples
-            if latency_ms is None:
-                self.errors += 1
-                self.total_errors += 1
-                if not client_error:  # a bad request is not the model's failure
-                    self.total_model_errors += 1
-            else:
-                self.latencies_ms.append(latency_ms)
-                self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
-                self.latency_sum_ms += latency_ms
+        """Either a success with its latency in ms, or (``None``) a failed request."""
+        if latency_ms is None:
+            self.record_error(samples, client_error)
+        else:
+            self.record_ns(round(latency_ms * 1_000_000), samples)
+
+    @property
+    def total_requests(self) -> int:
+        return self._ok + self._errors
+
+    @property
+    def total_errors(self) -> int:
+        return self._errors
+
+    @property
+    def total_model_errors(self) -> int:
+        return self._model_errors
+
+    @property
+    def total_samples(self) -> int:
+        return self._samples
 
     def totals(self) -> dict[str, int]:
         """Cumulative counts since start (never reset; for Prometheus counters)."""
         with self._lock:
-            return {"requests": self.total_requests, "errors": self.total_errors,
-                    "samples": self.total_samples}
+            return {"requests": self._ok + self._errors, "errors": self._errors,
+                    "samples": self._samples}
 
     def histogram(self) -> tuple[list[int], float]:
         """Cumulative (never reset) latency bucket counts and their sum in ms."""
         with self._lock:
-            return list(self.latency_buckets), self.latency_sum_ms
+            self._fold()
+            return list(self._buckets), self._sum_ns / 1e6
 
     def snapshot(self, reset: bool = True) -> dict[str, Any]:
+        now = time.time()
         with self._lock:
-            lat = np.asarray(self.latencies_ms, dtype=np.float64)
-            elapsed = max(1e-9, time.time() - self.since)
-            snap = {"requests": self.requests, "errors": self.errors,
-                    "samples": self.samples, "input_rate_per_s": self.samples / elapsed,
-                    "latency_ms": _percentiles(lat)}
+            ok0, errors0, samples0, since = self._window
+            ok, errors, samples = self._ok - ok0, self._errors - errors0, self._samples - samples0
+            window = self._ring_tail(min(ok, LATENCY_RING_SIZE))
             if reset:
-                self._reset()
-            return snap
+                self._window = (self._ok, self._errors, self._samples, now)
+        lat = np.asarray(window, dtype=np.float64) / 1e6
+        return {"requests": ok + errors, "errors": errors, "samples": samples,
+                "input_rate_per_s": samples / max(1e-9, now - since),
+                "latency_ms": _percentiles(lat)}
+
+    def _ring_tail(self, count: int) -> list[int]:
+        """The newest ``count`` (<= the ring size) latencies, oldest first (caller holds
+        the lock)."""
+        if count == 0:
+            return []
+        end = self._ok & _RING_MASK
+        start = (self._ok - count) & _RING_MASK
+        if start < end:
+            return self._ring[start:end]
+        return self._ring[start:] + self._ring[:end]
 
 
 def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
@@ -110,9 +169,38 @@ def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "count": int(lat.size)}
 
 
+class _Serving:
+    """One served model with what a request needs resolved at swap time."""
+
+    __slots__ = ("loaded", "stats", "run", "specs", "input_name", "dtype", "rank", "tail",
+                 "finite")
+
+    def __init__(self, loaded: LoadedModel, stats: ModelStats) -> None:
+        self.loaded, self.stats = loaded, stats
+        self.run = loaded.runtime.run
+        self.specs = loaded.installed.manifest.inputs
+        spec = self.specs[0] if len(self.specs) == 1 else None
+        fast = spec is not None and len(spec.shape) >= 1 and \
+            all(d is not None for d in spec.shape[1:])
+        # ``input_name`` None: every request takes the general, explaining path
+        self.input_name = spec.name if fast else None
+        self.dtype = np.dtype(spec.dtype) if fast else None
+        self.rank = len(spec.shape) if fast else -1
+        self.tail = tuple(spec.shape[1:]) if fast else ()
+        self.finite = self.dtype is not None and self.dtype.kind == "f"
+
+    def accepts(self, x: np.ndarray) -> bool:
+        """True when ``x`` passes every signature check (false: take the general path,
+        which accepts convertible input or raises with the reason)."""
+        shape = x.shape
+        return (x.dtype is self.dtype and len(shape) == self.rank and shape[1:] == self.tail
+                and shape[0] <= MAX_BATCH
+                and not (self.finite and b"\0" in _isfinite(x).tobytes()))
+
+
 class ModelServer:
     def __init__(self) -> None:
-        self._models: dict[str, LoadedModel] = {}
+        self._serving: dict[str, _Serving] = {}
         self._lock = threading.Lock()
         self.stats: dict[str, ModelStats] = {}
         self.shadows: dict[str, Any] = {}  # name -> agent.shadow.ShadowRun (issue 4)
@@ -120,55 +208,72 @@ class ModelServer:
     def swap(self, loaded: LoadedModel) -> LoadedModel | None:
         name = loaded.installed.model
         with self._lock:
-            old = self._models.get(name)
-            self._models[name] = loaded
             stats = self.stats.setdefault(name, ModelStats())
-        if old is not None and old.installed.version != loaded.installed.version:
+        entry = _Serving(loaded, stats)
+        with self._lock:
+            old = self._serving.get(name)
+            self._serving[name] = entry
+        if old is not None and old.loaded.installed.version != loaded.installed.version:
             # Telemetry labels a window with the version being served when it is sent: start a
             # fresh window so the old version's latencies are never reported as the new one's
             # (rollout gates compare the two). Cumulative totals are kept.
             stats.snapshot(reset=True)
-        return old
+        return old.loaded if old is not None else None
 
     def find(self, name: str) -> LoadedModel | None:
-        return self._models.get(name)
+        entry = self._serving.get(name)
+        return entry.loaded if entry is not None else None
 
     def remove(self, name: str) -> LoadedModel | None:
         with self._lock:
-            return self._models.pop(name, None)
+            entry = self._serving.pop(name, None)
+        return entry.loaded if entry is not None else None
 
     def stats_for(self, name: str) -> ModelStats:
         with self._lock:
             return self.stats.setdefault(name, ModelStats())
 
     def get(self, name: str) -> LoadedModel:
-        loaded = self._models.get(name)
-        if loaded is None:
+        entry = self._serving.get(name)
+        if entry is None:
             raise ModelNotFoundError(f"no model named {name!r} is being served")
-        return loaded
+        return entry.loaded
 
     def models(self) -> list[LoadedModel]:
         with self._lock:
-            return list(self._models.values())
+            return [entry.loaded for entry in self._serving.values()]
 
     def predict(self, name: str, raw_inputs: Any) -> tuple[list[np.ndarray], LoadedModel]:
-        loaded = self.get(name)
-        stats = self.stats[name]
-        manifest = loaded.installed.manifest
+        """Check ``raw_inputs`` against the served model's signature, run it, record it.
+        A single-input model takes the array itself; otherwise a dict name → array."""
+        entry = self._serving.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"no model named {name!r} is being served")
+        if type(raw_inputs) is np.ndarray and entry.accepts(raw_inputs):
+            inputs, batch = {entry.input_name: raw_inputs}, raw_inputs.shape[0]
+        else:
+            inputs, batch = _checked(entry, raw_inputs)
+        start = perf_counter_ns()
         try:
-            inputs = coerce_inputs(manifest.inputs, raw_inputs)
-        except InferenceInputError:
-            stats.record(None, client_error=True)
-            raise
-        batch = int(next(iter(inputs.values())).shape[0]) if inputs else 1
-        start = time.perf_counter()
-        try:
-            outputs = loaded.runtime.run(inputs)
+            outputs = entry.run(inputs)
         except Exception as e:
-            stats.record(None, batch)
+            entry.stats.record_error(batch)
             raise EdgeshipError(f"inference failed: {e}") from e
-        stats.record((time.perf_counter() - start) * 1000, batch)
-        shadow = self.shadows.get(name)
-        if shadow is not None:
-            shadow.offer(inputs, outputs)
-        return outputs, loaded
+        entry.stats.record_ns(perf_counter_ns() - start, batch)
+        if self.shadows:
+            shadow = self.shadows.get(name)
+            if shadow is not None:
+                shadow.offer(inputs, outputs)
+        return outputs, entry.loaded
+
+
+def _checked(entry: _Serving, raw_inputs: Any) -> tuple[dict[str, np.ndarray], int]:
+    """The general path: converts what can be converted, else raises (a client error)."""
+    try:
+        inputs = coerce_inputs(entry.specs, raw_inputs, max_batch=MAX_BATCH)
+    except InferenceInputError:
+        entry.stats.record_error(client_error=True)
+        raise
+    first = next(iter(inputs.values()), None)
+    batch = int(first.shape[0]) if first is not None and first.ndim else 1
+    return inputs, batch

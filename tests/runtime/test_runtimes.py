@@ -99,3 +99,24 @@ def test_litert_model_with_a_fixed_batch_of_one_serves_batches_row_by_row(tmp_pa
     (y,), _ = server.predict("dense", x)
     np.testing.assert_allclose(y, reference(x, w, b), atol=1e-5)
     assert server.get("dense").runtime._slots[0][1] == (1, IN_DIM)  # never resized
+
+
+def test_onnx_fast_run_matches_the_public_run_and_missing_inputs_are_named(model_files):
+    files, w, b = model_files
+    model = load_runtime("onnxruntime", files["onnxruntime"])
+    x = np.random.default_rng(4).normal(size=(3, IN_DIM)).astype(np.float32)
+    (fast,) = model.run({"x": x})
+    (public,) = model._session.run(None, {"x": x})
+    np.testing.assert_array_equal(fast, public)
+    with pytest.raises(ValueError, match=r"Required inputs \(\['x'\]\) are missing"):
+        model.run({})  # the public run's check, not a kernel failure deep in the graph
+    with pytest.raises(Exception, match="Invalid input name"):
+        model.run({"y": x})
+
+
+def test_onnx_without_a_c_level_session_uses_the_public_run(model_files):
+    files, _, _ = model_files
+    session = load_runtime("onnxruntime", files["onnxruntime"])._session
+    assert runtime._c_level_run(session) == session._sess.run
+    stand_in = type("Session", (), {"run": lambda self, names, feed, opts=None: ["public"]})()
+    assert runtime._c_level_run(stand_in)(["probs"], {}, None) == ["public"]
