@@ -263,9 +263,12 @@ class Agent:
                 self._wanted_cv.notify()
 
     def _superseded(self, model: str, version: int) -> bool:
-        """A newer version of ``model`` is waiting (ends its running trial early)."""
+        """Another version of ``model`` is waiting (ends its running trial early): a newer
+        one, or any other the fleet asked for (a rollout's rollback)."""
         with self._wanted_cv:
-            return self._wanted.get(model, 0) > version
+            wanted = self._wanted.get(model)
+        return wanted is not None and (wanted > version or (
+            wanted != version and self.desired.governs(model)))
 
     def _update_loop(self) -> None:
         self.updates.resume_pending()  # issue 4: finish updates a restart interrupted

@@ -101,12 +101,14 @@ def default_holder() -> str:
 class RolloutRunner:
     """Drives every open rollout of one registry. Several fleet servers may share a
     registry; only the holder of the ``rollout-runner`` lease acts (renewed every tick,
-    taken over by another runner ``lease_ttl_s`` after the holder stops renewing)."""
+    taken over by another runner ``lease_ttl_s`` after the holder stops renewing; default
+    the larger of 10 s and 5 ticks)."""
 
     def __init__(self, registry: Registry, publish: PublishDesired,
                  stop_release: StopRelease | None = None, *, tick_s: float = 1.0,
-                 clock: Callable[[], float] = time.time, lease_ttl_s: float = 10.0,
+                 clock: Callable[[], float] = time.time, lease_ttl_s: float | None = None,
                  holder: str | None = None) -> None:
+        lease_ttl_s = max(10.0, 5 * tick_s) if lease_ttl_s is None else lease_ttl_s
         if lease_ttl_s <= 2 * tick_s:
             raise ConfigError(f"lease_ttl_s {lease_ttl_s} must exceed 2 x tick_s {tick_s}",
                               key="lease_ttl_s")
