@@ -4,6 +4,8 @@ A custom collector reads the live state at scrape time, so there is no second co
 counter and nothing runs between scrapes (idle CPU stays at zero). Per-model latency is a
 cumulative histogram (``edgeship_model_latency_seconds``); the p50/p95/p99 gauges are over
 the current telemetry window (since the last batch), as in the telemetry records.
+``prometheus_client`` is imported at the first scrape (or when the metrics port opens), not
+when the agent starts: an agent nobody scrapes does not carry it (~1 MB of RSS).
 """
 
 from __future__ import annotations
@@ -11,18 +13,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                   HistogramMetricFamily)
-from prometheus_client.registry import Collector
-
 from agent.serving import LATENCY_BUCKETS_MS, ModelServer
 from agent.spool import TelemetrySpool
 
 logger = logging.getLogger(__name__)
 
 
-class AgentCollector(Collector):
+class AgentCollector:
+    """A prometheus_client collector (``collect``; registered without ``describe``)."""
+
     def __init__(self, server: ModelServer, spool: TelemetrySpool | None,
                  device: Callable[[], dict[str, Any]], info: dict[str, str]) -> None:
         self.server = server
@@ -36,6 +35,8 @@ class AgentCollector(Collector):
         yield from self._device()
 
     def _models(self) -> Iterator[Any]:
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                           HistogramMetricFamily)
         labels = ["model", "version", "variant"]
         req = CounterMetricFamily("edgeship_model_requests", "Inference requests", labels=labels)
         err = CounterMetricFamily("edgeship_model_errors", "Failed inference requests",
@@ -66,6 +67,7 @@ class AgentCollector(Collector):
         yield from (req, err, smp, hist, lat, rate)
 
     def _spool(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         if self.spool is None:
             return
         st = self.spool.stats()
@@ -78,6 +80,7 @@ class AgentCollector(Collector):
                                       value=getattr(st, name))
 
     def _device(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
         info = GaugeMetricFamily("edgeship_agent_info", "Agent and device facts",
                                  labels=sorted(self.info))
         info.add_metric([self.info[k] for k in sorted(self.info)], 1)
@@ -106,17 +109,29 @@ def _buckets(counts: list[int]) -> list[tuple[str, float]]:
 
 
 class Metrics:
-    """A private registry (no process/platform collectors: nothing extra to compute)."""
+    """A private registry (no process/platform collectors: nothing extra to compute),
+    created at the first scrape."""
 
     def __init__(self, collector: AgentCollector) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)
+        self.collector = collector
+        self._registry: Any = None
         self._server: Any = None
 
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self.collector)
+            self._registry = registry  # two first scrapes at once: one registry wins
+        return self._registry
+
     def text(self) -> bytes:
+        from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
     def serve(self, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         logger.info("Prometheus metrics on http://%s:%d/metrics", host, port)
 

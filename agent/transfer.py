@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface
 
 from agent import protocol
+from agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
 from agent.errors import Reason, TransferError
 from agent.mqtt import Message
 

@@ -12,10 +12,9 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface, Updater
 
 from agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
 from agent.faults import FaultPlan
@@ -25,11 +24,15 @@ from agent.lifecycle import RecordStore
 from agent.manifest import MANIFEST_NAME, Manifest
 from agent.runtime import load_runtime
 from agent.selection import select_variant
-from agent.delta import apply_delta
 from agent.transfer import RESUME_SUFFIX, discard_all_resume
 from agent.trust import VersionFloor, check_target
 from agent.serving import ModelServer
 from agent.store import InstalledModel, ModelStore
+
+if TYPE_CHECKING:  # tuf.ngclient (+ securesystemslib signers, cryptography: ~11 MB of RSS)
+    from tuf.ngclient import Updater  # is imported when an update runs (_new_updater)
+
+    from agent.fetcher_base import FetcherInterface
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class UpdateManager(InstallLifecycle):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _new_updater(self) -> Updater:
+        from tuf.ngclient import Updater  # lazily: see the imports
         return Updater(metadata_dir=str(self.tuf_dir),
                        metadata_base_url=self.base_url + "metadata/",
                        target_base_url=self.base_url + "targets/", fetcher=self.fetcher,
@@ -210,6 +214,7 @@ class UpdateManager(InstallLifecycle):
         try:
             check_target(delta_info, model, version, self._hardware_classes())
             updater.download_target(delta_info, filepath=str(delta))
+            from agent.delta import apply_delta  # zstandard only when a delta is used
             apply_delta(delta, active.model_path, rebuilt, max_bytes=info.length)
             # the rebuilt file must be exactly the signed full target
             with open(rebuilt, "rb") as f:

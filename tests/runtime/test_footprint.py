@@ -1,0 +1,79 @@
+"""The agent's idle footprint: python-tuf's client (with securesystemslib's signers and
+cryptography, ~11 MB of RSS) is loaded when an update runs, not when the agent starts; the
+agent's fetchers keep the download contract tuf's ``Updater`` relies on; zstandard and
+prometheus_client wait for the first delta and the first scrape."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import FetcherInterface as TufFetcherInterface
+
+from agent.fetcher_base import FetcherInterface
+
+# loaded when first needed: an update, a delta, a scrape
+ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cryptography",
+             "zstandard", "prometheus_client")
+
+
+def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus():
+    code = ("import sys, agent.daemon, agent.transfer, agent.updater\n"
+            f"print(sorted(m for m in {ON_DEMAND!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", f"imported at start-up: {out.strip()}"
+
+
+def _fetcher(base: type, chunks: list[bytes] | Exception) -> object:
+    class Fetcher(base):
+        def _fetch(self, url):
+            if isinstance(chunks, Exception):
+                raise chunks
+            return iter(chunks)
+    return Fetcher()
+
+
+@pytest.mark.parametrize("base", [FetcherInterface, TufFetcherInterface],
+                         ids=["agent", "tuf"])
+def test_fetcher_base_keeps_tufs_download_contract(base):
+    assert _fetcher(base, [b"ab", b"cd"]).download_bytes("u", 4) == b"abcd"
+    with _fetcher(base, [b"ab", b"cd"]).download_file("u", 4) as f:
+        assert f.read() == b"abcd"
+    with pytest.raises(tuf_exc.DownloadLengthMismatchError):
+        _fetcher(base, [b"ab", b"cde"]).download_bytes("u", 4)
+    with pytest.raises(tuf_exc.DownloadError) as err:
+        _fetcher(base, ValueError("boom")).download_bytes("u", 4)
+    assert isinstance(err.value.__cause__, ValueError)
+    http = tuf_exc.DownloadHTTPError("404 for u", 404)
+    with pytest.raises(tuf_exc.DownloadHTTPError):
+        _fetcher(base, http).download_bytes("u", 4)
+    with pytest.raises(TypeError):
+        base()  # _fetch is abstract
+
+
+def test_prometheus_metrics_render_the_served_models_numbers(tmp_path):
+    import numpy as np
+
+    from agent.metrics import AgentCollector, Metrics
+    from tests.runtime.models import IN_DIM, serve, weights, write_dense_onnx
+
+    pytest.importorskip("onnx")
+    server = serve(write_dense_onnx(tmp_path / "d.onnx", *weights(1)), "onnxruntime")
+    for batch in (1, 4, 2):
+        server.predict("dense", np.ones((batch, IN_DIM), np.float32))
+    with pytest.raises(Exception):
+        server.predict("dense", np.ones((1, IN_DIM + 1), np.float32))
+    metrics = Metrics(AgentCollector(server, None, lambda: {"rss_mb": 12.5},
+                                     {"agent_version": "t"}))
+    text = metrics.text().decode()
+    labels = '{model="dense",variant="onnxruntime-fp32",version="1"}'
+    assert f"edgeship_model_requests_total{labels} 4.0" in text
+    assert f"edgeship_model_errors_total{labels} 1.0" in text
+    assert f"edgeship_model_samples_total{labels} 8.0" in text
+    count = '{le="+Inf",model="dense",variant="onnxruntime-fp32",version="1"} 3.0'
+    assert f"edgeship_model_latency_seconds_bucket{count}" in text
+    assert "edgeship_device_rss_mb 12.5" in text
+    assert metrics.text().decode().count("edgeship_model_requests_total{") == 1
