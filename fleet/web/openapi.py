@@ -46,8 +46,19 @@ SCHEMAS: dict[str, Any] = {
         "state": {"enum": ["running", "paused", "halted", "rolling_back", "rolled_back",
                            "aborted", "done"]},
         "reason": {"type": "string"}, "wave": {"type": "integer"},
-        "waves": {"type": "array", "items": {"type": "object"}},
+        "waves": {"type": "array", "items": {"$ref": "#/components/schemas/Wave"}},
+        "phase": {"enum": ["staging", "committed", None],
+                  "description": "all-or-none: staging (devices hold the version, "
+                                 "nothing switched) or committed; null otherwise"},
+        "committed_at": {"type": ["number", "null"]},
         "policy": {"type": "object"}, "created_by": {"type": "string"}}},
+    "Wave": {"type": "object", "properties": {
+        "wave": {"type": "integer"}, "devices": {"type": "integer"},
+        "sent": {"type": "integer"}, "held": {"type": "integer",
+                                              "description": "all-or-none: staged, waiting"},
+        "serving": {"type": "integer"}, "failed": {"type": "integer"},
+        "status": {"enum": ["pending", "active", "passed", "failed", "stopped"]},
+        "verdict": {"type": ["object", "null"]}}},
     "RolloutStart": {"type": "object", "required": ["model", "version"], "properties": {
         "model": {"type": "string"}, "version": {"type": "integer"},
         "group": {"type": "string"}, "tag": {"type": "string"},
