@@ -151,10 +151,17 @@ class LiteRtModel:
         c_level = getattr(self._interp, "_interpreter", None)
         # another wrapper version: use the public methods
         self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
+        # one input, one output, C-level calls: a request at the allocated shape takes
+        # ``_run_single`` (the common case: a batch of 1, or the size last resized to)
+        self._single = self._c_level and len(self._slots) == 1 and len(self._outputs) == 1
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._single and len(inputs) == 1:
+            outputs = self._run_single(*inputs.values())
+            if outputs is not None:
+                return outputs
         arrays = self._match(inputs)
         first = arrays[0] if arrays else None
         batch = first.shape[0] if first is not None and first.ndim else 1
@@ -162,6 +169,17 @@ class LiteRtModel:
             if self._fixed_batch_1 and batch != 1:
                 return self._rows(arrays, batch)
             return self._invoke(arrays)
+
+    def _run_single(self, arr: np.ndarray) -> list[np.ndarray] | None:
+        """set, invoke, get when ``arr`` fits the allocated input as it is; else None."""
+        with self._lock:
+            (index, shape), = self._slots  # under the lock: another request may resize
+            if arr.shape != shape:
+                return None
+            c = self._interp._interpreter  # never kept on self: see _calls
+            c.SetTensor(index, arr)
+            c.Invoke()
+            return [c.GetTensor(self._outputs[0])]
 
     def _calls(self) -> tuple[Any, Any, Any]:
         """set, invoke, get for this request. Never kept on ``self``: a reference held to
@@ -237,19 +255,20 @@ def available_runtimes() -> tuple[str, ...]:
 
 
 def coerce_inputs(specs: Sequence[TensorSpec], raw: dict[str, object] | object,
-                  *, max_batch: int = 1024) -> dict[str, np.ndarray]:
-    """Check a request against the model's input signature: names, rank, fixed dims, dtype.
+                  *, max_batch: int = 1024, check_values: bool = True) -> dict[str, np.ndarray]:
+    """Check a request against the model's input signature: names, rank, fixed dims, dtype
+    and (``check_values``) that float inputs hold no NaN or infinity.
 
     ``raw`` is either a dict name → array-like, or (for single-input models) the array."""
     if not isinstance(raw, dict):
         if len(specs) != 1:
             raise InferenceInputError("model has several inputs: send an object by name")
-        return {specs[0].name: _coerce_one(specs[0], raw, max_batch)}  # the common case
+        return {specs[0].name: _coerce_one(specs[0], raw, max_batch, check_values)}
     missing = [s.name for s in specs if s.name not in raw]
     extra = sorted(set(raw) - {s.name for s in specs})
     if missing or extra:
         raise InferenceInputError(f"inputs missing {missing} / unexpected {extra}")
-    return {s.name: _coerce_one(s, raw[s.name], max_batch) for s in specs}
+    return {s.name: _coerce_one(s, raw[s.name], max_batch, check_values) for s in specs}
 
 
 _DTYPE_CACHE: dict[str, np.dtype] = {}
@@ -262,7 +281,8 @@ def _dtype(name: str) -> np.dtype:
     return dt
 
 
-def _coerce_one(spec: TensorSpec, value: object, max_batch: int) -> np.ndarray:
+def _coerce_one(spec: TensorSpec, value: object, max_batch: int,
+                check_values: bool = True) -> np.ndarray:
     want = _dtype(spec.dtype)
     if isinstance(value, np.ndarray) and value.dtype == want:
         arr = value  # the hot path (.npy bodies, in-process callers): no copy, no casts
@@ -277,7 +297,7 @@ def _coerce_one(spec: TensorSpec, value: object, max_batch: int) -> np.ndarray:
                                       f"{_shape_str(spec.shape)}, got {list(arr.shape)}")
     if arr.ndim and arr.shape[0] > max_batch:
         raise InferenceInputError(f"batch of {arr.shape[0]} exceeds {max_batch}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if check_values and arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InferenceInputError(f"input {spec.name!r} contains NaN or infinity")
     return arr
 

@@ -189,13 +189,13 @@ class _Serving:
         self.tail = tuple(spec.shape[1:]) if fast else ()
         self.finite = self.dtype is not None and self.dtype.kind == "f"
 
-    def accepts(self, x: np.ndarray) -> bool:
+    def accepts(self, x: np.ndarray, check_values: bool) -> bool:
         """True when ``x`` passes every signature check (false: take the general path,
         which accepts convertible input or raises with the reason)."""
         shape = x.shape
         return (x.dtype is self.dtype and len(shape) == self.rank and shape[1:] == self.tail
-                and shape[0] <= MAX_BATCH
-                and not (self.finite and b"\0" in _isfinite(x).tobytes()))
+                and shape[0] <= MAX_BATCH and not (
+                    check_values and self.finite and b"\0" in _isfinite(x).tobytes()))
 
 
 class ModelServer:
@@ -243,16 +243,19 @@ class ModelServer:
         with self._lock:
             return [entry.loaded for entry in self._serving.values()]
 
-    def predict(self, name: str, raw_inputs: Any) -> tuple[list[np.ndarray], LoadedModel]:
+    def predict(self, name: str, raw_inputs: Any, *,
+                check_values: bool = True) -> tuple[list[np.ndarray], LoadedModel]:
         """Check ``raw_inputs`` against the served model's signature, run it, record it.
-        A single-input model takes the array itself; otherwise a dict name → array."""
+        A single-input model takes the array itself; otherwise a dict name → array.
+        ``check_values=False`` skips the NaN/infinity scan of float inputs (as a bare
+        runtime does: NaN in, NaN out), for trusted in-process callers."""
         entry = self._serving.get(name)
         if entry is None:
             raise ModelNotFoundError(f"no model named {name!r} is being served")
-        if type(raw_inputs) is np.ndarray and entry.accepts(raw_inputs):
+        if type(raw_inputs) is np.ndarray and entry.accepts(raw_inputs, check_values):
             inputs, batch = {entry.input_name: raw_inputs}, raw_inputs.shape[0]
         else:
-            inputs, batch = _checked(entry, raw_inputs)
+            inputs, batch = _checked(entry, raw_inputs, check_values)
         start = perf_counter_ns()
         try:
             outputs = entry.run(inputs)
@@ -267,10 +270,12 @@ class ModelServer:
         return outputs, entry.loaded
 
 
-def _checked(entry: _Serving, raw_inputs: Any) -> tuple[dict[str, np.ndarray], int]:
+def _checked(entry: _Serving, raw_inputs: Any,
+             check_values: bool) -> tuple[dict[str, np.ndarray], int]:
     """The general path: converts what can be converted, else raises (a client error)."""
     try:
-        inputs = coerce_inputs(entry.specs, raw_inputs, max_batch=MAX_BATCH)
+        inputs = coerce_inputs(entry.specs, raw_inputs, max_batch=MAX_BATCH,
+                               check_values=check_values)
     except InferenceInputError:
         entry.stats.record_error(client_error=True)
         raise

@@ -1,12 +1,24 @@
 """scripts/bench-agent: what the agent costs on top of the runtime it drives.
 
-1. In-process inference through the agent (ModelServer.predict: signature checks, stats) vs
-   a bare ``onnxruntime.InferenceSession.run`` and a bare LiteRT ``invoke()``: same model
-   (the digits CNN), same input, same threads. Target: p50 ratio <= 1.05.
+1. In-process inference through the agent (``ModelServer.predict``: signature checks, the
+   finite-value scan of float inputs, stats) vs a bare ``onnxruntime.InferenceSession.run``
+   and a bare LiteRT ``set_tensor`` + ``invoke`` + ``get_tensor``: same model file, same
+   input array, same threads (1 by default), contenders alternated in short rounds. Rows:
+   the digits CNN at batch 1 and 32 and a wider CNN at batch 1 (the model dominates).
+   What the agent calls underneath: onnxruntime's C-level ``InferenceSession._sess.run``
+   with output names resolved at load (the public ``run`` adds Python-side checks; the
+   "C-level floor" row times that call bare); LiteRT's C-level ``SetTensor`` / ``Invoke`` /
+   ``GetTensor`` (the public methods wrap them). A litert-torch model has a fixed batch of
+   1, so a batch runs row by row: bare slices the rows, runs them and concatenates the
+   outputs (what a caller needs for a batch answer), the agent fills a preallocated output.
+   The "no NaN scan" rows call ``predict(..., check_values=False)``: every signature check
+   but the NaN/infinity scan of float inputs (a bare runtime does no such scan).
+   Target: p50 ratio <= 1.05.
 2. Local API overhead (HTTP on 127.0.0.1 and the Unix socket, .npy and JSON) over the bare
    call. Target: <= 1 ms at p50.
-3. Idle RSS of ``edgeship agent run`` with the model loaded vs a bare Python process holding
-   the same onnxruntime session. Target: <= +15 MB.
+3. Idle RSS of an agent process (``agent.daemon.Agent`` started, broker connected, the model
+   served and used once) vs a bare Python process holding the same onnxruntime session after
+   one run. Target: <= +15 MB.
 4. Idle CPU of the agent over ``--idle-s`` seconds (default 60, broker connected, default
    60 s telemetry interval). Target: < 1 %.
 """
@@ -25,49 +37,39 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.agent_model import loaded
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- models --------------------------------------------------------------------------------
 
-def build_models(out: Path, epochs: int) -> dict[str, Path]:
+def build_models(out: Path, epochs: int) -> dict[str, dict[str, Path]]:
+    """{"digits": {runtime: file}, "wide CNN": {...}}: the trained digits CNN and the
+    converter benchmark's wider CNN (untrained: only its cost matters here)."""
+    from converter.bench import wide_cnn
     from converter.digits import load_digits_data, train_digits
-    from converter.export import export_onnx
 
     trained = train_digits(epochs=epochs)
     x = load_digits_data().x_test[:1]
-    models = {"onnxruntime": export_onnx(trained.model, x, out / "digits.onnx")}
+    return {"digits": _export(trained.model, x, out / "digits"),
+            "wide CNN": _export(wide_cnn().eval(), x, out / "wide")}
+
+
+def _export(model, x: np.ndarray, stem: Path) -> dict[str, Path]:
+    from converter.export import export_onnx
+
+    models = {"onnxruntime": export_onnx(model, x, stem.with_suffix(".onnx"))}
     try:
         from converter.tflite import available, export_tflite
         if available():
-            models["litert"] = export_tflite(trained.model, x, out / "digits.tflite")
+            models["litert"] = export_tflite(model, x, stem.with_suffix(".tflite"))
     except ImportError:
         pass
     return models
 
 
-def loaded(path: Path, runtime: str, threads: int):
-    from agent.manifest import Manifest, TensorSpec, Variant
-    from agent.runtime import load_runtime
-    from agent.serving import LoadedModel, ModelServer
-    from agent.store import InstalledModel
-
-    variant = Variant(id=f"{runtime}-fp32", runtime=runtime, precision="fp32",
-                      file=path.name, sha256="0" * 64, size=path.stat().st_size)
-    manifest = Manifest(model="digits", version=1, task="classification",
-                        inputs=(TensorSpec(_onnx_input(path), "float32", (None, 1, 8, 8)),),
-                        outputs=(TensorSpec("logits", "float32", (None, 10)),),
-                        variants=(variant,), golden_file="golden.npz",
-                        golden_sha256="0" * 64, golden_size=1)
-    server = ModelServer()
-    inst = InstalledModel("digits", 1, variant, manifest, path.parent)
-    server.swap(LoadedModel(inst, load_runtime(runtime, path, threads=threads)))
-    return server
-
-
 def _onnx_input(path: Path) -> str:
-    if path.suffix != ".onnx":
-        return "x"
     import onnxruntime as ort
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) \
         .get_inputs()[0].name
@@ -84,7 +86,7 @@ def timed(fn, n: int) -> np.ndarray:
     return out
 
 
-def interleaved(fns: dict[str, object], n: int, rounds: int = 10) -> dict[str, np.ndarray]:
+def interleaved(fns: dict[str, object], n: int, rounds: int = 20) -> dict[str, np.ndarray]:
     """Alternate the contenders in short rounds so a noisy neighbour hits all of them."""
     for fn in fns.values():
         timed(fn, 200)  # warm up
@@ -96,57 +98,86 @@ def interleaved(fns: dict[str, object], n: int, rounds: int = 10) -> dict[str, n
     return {k: np.concatenate(v) for k, v in got.items()}
 
 
-def bare_onnx(path: Path, threads: int, x: np.ndarray):
+def _bare_session(path: Path, threads: int):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), sess_options=opts,
+    return ort.InferenceSession(str(path), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
+
+
+def bare_onnx(path: Path, threads: int, x: np.ndarray):
+    """What an onnxruntime user writes: the public ``InferenceSession.run``."""
+    sess = _bare_session(path, threads)
     feed = {sess.get_inputs()[0].name: x}
     return lambda: sess.run(None, feed)
 
 
+def bare_onnx_c_level(path: Path, threads: int, x: np.ndarray):
+    """The floor under the agent: the C-level run the public one wraps (reference only)."""
+    sess = _bare_session(path, threads)
+    feed = {sess.get_inputs()[0].name: x}
+    names = [o.name for o in sess.get_outputs()]
+    run = sess._sess.run
+    return lambda: run(names, feed, None)
+
+
 def bare_litert(path: Path, threads: int, x: np.ndarray):
-    """The same work the agent does: litert-torch models have a fixed batch of 1, so a
-    batch is run row by row."""
+    """The public ``set_tensor`` + ``invoke`` + ``get_tensor`` on an interpreter with the
+    agent's settings. litert-torch models have a fixed batch of 1, so a batch is sliced
+    into rows, run row by row and the outputs concatenated (the batch answer)."""
     from ai_edge_litert.interpreter import Interpreter
     interp = Interpreter(model_path=str(path), num_threads=threads)
     interp.allocate_tensors()
     i_idx = interp.get_input_details()[0]["index"]
     o_idx = interp.get_output_details()[0]["index"]
-    rows = [np.ascontiguousarray(x[r:r + 1]) for r in range(x.shape[0])]
+    if x.shape[0] == 1:
+        def run_one():
+            interp.set_tensor(i_idx, x)
+            interp.invoke()
+            return interp.get_tensor(o_idx)
+        return run_one
 
-    def run():
+    def run_rows():
         outs = []
-        for row in rows:
-            interp.set_tensor(i_idx, row)
+        for r in range(x.shape[0]):
+            interp.set_tensor(i_idx, x[r:r + 1])
             interp.invoke()
             outs.append(interp.get_tensor(o_idx))
-        return outs
-    return run
+        return np.concatenate(outs)
+    return run_rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench-agent", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches", default="1,32", help="batch sizes for the in-process rows")
-    ap.add_argument("-n", type=int, default=3000, help="timed calls per contender")
+    ap.add_argument("--batches", default="1,32", help="batch sizes for the digits CNN rows")
+    ap.add_argument("-n", type=int, default=6000, help="timed calls per contender")
     ap.add_argument("--idle-s", type=float, default=60.0)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--no-wide", action="store_true", help="skip the wide CNN row")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     results: dict[str, object] = {"load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         models = build_models(Path(tmp), args.epochs)
-        x = _input(1)
+        digits = models["digits"]
+        name = _onnx_input(digits["onnxruntime"])
         rows = []
         for batch in (int(b) for b in args.batches.split(",")):
-            rows += run_inference(models, args.threads, args.n, _input(batch), results)
-        rows += run_api(models["onnxruntime"], args.threads, args.n // 3, x, results)
-        rows += run_idle(models["onnxruntime"], args.threads, args.idle_s, Path(tmp), results)
+            rows += run_inference(digits, args.threads, args.n, _input(batch), results,
+                                  "digits", name)
+        if not args.no_wide:
+            wide = models["wide CNN"]
+            rows += run_inference(wide, args.threads, max(300, args.n // 10), _input(1),
+                                  results, "wide CNN", _onnx_input(wide["onnxruntime"]))
+        rows += run_api(digits["onnxruntime"], args.threads, args.n // 6, _input(1), results,
+                        name)
+        rows += run_idle(digits["onnxruntime"], args.threads, args.idle_s, Path(tmp),
+                         results, name)
     results["load_after"] = os.getloadavg()
     print_table(rows, results)
     if args.json:
@@ -159,38 +190,56 @@ def _input(batch: int) -> np.ndarray:
     return np.ascontiguousarray(load_digits_data().x_test[:batch])
 
 
-def run_inference(models, threads, n, x, results) -> list[tuple]:
-    rows = []
-    agent_ort = loaded(models["onnxruntime"], "onnxruntime", threads)
-    contenders = {"bare onnxruntime": bare_onnx(models["onnxruntime"], threads, x),
-                  "agent onnxruntime": lambda: agent_ort.predict("digits", x)}
+def run_inference(models, threads, n, x, results, label, input_name) -> list[tuple]:
+    ort_model = models["onnxruntime"]
+    agent_ort = loaded(ort_model, "onnxruntime", threads, input_name)
+    contenders = {"bare onnxruntime": bare_onnx(ort_model, threads, x),
+                  "C-level floor": bare_onnx_c_level(ort_model, threads, x),
+                  "agent onnxruntime": lambda: agent_ort.predict("digits", x),
+                  "agent onnxruntime unscanned":
+                      lambda: agent_ort.predict("digits", x, check_values=False)}
     if "litert" in models:
-        agent_lite = loaded(models["litert"], "litert", threads)
+        agent_lite = loaded(models["litert"], "litert", threads, input_name)
         contenders["bare LiteRT invoke"] = bare_litert(models["litert"], threads, x)
         contenders["agent LiteRT"] = lambda: agent_lite.predict("digits", x)
+        contenders["agent LiteRT unscanned"] = \
+            lambda: agent_lite.predict("digits", x, check_values=False)
     t = interleaved(contenders, n)
-    b = f" [batch {x.shape[0]}]"
+    b = f" [{label} b{x.shape[0]}]"
+    rows = [("bare onnxruntime" + b, _ms(t["bare onnxruntime"]), "", "", ""),
+            ("  C-level _sess.run" + b, _ms(t["C-level floor"]),
+             _vs(t["C-level floor"], t["bare onnxruntime"]), "(reference)", "")]
     for bare, mine in (("bare onnxruntime", "agent onnxruntime"),
                        ("bare LiteRT invoke", "agent LiteRT")):
         if bare not in t:
             rows.append((mine + b, "-", "-", "-", "no LiteRT model (litert-torch)"))
             continue
         ratio = np.median(t[mine]) / np.median(t[bare])
-        over_us = 1000 * (np.median(t[mine]) - np.median(t[bare]))
         results[f"{mine}{b} p50 ratio"] = ratio
-        rows.append((bare + b, _ms(t[bare]), "", "", ""))
-        rows.append((mine + b, _ms(t[mine]), f"x{ratio:.3f} (+{over_us:.0f} us)",
-                     "<= x1.05", "ok" if ratio <= 1.05 else "MISS"))
+        if bare != "bare onnxruntime":
+            rows.append((bare + b, _ms(t[bare]), "", "", ""))
+        rows.append((mine + b, _ms(t[mine]), _vs(t[mine], t[bare]), "<= x1.05",
+                     "ok" if ratio <= 1.05 else "MISS"))
+        unscanned = t[mine + " unscanned"]
+        results[f"{mine} unscanned{b} p50 ratio"] = np.median(unscanned) / np.median(t[bare])
+        rows.append(("  no NaN scan (check_values=False)" + b, _ms(unscanned),
+                     _vs(unscanned, t[bare]), "(reference)", ""))
     results[f"inference_ms{b}"] = {k: _pcts(v) for k, v in t.items()}
     results.setdefault("bare_p50_ms", float(np.median(t["bare onnxruntime"])))
     return rows
 
 
-def run_api(model: Path, threads, n, x, results) -> list[tuple]:
+def _vs(mine: np.ndarray, bare: np.ndarray) -> str:
+    ratio = np.median(mine) / np.median(bare)
+    over_us = 1000 * (np.median(mine) - np.median(bare))
+    return f"x{ratio:.3f} ({over_us:+.1f} us)"
+
+
+def run_api(model: Path, threads, n, x, results, input_name) -> list[tuple]:
     from agent.api import InferenceHTTPServer, InferenceUnixServer
     from agent.client import AgentClient
 
-    server = loaded(model, "onnxruntime", threads)
+    server = loaded(model, "onnxruntime", threads, input_name)
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
     tcp = InferenceHTTPServer("127.0.0.1", 0, server, 16 * 2**20)
     unix = InferenceUnixServer(tmp / "api.sock", server, 16 * 2**20)
@@ -222,10 +271,10 @@ AGENT_SNIPPET = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from agent.config import config_from_dict
     from agent.daemon import Agent
-    from bench.agent import loaded
+    from bench.agent_model import loaded
     cfg = config_from_dict({cfg!r})
     agent = Agent(cfg)
-    src = loaded(Path({model!r}), "onnxruntime", {threads})
+    src = loaded(Path({model!r}), "onnxruntime", {threads}, {input_name!r})
     agent.server.swap(src.get("digits"))
     agent.start()
     agent.session.wait_connected(10)
@@ -269,7 +318,7 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_idle(model: Path, threads, idle_s, tmp: Path, results) -> list[tuple]:
+def run_idle(model: Path, threads, idle_s, tmp: Path, results, input_name) -> list[tuple]:
     from fleet.broker import Mosquitto, free_port
 
     broker = Mosquitto().start()
@@ -281,7 +330,7 @@ def run_idle(model: Path, threads, idle_s, tmp: Path, results) -> list[tuple]:
     agent = bare = None
     try:
         agent = _spawn(AGENT_SNIPPET.format(root=str(ROOT), cfg=cfg, model=str(model),
-                                            threads=threads))
+                                            threads=threads, input_name=input_name))
         bare = _spawn(BARE_SNIPPET.format(model=str(model), threads=threads))
         time.sleep(3)
         rss_agent, rss_bare = _rss_mb(agent.pid), _rss_mb(bare.pid)
@@ -311,11 +360,11 @@ def _pcts(v: np.ndarray) -> dict[str, float]:
 
 def _ms(v: np.ndarray) -> str:
     p = _pcts(v)
-    return f"{p['p50']:.3f} / {p['p95']:.3f} ms"
+    return f"{p['p50']:.4f} / {p['p95']:.4f} / {p['p99']:.4f} ms"
 
 
 def print_table(rows: list[tuple], results: dict) -> None:
-    head = ("measure", "p50 / p95", "vs bare", "target", "")
+    head = ("measure", "p50 / p95 / p99", "vs bare (p50)", "target", "")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     print(line(head))

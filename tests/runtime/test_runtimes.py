@@ -120,3 +120,27 @@ def test_onnx_without_a_c_level_session_uses_the_public_run(model_files):
     assert runtime._c_level_run(session) == session._sess.run
     stand_in = type("Session", (), {"run": lambda self, names, feed, opts=None: ["public"]})()
     assert runtime._c_level_run(stand_in)(["probs"], {}, None) == ["public"]
+
+
+def test_serving_checks_values_and_signature_on_both_request_paths(model_files):
+    files, w, b = model_files
+    server = serve(files["onnxruntime"], "onnxruntime")
+    stats = server.stats["dense"]
+    x = np.ones((2, IN_DIM), np.float32)
+    x[1, 3] = np.nan
+    for bad in (x, x.tolist(), {"x": x}, np.full((1, IN_DIM), np.inf, np.float32)):
+        with pytest.raises(InferenceInputError, match="NaN or infinity"):
+            server.predict("dense", bad)
+    assert (stats.total_errors, stats.total_model_errors) == (4, 0)  # the caller's fault
+    (y,), _ = server.predict("dense", x, check_values=False)  # what a bare runtime does
+    assert np.isnan(y[1]).all() and np.isfinite(y[0]).all()
+    ok = np.ones((3, IN_DIM))  # float64 and a list: converted on the general path
+    for good in (ok, ok.tolist(), np.asfortranarray(ok, np.float32)):
+        (y,), _ = server.predict("dense", good)
+        assert y.shape == (3, OUT_DIM)
+    for bad, message in ((np.ones((1, IN_DIM + 1), np.float32), "expected shape"),
+                         (np.ones(IN_DIM, np.float32), "expected rank"),
+                         (np.ones((1025, IN_DIM), np.float32), "exceeds 1024"),
+                         (np.ones((1, IN_DIM), np.complex64), "cannot be used as float32")):
+        with pytest.raises(InferenceInputError, match=message):
+            server.predict("dense", bad)
