@@ -6,9 +6,11 @@ returns."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from agent.daemon import Agent
+from agent.protocol import DesiredState, Topics
 from fleet.rollout import Gates, Policy, State
 from fleet.rollout_runner import load, start_rollout
 from tests.fleet_control.helpers import WIDTH, Traffic, wait_until
@@ -112,3 +114,17 @@ def test_all_stage_then_one_commit_switches_all_and_an_offline_one_on_return(
     assert all(d.running("synth") == 3 for d in registry.devices())
     [commit] = [e for e in registry.audit_log(rollout.id) if e["action"] == "rollout.commit"]
     assert sorted(commit["devices"]) == names
+    # redelivered commands change nothing: the old hold (older seq) and the commit again
+    device = online[0]
+    [now] = registry.desired(device, "synth")
+    held_before = len(_events(loop_env, "held"))
+    for ds in (DesiredState("synth", 3, now.seq - 1, rollout.id, hold=True),
+               DesiredState("synth", 3, now.seq, rollout.id)):
+        loop_env.publish(Topics.desired(device), ds.to_bytes())
+    loop_env.publish(Topics.desired(device), DesiredState("synth", 3, now.seq).to_bytes(),
+                     retain=True)  # and the retained one, as a reconnect would see it
+    time.sleep(1.0)
+    assert len(_events(loop_env, "held")) == held_before
+    agent = next(a for a in loop_env.agents if a.device == device)
+    assert not agent.desired.holds("synth") and agent.server.get("synth").installed \
+        .version == 3
