@@ -250,3 +250,36 @@ def test_registry_records_hold_and_commit_as_separate_changes(tmp_path):
 def test_a_wave_that_needs_no_traffic_passes_without_any():
     no_traffic = Policy(soak_s=0, gates=Gates(min_requests=0))
     assert evaluate_wave(_obs(OK), no_traffic, now=10.0).decision == "pass"
+
+
+def test_all_or_none_deadline_or_abort_while_staging_discards_everywhere(fleet):
+    reg, runner, sent, stops, clock = fleet
+    _serve(reg, [f"d{i}" for i in range(10)], 1, 1.0)
+    policy = Policy(all_or_none=True, waves=(1.0,), jitter_s=0, soak_s=0, wave_timeout_s=60,
+                    max_concurrent=4)
+    r = start_rollout(reg, model="m", version=2, policy=policy, actor="alice", group="north")
+    runner.tick()
+    first = [d for d, _ in sent]
+    assert len(first) == 4 and all(ds.hold and ds.version == 2 for _, ds in sent)
+    for d in first:  # held ones free download slots; the cap holds for staging too
+        reg.add_event(d, {"event": "held", "model": "m", "version": 2})
+    clock.t += 1
+    runner.tick()
+    assert len(sent) == 8 and all(ds.hold for _, ds in sent)
+    clock.t += 61  # 8 held, 2 never staged: the deadline passes, nobody was committed
+    runner.tick()
+    r = load(reg, r.id)
+    assert r.state == State.ROLLING_BACK and "did not stage within 60s" in r.reason
+    runner.tick()
+    discards = sent[8:]
+    assert {d for d, _ in discards} == {d for d, _ in sent[:8]}  # everyone told, nobody else
+    assert all(ds.version == 1 and not ds.hold for _, ds in discards)
+    assert ("m", 2, True) in stops  # and transfers still running are stopped
+    assert not [e for e in reg.audit_log(r.id) if e["action"] == "rollout.commit"]
+    r2 = start_rollout(reg, model="m", version=2, policy=policy, actor="alice", group="north")
+    runner.tick()
+    control(reg, r2.id, "abort", "carol", reason="line stopped")
+    runner.tick()
+    told = [ds for _, ds in sent if ds.rollout == r2.id]
+    assert [ds.hold for ds in told] == [True] * 4 + [False] * 4
+    assert all(ds.version == 1 for ds in told[4:])
