@@ -45,7 +45,7 @@ class TransferSettings:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
     max_bytes_per_s: int = 0  # per-device byte-rate cap; 0 = unlimited
-    window: int = 4  # chunk requests kept in flight per transfer (pipelining)
+    window: int = 8  # chunk requests kept in flight per transfer (pipelining), at most
     busy_max_wait_s: float = 600.0  # how long to keep retrying a fleet at its transfer cap
 
 
@@ -124,6 +124,16 @@ class TransferClient:
         self.oversized_responses = 0
         self.received_by_path: dict[str, int] = {}  # bounded: cleared past 1,000 paths
         self._limiter = RateLimiter(settings.max_bytes_per_s)
+
+    @property
+    def window(self) -> int:
+        """Chunk requests kept in flight: ``settings.window``; under a byte-rate cap at most
+        one second's worth (the cap, not the round trip, limits the speed then, and less in
+        flight is less to fetch again if the agent dies mid-transfer)."""
+        s = self.settings
+        if s.max_bytes_per_s <= 0:
+            return max(1, s.window)
+        return max(1, min(s.window, s.max_bytes_per_s // s.chunk_bytes))
 
     @property
     def response_topic(self) -> str:
@@ -306,7 +316,7 @@ class MqttFetcher(FetcherInterface):
                 if chunk.status != 200 or chunk.offset != offset or chunk.total != first.total \
                         or (not chunk.data and offset < first.total):
                     raise tuf_exc.DownloadError(f"bad chunk for {path} at {offset}")
-                while len(window) < self._client.settings.window and ahead < limit:
+                while len(window) < self._client.window and ahead < limit:
                     window.append(self._client.prefetch(path, ahead, size))
                     ahead += size
                 if out is not None:
