@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from agent.errors import EdgeshipError, Reason
 from agent.fsutil import atomic_write
+from agent.lifecycle import UpdateRecord
 from agent.protocol import DesiredState
 from agent.runtime import load_runtime
 from agent.serving import LoadedModel, ModelServer
@@ -138,8 +139,10 @@ class HeldVersions:
         try:
             installed = self._kept_or_download(model, version)
             check = u._health_check(installed)
-            self._held[model] = u._warm(installed)
+            self._held[model] = self._shadow_or_warm(installed)
         except EdgeshipError as e:
+            if u._stopping.is_set():  # the agent is stopping: it stages again on start
+                return False
             self._failed(model, version, e)
             return False
         except Exception as e:  # a bug must not stop the update thread
@@ -151,6 +154,17 @@ class HeldVersions:
                  hold=True, max_abs_diff=check.max_abs_diff,
                  latency_ms=round(check.latency_ms, 3))
         return True
+
+    def _shadow_or_warm(self, installed: InstalledModel) -> LoadedModel:
+        """Where the release asks for shadow testing, the shadow run happens on hold
+        (before the commit, so the switch stays simultaneous); it reports
+        ``shadow_result`` and raises ``shadow_disagreement`` below the threshold."""
+        u = self.updates
+        if installed.manifest.shadow is None or u.server.find(installed.model) is None:
+            return u._warm(installed)
+        probe = UpdateRecord(model=installed.model, version=installed.version)  # not saved
+        loaded, _ = u._shadow(probe, installed)
+        return loaded
 
     def _kept_or_download(self, model: str, version: int) -> InstalledModel:
         """A copy finalized before (an agent restarted while holding) if its files still

@@ -251,8 +251,9 @@ class InstallLifecycle:
 
     def _checked(self: "UpdateManager", record: UpdateRecord, installed: InstalledModel,
                  health: dict, loaded: LoadedModel | None = None) -> UpdateRecord:
-        """Healthy: through the shadow run (when the release asks for one) to the trial."""
-        if installed.manifest.shadow is not None and \
+        """Healthy: through the shadow run (when the release asks for one) to the trial.
+        A ``loaded`` copy comes from an all-or-none hold, which ran the shadow already."""
+        if installed.manifest.shadow is not None and loaded is None and \
                 self.server.find(record.model) is not None:
             record = self._step(record, Event.SHADOW, **health)
             loaded, agreement = self._shadow(record, installed)

@@ -25,7 +25,7 @@ from agent.protocol import DesiredState
 from fleet.registry import Registry
 from fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult, State,
                            WaveObservation, evaluate_wave, failure_event, install_gate,
-                           jitter_offset_s, plan_waves, staging_verdict)
+                           jitter_offset_s, plan_waves, shadow_gate, staging_verdict)
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +273,11 @@ class RolloutRunner:
         wave = r.waves[r.wave]
         outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at,
                                                   ("held", "failed"))
-        verdict = staging_verdict(wave, outcomes, r.wave_started_at or r.created_at, now,
-                                  r.policy.wave_timeout_s)
+        shadow = WaveObservation(wave, r.created_at, outcomes, {}, {},
+                                 shadow=self._shadow_results(r, wave))
+        verdict = shadow_gate(shadow, r.policy.gates) or \
+            staging_verdict(wave, outcomes, r.wave_started_at or r.created_at, now,
+                            r.policy.wave_timeout_s)
         if verdict.decision == "wait":
             return r
         if verdict.decision == "fail":
@@ -299,10 +302,11 @@ class RolloutRunner:
             new_stats={d: DeviceStats(s.requests, s.errors, s.p50_ms, s.agreement)
                        for d, s in stats.items() if d in wave},
             baseline={d: DeviceStats(**b) for d, b in r.baseline.items()},
-            installed_at=r.wave_installed_at,
-            shadow={d: ShadowResult.from_report(doc) for d, doc in self.registry
-                    .shadow_results(r.model, r.to_version, r.created_at).items()
-                    if d in wave})
+            installed_at=r.wave_installed_at, shadow=self._shadow_results(r, wave))
+
+    def _shadow_results(self, r: Rollout, wave: tuple[str, ...]) -> dict[str, ShadowResult]:
+        return {d: ShadowResult.from_report(doc) for d, doc in self.registry
+                .shadow_results(r.model, r.to_version, r.created_at).items() if d in wave}
 
     def _halt(self, r: Rollout, reason: str, record: dict) -> Rollout:
         event = failure_event(r.policy)

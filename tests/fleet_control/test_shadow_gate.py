@@ -2,7 +2,8 @@
 (a ``shadow`` policy in their signed manifest), real agents running each candidate beside
 the served version on live requests, and the fleet gate reading exactly what the agents'
 shadow runs report. A candidate that agrees advances through every wave; one whose outputs
-are permuted halts the rollout in its first wave on the shadow gate."""
+are permuted halts the rollout in its first wave on the shadow gate; in an all-or-none
+rollout the shadow run happens on hold, before the one commit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from fleet.rollout import Gates, Policy, State
-from fleet.rollout_runner import load, start_rollout
+from fleet.rollout_runner import control, load, start_rollout
 from tests.fleet_control.helpers import wait_until
 
 models = pytest.importorskip("tests.install.models")
@@ -44,8 +45,8 @@ class LiveTraffic:
         self._thread.join(timeout=5)
 
 
-def _roll(registry, version):
-    rollout = start_rollout(registry, model="sh", version=version, policy=POLICY,
+def _roll(registry, version, policy=POLICY):
+    rollout = start_rollout(registry, model="sh", version=version, policy=policy,
                             actor="test")
     return wait_until(lambda: (r := load(registry, rollout.id)).state != State.RUNNING and r,
                       timeout_s=120, what=f"the rollout of v{version} to stop")
@@ -65,6 +66,7 @@ def test_shadow_gate_advances_an_agreeing_candidate_and_halts_a_permuted_one(
     v2 = models.write_bundle(b / "v2", "sh", 2, models.good(2), shadow=shadow)
     v3 = models.write_bundle(b / "v3", "sh", 3, models.reversed_classes(3), shadow=shadow,
                              golden_weights=models.weights(3)[:, ::-1])  # healthy, permuted
+    v4 = models.write_bundle(b / "v4", "sh", 4, models.good(4), shadow=shadow)
     names = ["sh-0", "sh-1"]
     agents = [loop_env.start_agent(n) for n in names]
     for agent in agents:
@@ -73,13 +75,17 @@ def test_shadow_gate_advances_an_agreeing_candidate_and_halts_a_permuted_one(
     for n in names:
         loop_env.wait_serving(n, 1)
     registry = loop_env.fleet.registry
-    for bundle in (v2, v3):
+    for bundle in (v2, v3, v4):
         info = loop_env.release(bundle, announce=False)
         registry.add_release("sh", info.version, info.released_at, "test")
     traffic = LiveTraffic(agents)
     try:
         agreed = _roll(registry, 2)
         halted = _roll(registry, 3)
+        by_id = {d.id: d for d in registry.devices()}  # before anything else moves
+        control(registry, halted.id, "abort", "test")
+        # all-or-none: the shadow runs on hold, before the one commit
+        together = _roll(registry, 4, replace(POLICY, all_or_none=True, waves=(1.0,)))
     finally:
         traffic.stop()
 
@@ -101,7 +107,14 @@ def test_shadow_gate_advances_an_agreeing_candidate_and_halts_a_permuted_one(
     assert verdict["measured"]["agreement"] == report["agreement"]
     # the canary never served v3 (reverted in shadow); the other device was never asked
     assert "serving" not in loop_env.watcher.chain(canary, 3)
-    by_id = {d.id: d for d in registry.devices()}
     [other] = set(names) - {canary}
     assert by_id[canary].running("sh") == 2 and by_id[other].desired == {"sh": 2}
     assert _reported(loop_env, other, 3) == []
+
+    assert together.state == State.DONE, together.reason
+    for device in names:
+        [report] = _reported(loop_env, device, 4)
+        assert report["agreement"] >= 0.9
+        chain = loop_env.watcher.chain(device, 4)
+        assert chain[:2] == ["shadow_result", "held"] and "shadow" not in chain
+        assert chain.index("serving") > chain.index("held")
