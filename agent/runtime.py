@@ -128,7 +128,7 @@ class LiteRtModel:
     """A TFLite interpreter. Inputs are matched by name, else by position. A batch size
     other than the allocated one resizes the inputs when the model's batch dimension is
     dynamic; a model exported with a fixed batch of 1 (litert-torch does that) runs the
-    rows one by one into preallocated outputs. The interpreter is not thread-safe, so calls
+    rows one by one. The interpreter is not thread-safe, so calls
     are serialised. Requests call the wrapper's C-level ``SetTensor`` / ``Invoke`` /
     ``GetTensor`` (what the public ``set_tensor`` / ``invoke`` / ``get_tensor`` call; the
     agent never holds views into the interpreter, the case ``invoke``'s check is for)."""
@@ -147,7 +147,6 @@ class LiteRtModel:
         self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
         outputs = self._interp.get_output_details()
         self._outputs = [d["index"] for d in outputs]
-        self._row_outputs = [(d["index"], tuple(d["shape"][1:]), d["dtype"]) for d in outputs]
         c_level = getattr(self._interp, "_interpreter", None)
         # another wrapper version: use the public methods
         self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
@@ -200,18 +199,18 @@ class LiteRtModel:
         return [get_tensor(i) for i in self._outputs]
 
     def _rows(self, arrays: list[np.ndarray], batch: int) -> list[np.ndarray]:
-        """A batch through a model with a fixed batch of 1: row by row, each output row
-        copied once into the preallocated result."""
-        results = [np.empty((batch, *shape), dtype) for _, shape, dtype in self._row_outputs]
+        """A batch through a model with a fixed batch of 1: row by row (each row a view,
+        each output row one copy), then one concatenation per output."""
         slots = [index for index, _ in self._slots]
+        rows: list[list[np.ndarray]] = [[] for _ in self._outputs]
         set_tensor, invoke, get_tensor = self._calls()
         for r in range(batch):
             for index, arr in zip(slots, arrays):
                 set_tensor(index, arr[r:r + 1])
             invoke()
-            for out, (index, _, _) in zip(results, self._row_outputs):
-                out[r:r + 1] = get_tensor(index)
-        return results
+            for out, index in zip(rows, self._outputs):
+                out.append(get_tensor(index))
+        return [np.concatenate(out) for out in rows]
 
     def _resize(self, i: int, shape: tuple[int, ...]) -> None:
         index = self._slots[i][0]

@@ -172,12 +172,13 @@ def _percentiles(lat: np.ndarray) -> dict[str, float | None]:
 class _Serving:
     """One served model with what a request needs resolved at swap time."""
 
-    __slots__ = ("loaded", "stats", "run", "specs", "input_name", "dtype", "rank", "tail",
-                 "finite")
+    __slots__ = ("loaded", "stats", "run", "record_ns", "specs", "input_name", "dtype",
+                 "rank", "tail", "finite")
 
     def __init__(self, loaded: LoadedModel, stats: ModelStats) -> None:
         self.loaded, self.stats = loaded, stats
         self.run = loaded.runtime.run
+        self.record_ns = stats.record_ns
         self.specs = loaded.installed.manifest.inputs
         spec = self.specs[0] if len(self.specs) == 1 else None
         fast = spec is not None and len(spec.shape) >= 1 and \
@@ -262,7 +263,7 @@ class ModelServer:
         except Exception as e:
             entry.stats.record_error(batch)
             raise EdgeshipError(f"inference failed: {e}") from e
-        entry.stats.record_ns(perf_counter_ns() - start, batch)
+        entry.record_ns(perf_counter_ns() - start, batch)
         if self.shadows:
             shadow = self.shadows.get(name)
             if shadow is not None:
