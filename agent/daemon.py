@@ -21,7 +21,7 @@ from agent.config import AgentConfig
 from agent.desired import DesiredTracker, HeldVersions, reactivate_kept
 from agent.errors import EdgeshipError, ProtocolError, Reason, TransferError
 from agent.lifecycle import RecordStore
-from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
 from agent.protocol import Topics
 from agent.metrics import AgentCollector, Metrics
 from agent.sdnotify import SdNotifier
@@ -76,7 +76,9 @@ def install_settings(cfg: AgentConfig) -> InstallSettings:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, *, mqtt_loop: SharedLoop | None = None) -> None:
+        """``mqtt_loop``: drive this agent's MQTT socket from a loop shared with other
+        agents in the process (the fleet bench); None: paho's own network thread."""
         self.cfg = cfg
         self.device = cfg.device_id
         self.traits = device_traits(cfg)
@@ -91,7 +93,8 @@ class Agent:
         self.dropped_messages = 0
         self.rejected_messages = 0
         self.session = MqttSession(self._session_settings(), on_message=self._on_message,
-                                   on_connect=lambda: self._hand_over("connected"))
+                                   on_connect=lambda: self._hand_over("connected"),
+                                   loop=mqtt_loop)
         self.transfers = TransferClient(self.device, self.session.publish, TransferSettings(
             chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s,
             max_bytes_per_s=cfg.transfer_max_bytes_per_s))
@@ -275,7 +278,7 @@ class Agent:
         while not self._stop.is_set():
             with self._wanted_cv:
                 while not self._wanted and not self._stop.is_set():
-                    self._wanted_cv.wait(1.0)
+                    self._wanted_cv.wait(30.0)  # _want and stop notify; a safety net only
                 if self._stop.is_set():
                     return
                 model, version = self._wanted.popitem()

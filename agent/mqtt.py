@@ -4,15 +4,26 @@ paho's callbacks run on paho's network thread. They never block and never take a
 application lock: they hand each message to the owner's ``on_message`` (which must be
 just as quick, e.g. ``queue.put_nowait``) and record PUBACK reason codes.
 Subscriptions are re-made on every (re)connect.
+
+By default each session runs paho's own network thread. A :class:`SharedLoop` instead
+drives the sockets of many sessions from one selector thread through paho's external-loop
+API (``loop_read``/``loop_write``/``loop_misc``): a gateway, or a simulator with hundreds of
+agents per process, pays one network thread instead of one per connection.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import random
+import selectors
+import socket
 import ssl
 import threading
+import time
 import urllib.parse
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -104,8 +115,10 @@ class MqttSession:
 
     def __init__(self, settings: SessionSettings,
                  on_message: Callable[[Message], None],
-                 on_connect: Callable[[], None] | None = None) -> None:
+                 on_connect: Callable[[], None] | None = None,
+                 loop: "SharedLoop | None" = None) -> None:
         self.settings = settings
+        self._loop = loop  # None: paho's own network thread
         self._address = BrokerAddress.parse(settings.url)
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
@@ -115,7 +128,10 @@ class MqttSession:
         self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.reconnects = 0
+        self._stopping = False
         self._client = self._build_client()
+        if loop is not None:
+            loop.attach(self._client)
 
     # --- setup -----------------------------------------------------------------------
 
@@ -150,7 +166,21 @@ class MqttSession:
         self._client.connect_async(self._address.host, self._address.port,
                                    keepalive=self.settings.keepalive_s,
                                    clean_start=self.settings.clean_start, properties=props)
-        self._client.loop_start()
+        if self._loop is None:
+            self._client.loop_start()
+        else:
+            self._loop.call_soon(self._connect_on_loop)
+
+    def _connect_on_loop(self) -> None:
+        """Shared-loop mode (loop thread): open the socket and send CONNECT; on failure,
+        try again after the jittered backoff (paho's own thread would do this)."""
+        if self._stopping:
+            return
+        try:
+            self._client.reconnect()
+        except (OSError, ssl.SSLError) as e:
+            logger.debug("MQTT connect to %s failed: %s", self.settings.url, e)
+            self._schedule_retry()
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
@@ -170,8 +200,12 @@ class MqttSession:
                 self.publish(final[0], final[1], retain=final[2]).wait_for_publish(2.0)
             except (RuntimeError, ValueError) as e:
                 logger.debug("final publish failed: %s", e)
+        self._stopping = True
         self._client.disconnect()
-        self._client.loop_stop()
+        if self._loop is None:
+            self._client.loop_stop()
+        else:
+            self._loop.detach(self._client, wait_s=2.0)
         self._connected.clear()
 
     # --- publishing ------------------------------------------------------------------
@@ -242,10 +276,15 @@ class MqttSession:
         self._schedule_retry()
 
     def _schedule_retry(self) -> None:
+        if self._stopping:
+            return
         delay_s = self.backoff.next_delay_s()
         self.reconnects += 1
-        self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
         logger.debug("MQTT reconnect in %.2fs", delay_s)
+        if self._loop is not None:
+            self._loop.call_later(delay_s, self._connect_on_loop)
+        else:
+            self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [rc for rc in reason_codes if rc.is_failure]
@@ -280,3 +319,160 @@ def _set_nodelay(sock) -> None:
         raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
     except (AttributeError, OSError) as e:
         logger.debug("TCP_NODELAY not set: %s", e)
+
+
+class SharedLoop:
+    """One thread runs the network I/O of many :class:`MqttSession` objects (each keeps its
+    own client id, socket, session and keepalive) through paho's external-loop API.
+
+    Selector state is touched only on the loop thread; other threads hand work over with
+    :meth:`call_soon` (a lock, a deque and a wake-up byte). Every ``misc_interval_s`` each
+    client gets ``loop_misc`` (keepalive PINGREQs, keepalive timeouts)."""
+
+    def __init__(self, *, misc_interval_s: float = 1.0, name: str = "edgeship-mqtt-shared"):
+        self.misc_interval_s = misc_interval_s
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # loop thread only
+        self._order = itertools.count()
+        self._clients: set[paho.Client] = set()  # loop thread only
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # --- any thread ------------------------------------------------------------------
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        if self._on_loop():
+            fn()
+            return
+        with self._lock:
+            self._calls.append(fn)
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending (buffer full) or the loop closed
+
+    def attach(self, client: paho.Client) -> None:
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._register_write
+        client.on_socket_unregister_write = self._unregister_write
+        self.call_soon(lambda: self._clients.add(client))
+
+    def detach(self, client: paho.Client, *, wait_s: float) -> None:
+        """Stop driving ``client``, after up to ``wait_s`` for its queued packets (e.g. a
+        DISCONNECT) to leave and its socket to close."""
+        deadline = time.monotonic() + wait_s
+        while client.socket() is not None and time.monotonic() < deadline \
+                and not self._on_loop():
+            time.sleep(0.01)
+
+        def drop() -> None:
+            self._clients.discard(client)
+            sock = client.socket()
+            if sock is not None:
+                self._unregister(sock)
+                client._sock_close()  # noqa: SLF001 - paho has no public close
+        self.call_soon(drop)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.call_soon(lambda: None)
+        self._thread.join(timeout=5)
+
+    # --- loop thread -----------------------------------------------------------------
+
+    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
+        self.call_soon(lambda: heapq.heappush(
+            self._timers, (time.monotonic() + delay_s, next(self._order), fn)))
+
+    def _on_loop(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def _run(self) -> None:
+        next_misc = time.monotonic() + self.misc_interval_s
+        while not self._stopped:
+            now = time.monotonic()
+            timeout_s = min(next_misc, self._timers[0][0] if self._timers else next_misc) - now
+            for key, events in self._selector.select(max(0.0, timeout_s)):
+                self._ready(key, events)
+            self._run_calls()
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                self._guard(heapq.heappop(self._timers)[2])
+            if now >= next_misc:
+                next_misc = now + self.misc_interval_s
+                for client in list(self._clients):
+                    self._guard(client.loop_misc)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _ready(self, key: selectors.SelectorKey, events: int) -> None:
+        if key.data is None:  # the wake-up socket
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+            return
+        client: paho.Client = key.data
+        if events & selectors.EVENT_READ:
+            self._guard(client.loop_read)
+        if events & selectors.EVENT_WRITE and client.socket() is key.fileobj:
+            self._guard(client.loop_write)
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, deque()
+        for fn in calls:
+            self._guard(fn)
+
+    @staticmethod
+    def _guard(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:  # one client's failure must not stop the others' network
+            logger.exception("shared MQTT loop: %s failed", getattr(fn, "__name__", fn))
+
+    def _set_events(self, sock, client: paho.Client, events: int) -> None:
+        try:
+            self._selector.modify(sock, events, client)
+        except (KeyError, ValueError):
+            if sock.fileno() >= 0:
+                self._selector.register(sock, events, client)
+
+    def _unregister(self, sock) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    # --- paho's socket callbacks -------------------------------------------------------
+
+    def _socket_open(self, client, userdata, sock) -> None:
+        self.call_soon(lambda: self._set_events(sock, client, selectors.EVENT_READ))
+
+    def _socket_close(self, client, userdata, sock) -> None:
+        self.call_soon(lambda: self._unregister(sock))
+
+    def _register_write(self, client, userdata, sock) -> None:
+        self.call_soon(lambda: self._set_events(
+            sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            if client.socket() is sock else None)
+
+    def _unregister_write(self, client, userdata, sock) -> None:
+        def apply() -> None:
+            if client.socket() is not sock:
+                return
+            if client.want_write():  # a publish raced with the drain: keep writing
+                client._registered_write = True  # noqa: SLF001 - paho's own flag
+                return
+            self._set_events(sock, client, selectors.EVENT_READ)
+        self.call_soon(apply)

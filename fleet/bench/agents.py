@@ -12,15 +12,18 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.errors import EdgeshipError
+from agent.mqtt import SharedLoop
 from fleet.bench.synthetic import sample_inputs
 
 
-def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float) -> Agent:
+def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float,
+               mqtt_loop: SharedLoop | None = None) -> Agent:
     state = root / device
     (state / "tuf").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(repo / "metadata" / "1.root.json", state / "tuf" / "root.json")
@@ -29,7 +32,10 @@ def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float
                                          ("api_enabled", False)) if k in fields}
     cfg = AgentConfig(device_id=device, state_dir=state, mqtt_url=url, api_port=0,
                       telemetry_interval_s=telemetry_s, threads=1, **extra)
-    agent = Agent(cfg)
+    agent = Agent(cfg, mqtt_loop=mqtt_loop)
+    # the forwarder is woken by every new record and every reconnect; its 1 s idle poll is
+    # free on a board but, x250 agents per process, a queue of threads waiting for one GIL
+    agent.telemetry.forwarder.idle_wait_s = max(1.0, telemetry_s)
     settings = getattr(agent.updates, "settings", None)
     if settings is not None and hasattr(settings, "health_in_subprocess"):
         # one Python child per install x 1,000 simulated devices on 2 cores would measure
@@ -40,6 +46,18 @@ def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float
     agent.traits = agent.updates.traits = dataclasses.replace(agent.traits,
                                                               latency_budget_ms=None)
     return agent
+
+
+def gate_installs(agent: Agent, slots: threading.Semaphore) -> None:
+    """Run this agent's installs on one of the process's ``slots`` (a shared pool of N
+    update workers): hundreds of update threads that all want one GIL at once spend their
+    time handing it over (futex storms, starved MQTT keepalives), not installing."""
+    install = agent.updates.install
+
+    def gated(*args, **kwargs):
+        with slots:
+            return install(*args, **kwargs)
+    agent.updates.install = gated
 
 
 class Traffic:
@@ -75,11 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--telemetry-s", type=float, default=5.0)
     p.add_argument("--model", default="synth")
     p.add_argument("--width", type=int, default=724)
+    p.add_argument("--install-slots", type=int, default=4,
+                   help="installs running at once in this process (0: no limit)")
+    p.add_argument("--loops", type=int, default=1,
+                   help="shared MQTT network threads in this process (0: one per agent)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    loops = [SharedLoop(name=f"edgeship-mqtt-shared-{n}") for n in range(args.loops)]
+    slots = threading.BoundedSemaphore(args.install_slots) if args.install_slots else None
     agents = []
     for i in range(args.first, args.first + args.count):
-        agent = make_agent(args.root, f"sim-{i:05d}", args.url, args.repo, args.telemetry_s)
+        loop = loops[i % len(loops)] if loops else None
+        agent = make_agent(args.root, f"sim-{i:05d}", args.url, args.repo, args.telemetry_s,
+                           loop)
+        if slots is not None:
+            gate_installs(agent, slots)
         agent.start()
         agents.append(agent)
     print(f"READY {len(agents)}", flush=True)
@@ -92,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             break
     if traffic:
         traffic.stop()
-    for agent in agents:
-        agent.stop()
+    with ThreadPoolExecutor(32) as pool:  # each stop waits for its final PUBACK
+        list(pool.map(Agent.stop, agents))
+    for loop in loops:
+        loop.stop()
     return 0
 
 

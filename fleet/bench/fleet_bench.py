@@ -48,7 +48,7 @@ class Fleet:
     """Broker + fleet server process + agent worker processes for one fleet size."""
 
     def __init__(self, root: Path, size: int, per_process: int, telemetry_s: float,
-                 http_port: int) -> None:
+                 http_port: int, profile: Path | None = None) -> None:
         self.root, self.size = root, size
         self.keys, self.repo, self.db = root / "keys", root / "repo", root / "fleet.db"
         init_repository(self.keys, self.repo)
@@ -61,17 +61,26 @@ class Fleet:
         self.workers = []
         for first in range(0, size, per_process):
             count = min(per_process, size - first)
+            spy = [] if not (profile and first == 0) else [
+                str(Path(sys.executable).with_name("py-spy")), "record", "-f", "raw", "-r", "20",
+                "-o", str(profile / f"worker-{size}.txt"), "--"]
             self.workers.append(subprocess.Popen(
-                [sys.executable, "-m", "fleet.bench.agents", "--url", self.broker.url,
+                [*spy, sys.executable, "-m", "fleet.bench.agents", "--url", self.broker.url,
                  "--repo", str(self.repo), "--root", str(root / "devices"), "--first",
                  str(first), "--count", str(count), "--telemetry-s", str(telemetry_s)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=open(root / f"agents-{first}.log", "w")))
         for w in self.workers:
             line = w.stdout.readline()
+            while line and not line.startswith("READY"):  # e.g. py-spy's banner
+                line = w.stdout.readline()
             if not line.startswith("READY"):
+                self.close()
                 raise RuntimeError(f"agent worker failed to start (see {root}/agents-*.log)")
+        t0 = time.monotonic()
         self.wait(lambda: self._online() >= size, 300, "every agent to come online")
+        print(f"  {size} agents online {time.monotonic() - t0:.0f}s after their workers "
+              f"started; load1 {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     def registry(self) -> Registry:
         return Registry(self.db)
@@ -95,7 +104,8 @@ class Fleet:
         raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
     def pids(self) -> list[int]:
-        return [self.broker.proc.pid, self.server.pid]
+        """Broker, fleet server, then the agent workers."""
+        return [self.broker.proc.pid, self.server.pid, *(w.pid for w in self.workers)]
 
     def sample(self, samples: list[Sample]) -> None:
         for s, pid in zip(samples, self.pids()):
@@ -138,7 +148,7 @@ def measure_release(fleet: Fleet, bundle: Path, version: int, timeout_s: float,
     """Release and wait for every device to serve it. ``staged=(max_concurrent, jitter_s)``:
     through a one-wave rollout (desired state with jitter and a download cap) instead of the
     fleet-wide announcement."""
-    samples = [Sample(), Sample()]
+    samples = [Sample() for _ in fleet.pids()]
     for s, pid in zip(samples, fleet.pids()):
         s.cpu0, s.peak_rss = proc_usage(pid)
     start = time.monotonic()
@@ -149,12 +159,18 @@ def measure_release(fleet: Fleet, bundle: Path, version: int, timeout_s: float,
                   "--waves", "100", "--max-concurrent", str(staged[0]), "--jitter-s",
                   str(staged[1]), "--min-requests", "0", "--soak-s", "0", "--by", "bench")
 
+    last_print = [start]
+
     def done():
         reg = fleet.registry()
         try:
             out = reg.install_outcomes("synth", version, 0)
         finally:
             reg.close()
+        if time.monotonic() - last_print[0] >= 10:
+            last_print[0] = time.monotonic()
+            print(f"  {time.monotonic() - start:5.0f}s: {len(out)}/{fleet.size} done, "
+                  f"load1 {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         return len(out) >= fleet.size and out
 
     try:
@@ -172,7 +188,9 @@ def measure_release(fleet: Fleet, bundle: Path, version: int, timeout_s: float,
             "broker_cpu_s": samples[0].cpu1 - samples[0].cpu0,
             "broker_rss_mb": samples[0].peak_rss,
             "fleet_cpu_s": samples[1].cpu1 - samples[1].cpu0,
-            "fleet_rss_mb": samples[1].peak_rss}
+            "fleet_rss_mb": samples[1].peak_rss,
+            "agents_cpu_s": sum(s.cpu1 - s.cpu0 for s in samples[2:]),
+            "agents_rss_mb": sum(s.peak_rss for s in samples[2:])}
 
 
 def run_rollout(fleet: Fleet, bundle: Path, traffic_rps: float, soak_s: float,
@@ -225,13 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench-fleet")
     p.add_argument("--sizes", default="100,1000", help="fleet sizes (default 100,1000)")
     p.add_argument("--per-process", type=int, default=100, help="agents per worker process")
-    p.add_argument("--telemetry-s", type=float, default=5.0)
+    p.add_argument("--telemetry-s", type=float, default=60.0,
+                   help="agents' telemetry interval (default: the agent's default, 60 s)")
+    p.add_argument("--rollout-telemetry-s", type=float, default=5.0,
+                   help="telemetry interval on the fleet that runs the rollout (its gates "
+                   "need a few windows of latency within the soak time)")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--rollout-size", type=int, default=0,
                    help="fleet size to run the rollout on (default: the smallest)")
     p.add_argument("--traffic-rps", type=float, default=1.0,
                    help="inference requests per second per device during the rollout")
     p.add_argument("--soak-s", type=float, default=10.0)
+    p.add_argument("--skip-rollout", action="store_true", help="only the release rows")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="run the first agent worker under py-spy; raw stacks go to this dir")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--staged-from", type=int, default=0,
                    help="fleets this large get the release through a one-wave rollout "
@@ -253,15 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     rows, rollout = [], None
     try:
         for size in sizes:
-            fleet = Fleet(work / f"n{size}", size, args.per_process, args.telemetry_s,
-                          free_port())
+            rollout_here = size == rollout_size and not args.skip_rollout
+            fleet = Fleet(work / f"n{size}", size, args.per_process,
+                          args.rollout_telemetry_s if rollout_here else args.telemetry_s,
+                          free_port(), args.profile)
             try:
                 staged = (args.max_concurrent, args.jitter_s) \
                     if args.staged_from and size >= args.staged_from else None
                 rows.append(measure_release(fleet, v1, 1, args.timeout_s, staged))
                 rows[-1]["load1"] = os.getloadavg()[0]
                 print(json.dumps(rows[-1]), flush=True)
-                if size == rollout_size:
+                if rollout_here:
                     rollout = run_rollout(fleet, v2, args.traffic_rps, args.soak_s, args.out)
                     print(json.dumps({k: v for k, v in rollout.items() if k != "cli"}),
                           flush=True)
