@@ -122,3 +122,67 @@ def test_lease_must_outlast_two_ticks(tmp_path):
     with pytest.raises(ConfigError, match="lease_ttl_s"):
         RolloutRunner(reg, lambda d, s: None, tick_s=1.0, lease_ttl_s=1.5)
     reg.close()
+
+
+def test_two_fleet_servers_on_one_registry_only_one_drives_the_rollout(broker, tmp_path):
+    """The same with two FleetServers (their own registry connection and MQTT session, as
+    two processes would have) publishing real desired state through Mosquitto."""
+    from agent.mqtt import MqttSession, SessionSettings
+    from agent.protocol import DesiredState, TOPIC_ROOT
+    from fleet.server import FleetServer, FleetSettings
+    from fleet.tuf_repo import init_repository
+    init_repository(tmp_path / "keys", tmp_path / "repo")
+    db = tmp_path / "fleet.db"
+    rid = _fleet(db)
+    got: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def on_message(msg):
+        if msg.payload:
+            with lock:
+                got.append((msg.topic.split("/")[3], DesiredState.from_bytes(msg.payload).seq))
+    watch = MqttSession(SessionSettings(url=broker.url, client_id="watch-desired",
+                                        clean_start=True, session_expiry_s=0), on_message)
+    watch.start([(f"{TOPIC_ROOT}/dev/+/desired", 1)])
+    assert watch.wait_subscribed(10)
+    servers = [FleetServer(FleetSettings(mqtt_url=broker.url, repo_dir=tmp_path / "repo",
+                                         db_path=db, rollout_tick_s=0.1,
+                                         client_id=f"fleet-{i}")) for i in range(2)]
+    try:
+        for s in servers:
+            s.start()
+
+        def devices_told(n):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with lock:
+                    if len({d for d, _ in got}) >= n:
+                        return sorted({d for d, _ in got})
+                time.sleep(0.05)
+            raise AssertionError(f"{n} device(s) not told; got {got}")
+        [first] = devices_told(1)
+        time.sleep(1.0)  # both runners keep ticking
+        [leader] = [s for s in servers if s.rollouts.is_leader]
+        [other] = [s for s in servers if s is not leader]
+        with lock:
+            assert got == [(first, got[0][1])]  # one command, published once
+        leader.stop()
+        servers.remove(leader)
+        _serving(db, first)
+        devices_told(2)
+        assert other.rollouts.is_leader
+        with lock:
+            seqs = {}
+            for device, seq in got:
+                seqs.setdefault(device, set()).add(seq)
+        assert all(len(s) == 1 for s in seqs.values())  # re-published: the same seq
+        reg = Registry(db)
+        told = [e["devices"] for e in reg.audit_log(rid) if e["action"] == "rollout.desired"]
+        assert sorted(sum(told, [])) == sorted(seqs)  # each device decided once, by one
+        assert [e["holder"] for e in reg.audit_log() if e["action"] == "runner.lead"] == \
+            [leader.rollouts.holder, other.rollouts.holder]
+        reg.close()
+    finally:
+        for s in servers:
+            s.stop()
+        watch.stop()
