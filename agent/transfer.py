@@ -53,6 +53,7 @@ class TransferSettings:
 STATUS_BUSY = 503  # fleet at its concurrent-transfer cap: retry with backoff
 STATUS_STOPPED = 410  # kill switch: the release's transfers were stopped
 RESUME_SUFFIX = ".resume"
+MAX_ANSWERS_QUEUED = 4  # answers kept per outstanding request (one is expected)
 
 
 class RateLimiter:
@@ -89,8 +90,11 @@ class Chunk:
 
 
 def parse_chunk(msg: Message) -> Chunk:
-    """Read a transfer response's user properties; raise TransferError when malformed."""
+    """Read a transfer response's user properties (the compact or the long form); raise
+    TransferError when malformed."""
     props = msg.user_properties
+    if protocol.TRANSFER_COMPACT in props:
+        return _parse_compact(msg)
     try:
         if props.get(protocol.TRANSFER_SCHEMA) != str(protocol.SCHEMA_VERSION):
             raise TransferError(f"transfer response schema {props.get('schema')!r}",
@@ -100,6 +104,20 @@ def parse_chunk(msg: Message) -> Chunk:
                      total=int(props.get(protocol.TRANSFER_TOTAL, "0")),
                      data=msg.payload, error=props.get(protocol.TRANSFER_ERROR))
     except (KeyError, ValueError) as e:
+        raise TransferError(f"malformed transfer response: {e!r}",
+                            reason_code=Reason.MALFORMED_MESSAGE) from e
+
+
+def _parse_compact(msg: Message) -> Chunk:
+    props = msg.user_properties
+    try:
+        schema, status, offset, total = props[protocol.TRANSFER_COMPACT].split(" ")
+        if schema != str(protocol.SCHEMA_VERSION):
+            raise TransferError(f"transfer response schema {schema!r}",
+                                reason_code=Reason.UNSUPPORTED_SCHEMA)
+        return Chunk(status=int(status), offset=int(offset), total=int(total),
+                     data=msg.payload, error=props.get(protocol.TRANSFER_ERROR))
+    except ValueError as e:
         raise TransferError(f"malformed transfer response: {e!r}",
                             reason_code=Reason.MALFORMED_MESSAGE) from e
 
@@ -116,7 +134,7 @@ class TransferClient:
         self.device = device
         self._publish = publish
         self.settings = settings
-        self._pending: dict[bytes, "queue.Queue[Message]"] = {}
+        self._pending: dict[bytes, "queue.SimpleQueue[Message]"] = {}
         self._lock = threading.Lock()
         self._rng = random.Random()
         self.unmatched_responses = 0
@@ -142,7 +160,7 @@ class TransferClient:
     def on_response(self, msg: Message) -> None:
         """Called from paho's thread: hand the message over, never block."""
         waiter = self._pending.get(msg.correlation_data or b"")
-        if waiter is None:
+        if waiter is None or waiter.qsize() >= MAX_ANSWERS_QUEUED:  # bounded: replays
             self.unmatched_responses += 1
             return
         waiter.put_nowait(msg)
@@ -214,10 +232,10 @@ class TransferClient:
             self._pending.pop(pending.correlation, None)
 
     def _send(self, path: str, offset: int, length: int) -> "Pending":
-        pending = Pending(path, offset, length, os.urandom(16), queue.Queue(maxsize=4))
+        pending = Pending(path, offset, length, os.urandom(16), queue.SimpleQueue())
         with self._lock:
             self._pending[pending.correlation] = pending.waiter
-        payload = protocol.TransferRequest(path, offset, length).to_bytes()
+        payload = protocol.TransferRequest(path, offset, length, compact=True).to_bytes()
         self._publish(protocol.Topics.transfer_request(self.device), payload, qos=1,
                       response_topic=self.response_topic,
                       correlation_data=pending.correlation)
@@ -249,7 +267,7 @@ class Pending:
     offset: int
     length: int
     correlation: bytes
-    waiter: "queue.Queue[Message]"
+    waiter: "queue.SimpleQueue[Message]"  # C-level queue: no Condition per request
 
 
 class MqttFetcher(FetcherInterface):

@@ -19,11 +19,8 @@ from pathlib import Path
 
 from agent.errors import EdgeshipError, ProtocolError
 from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from agent.protocol import (QOS_AT_LEAST_ONCE, SCHEMA_VERSION,
-                            TRANSFER_ERROR, TRANSFER_OFFSET, TRANSFER_SCHEMA,
-                            TRANSFER_STATUS, TRANSFER_TOTAL, DesiredState,
-                            ReleaseAnnouncement, Topics, TransferRequest, decode,
-                            parse_topic)
+from agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
+                            TransferRequest, decode, parse_topic, transfer_props)
 from fleet.registry import Registry
 from fleet.rollout_runner import RolloutRunner
 from fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
@@ -248,7 +245,7 @@ class FleetServer:
         now = time.monotonic()
         wait_s = self.rates.reserve(device, request.length, now)
         if wait_s <= 0:
-            self._respond(msg, self._serve(device, request))
+            self._respond(msg, self._serve(device, request), compact=request.compact)
         elif wait_s <= self.settings.pace_max_delay_s and \
                 self.pacer.schedule(now + wait_s, (msg, device, request)):
             self.stats.bump(paced=1)
@@ -256,11 +253,12 @@ class FleetServer:
             self.rates.refund(device, request.length)
             self.stats.bump(busy=1)
             self._respond(msg, ChunkResult(STATUS_BUSY, request.offset, 0,
-                                           error="over the byte-rate cap, retry later"))
+                                           error="over the byte-rate cap, retry later"),
+                          compact=request.compact)
 
     def _send_paced(self, item: tuple[Message, str, TransferRequest]) -> None:
         msg, device, request = item
-        self._respond(msg, self._serve(device, request))
+        self._respond(msg, self._serve(device, request), compact=request.compact)
 
     def _serve(self, device: str, request: TransferRequest) -> ChunkResult:
         release = release_of(request.path)
@@ -277,11 +275,9 @@ class FleetServer:
             self.gate.finish(device, request.path)
         return result
 
-    def _respond(self, msg: Message, result: ChunkResult) -> None:
-        props = {TRANSFER_SCHEMA: str(SCHEMA_VERSION), TRANSFER_STATUS: str(result.status),
-                 TRANSFER_OFFSET: str(result.offset), TRANSFER_TOTAL: str(result.total)}
-        if result.error:
-            props[TRANSFER_ERROR] = result.error[:256]
+    def _respond(self, msg: Message, result: ChunkResult, *, compact: bool = False) -> None:
+        props = transfer_props(result.status, result.offset, result.total, result.error,
+                               compact=compact)
         self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
                               retain=False, correlation_data=msg.correlation_data,
                               user_properties=props)

@@ -10,7 +10,7 @@ import pytest
 
 from agent.transfer import RESUME_SUFFIX, RateLimiter
 from fleet.server import FleetServer, FleetSettings
-from tests.delivery.helpers import (assert_untouched, release_full, restart, start_agent,
+from tests.delivery.helpers import (assert_untouched, release_full, start_agent,
                                     variant_target, wait_event)
 
 CHUNK = 16 * 1024
