@@ -156,32 +156,63 @@ class RawPaho:
         self.sub.stop()
 
 
-def throughput_row(broker, repo: Path, tmp: Path, chunk: int, rounds: int) -> dict:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(fn, pids: tuple[int, int], reps: int) -> tuple[float, float, float]:
+    """Wall seconds and CPU seconds of (receiver, sender) for ``reps`` transfers."""
+    cpu0 = [_cpu_s(p) for p in pids]
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    wall = time.perf_counter() - t0
+    cpu1 = [_cpu_s(p) for p in pids]
+    return wall, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+
+
+def throughput_row(broker, repo: Path, tmp: Path, chunk: int, rounds: int,
+                   reps: int = 5) -> dict:
+    """``rounds`` alternating rounds; each moves the 20 MB ``reps`` times (one round is
+    long enough that scheduler noise on a shared machine does not dominate)."""
     fleet = _fleet_process(broker.url, repo, tmp)
     raw = RawPaho(broker, chunk)
     session, _, fetcher = _device(broker.url, chunk, f"d{chunk}")
-    raw_s, fetch_s = [], []
+    raw_rounds, fetch_rounds = [], []
     try:
         raw.once(), fetch_once(fetcher)  # warm-up: connections, page cache, imports
         for _ in range(rounds):
-            raw_s.append(raw.once())
-            fetch_s.append(fetch_once(fetcher))
+            raw_rounds.append(_timed(raw.once, (os.getpid(), raw.pub.pid), reps))
+            fetch_rounds.append(_timed(lambda: fetch_once(fetcher), (os.getpid(), fleet.pid),
+                                       reps))
     finally:
         session.stop()
         raw.close()
         fleet.terminate()
         fleet.wait(30)
+    raw_s = [r[0] / reps for r in raw_rounds]
+    fetch_s = [f[0] / reps for f in fetch_rounds]
     ratios = [r / f for r, f in zip(raw_s, fetch_s)]
-    return {"chunk_KiB": chunk // 1024, "rounds": rounds,
+    total = rounds * reps
+    return {"chunk_KiB": chunk // 1024, "rounds": rounds, "reps": reps,
             "fetch_MB_s": BLOB_BYTES / statistics.median(fetch_s) / 1e6,
             "raw_paho_MB_s": BLOB_BYTES / statistics.median(raw_s) / 1e6,
             "ratio": statistics.median(ratios), "ratio_min": min(ratios),
             "ratio_max": max(ratios), "best_fetch_MB_s": BLOB_BYTES / min(fetch_s) / 1e6,
             "best_raw_MB_s": BLOB_BYTES / min(raw_s) / 1e6,
-            "best_ratio": min(raw_s) / min(fetch_s)}
+            "best_ratio": min(raw_s) / min(fetch_s),
+            # CPU seconds per 20 MB: the device vs the raw subscriber, the fleet server vs
+            # the raw publisher (the broker is the same C process in both)
+            "device_cpu_s": sum(f[1] for f in fetch_rounds) / total,
+            "subscriber_cpu_s": sum(r[1] for r in raw_rounds) / total,
+            "fleet_cpu_s": sum(f[2] for f in fetch_rounds) / total,
+            "publisher_cpu_s": sum(r[2] for r in raw_rounds) / total}
 
 
-def transport_rows(tmp: Path, rounds: int = 7) -> list[dict]:
+def transport_rows(tmp: Path, rounds: int = 5) -> list[dict]:
     from fleet.broker import Mosquitto
     repo = tmp / "repo"
     (repo / "targets" / "bench" / "1").mkdir(parents=True)
@@ -323,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench-ota")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-deltas", action="store_true")
-    ap.add_argument("--rounds", type=int, default=7, help="throughput rounds per chunk size")
+    ap.add_argument("--rounds", type=int, default=5, help="throughput rounds per chunk size")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import logging
@@ -346,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("\nMQTT transfer of 20 MB on loopback: `fleet serve` process -> TUF fetcher here, vs "
           "the same bytes published raw by paho (another process) at QoS 1 to a subscriber "
-          "here (medians of alternating rounds)")
+          "here (alternating rounds of 5 x 20 MB each)")
     print(f"{'':>15} {'--- median of rounds ---':>31} {'(min-max)':>11}   "
           f"{'---- best of rounds ----':>30}")
     print(f"{'chunk':>8} {'rounds':>6} {'fetch MB/s':>11} {'raw MB/s':>9} {'fetch/raw':>9} "
@@ -358,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ratio_min']:>5.0%}-{r['ratio_max']:<4.0%}   "
                   f"{r['best_fetch_MB_s']:>11.1f} {r['best_raw_MB_s']:>9.1f} "
                   f"{r['best_ratio']:>8.0%}")
+    print("CPU seconds per 20 MB: device (fetcher) vs raw subscriber, fleet server vs raw "
+          "publisher")
+    for r in rows:
+        if "ratio" in r:
+            print(f"{r['chunk_KiB']:>5}KiB  device {r['device_cpu_s']:.3f} s vs subscriber "
+                  f"{r['subscriber_cpu_s']:.3f} s; fleet {r['fleet_cpu_s']:.3f} s vs "
+                  f"publisher {r['publisher_cpu_s']:.3f} s")
     r = rows[-1]
     print(f"\nforced disconnect (broker restart) at 50%: {r['bytes_resent']} bytes re-sent "
           f"= {r['chunks_resent']:.2f} chunks of {r['resume_chunk_KiB']} KiB")
