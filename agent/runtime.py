@@ -201,6 +201,8 @@ class LiteRtModel:
     def _rows(self, arrays: list[np.ndarray], batch: int) -> list[np.ndarray]:
         """A batch through a model with a fixed batch of 1: row by row (each row a view,
         each output row one copy), then one concatenation per output."""
+        if self._single:
+            return [self._rows_single(arrays[0], batch)]
         slots = [index for index, _ in self._slots]
         rows: list[list[np.ndarray]] = [[] for _ in self._outputs]
         set_tensor, invoke, get_tensor = self._calls()
@@ -211,6 +213,18 @@ class LiteRtModel:
             for out, index in zip(rows, self._outputs):
                 out.append(get_tensor(index))
         return [np.concatenate(out) for out in rows]
+
+    def _rows_single(self, arr: np.ndarray, batch: int) -> np.ndarray:
+        """``_rows`` for one input and one output, with the C-level calls."""
+        (index, _), = self._slots
+        out_index = self._outputs[0]
+        c = self._interp._interpreter  # never kept on self: see _calls
+        outs = []
+        for r in range(batch):
+            c.SetTensor(index, arr[r:r + 1])
+            c.Invoke()
+            outs.append(c.GetTensor(out_index))
+        return np.concatenate(outs)
 
     def _resize(self, i: int, shape: tuple[int, ...]) -> None:
         index = self._slots[i][0]
