@@ -187,8 +187,12 @@ def test_telemetry_survives_outage_kill9_mid_drain_and_restarts(durable_broker, 
         assert len(missing) == final.evicted  # exactly the evicted ones, nothing else lost
         assert consumer.evicted_reported == final.evicted  # and the fleet was told
         assert final.dead_lettered == 0
-        # Evicted records are the oldest of the outage backlog: one contiguous run.
-        assert max(missing) - min(missing) + 1 == len(missing)
+        # Evicted records are the oldest of the outage backlog: the st.evicted evicted before
+        # the kill are one contiguous run. (Under heavy load the restarted agent may overflow
+        # once more before the broker is back; those evict the then-oldest queued records,
+        # which come after ones already delivered, so they form a later run.)
+        first = min(missing)
+        assert set(range(first, first + st.evicted)) <= missing
         assert duplicates >= 0
     finally:
         if agent.proc and agent.proc.poll() is None:
