@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--telemetry-s", type=float, default=5.0)
     p.add_argument("--model", default="synth")
     p.add_argument("--width", type=int, default=724)
-    p.add_argument("--install-slots", type=int, default=4,
+    p.add_argument("--install-slots", type=int, default=16,
                    help="installs running at once in this process (0: no limit)")
     p.add_argument("--loops", type=int, default=1,
                    help="shared MQTT network threads in this process (0: one per agent)")

@@ -48,38 +48,46 @@ class Fleet:
     """Broker + fleet server process + agent worker processes for one fleet size."""
 
     def __init__(self, root: Path, size: int, per_process: int, telemetry_s: float,
-                 http_port: int, profile: Path | None = None) -> None:
+                 http_port: int, profile: Path | None = None, install_slots: int = 16) -> None:
         self.root, self.size = root, size
         self.keys, self.repo, self.db = root / "keys", root / "repo", root / "fleet.db"
         init_repository(self.keys, self.repo)
         self.broker = Mosquitto(extra_conf="log_dest none\n").start()
         self.http = f"http://127.0.0.1:{http_port}"
+        self.workers: list[subprocess.Popen] = []
         self.server = subprocess.Popen(
             [*EDGESHIP, "fleet", "serve", "--mqtt", self.broker.url, "--repo", str(self.repo),
              "--db", str(self.db), "--http-port", str(http_port), "--workers", "4"],
             stdout=subprocess.DEVNULL, stderr=open(root / "fleet-server.log", "w"))
-        self.workers = []
-        for first in range(0, size, per_process):
-            count = min(per_process, size - first)
+        try:
+            self._start_workers(per_process, telemetry_s, install_slots, profile)
+        except BaseException:
+            self.close()  # never leave a broker, a server or workers behind
+            raise
+
+    def _start_workers(self, per_process: int, telemetry_s: float, install_slots: int,
+                       profile: Path | None) -> None:
+        for first in range(0, self.size, per_process):
             spy = [] if not (profile and first == 0) else [
-                str(Path(sys.executable).with_name("py-spy")), "record", "-f", "raw", "-r", "20",
-                "-o", str(profile / f"worker-{size}.txt"), "--"]
+                str(Path(sys.executable).with_name("py-spy")), "record", "-f", "raw",
+                "-r", "20", "--gil", "-o", str(profile / f"worker-{self.size}.txt"), "--"]
             self.workers.append(subprocess.Popen(
                 [*spy, sys.executable, "-m", "fleet.bench.agents", "--url", self.broker.url,
-                 "--repo", str(self.repo), "--root", str(root / "devices"), "--first",
-                 str(first), "--count", str(count), "--telemetry-s", str(telemetry_s)],
+                 "--repo", str(self.repo), "--root", str(self.root / "devices"), "--first",
+                 str(first), "--count", str(min(per_process, self.size - first)),
+                 "--telemetry-s", str(telemetry_s), "--install-slots", str(install_slots)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                stderr=open(root / f"agents-{first}.log", "w")))
+                stderr=open(self.root / f"agents-{first}.log", "w")))
         for w in self.workers:
             line = w.stdout.readline()
             while line and not line.startswith("READY"):  # e.g. py-spy's banner
                 line = w.stdout.readline()
             if not line.startswith("READY"):
-                self.close()
-                raise RuntimeError(f"agent worker failed to start (see {root}/agents-*.log)")
+                raise RuntimeError(f"agent worker failed to start (see "
+                                   f"{self.root}/agents-*.log)")
         t0 = time.monotonic()
-        self.wait(lambda: self._online() >= size, 300, "every agent to come online")
-        print(f"  {size} agents online {time.monotonic() - t0:.0f}s after their workers "
+        self.wait(lambda: self._online() >= self.size, 300, "every agent to come online")
+        print(f"  {self.size} agents online {time.monotonic() - t0:.0f}s after their workers "
               f"started; load1 {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     def registry(self) -> Registry:
@@ -242,7 +250,9 @@ def dashboard_reason(url: str, rid: str, out_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench-fleet")
     p.add_argument("--sizes", default="100,1000", help="fleet sizes (default 100,1000)")
-    p.add_argument("--per-process", type=int, default=100, help="agents per worker process")
+    p.add_argument("--per-process", type=int, default=250, help="agents per worker process")
+    p.add_argument("--install-slots", type=int, default=16,
+                   help="installs running at once per worker process (a shared pool)")
     p.add_argument("--telemetry-s", type=float, default=60.0,
                    help="agents' telemetry interval (default: the agent's default, 60 s)")
     p.add_argument("--rollout-telemetry-s", type=float, default=5.0,
@@ -274,14 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     v2 = write_synthetic_bundle(work / "bundles" / "v2", version=2, depth=3)
     size_mb = sum(f.stat().st_size for f in v1.iterdir()) / 2**20
     print(f"load before: {os.getloadavg()[0]:.2f} (1-min), {os.cpu_count()} cores; "
-          f"bundle {size_mb:.1f} MiB; {args.per_process} agents per process", flush=True)
+          f"bundle {size_mb:.1f} MiB; {args.per_process} agents per process, "
+          f"{args.install_slots} install slots each", flush=True)
     rows, rollout = [], None
     try:
         for size in sizes:
             rollout_here = size == rollout_size and not args.skip_rollout
             fleet = Fleet(work / f"n{size}", size, args.per_process,
                           args.rollout_telemetry_s if rollout_here else args.telemetry_s,
-                          free_port(), args.profile)
+                          free_port(), args.profile, args.install_slots)
             try:
                 staged = (args.max_concurrent, args.jitter_s) \
                     if args.staged_from and size >= args.staged_from else None
@@ -305,11 +316,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(rows: list[dict], rollout: dict | None) -> None:
     print("\nrelease -> whole fleet serving a 2 MB model")
     print(f"{'devices':>8} {'release':>16} {'seconds':>8} {'failed':>7} {'broker cpu s':>13} "
-          f"{'broker MiB':>11} {'fleet cpu s':>12} {'fleet MiB':>10} {'load1':>6}")
+          f"{'broker MiB':>11} {'fleet cpu s':>12} {'fleet MiB':>10} {'agents cpu s':>13} "
+          f"{'agents MiB':>11} {'load1':>6}")
     for r in rows:
         print(f"{r['devices']:>8} {r['mode']:>16} {r['seconds']:>8.1f} {r['failed']:>7} "
               f"{r['broker_cpu_s']:>13.1f} {r['broker_rss_mb']:>11.1f} "
-              f"{r['fleet_cpu_s']:>12.1f} {r['fleet_rss_mb']:>10.1f} {r['load1']:>6.2f}")
+              f"{r['fleet_cpu_s']:>12.1f} {r['fleet_rss_mb']:>10.1f} "
+              f"{r['agents_cpu_s']:>13.1f} {r['agents_rss_mb']:>11.0f} {r['load1']:>6.2f}")
     if rollout:
         print(f"\nrollout of a 3x slower version ({rollout['devices']} devices): "
               f"{rollout['state']} in wave {rollout['wave']} after "
