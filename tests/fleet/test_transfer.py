@@ -76,3 +76,17 @@ def test_bad_ranges_are_400(repo_dir):
     for offset, length in ((-1, 10), (0, 0), (0, MAX_CHUNK_BYTES + 1)):
         result = read_chunk(repo_dir, _req("targets/m/1/abc.model.onnx", offset, length))
         assert result.status == 400
+
+
+def test_resolution_cache_finds_late_files_and_never_follows_a_swapped_in_symlink(repo_dir):
+    """Resolved paths are cached (the fleet server resolves every chunk request): a missing
+    file is not remembered as missing, and replacing a served file by a symlink out of the
+    root after it was cached still serves nothing from outside."""
+    late = repo_dir / "targets" / "m" / "1" / "late.onnx"
+    assert read_chunk(repo_dir, _req("targets/m/1/late.onnx")).status == 404
+    late.write_bytes(b"arrived")
+    assert read_chunk(repo_dir, _req("targets/m/1/late.onnx")).data == b"arrived"
+    late.unlink()
+    os.symlink(repo_dir.parent / "secret.txt", late)
+    result = read_chunk(repo_dir, _req("targets/m/1/late.onnx"))
+    assert result.status == 404 and b"outside" not in result.data
