@@ -161,6 +161,7 @@ class MqttSession:
 
     def start(self, subscriptions: Iterable[tuple[str, int]] = ()) -> None:
         self._subscriptions = list(subscriptions)
+        self._stopping = False
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
         self._client.connect_async(self._address.host, self._address.port,
