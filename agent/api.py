@@ -102,7 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             raw = self._parse_inputs(body)
-            outputs, loaded = self.server.models.predict(parts[2], raw)
+            outputs, loaded = self.server.models.predict(parts[2], raw, check_values=True)
         except ModelNotFoundError as e:
             self._error(404, str(e))
         except _UnsupportedType as e:

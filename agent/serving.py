@@ -245,11 +245,13 @@ class ModelServer:
             return [entry.loaded for entry in self._serving.values()]
 
     def predict(self, name: str, raw_inputs: Any, *,
-                check_values: bool = True) -> tuple[list[np.ndarray], LoadedModel]:
+                check_values: bool = False) -> tuple[list[np.ndarray], LoadedModel]:
         """Check ``raw_inputs`` against the served model's signature, run it, record it.
         A single-input model takes the array itself; otherwise a dict name → array.
-        ``check_values=False`` skips the NaN/infinity scan of float inputs (as a bare
-        runtime does: NaN in, NaN out), for trusted in-process callers."""
+        Shape and dtype are always checked. ``check_values=True`` also refuses float inputs
+        holding NaN or infinity: the local API (an outside caller) asks for it; in-process
+        callers get what the bare runtime does (NaN in, NaN out), since that scan costs
+        more than the rest of the agent's per-call work on a small model."""
         entry = self._serving.get(name)
         if entry is None:
             raise ModelNotFoundError(f"no model named {name!r} is being served")

@@ -92,6 +92,8 @@ BAD_REQUESTS = {
                                 "application/x-npy"), 400),
     "strings_in_json": (_post(json.dumps({"inputs": [["x"] * IN_DIM]}).encode()), 400),
     "nan_in_json": (_post(b'{"inputs": [[NaN, 1, 1, 1, 1, 1, 1, 1]]}'), 400),
+    "inf_in_npy": (_post(_npy(np.full((1, IN_DIM), np.inf, np.float32)),
+                         "application/x-npy"), 400),  # the API scans values; in-process not
     "ragged_json": (_post(json.dumps({"inputs": [[1.0], [1.0, 2.0]]}).encode()), 400),
     "garbage_body": (_post(b"\x00\xff garbage {{{"), 400),
     "garbage_npy": (_post(b"\x93NUMPY garbage", "application/x-npy"), 400),

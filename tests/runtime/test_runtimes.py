@@ -130,9 +130,9 @@ def test_serving_checks_values_and_signature_on_both_request_paths(model_files):
     x[1, 3] = np.nan
     for bad in (x, x.tolist(), {"x": x}, np.full((1, IN_DIM), np.inf, np.float32)):
         with pytest.raises(InferenceInputError, match="NaN or infinity"):
-            server.predict("dense", bad)
+            server.predict("dense", bad, check_values=True)  # what the local API asks
     assert (stats.total_errors, stats.total_model_errors) == (4, 0)  # the caller's fault
-    (y,), _ = server.predict("dense", x, check_values=False)  # what a bare runtime does
+    (y,), _ = server.predict("dense", x)  # in-process default: what a bare runtime does
     assert np.isnan(y[1]).all() and np.isfinite(y[0]).all()
     ok = np.ones((3, IN_DIM))  # float64 and a list: converted on the general path
     for good in (ok, ok.tolist(), np.asfortranarray(ok, np.float32)):
