@@ -20,7 +20,7 @@ ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cry
 
 
 def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus():
-    code = ("import sys, agent.daemon, agent.transfer, agent.updater\n"
+    code = ("import sys, agent.daemon, agent.transfer, agent.updater, agent.http_fetch\n"
             f"print(sorted(m for m in {ON_DEMAND!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
