@@ -186,6 +186,7 @@ class FleetServer:
         this release on every fleet server sharing the repository; devices mid-download
         fail with reason ``release_stopped`` and keep serving what they have."""
         stop_release(self.settings.repo_dir, model, version, stopped=stopped)
+        self.stopped_releases.look_again()
 
     def publish_desired(self, device: str, desired: DesiredState) -> None:
         """Retained per-device desired state (QoS 1; the newest ``seq`` wins on the device)."""

@@ -113,6 +113,7 @@ def _read_range(resolved: Path, offset: int, length: int) -> ChunkResult:
 STATUS_GONE = 410  # the release's transfers were stopped (kill switch)
 STATUS_BUSY = 503  # at the concurrent-transfer cap: the device retries with backoff
 STOPPED_FILE = ".stopped-releases.json"  # hidden: never served
+KILL_SWITCH_RECHECK_S = 0.2  # a stop reaches every fleet server within this
 
 
 def release_of(path: str) -> tuple[str, int] | None:
@@ -148,15 +149,26 @@ def _read_stopped(path: Path) -> list[str]:
 
 
 class StoppedReleases:
-    """Reads the kill-switch file, re-reading only when it changed."""
+    """Reads the kill-switch file, re-reading only when it changed; looks at it (one
+    ``stat``) at most every ``recheck_s``, not on every chunk request."""
 
-    def __init__(self, repo_dir: Path) -> None:
+    def __init__(self, repo_dir: Path, recheck_s: float = KILL_SWITCH_RECHECK_S) -> None:
         self.path = Path(repo_dir) / STOPPED_FILE
+        self.recheck_s = recheck_s
         self._stamp: tuple[int, int] | None = None
+        self._checked_at = float("-inf")
         self._keys: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
+    def look_again(self) -> None:
+        """The file was just written here: read it on the next check."""
+        self._checked_at = float("-inf")
+
     def is_stopped(self, model: str, version: int) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at < self.recheck_s:
+            return f"{model}/{version}" in self._keys
+        self._checked_at = now
         try:
             st = self.path.stat()
             stamp = (st.st_mtime_ns, st.st_size)
