@@ -138,7 +138,7 @@ class HeldVersions:
             return False
         try:
             installed = self._kept_or_download(model, version)
-            check = u._health_check(installed)
+            check = u.health_check(installed)
             self._held[model] = self._shadow_or_warm(installed)
         except EdgeshipError as e:
             if u._stopping.is_set():  # the agent is stopping: it stages again on start
@@ -161,9 +161,9 @@ class HeldVersions:
         ``shadow_result`` and raises ``shadow_disagreement`` below the threshold."""
         u = self.updates
         if installed.manifest.shadow is None or u.server.find(installed.model) is None:
-            return u._warm(installed)
+            return u.warm(installed)
         probe = UpdateRecord(model=installed.model, version=installed.version)  # not saved
-        loaded, _ = u._shadow(probe, installed)
+        loaded, _ = u.shadow_run(probe, installed)
         return loaded
 
     def _kept_or_download(self, model: str, version: int) -> InstalledModel:
@@ -175,8 +175,8 @@ class HeldVersions:
             if u.store.verify(kept):
                 return kept
         staging = u.store.staging_dir(model, version)
-        manifest, variant_id = u._download(model, version, staging)
-        variant = u._verify(manifest, variant_id, staging)
+        manifest, variant_id = u.download(model, version, staging)
+        variant = u.verify_staged(manifest, variant_id, staging)
         return u.store.finalize(model, version, staging, manifest, variant)
 
     def _failed(self, model: str, version: int, e: EdgeshipError) -> None:
@@ -184,8 +184,8 @@ class HeldVersions:
         u = self.updates
         logger.warning("staging %s v%s on hold failed (%s): %s", model, version,
                        e.reason_code, e)
-        u._remove_inactive(model, version)
-        u._clean_downloads()
+        u.remove_inactive(model, version)
+        u.clean_downloads()
         if e.reason_code in MODEL_FAULTS:
             u.records.save(u.records.load(model).block(version))
         u.report("failed", model=model, version=version, hold=True,
@@ -205,6 +205,6 @@ class HeldVersions:
             return
         version = held.installed.version
         if self.updates.store.active_version(model) != version:
-            self.updates._remove_inactive(model, version)
+            self.updates.remove_inactive(model, version)
         logger.info("discarded held %s v%s", model, version)
         self.updates.report("discarded", model=model, version=version)

@@ -69,8 +69,12 @@ class TrialFailedError(EdgeshipError):
 
 
 class InstallLifecycle:
-    """Mixed into ``UpdateManager``, which provides the download side (``_download``,
-    ``_verify``, ``_clean_downloads``) and the attributes used here."""
+    """Mixed into ``UpdateManager``, which provides the download side (``download``,
+    ``verify_staged``, ``clean_downloads``) and the attributes used here.
+
+    The steps ``download`` → ``verify_staged`` → ``health_check`` → ``warm`` / ``shadow_run``
+    and ``remove_inactive`` are public: :class:`agent.desired.HeldVersions` runs the same
+    steps to stage a version without switching (all-or-none rollouts)."""
 
     settings: InstallSettings
     superseded: Callable[[str, int], bool]
@@ -84,7 +88,7 @@ class InstallLifecycle:
         in flight. Resumptions that need the network run later, in ``resume_pending``."""
         for path in self.store.clean_leftovers() + self.records.clean_temp():
             logger.info("removed leftover %s", path)
-        self._clean_downloads()
+        self.clean_downloads()
         self._pending = []
         for record in self.records.all():
             if record.state == State.COMMITTED:
@@ -112,7 +116,7 @@ class InstallLifecycle:
         elif record.restarts > self.settings.max_update_restarts:
             self._rollback(record, Reason.RESTART_LOOP, detail)
         else:
-            self._remove_inactive(record.model, record.version)
+            self.remove_inactive(record.model, record.version)
             self._pending.append(record)
 
     def _reactivate(self: "UpdateManager", record: UpdateRecord) -> bool:
@@ -231,11 +235,11 @@ class InstallLifecycle:
         model, version = record.model, record.version
         staging = self.store.staging_dir(model, version)
         self._fault(record, "started")
-        manifest, variant_id = self._download(model, version, staging)
+        manifest, variant_id = self.download(model, version, staging)
         self._fault(record, "downloaded", last=True)
         record = self._step(record, Event.DOWNLOADED)
         self._fault(record, "entered")
-        variant = self._verify(manifest, variant_id, staging)
+        variant = self.verify_staged(manifest, variant_id, staging)
         self._fault(record, "verified", last=True)
         record = self._step(record, Event.VERIFIED)
         self._fault(record, "entered")
@@ -243,7 +247,7 @@ class InstallLifecycle:
         self._fault(record, "finalized", last=True)
         record = self._step(record, Event.CHECK)
         self._fault(record, "entered")
-        report = self._health_check(installed)
+        report = self.health_check(installed)
         self._fault(record, "checked", last=True)
         health = {"max_abs_diff": report.max_abs_diff,
                   "latency_ms": round(report.latency_ms, 3)}
@@ -256,13 +260,13 @@ class InstallLifecycle:
         if installed.manifest.shadow is not None and loaded is None and \
                 self.server.find(record.model) is not None:
             record = self._step(record, Event.SHADOW, **health)
-            loaded, agreement = self._shadow(record, installed)
+            loaded, agreement = self.shadow_run(record, installed)
             record = self._step(record, Event.AGREED, agreement=round(agreement, 4))
             return self._trial(record, installed, loaded)
         record = self._step(record, Event.HEALTHY, **health)
         return self._trial(record, installed, loaded)
 
-    def _shadow(self: "UpdateManager", record: UpdateRecord,
+    def shadow_run(self: "UpdateManager", record: UpdateRecord,
                 installed: InstalledModel) -> tuple[LoadedModel, float]:
         """Run the candidate beside the served version on a sample of live requests."""
         from agent.shadow import ShadowRun
@@ -270,7 +274,7 @@ class InstallLifecycle:
         policy = installed.manifest.shadow
         assert policy is not None
         self._fault(record, "entered")
-        loaded = self._warm(installed)
+        loaded = self.warm(installed)
         run = ShadowRun(loaded, policy)
         self.server.shadows[record.model] = run
         try:
@@ -313,7 +317,7 @@ class InstallLifecycle:
 
     # --- health check, trial, commit ----------------------------------------------------------
 
-    def _health_check(self: "UpdateManager", installed: InstalledModel):
+    def health_check(self: "UpdateManager", installed: InstalledModel):
         t = self.traits
         if self.settings.health_in_subprocess:
             limits = self.settings.health
@@ -329,7 +333,7 @@ class InstallLifecycle:
                     installed.version, report.max_abs_diff, report.latency_ms)
         return report
 
-    def _warm(self: "UpdateManager", installed: InstalledModel) -> LoadedModel:
+    def warm(self: "UpdateManager", installed: InstalledModel) -> LoadedModel:
         """Load the runtime in this process and run the golden batch once, off the
         serving path, so the first live request does not pay for initialisation."""
         runtime = self._load(installed)
@@ -345,7 +349,7 @@ class InstallLifecycle:
     def _trial(self: "UpdateManager", record: UpdateRecord, installed: InstalledModel,
                loaded: LoadedModel | None = None) -> UpdateRecord:
         self._fault(record, "entered")
-        loaded = loaded or self._warm(installed)
+        loaded = loaded or self.warm(installed)
         self._fault(record, "warmed")
         self.store.activate(record.model, record.version)
         self._fault(record, "activated")
@@ -432,7 +436,7 @@ class InstallLifecycle:
             if previous is not None and previous in self.store.versions(model):
                 installed = self.store.load(model, previous)
                 serving = self.server.find(model)
-                loaded = self._warm(installed) if serving is not None else None
+                loaded = self.warm(installed) if serving is not None else None
                 self.store.activate(model, previous)
                 if loaded is not None:
                     self.server.swap(loaded)
@@ -441,10 +445,10 @@ class InstallLifecycle:
             else:
                 self.store.deactivate(model)
                 self.server.remove(model)
-        self._remove_inactive(model, version)
-        self._clean_downloads()
+        self.remove_inactive(model, version)
+        self.clean_downloads()
 
-    def _remove_inactive(self: "UpdateManager", model: str, version: int) -> None:
+    def remove_inactive(self: "UpdateManager", model: str, version: int) -> None:
         if self.store.active_version(model) != version:
             self.store.remove_version(model, version)
         shutil.rmtree(self.store.root / model / f".staging-{version}", ignore_errors=True)

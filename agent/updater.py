@@ -111,7 +111,7 @@ class UpdateManager(InstallLifecycle):
 
     # --- start-up -----------------------------------------------------------------------
 
-    def _clean_downloads(self) -> None:
+    def clean_downloads(self) -> None:
         """Scratch files of the download side (called on start and after a rollback)."""
         # issue 3: partial target files (*.resume) survive a restart so the download
         # resumes where it stopped; everything else in downloads_dir is scratch.
@@ -154,7 +154,7 @@ class UpdateManager(InstallLifecycle):
             raise
         return updater
 
-    def _download(self, model: str, version: int, staging: Path) -> tuple[Manifest, str]:
+    def download(self, model: str, version: int, staging: Path) -> tuple[Manifest, str]:
         try:
             self._check_floor(model, version)
             updater = self._refresh(model, version)
@@ -234,7 +234,7 @@ class UpdateManager(InstallLifecycle):
                     delta_info.length)
         return True
 
-    def _verify(self, manifest: Manifest, variant_id: str, staging: Path):
+    def verify_staged(self, manifest: Manifest, variant_id: str, staging: Path):
         variant = manifest.variant(variant_id)
         for name, size, sha in ((variant.file, variant.size, variant.sha256),
                                 (manifest.golden_file, manifest.golden_size,
