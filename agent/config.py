@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.protocol import MAX_CHUNK_BYTES, validate_id
+from agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class AgentConfig:
     api_port: int = 8470
     api_enabled: bool = True  # false: no TCP API (e.g. many simulated agents per process)
     telemetry_interval_s: float = 60.0
-    chunk_bytes: int = 256 * 1024
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     transfer_timeout_s: float = 10.0
     max_model_bytes: int = 512 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024

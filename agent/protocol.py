@@ -23,7 +23,10 @@ SHARED_GROUP = "edgeship-fleet"
 MAX_CONTROL_BYTES = 64 * 1024
 #: Largest chunk a fleet server sends in one transfer response.
 MAX_CHUNK_BYTES = 1024 * 1024
-DEFAULT_CHUNK_BYTES = 256 * 1024
+#: Default chunk: big enough that per-chunk work (paho's Python packet handling on both
+#: ends) is small next to the bytes, small enough for brokers' default packet limits
+#: (EMQX: 1 MB) and for resumes (a broker outage re-sends at most one chunk).
+DEFAULT_CHUNK_BYTES = 512 * 1024
 
 QOS_AT_LEAST_ONCE = 1
 

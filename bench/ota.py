@@ -221,9 +221,9 @@ def transport_rows(tmp: Path, rounds: int = 5) -> list[dict]:
     rows = []
     broker = Mosquitto().start()
     try:
-        for chunk in (256 * 1024, 1024 * 1024):
+        for chunk in (256 * 1024, 512 * 1024, 1024 * 1024):  # 512 KiB: the default
             rows.append(throughput_row(broker, repo, tmp, chunk, rounds))
-        chunk = 256 * 1024
+        chunk = 512 * 1024
         resent = resume_resent(broker, repo, tmp, chunk)
         rows.append({"resume_chunk_KiB": chunk // 1024, "bytes_resent": resent,
                      "chunks_resent": resent / chunk})
