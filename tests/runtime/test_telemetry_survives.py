@@ -25,6 +25,7 @@ from agent.spool import SpoolSettings, TelemetrySpool
 from fleet.broker import Mosquitto, free_port
 
 MAX_RECORDS = 150
+CLAIM_BATCH = 16  # records the forwarder claims per publish round (agent/telemetry.py)
 INTERVAL_S = 0.02
 
 
@@ -188,11 +189,14 @@ def test_telemetry_survives_outage_kill9_mid_drain_and_restarts(durable_broker, 
         assert consumer.evicted_reported == final.evicted  # and the fleet was told
         assert final.dead_lettered == 0
         # Evicted records are the oldest of the outage backlog: the st.evicted evicted before
-        # the kill are one contiguous run. (Under heavy load the restarted agent may overflow
-        # once more before the broker is back; those evict the then-oldest queued records,
-        # which come after ones already delivered, so they form a later run.)
+        # the kill lie in one run from the oldest missing record, except for records the
+        # sender had claimed (being published, at most one claim of 16): the spool never
+        # evicts those under it, they were delivered later. (Under heavy load the restarted
+        # agent may overflow once more before the broker is back; those evict the
+        # then-oldest queued records, after ones already delivered: a later run.)
         first = min(missing)
-        assert set(range(first, first + st.evicted)) <= missing
+        outage_run = set(range(first, first + st.evicted + CLAIM_BATCH))
+        assert len(outage_run & missing) >= st.evicted
         assert duplicates >= 0
     finally:
         if agent.proc and agent.proc.poll() is None:
