@@ -184,8 +184,7 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self.updates.stop()
-        if hasattr(self.updates.fetcher, "stop"):  # HttpFetcher: end a download now
-            self.updates.fetcher.stop()
+        self.updates.fetcher.stop()  # HttpFetcher: end a download now
         with self._wanted_cv:
             self._wanted_cv.notify_all()
         self._hand_over("stop")

@@ -58,3 +58,7 @@ class FetcherInterface(abc.ABC):
     def download_bytes(self, url: str, max_length: int) -> bytes:
         with self.download_file(url, max_length) as f:
             return f.read()
+
+    def stop(self) -> None:
+        """The agent is stopping: end a download in progress (keeping what resumes it).
+        Nothing to do for a fetcher whose downloads end with their connection."""

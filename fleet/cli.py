@@ -222,36 +222,24 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 # --- parsers -------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _bounded(cast: Callable[[str], float], low: float, high: float | None,
+             wanted: str) -> Callable[[str], float]:
+    """An argparse ``type=``: ``cast(text)`` within [low, high], else a usage error."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not (low <= value and (high is None or value <= high)):  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
 
 
-def _spread_s(text: str) -> float:
-    """``--spread-s``: seconds in [0, MAX_SPREAD_S] (what a device accepts)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= MAX_SPREAD_S:
-        raise argparse.ArgumentTypeError(f"expected seconds in [0, {MAX_SPREAD_S:.0f}], "
-                                         f"got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int = _bounded(int, 1, None, "a positive integer")
+_non_negative_int = _bounded(int, 0, None, "an integer >= 0")
+#: ``--spread-s``: seconds in [0, MAX_SPREAD_S] (what a device accepts)
+_spread_s = _bounded(float, 0, MAX_SPREAD_S, f"seconds in [0, {MAX_SPREAD_S:.0f}]")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:

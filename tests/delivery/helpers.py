@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ from agent.daemon import Agent
 from agent.mqtt import Message, MqttSession, SessionSettings
 from agent.protocol import (SCHEMA_VERSION, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
                             TRANSFER_TOTAL, TOPIC_ROOT, TransferRequest)
+from agent.transfer import RESUME_SUFFIX
 from edgeship.demo import write_agent_config
 from fleet import tuf_repo
 from fleet.broker import free_port
@@ -159,3 +161,18 @@ def events(env, device: str) -> list[dict]:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+def wait_until(pred: Callable[[], object], timeout_s: float = 30,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def resume_files(agent: Agent) -> list[Path]:
+    """The agent's partial downloads (kept for resuming)."""
+    return list(agent.cfg.downloads_dir.glob("*" + RESUME_SUFFIX))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from tuf.ngclient import Updater
 
 from agent.daemon import Agent
 from agent.http_fetch import HttpFetcher
-from agent.transfer import RESUME_SUFFIX
 from fleet.tuf_repo import init_repository, release_bundle
-from tests.delivery.helpers import release_full, start_agent, variant_target
+from tests.delivery.helpers import (release_full, resume_files, start_agent, variant_target,
+                                    wait_until)
 
 
 def _updater(base: str, device: Path, repo: Path, fetcher: HttpFetcher) -> Updater:
@@ -72,15 +71,6 @@ def test_http_updater_rejects_a_tampered_target(nginx, tmp_path, digits_bundles)
                                 filepath=str(tmp_path / "m.onnx"))
 
 
-def _wait(pred, timeout_s: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_agent_configured_for_http_installs_and_resumes_after_a_restart(
         nginx, loop_env, digits_bundles):
     """``transport = "http"``: a real agent fetches metadata and targets from nginx (the
@@ -95,13 +85,11 @@ def test_agent_configured_for_http_installs_and_resumes_after_a_restart(
     release_full(loop_env, digits_bundles[2].bundle_dir, announce=True)
     target = variant_target(loop_env.repo, 2)
     size = target.stat().st_size
-    downloads = agent.cfg.downloads_dir
-    _wait(lambda: any(p.stat().st_size >= size // 3
-                      for p in downloads.glob("*" + RESUME_SUFFIX)),
-          what="a third of v2 downloaded over HTTP")
+    wait_until(lambda: any(p.stat().st_size >= size // 3 for p in resume_files(agent)),
+               60, what="a third of v2 downloaded over HTTP")
     agent.stop()  # mid-transfer
     loop_env.agents.remove(agent)
-    (part,) = downloads.glob("*" + RESUME_SUFFIX)
+    (part,) = resume_files(agent)
     kept = part.stat().st_size
     assert 0 < kept < size
     again = Agent(dataclasses.replace(agent.cfg, transfer_max_bytes_per_s=0))
@@ -114,7 +102,7 @@ def test_agent_configured_for_http_installs_and_resumes_after_a_restart(
               if target.name in line and '" 206 ' in line]
     assert ranged, "no Range request for the interrupted target"
     assert loop_env.fleet.stats.snapshot()["requests_served"] == 0  # nothing over MQTT
-    assert list(downloads.glob("*" + RESUME_SUFFIX)) == []
+    assert resume_files(again) == []
 
 
 @pytest.mark.parametrize("raw, key", [

@@ -3,30 +3,14 @@ outage, the per-device byte-rate cap, the fleet's concurrent-transfer cap and ki
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
-from agent.transfer import RESUME_SUFFIX, RateLimiter
+from agent.transfer import RateLimiter
 from fleet.server import FleetServer, FleetSettings
-from tests.delivery.helpers import (assert_untouched, release_full, start_agent,
-                                    variant_target, wait_event)
+from tests.delivery.helpers import (assert_untouched, release_full, resume_files,
+                                    start_agent, variant_target, wait_event, wait_until)
 
 CHUNK = 16 * 1024
-
-
-def _wait(pred, timeout_s: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _resume_files(agent) -> list[Path]:
-    return list(agent.cfg.downloads_dir.glob("*" + RESUME_SUFFIX))
 
 
 @pytest.fixture
@@ -44,11 +28,11 @@ def test_download_resumes_after_an_agent_restart(loop_env, digits_bundles, slow_
     agent, _, x = slow_v1
     release_full(loop_env, digits_bundles[2].bundle_dir, announce=True)
     size = variant_target(loop_env.repo, 2).stat().st_size
-    _wait(lambda: any(p.stat().st_size >= size // 3 for p in _resume_files(agent)),
+    wait_until(lambda: any(p.stat().st_size >= size // 3 for p in resume_files(agent)),
           what="a third of the model downloaded")
     agent.stop()  # mid-transfer
     loop_env.agents.remove(agent)
-    (part,) = _resume_files(agent)
+    (part,) = resume_files(agent)
     kept = part.stat().st_size
     assert 0 < kept < size
     from agent.daemon import Agent
@@ -59,7 +43,7 @@ def test_download_resumes_after_an_agent_restart(loop_env, digits_bundles, slow_
     assert again.updates.fetcher.bytes_resumed == kept  # replayed from disk, not re-sent
     assert again.store.active("digits").model_path.read_bytes() == \
         (digits_bundles[2].bundle_dir / "model.fp32.onnx").read_bytes()
-    assert _resume_files(again) == []
+    assert resume_files(again) == []
 
 
 def test_download_resumes_after_a_broker_outage_resending_at_most_one_chunk(
@@ -67,7 +51,7 @@ def test_download_resumes_after_a_broker_outage_resending_at_most_one_chunk(
     agent, _, x = slow_v1
     release_full(loop_env, digits_bundles[2].bundle_dir, announce=True)
     size = variant_target(loop_env.repo, 2).stat().st_size
-    _wait(lambda: any(p.stat().st_size >= size // 2 for p in _resume_files(agent)),
+    wait_until(lambda: any(p.stat().st_size >= size // 2 for p in resume_files(agent)),
           what="half of the model downloaded")
     broker.restart()  # every connection drops; sessions and queued messages persist
     loop_env.wait_serving("dev", 2, timeout_s=90)
@@ -92,7 +76,7 @@ def test_rate_cap_paces_requests():
 def test_kill_switch_stops_a_release_mid_transfer(loop_env, digits_bundles, slow_v1):
     agent, before, x = slow_v1
     release_full(loop_env, digits_bundles[2].bundle_dir, announce=True)
-    _wait(lambda: _resume_files(agent), what="the transfer to start")
+    wait_until(lambda: resume_files(agent), what="the transfer to start")
     loop_env.fleet.stop_release("digits", 2)
     assert wait_event(loop_env, "dev", "failed", 2)["reason"] == "release_stopped"
     assert loop_env.fleet.stats.snapshot()["stopped"] >= 1
