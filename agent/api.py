@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agent.errors import EdgeshipError, InferenceInputError
-from agent.serving import ModelNotFoundError, ModelServer
+from edgeship.agent.errors import EdgeshipError, InferenceInputError
+from edgeship.agent.serving import ModelNotFoundError, ModelServer
 
 logger = logging.getLogger(__name__)
 

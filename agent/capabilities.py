@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from agent.runtime import (KNOWN_PROVIDERS, available_onnx_providers, available_runtimes,
+from edgeship.agent.runtime import (KNOWN_PROVIDERS, available_onnx_providers, available_runtimes,
                            choose_providers, litert_backend)
 
 #: CPU flags that change which variant is fastest (int8 dot products, fp16 arithmetic).

@@ -66,8 +66,8 @@ def configure_logging(level: str, *, journal: bool | None = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from edgeship.agent.config import load_config
+    from edgeship.agent.daemon import Agent
 
     cfg = load_config(args.config)  # a bad key fails here, before anything starts
     if not getattr(args, "verbose", False):
@@ -91,8 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def info_doc(profile_name: str, threads: int = 0, bundle: Path | None = None
              ) -> dict[str, Any]:
-    import devices
-    from agent.capabilities import detect, plan
+    from edgeship import devices
+    from edgeship.agent.capabilities import detect, plan
 
     caps = detect()
     profile = devices.load_profile(profile_name)
@@ -110,9 +110,9 @@ def info_doc(profile_name: str, threads: int = 0, bundle: Path | None = None
 
 
 def _bundle_pick(bundle: Path, chosen: Any, arch: str) -> dict[str, Any]:
-    from agent.errors import ConfigError, EdgeshipError
-    from agent.manifest import MANIFEST_NAME, Manifest
-    from agent.selection import select_variant
+    from edgeship.agent.errors import ConfigError, EdgeshipError
+    from edgeship.agent.manifest import MANIFEST_NAME, Manifest
+    from edgeship.agent.selection import select_variant
 
     try:
         manifest = Manifest.from_bytes((bundle / MANIFEST_NAME).read_bytes())
@@ -138,7 +138,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     threads = 0
     profile = args.profile
     if args.config is not None:
-        from agent.config import load_config
+        from edgeship.agent.config import load_config
         cfg = load_config(args.config)
         threads, profile = cfg.threads, profile or cfg.profile
     doc = info_doc(profile or _default_profile(), threads, args.bundle)
@@ -172,9 +172,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --- status ----------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.lifecycle import RecordStore
-    from agent.store import ModelStore
+    from edgeship.agent.config import load_config
+    from edgeship.agent.lifecycle import RecordStore
+    from edgeship.agent.store import ModelStore
 
     cfg = load_config(args.config)
     store = ModelStore(cfg.models_dir)
@@ -192,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _spool_status(cfg: Any) -> dict[str, Any] | None:
-    from agent.spool import SpoolSettings, TelemetrySpool
+    from edgeship.agent.spool import SpoolSettings, TelemetrySpool
 
     if not cfg.spool_path.exists():
         return None
@@ -204,7 +204,7 @@ def _spool_status(cfg: Any) -> dict[str, Any] | None:
 
 
 def _live_status(cfg: Any) -> dict[str, Any] | None:
-    from agent.client import AgentClient
+    from edgeship.agent.client import AgentClient
 
     url = f"unix://{cfg.api_socket_path}" if cfg.api_socket_path and \
         cfg.api_socket_path.exists() else f"http://{cfg.api_host}:{cfg.api_port}"

@@ -1,6 +1,6 @@
 """A small Python client for the agent's local API (HTTP or Unix socket), stdlib only.
 
-    from agent.client import AgentClient
+    from edgeship.agent.client import AgentClient
     with AgentClient("unix:///var/lib/edgeship/api.sock") as c:   # or "http://127.0.0.1:8470"
         c.models()                        # signatures
         y = c.predict("digits", x)        # numpy in, numpy out (.npy both ways)
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import EdgeshipError, Reason
+from edgeship.agent.errors import EdgeshipError, Reason
 
 NPY_TYPE = "application/x-npy"
 

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.errors import BundleError
-from agent.fsutil import atomic_output
+from edgeship.agent.errors import BundleError
+from edgeship.agent.fsutil import atomic_output
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK_BYTES = 256 * 1024

@@ -14,26 +14,26 @@ import threading
 import time
 from typing import Any
 
-from agent import __version__, protocol
-from agent.api import InferenceHTTPServer, InferenceUnixServer
-from agent.capabilities import Capabilities, Plan, detect, plan
-from agent.config import AgentConfig
-from agent.desired import DesiredTracker, HeldVersions, reactivate_kept
-from agent.errors import EdgeshipError, ProtocolError, Reason, TransferError
-from agent.lifecycle import RecordStore
-from agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
-from agent.protocol import Topics
-from agent.metrics import AgentCollector, Metrics
-from agent.sdnotify import SdNotifier
-from agent.serving import ModelServer
-from agent.store import ModelStore
-from agent.spool import SpoolSettings
-from agent.telemetry import TelemetryService, TelemetrySettings
-from agent.transfer import MqttFetcher, TransferClient, TransferSettings
-from agent import faults
-from agent.health import HealthLimits
-from agent.install import InstallSettings
-from agent.updater import DeviceTraits, UpdateManager
+from edgeship.agent import __version__, protocol
+from edgeship.agent.api import InferenceHTTPServer, InferenceUnixServer
+from edgeship.agent.capabilities import Capabilities, Plan, detect, plan
+from edgeship.agent.config import AgentConfig
+from edgeship.agent.desired import DesiredTracker, HeldVersions, reactivate_kept
+from edgeship.agent.errors import EdgeshipError, ProtocolError, Reason
+from edgeship.agent.lifecycle import RecordStore
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
+from edgeship.agent.protocol import Topics
+from edgeship.agent.metrics import AgentCollector, Metrics
+from edgeship.agent.sdnotify import SdNotifier
+from edgeship.agent.serving import ModelServer
+from edgeship.agent.store import ModelStore
+from edgeship.agent.spool import SpoolSettings
+from edgeship.agent.telemetry import TelemetryService, TelemetrySettings
+from edgeship.agent.transfer import MqttFetcher, TransferClient, TransferSettings
+from edgeship.agent import faults
+from edgeship.agent.health import HealthLimits
+from edgeship.agent.install import InstallSettings
+from edgeship.agent.updater import DeviceTraits, UpdateManager
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ INBOX_MAX = 1000
 
 def device_plan(cfg: AgentConfig, caps: Capabilities | None = None) -> tuple[Any, Plan]:
     """The profile, and what this device will use given what was detected on it."""
-    import devices
+    from edgeship import devices
     profile = devices.load_profile(cfg.profile)
     caps = caps or detect()
     return profile, plan(caps, profile_providers=profile.execution_providers,
@@ -64,7 +64,7 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
 
 def install_settings(cfg: AgentConfig) -> InstallSettings:
     """Issue 4: trial window, loop breakers and health-check limits from the config."""
-    import devices
+    from edgeship import devices
     memory_mb = cfg.health_max_memory_mb or devices.load_profile(cfg.profile) \
         .model_memory_budget_mb
     return InstallSettings(
@@ -115,7 +115,7 @@ class Agent:
         default) or HTTP(S) from ``http_base_url`` (a CDN or any static file server)."""
         cfg = self.cfg
         if cfg.transport == "http":
-            from agent.http_fetch import HttpFetcher  # urllib3 only when configured
+            from edgeship.agent.http_fetch import HttpFetcher  # urllib3 only when configured
             return HttpFetcher(cfg.downloads_dir, timeout_s=cfg.transfer_timeout_s,
                                max_bytes_per_s=cfg.transfer_max_bytes_per_s)
         return MqttFetcher(self.transfers, resume_dir=cfg.downloads_dir)

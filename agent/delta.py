@@ -24,8 +24,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from agent.errors import EdgeshipError, Reason
-from agent.fsutil import sha256_file
+from edgeship.agent.errors import EdgeshipError, Reason
+from edgeship.agent.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 

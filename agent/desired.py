@@ -27,16 +27,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from agent.errors import EdgeshipError, Reason
-from agent.fsutil import atomic_write
-from agent.lifecycle import UpdateRecord
-from agent.protocol import DesiredState
-from agent.runtime import load_runtime
-from agent.serving import LoadedModel, ModelServer
-from agent.store import InstalledModel, ModelStore
+from edgeship.agent.errors import EdgeshipError, Reason
+from edgeship.agent.fsutil import atomic_write
+from edgeship.agent.lifecycle import UpdateRecord
+from edgeship.agent.protocol import DesiredState
+from edgeship.agent.runtime import load_runtime
+from edgeship.agent.serving import LoadedModel, ModelServer
+from edgeship.agent.store import InstalledModel, ModelStore
 
 if TYPE_CHECKING:
-    from agent.updater import UpdateManager
+    from edgeship.agent.updater import UpdateManager
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class HeldVersions:
         return u.store.finalize(model, version, staging, manifest, variant)
 
     def _failed(self, model: str, version: int, e: EdgeshipError) -> None:
-        from agent.install import MODEL_FAULTS
+        from edgeship.agent.install import MODEL_FAULTS
         u = self.updates
         logger.warning("staging %s v%s on hold failed (%s): %s", model, version,
                        e.reason_code, e)

@@ -18,7 +18,7 @@ import random
 import signal
 from dataclasses import dataclass, field
 
-from agent.errors import EdgeshipError, Reason
+from edgeship.agent.errors import EdgeshipError, Reason
 
 ENV = "EDGESHIP_FAULT"
 ACTIONS = ("kill", "error")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import HealthCheckError, Reason
-from agent.manifest import Manifest, Variant
-from agent.runtime import ModelRuntime
+from edgeship.agent.errors import HealthCheckError, Reason
+from edgeship.agent.manifest import Manifest, Variant
+from edgeship.agent.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def check_in_subprocess(model_dir: Path, variant_id: str, limits: HealthLimits) 
                           "latency_budget_ms": limits.latency_budget_ms,
                           "address_space_bytes": limits.address_space_bytes,
                           "cpu_s": limits.cpu_s})
-    cmd = [sys.executable, "-m", "agent.healthcheck_worker", request]
+    cmd = [sys.executable, "-m", "edgeship.agent.healthcheck_worker", request]
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=limits.timeout_s,

@@ -37,10 +37,10 @@ def _maybe_crash(sha256: str) -> None:
 
 
 def _check(request: dict) -> dict:
-    from agent.errors import EdgeshipError
-    from agent.health import check_health
-    from agent.runtime import load_runtime
-    from agent.store import ModelStore
+    from edgeship.agent.errors import EdgeshipError
+    from edgeship.agent.health import check_health
+    from edgeship.agent.runtime import load_runtime
+    from edgeship.agent.store import ModelStore
 
     directory = Path(request["dir"])
     store = ModelStore(directory.parent.parent)

@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from agent.errors import EdgeshipError, Reason
-from agent.health import HealthLimits, check_health, check_in_subprocess, load_golden
-from agent.lifecycle import IN_FLIGHT, Event, State, UpdateRecord
-from agent.serving import LoadedModel
-from agent.store import InstalledModel
+from edgeship.agent.errors import EdgeshipError, Reason
+from edgeship.agent.health import HealthLimits, check_health, check_in_subprocess, load_golden
+from edgeship.agent.lifecycle import IN_FLIGHT, Event, State, UpdateRecord
+from edgeship.agent.serving import LoadedModel
+from edgeship.agent.store import InstalledModel
 
 if TYPE_CHECKING:
-    from agent.updater import UpdateManager
+    from edgeship.agent.updater import UpdateManager
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class InstallLifecycle:
     def shadow_run(self: "UpdateManager", record: UpdateRecord,
                 installed: InstalledModel) -> tuple[LoadedModel, float]:
         """Run the candidate beside the served version on a sample of live requests."""
-        from agent.shadow import ShadowRun
+        from edgeship.agent.shadow import ShadowRun
 
         policy = installed.manifest.shadow
         assert policy is not None

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from agent.errors import EdgeshipError
-from agent.fsutil import atomic_write
+from edgeship.agent.errors import EdgeshipError
+from edgeship.agent.fsutil import atomic_write
 
 RECORD_SCHEMA = 2
 MAX_HISTORY = 32

@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.errors import BundleError
-from agent.protocol import SCHEMA_VERSION, validate_id
+from edgeship.agent.errors import BundleError
+from edgeship.agent.protocol import SCHEMA_VERSION, validate_id
 
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterator
 
-from agent.serving import LATENCY_BUCKETS_MS, ModelServer
-from agent.spool import TelemetrySpool
+from edgeship.agent.serving import LATENCY_BUCKETS_MS, ModelServer
+from edgeship.agent.spool import TelemetrySpool
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.errors import ConfigError, TransferError, Reason
+from edgeship.agent.errors import ConfigError, TransferError, Reason
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import ProtocolError, Reason
+from edgeship.agent.errors import ProtocolError, Reason
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgeship/v1"

@@ -10,8 +10,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from agent.errors import EdgeshipError, InferenceInputError, Reason
-from agent.manifest import TensorSpec
+from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
+from edgeship.agent.manifest import TensorSpec
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from agent.errors import BundleError, Reason
-from agent.manifest import Manifest, Variant
+from edgeship.agent.errors import BundleError, Reason
+from edgeship.agent.manifest import Manifest, Variant
 
 
 def select_variant(manifest: Manifest, preferred_precisions: Iterable[str],

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import EdgeshipError, InferenceInputError, Reason
-from agent.runtime import ModelRuntime, coerce_inputs
-from agent.store import InstalledModel
+from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
+from edgeship.agent.runtime import ModelRuntime, coerce_inputs
+from edgeship.agent.store import InstalledModel
 
 #: latencies kept for the window's percentiles (a ring: the newest this many are used)
 LATENCY_RING_SIZE = 8192

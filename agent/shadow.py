@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.manifest import ShadowPolicy
-from agent.serving import LoadedModel
+from edgeship.agent.manifest import ShadowPolicy
+from edgeship.agent.serving import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from agent.errors import EdgeshipError, Reason
+from edgeship.agent.errors import EdgeshipError, Reason
 
 logger = logging.getLogger(__name__)
 

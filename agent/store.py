@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import BundleError
-from agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
-from agent.manifest import MANIFEST_NAME, Manifest, Variant
-from agent.protocol import validate_id
+from edgeship.agent.errors import BundleError
+from edgeship.agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
+from edgeship.agent.manifest import MANIFEST_NAME, Manifest, Variant
+from edgeship.agent.protocol import validate_id
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from agent import protocol
-from agent.errors import TransferError
-from agent.serving import ModelServer
-from agent.spool import SpoolSettings, TelemetrySpool
+from edgeship.agent import protocol
+from edgeship.agent.errors import TransferError
+from edgeship.agent.serving import ModelServer
+from edgeship.agent.spool import SpoolSettings, TelemetrySpool
 
 logger = logging.getLogger(__name__)
 

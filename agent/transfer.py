@@ -27,10 +27,10 @@ from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
 
-from agent import protocol
-from agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
-from agent.errors import Reason, TransferError
-from agent.mqtt import Message
+from edgeship.agent import protocol
+from edgeship.agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
+from edgeship.agent.errors import Reason, TransferError
+from edgeship.agent.mqtt import Message
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Reason, VerificationError
-from agent.fsutil import atomic_write
+from edgeship.agent.errors import Reason, VerificationError
+from edgeship.agent.fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 

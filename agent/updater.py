@@ -16,23 +16,23 @@ from typing import TYPE_CHECKING, Callable
 
 from tuf.api import exceptions as tuf_exc
 
-from agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
-from agent.faults import FaultPlan
-from agent.fsutil import sha256_file
-from agent.install import InstallLifecycle, InstallSettings
-from agent.lifecycle import RecordStore
-from agent.manifest import MANIFEST_NAME, Manifest
-from agent.runtime import load_runtime
-from agent.selection import select_variant
-from agent.transfer import RESUME_SUFFIX, discard_all_resume
-from agent.trust import VersionFloor, check_target
-from agent.serving import ModelServer
-from agent.store import InstalledModel, ModelStore
+from edgeship.agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
+from edgeship.agent.faults import FaultPlan
+from edgeship.agent.fsutil import sha256_file
+from edgeship.agent.install import InstallLifecycle, InstallSettings
+from edgeship.agent.lifecycle import RecordStore
+from edgeship.agent.manifest import MANIFEST_NAME, Manifest
+from edgeship.agent.runtime import load_runtime
+from edgeship.agent.selection import select_variant
+from edgeship.agent.transfer import RESUME_SUFFIX, discard_all_resume
+from edgeship.agent.trust import VersionFloor, check_target
+from edgeship.agent.serving import ModelServer
+from edgeship.agent.store import InstalledModel, ModelStore
 
 if TYPE_CHECKING:  # tuf.ngclient (+ securesystemslib signers, cryptography: ~11 MB of RSS)
     from tuf.ngclient import Updater  # is imported when an update runs (_new_updater)
 
-    from agent.fetcher_base import FetcherInterface
+    from edgeship.agent.fetcher_base import FetcherInterface
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class UpdateManager(InstallLifecycle):
         try:
             check_target(delta_info, model, version, self._hardware_classes())
             updater.download_target(delta_info, filepath=str(delta))
-            from agent.delta import apply_delta  # zstandard only when a delta is used
+            from edgeship.agent.delta import apply_delta  # zstandard only when a delta is used
             apply_delta(delta, active.model_path, rebuilt, max_bytes=info.length)
             # the rebuilt file must be exactly the signed full target
             with open(rebuilt, "rb") as f:

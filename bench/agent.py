@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_models(out: Path, epochs: int) -> dict[str, dict[str, Path]]:
     """{"digits": {runtime: file}, "wide CNN": {...}}: the trained digits CNN and the
     converter benchmark's wider CNN (untrained: only its cost matters here)."""
-    from converter.bench import wide_cnn
-    from converter.digits import load_digits_data, train_digits
+    from bench.converter import wide_cnn
+    from edgeship.converter.digits import load_digits_data, train_digits
 
     trained = train_digits(epochs=epochs)
     x = load_digits_data().x_test[:1]
@@ -58,11 +58,11 @@ def build_models(out: Path, epochs: int) -> dict[str, dict[str, Path]]:
 
 
 def _export(model, x: np.ndarray, stem: Path) -> dict[str, Path]:
-    from converter.export import export_onnx
+    from edgeship.converter.export import export_onnx
 
     models = {"onnxruntime": export_onnx(model, x, stem.with_suffix(".onnx"))}
     try:
-        from converter.tflite import available, export_tflite
+        from edgeship.converter.tflite import available, export_tflite
         if available():
             models["litert"] = export_tflite(model, x, stem.with_suffix(".tflite"))
     except ImportError:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _input(batch: int) -> np.ndarray:
-    from converter.digits import load_digits_data
+    from edgeship.converter.digits import load_digits_data
     return np.ascontiguousarray(load_digits_data().x_test[:batch])
 
 
@@ -237,8 +237,8 @@ def _vs(mine: np.ndarray, bare: np.ndarray) -> str:
 
 
 def run_api(model: Path, threads, n, x, results, input_name) -> list[tuple]:
-    from agent.api import InferenceHTTPServer, InferenceUnixServer
-    from agent.client import AgentClient
+    from edgeship.agent.api import InferenceHTTPServer, InferenceUnixServer
+    from edgeship.agent.client import AgentClient
 
     server = loaded(model, "onnxruntime", threads, input_name)
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
@@ -270,8 +270,8 @@ AGENT_SNIPPET = textwrap.dedent("""
     import sys, time, threading
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from agent.config import config_from_dict
-    from agent.daemon import Agent
+    from edgeship.agent.config import config_from_dict
+    from edgeship.agent.daemon import Agent
     from bench.agent_model import loaded
     cfg = config_from_dict({cfg!r})
     agent = Agent(cfg)
@@ -320,7 +320,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def run_idle(model: Path, threads, idle_s, tmp: Path, results, input_name) -> list[tuple]:
-    from fleet.broker import Mosquitto, free_port
+    from edgeship.fleet.broker import Mosquitto, free_port
 
     broker = Mosquitto().start()
     state = tmp / "state"

@@ -9,10 +9,10 @@ from pathlib import Path
 def loaded(path: Path, runtime: str, threads: int, input_name: str = "x"):
     """A ModelServer serving ``path`` as model "digits" the way the agent serves a bundle
     (manifest signature, variant, runtime). Imports only agent modules."""
-    from agent.manifest import Manifest, TensorSpec, Variant
-    from agent.runtime import load_runtime
-    from agent.serving import LoadedModel, ModelServer
-    from agent.store import InstalledModel
+    from edgeship.agent.manifest import Manifest, TensorSpec, Variant
+    from edgeship.agent.runtime import load_runtime
+    from edgeship.agent.serving import LoadedModel, ModelServer
+    from edgeship.agent.store import InstalledModel
 
     variant = Variant(id=f"{runtime}-fp32", runtime=runtime, precision="fp32",
                       file=path.name, sha256="0" * 64, size=path.stat().st_size)

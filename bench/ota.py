@@ -41,7 +41,7 @@ def _load() -> str:
 
 _RAW_PUB = """
 import os, sys, time
-from agent.mqtt import MqttSession, SessionSettings
+from edgeship.agent.mqtt import MqttSession, SessionSettings
 url, chunk, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pub = MqttSession(SessionSettings(url=url, client_id="bench-raw-pub", clean_start=True,
                                   session_expiry_s=0), lambda m: None)
@@ -58,7 +58,7 @@ pub.stop()
 
 
 def _fleet(broker_url: str, repo: Path, tmp: Path):
-    from fleet.server import FleetServer, FleetSettings
+    from edgeship.fleet.server import FleetServer, FleetSettings
     fleet = FleetServer(FleetSettings(mqtt_url=broker_url, repo_dir=repo,
                                       db_path=tmp / "fleet.db"))
     fleet.start()
@@ -76,9 +76,9 @@ def _fleet_process(broker_url: str, repo: Path, tmp: Path) -> subprocess.Popen:
 
 
 def _device(broker_url: str, chunk: int, name: str):
-    from agent.mqtt import MqttSession, SessionSettings
-    from agent.protocol import Topics
-    from agent.transfer import MqttFetcher, TransferClient, TransferSettings
+    from edgeship.agent.mqtt import MqttSession, SessionSettings
+    from edgeship.agent.protocol import Topics
+    from edgeship.agent.transfer import MqttFetcher, TransferClient, TransferSettings
     holder = {}
     session = MqttSession(SessionSettings(url=broker_url, client_id=f"bench-{name}"),
                           on_message=lambda m: holder["c"].on_response(m))
@@ -124,7 +124,7 @@ class RawPaho:
     """The same bytes published raw by paho (another process) to a subscriber here."""
 
     def __init__(self, broker, chunk: int) -> None:
-        from agent.mqtt import MqttSession, SessionSettings
+        from edgeship.agent.mqtt import MqttSession, SessionSettings
         self._done, self._got = threading.Event(), 0
         self.sub = MqttSession(SessionSettings(url=broker.url, client_id="bench-raw-sub",
                                                clean_start=True, session_expiry_s=0),
@@ -213,7 +213,7 @@ def throughput_row(broker, repo: Path, tmp: Path, chunk: int, rounds: int,
 
 
 def transport_rows(tmp: Path, rounds: int = 5) -> list[dict]:
-    from fleet.broker import Mosquitto
+    from edgeship.fleet.broker import Mosquitto
     repo = tmp / "repo"
     (repo / "targets" / "bench" / "1").mkdir(parents=True)
     (repo / "metadata").mkdir()
@@ -237,7 +237,7 @@ def transport_rows(tmp: Path, rounds: int = 5) -> list[dict]:
 _APPLY = """
 import sys, time
 from pathlib import Path
-from agent.delta import apply_delta
+from edgeship.agent.delta import apply_delta
 
 
 def status_kb(key):
@@ -258,8 +258,8 @@ print(dt, status_kb('VmHWM') - base_kb, status_kb('VmHWM'))
 
 
 def delta_row(name: str, old: Path, new: Path, tmp: Path) -> dict:
-    from agent.delta import read_header
-    from fleet.delta import make_delta, onnx_delta
+    from edgeship.agent.delta import read_header
+    from edgeship.fleet.delta import make_delta, onnx_delta
     t0 = time.perf_counter()
     delta = make_delta(old, new)
     make_s = time.perf_counter() - t0
@@ -285,8 +285,8 @@ def delta_row(name: str, old: Path, new: Path, tmp: Path) -> dict:
 
 def digits_pair(tmp: Path) -> tuple[Path, Path]:
     import torch
-    from converter.digits import train_digits
-    from converter.export import export_onnx
+    from edgeship.converter.digits import train_digits
+    from edgeship.converter.export import export_onnx
     trained = train_digits(epochs=3)
     x = trained.data.x_test[:1]
     old = export_onnx(trained.model, x, tmp / "digits-v1.onnx")
@@ -312,7 +312,7 @@ def digits_pair(tmp: Path) -> tuple[Path, Path]:
 
 def minilm_pair(tmp: Path) -> tuple[Path, Path]:
     import torch
-    from converter.bench import _minilm_torch
+    from bench.converter import _minilm_torch
 
     encoder, tok = _minilm_torch()
 

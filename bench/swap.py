@@ -85,11 +85,12 @@ def _pct(values: list[float]) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
-    from fleet.broker import Mosquitto
-    from tests.install import models
-    from tests.install.conftest import Fleet
-    from tests.install.harness import AgentProcess, served, wait_until, write_config
-    from tests.loop_env import LoopEnv
+    from edgeship.fleet.broker import Mosquitto
+    from tests.support import models
+    from tests.support.loop_env import Fleet
+    from tests.support.agent_process import AgentProcess, served, write_config
+    from tests.support import wait_until
+    from tests.support.loop_env import LoopEnv
 
     work = Path(tempfile.mkdtemp(prefix="edgeship-bench-swap-"))
     broker = Mosquitto().start()
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _updates(fleet, agent, models, args) -> list[dict]:
-    from tests.install.harness import predict, wait_until
+    from tests.support.agent_process import predict
+    from tests.support import wait_until
 
     done = []
     for v in (2, 3, 4):

@@ -22,8 +22,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from converter.errors import QuantizeError
-from converter.quantize import (ArrayCalibrationReader, QuantizeSettings, _pre_process,
+from edgeship.converter.errors import QuantizeError
+from edgeship.converter.quantize import (ArrayCalibrationReader, QuantizeSettings, _pre_process,
                                 model_input_name, quantize_int8_static)
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from agent.errors import BundleError
-from agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
+from edgeship.agent.errors import BundleError
+from edgeship.agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def tensor_specs(onnx_path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...],
 
 def _golden_outputs(variants: Sequence[VariantArtifact],
                     inputs: np.ndarray) -> dict[str, np.ndarray]:
-    from converter.evaluate import TFLiteRunner, open_session, run_batched
+    from edgeship.converter.evaluate import TFLiteRunner, open_session, run_batched
 
     return {v.id: (TFLiteRunner(v.path, threads=1).run_all(inputs)
                    if Path(v.path).suffix == ".tflite"

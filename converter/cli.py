@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from agent.errors import ConfigError, EdgeshipError
-from agent.protocol import validate_id
+from edgeship.agent.errors import ConfigError, EdgeshipError
+from edgeship.agent.protocol import validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _add_gate_options(p: argparse.ArgumentParser) -> None:
 
 
 def _apply_recipe(args: argparse.Namespace) -> None:
-    from converter.options import load_recipe
+    from edgeship.converter.options import load_recipe
 
     if args.recipe is None:
         return
@@ -164,8 +164,8 @@ def _quiet_foreign_noise() -> None:
 
 
 def _plan(args: argparse.Namespace):
-    from converter.options import check_calibration, parse_variants, plan
-    from converter.pipeline import DEFAULT_VARIANTS
+    from edgeship.converter.options import check_calibration, parse_variants, plan
+    from edgeship.converter.pipeline import DEFAULT_VARIANTS
 
     variants = parse_variants(args.variants)
     if variants is None and args.source == "digits" and args.device is None:
@@ -180,9 +180,9 @@ def _plan(args: argparse.Namespace):
 
 
 def _settings(args: argparse.Namespace, the_plan):
-    from converter.accuracy_aware import FallbackSettings
-    from converter.pipeline import ConvertSettings
-    from converter.quantize import QuantizeSettings
+    from edgeship.converter.accuracy_aware import FallbackSettings
+    from edgeship.converter.pipeline import ConvertSettings
+    from edgeship.converter.quantize import QuantizeSettings
 
     return ConvertSettings(
         gate=the_plan.gate, variants=the_plan.variants, overwrite=args.overwrite,
@@ -192,7 +192,7 @@ def _settings(args: argparse.Namespace, the_plan):
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``edgeship convert``; returns the process exit code."""
-    from converter.errors import ExportError, InputError
+    from edgeship.converter.errors import ExportError, InputError
 
     try:
         _apply_recipe(args)
@@ -238,14 +238,14 @@ def _cleanup(outputs: dict[str, Path], overwrite: bool) -> None:
 
 
 def _convert(args: argparse.Namespace, name: str, bundle_dir: Path, the_plan, settings):
-    from converter.inputs import convert_from_args
+    from edgeship.converter.inputs import convert_from_args
 
     return convert_from_args(args, name, bundle_dir, the_plan, settings,
                              progress=not (args.quiet or args.json))
 
 
 def _report(result, path: Path, the_plan) -> Path:
-    from converter.report import write_report
+    from edgeship.converter.report import write_report
 
     extra = {"device": the_plan.device or "-", "threads": the_plan.threads}
     if the_plan.skipped:
@@ -255,8 +255,8 @@ def _report(result, path: Path, the_plan) -> Path:
 
 
 def _pack(bundle_dir: Path, overwrite: bool) -> tuple[Path, Path]:
-    from converter.bundle import pack_bundle
-    from converter.compression import compress_file
+    from edgeship.converter.bundle import pack_bundle
+    from edgeship.converter.compression import compress_file
 
     tar = pack_bundle(bundle_dir)
     return tar, compress_file(tar)

@@ -6,7 +6,7 @@ they subclass the agent's classes so callers can catch ``EdgeshipError`` everywh
 
 from __future__ import annotations
 
-from agent.errors import ConfigError, EdgeshipError, GateError
+from edgeship.agent.errors import ConfigError, EdgeshipError, GateError
 
 
 class ExportError(EdgeshipError):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import EvaluationError
-from converter.export import INPUT_NAME
+from edgeship.converter.errors import EvaluationError
+from edgeship.converter.export import INPUT_NAME
 
 logger = logging.getLogger(__name__)
 

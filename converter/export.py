@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import ExportError
+from edgeship.converter.errors import ExportError
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.errors import ConfigError
-from converter.evaluate import VariantMetrics
+from edgeship.agent.errors import ConfigError
+from edgeship.converter.evaluate import VariantMetrics
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import InputError
-from converter.options import parse_floats, parse_shape
-from converter.sources import Dataset, Preprocess, check_shape, load_data, load_torch_model
+from edgeship.converter.errors import InputError
+from edgeship.converter.options import parse_floats, parse_shape
+from edgeship.converter.sources import Dataset, Preprocess, check_shape, load_data, load_torch_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
 
 def convert_from_args(args: argparse.Namespace, name: str, bundle_dir: Path, plan,
                       settings, progress: bool):
-    from converter.pipeline import convert_digits, convert_onnx
+    from edgeship.converter.pipeline import convert_digits, convert_onnx
 
     shrinking = any(getattr(args, k, None) is not None
                     for k in ("prune_sparsity", "prune_channels", "student"))
@@ -73,7 +73,7 @@ def convert_from_args(args: argparse.Namespace, name: str, bundle_dir: Path, pla
 
 
 def _digits(args: argparse.Namespace):
-    from converter.digits import calibration_images, train_digits
+    from edgeship.converter.digits import calibration_images, train_digits
 
     trained = train_digits(epochs=args.epochs, seed=args.seed)
     d = trained.data
@@ -83,8 +83,8 @@ def _digits(args: argparse.Namespace):
 
 def _shrink(model, calib: Dataset, args: argparse.Namespace, example):
     """Apply --prune-sparsity / --prune-channels / --student in that order."""
-    from converter.shrink import TrainSpec, distill, prune_channels, prune_unstructured
-    from converter.sources import import_object
+    from edgeship.converter.shrink import TrainSpec, distill, prune_channels, prune_unstructured
+    from edgeship.converter.sources import import_object
 
     spec = TrainSpec(epochs=3 if args.finetune_epochs is None else args.finetune_epochs,
                      temperature=args.temperature or 4.0,
@@ -105,7 +105,7 @@ def _shrink(model, calib: Dataset, args: argparse.Namespace, example):
 
 def _convert_shrunk(original, model, calib: Dataset, val: Dataset, args, name, bundle_dir,
                     plan, settings, progress, data_example):
-    from converter.pipeline import convert
+    from edgeship.converter.pipeline import convert
 
     shrunk, notes = _shrink(model, calib, args, data_example)
     if notes:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from converter.errors import InputError
-from converter.gates import Gate
-from converter.quantize import CALIBRATION_METHODS
-from converter.variants import (ALL_VARIANTS, ONNX_VARIANTS, runtime_of,
+from edgeship.converter.errors import InputError
+from edgeship.converter.gates import Gate
+from edgeship.converter.quantize import CALIBRATION_METHODS
+from edgeship.converter.variants import (ALL_VARIANTS, ONNX_VARIANTS, runtime_of,
                                 validate_variant_ids, variants_for_precisions)
 
 DEFAULT_THREADS = 2
@@ -126,7 +126,7 @@ def plan(*, device: str | None, variants: tuple[str, ...] | None, threads: int |
 def _profile(device: str | None):
     if device is None:
         return None
-    from devices import load_profile
+    from edgeship.devices import load_profile
 
     try:
         return load_profile(device)

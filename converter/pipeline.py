@@ -12,19 +12,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from agent.errors import BundleError
-from agent.manifest import Manifest
-from agent.protocol import validate_id
-from converter.bundle import VariantArtifact, write_bundle
-from converter.errors import NoVariantPassedError
-from converter.evaluate import (EvalSettings, VariantMetrics, evaluate_variant, open_session,
+from edgeship.agent.errors import BundleError
+from edgeship.agent.manifest import Manifest
+from edgeship.agent.protocol import validate_id
+from edgeship.converter.bundle import VariantArtifact, write_bundle
+from edgeship.converter.errors import NoVariantPassedError
+from edgeship.converter.evaluate import (EvalSettings, VariantMetrics, evaluate_variant, open_session,
                                 run_batched)
-from converter.export import ExportSettings, export_onnx
-from converter.gates import Gate, check_gate
-from converter.accuracy_aware import FallbackSettings, quantize_with_fallback
-from converter.compression import zstd_size
-from converter.quantize import QuantizeSettings, quantize_int8_static
-from converter.variants import (PRECISION_OF, make_fp16, make_fp32, make_int8_dynamic,
+from edgeship.converter.export import ExportSettings, export_onnx
+from edgeship.converter.gates import Gate, check_gate
+from edgeship.converter.accuracy_aware import FallbackSettings, quantize_with_fallback
+from edgeship.converter.compression import zstd_size
+from edgeship.converter.quantize import QuantizeSettings, quantize_int8_static
+from edgeship.converter.variants import (PRECISION_OF, make_fp16, make_fp32, make_int8_dynamic,
                                 runtime_of)
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _make_onnx_candidates(fp32_src: Path, calib_x, work: Path, settings: Convert
 def _evaluate_all(candidates: Sequence[_Candidate], val_x, val_y, reference,
                   reference_accuracy, settings: ConvertSettings,
                   steps: _Steps) -> list[VariantReport]:
-    from converter.evaluate import evaluate_any
+    from edgeship.converter.evaluate import evaluate_any
 
     reports = []
     for c in candidates:
@@ -229,7 +229,7 @@ def convert_onnx(onnx_path: str | os.PathLike, calib_x: np.ndarray, val_x: np.nd
                  labels: Sequence[str] = (), settings: ConvertSettings | None = None,
                  progress: bool = False) -> ConvertResult:
     """Convert an ONNX file (external data allowed); the reference is the file itself."""
-    from converter.sources import load_onnx_model
+    from edgeship.converter.sources import load_onnx_model
 
     settings = _settings(settings, gate, threads)
     _check_out(out_dir, name, settings)
@@ -261,7 +261,7 @@ def _tflite_candidates(model, example_input, calib_x, work: Path,
     wanted = [v for v in settings.variants if runtime_of(v) == "litert"]
     if not wanted:
         return []
-    from converter.tflite import make_tflite
+    from edgeship.converter.tflite import make_tflite
 
     out = []
     for vid in wanted:
@@ -305,7 +305,7 @@ def convert_digits(out_dir: str | os.PathLike, version: int = 1, *, epochs: int 
                    name: str = "digits", trained=None, progress: bool = False,
                    settings: ConvertSettings | None = None) -> ConvertResult:
     """Train (unless ``trained`` is given) the digits CNN and convert it into a bundle."""
-    from converter.digits import DIGIT_LABELS, calibration_images, train_digits
+    from edgeship.converter.digits import DIGIT_LABELS, calibration_images, train_digits
 
     trained = trained or train_digits(epochs=epochs, seed=seed)
     data = trained.data

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError
-from converter.errors import QuantizeError
-from converter.export import INPUT_NAME
+from edgeship.agent.errors import ConfigError
+from edgeship.converter.errors import QuantizeError
+from edgeship.converter.export import INPUT_NAME
 
 logger = logging.getLogger(__name__)
 

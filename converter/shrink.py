@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from converter.errors import InputError
+from edgeship.converter.errors import InputError
 
 logger = logging.getLogger(__name__)
 

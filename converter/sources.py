@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from converter.errors import InputError
+from edgeship.converter.errors import InputError
 
 logger = logging.getLogger(__name__)
 

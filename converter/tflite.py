@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import ExportError, InputError
+from edgeship.converter.errors import ExportError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
-from converter.errors import QuantizeError
+from edgeship.agent.errors import ConfigError
+from edgeship.converter.errors import QuantizeError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DynamicSettings:
 
 def make_fp32(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Graph-optimized fp32 copy (onnxruntime basic level, saved offline)."""
-    from converter.export import optimize_onnx
+    from edgeship.converter.export import optimize_onnx
 
     shutil.copyfile(src, dst)
     return optimize_onnx(dst, dst)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from agent.errors import ConfigError
-from devices.schema import DETECT, GATES, TOP_LEVEL, check_consistency, check_table
+from edgeship.agent.errors import ConfigError
+from edgeship.devices.schema import DETECT, GATES, TOP_LEVEL, check_consistency, check_table
 
 
 @dataclass(frozen=True)

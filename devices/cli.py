@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-import devices
-from agent.errors import ConfigError
-from devices.detect import detect, read_host_facts
+from edgeship import devices
+from edgeship.agent.errors import ConfigError
+from edgeship.devices.detect import detect, read_host_facts
 
 _COLUMNS = (("name", "profile"), ("arch", "arch"), ("cores", "cores"), ("ram_mb", "RAM MB"),
             ("threads", "threads"), ("model_memory_budget_mb", "model MB"),

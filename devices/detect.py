@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from devices import Profile
+from edgeship.devices import Profile
 
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "armv8l": "aarch64"}
 

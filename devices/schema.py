@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.manifest import PRECISIONS, RUNTIMES
+from edgeship.agent.errors import ConfigError
+from edgeship.agent.manifest import PRECISIONS, RUNTIMES
 
 ARCHES = ("x86_64", "aarch64", "armv7l")
 EXECUTION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider",

@@ -8,20 +8,20 @@ import importlib
 import logging
 import sys
 
-from agent.errors import EdgeshipError
+from edgeship.agent.errors import EdgeshipError
 
 #: module → the top-level commands it registers (shown as unavailable when its extra is not
 #: installed). Each module has ``add_parsers(subparsers)``.
 COMMAND_MODULES: dict[str, list[str]] = {
-    "converter.cli": ["convert"],
-    "fleet.cli": ["keys", "release", "fleet"],
-    "fleet.cli_rollout": ["rollout"],
-    "fleet.cli_provision": ["provision", "broker"],
+    "edgeship.converter.cli": ["convert"],
+    "edgeship.fleet.cli": ["keys", "release", "fleet"],
+    "edgeship.fleet.cli_rollout": ["rollout"],
+    "edgeship.fleet.cli_provision": ["provision", "broker"],
     "edgeship.demo": ["demo"],
 }
 #: modules that add subcommands under `edgeship devices` via ``add_device_commands(dsub)``
 #: (profiles/detect run on a device; ls/tag read the fleet registry).
-DEVICE_COMMAND_MODULES = ("devices.cli", "fleet.cli_rollout")
+DEVICE_COMMAND_MODULES = ("edgeship.devices.cli", "edgeship.fleet.cli_rollout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert models, sign releases, ship them over MQTT, serve them offline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from agent.cli import add_parsers as agent_parsers
+    from edgeship.agent.cli import add_parsers as agent_parsers
     agent_parsers(sub)
     for module, names in COMMAND_MODULES.items():
         mod = _import(module)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from agent import protocol
-from agent.errors import EdgeshipError
-from agent.mqtt import Message, MqttSession, SessionSettings
-from agent.protocol import Topics
+from edgeship.agent import protocol
+from edgeship.agent.errors import EdgeshipError
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.agent.protocol import Topics
 
 DEMO_PROFILES = ("rpi4", "jetson-orin-nano", "generic-x86_64")
 
@@ -225,13 +225,13 @@ class Demo:
         observer.session.stop()
 
     def _train(self):
-        from converter.cli import _quiet_foreign_noise
-        from converter.digits import train_digits
+        from edgeship.converter.cli import _quiet_foreign_noise
+        from edgeship.converter.digits import train_digits
         _quiet_foreign_noise()
         return train_digits(epochs=self.s.epochs)
 
     def _convert(self, trained):
-        from converter.pipeline import convert_digits
+        from edgeship.converter.pipeline import convert_digits
         result = convert_digits(self.s.work_dir / "bundle", version=1, trained=trained,
                                 progress=not self.quiet)
         self.result.variants = [r.to_dict() for r in result.reports]
@@ -243,13 +243,13 @@ class Demo:
         return result
 
     def _init_repo(self) -> None:
-        from fleet.tuf_repo import init_repository
+        from edgeship.fleet.tuf_repo import init_repository
         init_repository(self.s.work_dir / "keys", self.s.work_dir / "repo")
 
     def _start_broker(self) -> str:
         if self.s.mqtt_url:
             return self.s.mqtt_url
-        from fleet.broker import Mosquitto
+        from edgeship.fleet.broker import Mosquitto
         self.broker = Mosquitto().start()
         return self.broker.url
 
@@ -261,7 +261,7 @@ class Demo:
         return proc
 
     def _start_processes(self, url: str, observer: Observer) -> None:
-        from fleet.broker import free_port
+        from edgeship.fleet.broker import free_port
         work = self.s.work_dir
         self._spawn(["fleet", "serve", "--mqtt", url, "--repo", str(work / "repo"),
                      "--db", str(work / "fleet.db")], work / "fleet.log")
@@ -291,7 +291,7 @@ class Demo:
                                     f"{p.returncode} (logs in {self.s.work_dir})")
 
     def _release(self, conv, url: str) -> float:
-        from fleet.tuf_repo import release_bundle
+        from edgeship.fleet.tuf_repo import release_bundle
         info = release_bundle(conv.bundle_dir, self.s.work_dir / "repo",
                               self.s.work_dir / "keys")
         session = MqttSession(SessionSettings(url=url, client_id=f"edgeship-release-"

@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.fsutil import atomic_write
-from agent.protocol import SHARED_GROUP, TOPIC_ROOT
-from fleet.pki import FLEET_PREFIX, OPERATOR_PREFIX, CertificateAuthority
+from edgeship.agent.errors import ConfigError
+from edgeship.agent.fsutil import atomic_write
+from edgeship.agent.protocol import SHARED_GROUP, TOPIC_ROOT
+from edgeship.fleet.pki import FLEET_PREFIX, OPERATOR_PREFIX, CertificateAuthority
 
 #: what every certificate identity may do on its own topics (``%u`` = CN = device id)
 DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from agent.compression import decompress_file, is_zstd
-from agent.errors import BundleError
-from agent.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, Variant
-from fleet.files import fsync_dir
+from edgeship.agent.compression import decompress_file, is_zstd
+from edgeship.agent.errors import BundleError
+from edgeship.agent.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, Variant
+from edgeship.fleet.files import fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
-from agent.mqtt import MqttSession, SessionSettings, TlsSettings
-from agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
-from fleet.db import is_url
-from fleet.errors import ReleaseRejectedError
-from fleet.registry import DeviceRecord, Registry
-from fleet.server import FleetServer, FleetSettings
-from fleet.transfer import stop_release
-from fleet.tuf_repo import (ReleaseInfo, RepoSettings, init_repository, release_bundle,
+from edgeship.agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
+from edgeship.agent.mqtt import MqttSession, SessionSettings, TlsSettings
+from edgeship.agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
+from edgeship.fleet.db import is_url
+from edgeship.fleet.errors import ReleaseRejectedError
+from edgeship.fleet.registry import DeviceRecord, Registry
+from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.transfer import stop_release
+from edgeship.fleet.tuf_repo import (ReleaseInfo, RepoSettings, init_repository, release_bundle,
                             rotate_root)
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from fleet.broker_config import refresh_acl_and_crl, write_broker_config
-from fleet.pki import CertificateAuthority, identity_for
-from fleet.provision import EnrollmentSettings, build_enrollment, write_boot_partition
+from edgeship.fleet.broker_config import refresh_acl_and_crl, write_broker_config
+from edgeship.fleet.pki import CertificateAuthority, identity_for
+from edgeship.fleet.provision import EnrollmentSettings, build_enrollment, write_boot_partition
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet.cli import EXIT_OK, _command, _models_text
-from fleet.db import is_url
-from fleet.registry import Registry
-from fleet.rollout import Gates, Policy, parse_waves
-from fleet.rollout_runner import LEASE_NAME, control, load, progress, start_rollout
+from edgeship.fleet.cli import EXIT_OK, _command, _models_text
+from edgeship.fleet.db import is_url
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.rollout import Gates, Policy, parse_waves
+from edgeship.fleet.rollout_runner import LEASE_NAME, control, load, progress, start_rollout
 
-from agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError
 
 
 def open_registry(db: str) -> Registry:

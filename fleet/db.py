@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from agent.errors import ConfigError, EdgeshipError
+from edgeship.agent.errors import ConfigError, EdgeshipError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zstandard
 
-from agent.delta import DeltaHeader, apply_delta
+from edgeship.agent.delta import DeltaHeader, apply_delta
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import EdgeshipError, Reason
+from edgeship.agent.errors import EdgeshipError, Reason
 
 
 class RepositoryError(EdgeshipError):

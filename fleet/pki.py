@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import ConfigError
-from agent.fsutil import atomic_write
-from agent.protocol import validate_id
+from edgeship.agent.errors import ConfigError
+from edgeship.agent.fsutil import atomic_write
+from edgeship.agent.protocol import validate_id
 
 logger = logging.getLogger(__name__)
 

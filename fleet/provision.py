@@ -28,12 +28,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import devices
-from agent.config import load_config
-from agent.errors import ConfigError, EdgeshipError
-from agent.fsutil import atomic_write
-from agent.protocol import validate_id
-from fleet.pki import CertificateAuthority
+from edgeship import devices
+from edgeship.agent.config import load_config
+from edgeship.agent.errors import ConfigError, EdgeshipError
+from edgeship.agent.fsutil import atomic_write
+from edgeship.agent.protocol import validate_id
+from edgeship.fleet.pki import CertificateAuthority
 
 logger = logging.getLogger(__name__)
 

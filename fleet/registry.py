@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from fleet.db import open_backend
+from edgeship.fleet.db import open_backend
 
 logger = logging.getLogger(__name__)
 

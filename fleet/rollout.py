@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
-from agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError
 
 
 class State(str, Enum):

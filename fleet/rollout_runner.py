@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import replace
 from typing import Callable
 
-from agent.errors import ConfigError, EdgeshipError
-from agent.protocol import DesiredState
-from fleet.registry import Registry
-from fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult, State,
+from edgeship.agent.errors import ConfigError
+from edgeship.agent.protocol import DesiredState
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult, State,
                            WaveObservation, evaluate_wave, failure_event, install_gate,
                            jitter_offset_s, plan_waves, shadow_gate, staging_verdict)
 

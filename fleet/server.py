@@ -17,17 +17,17 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from agent.errors import EdgeshipError, ProtocolError
-from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
+from edgeship.agent.errors import EdgeshipError, ProtocolError
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
-from fleet.registry import Registry
-from fleet.rollout_runner import RolloutRunner
-from fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.rollout_runner import RolloutRunner
+from edgeship.fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
                             DeviceRateLimits, Pacer, StoppedReleases, TransferGate,
                             read_chunk, release_of,
                             stop_release)
-from fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
+from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class FleetServer:
                                 f"within {self.settings.connect_timeout_s}s")
         self.rollouts.start()
         if self.settings.http_port is not None:
-            from fleet.web.server import FleetWebServer
+            from edgeship.fleet.web.server import FleetWebServer
             self.web = FleetWebServer(self, self.settings.http_host, self.settings.http_port)
             self.web.start()
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from agent.errors import ProtocolError
-from agent.protocol import MAX_CHUNK_BYTES, TransferRequest, safe_repo_path
+from edgeship.agent.errors import ProtocolError
+from edgeship.agent.protocol import MAX_CHUNK_BYTES, TransferRequest, safe_repo_path
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def stop_release(repo_dir: Path, model: str, version: int, *, stopped: bool = Tr
     """Kill switch: every fleet server on ``repo_dir`` answers 410 for this release's files
     from now on (``stopped=False`` lifts it). Shared through a file, so a CLI in another
     process and several fleet servers all see it."""
-    from fleet.files import atomic_write
+    from edgeship.fleet.files import atomic_write
     path = Path(repo_dir) / STOPPED_FILE
     current = set(_read_stopped(path))
     key = f"{model}/{version}"

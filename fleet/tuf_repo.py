@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -38,10 +37,10 @@ from tuf.api.metadata import (Metadata, MetaFile, Root, Snapshot, TargetFile, Ta
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.errors import ConfigError
-from fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
-from fleet.errors import ReleaseRejectedError, RepositoryError
-from fleet.files import atomic_write, write_new
+from edgeship.agent.errors import ConfigError
+from edgeship.fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
+from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
+from edgeship.fleet.files import atomic_write, write_new
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +325,7 @@ def _add_deltas(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
     """For every variant file that also exists in ``base_version``, a delta target (when it
     is clearly smaller than the file). The delta's own target pins its bytes; the rebuilt
     file is pinned by the full file's target."""
-    from fleet.delta import make_delta
+    from edgeship.fleet.delta import make_delta
     m = bundle.manifest
     dest_dir = repo_dir / "targets" / m.model / str(m.version)
     added = []

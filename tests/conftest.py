@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.broker import Mosquitto
+from edgeship.fleet.broker import Mosquitto
 
 
 @pytest.fixture
@@ -27,8 +27,8 @@ def shared_broker():
 def digits_bundles(tmp_path_factory):
     """The demo's CNN, trained briefly, converted into bundles v1 and v2 (same weights)."""
     pytest.importorskip("torch")
-    from converter.digits import train_digits
-    from converter.pipeline import convert_digits
+    from edgeship.converter.digits import train_digits
+    from edgeship.converter.pipeline import convert_digits
 
     root = tmp_path_factory.mktemp("bundles")
     trained = train_digits(epochs=4)
@@ -39,7 +39,7 @@ def digits_bundles(tmp_path_factory):
 
 @pytest.fixture
 def loop_env(broker, tmp_path):
-    from tests.loop_env import LoopEnv
+    from tests.support.loop_env import LoopEnv
 
     env = LoopEnv(broker.url, tmp_path)
     yield env

@@ -4,18 +4,15 @@ keeps serving its current model."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tuf.api.metadata import Metadata
 
-from agent.protocol import Topics
-from tests.loop_env import predict
+from edgeship.agent.protocol import Topics
+from tests.support.loop_env import predict
 
 
 def _active_bytes(agent, model="digits") -> bytes:
@@ -136,7 +133,7 @@ def test_agent_restarted_offline_serves_its_committed_model(loop_env, serving_v1
     agent.stop()
     loop_env.agents.remove(agent)
     broker.stop()  # no network at all
-    from agent.daemon import Agent
+    from edgeship.agent.daemon import Agent
     offline = Agent(cfg)
     offline.start()
     try:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from agent.errors import ConfigError, EdgeshipError
-from fleet import metrics
-from fleet.rollout import Policy
-from fleet.rollout_runner import control, load, progress, start_rollout
-from fleet.web.openapi import openapi
+from edgeship.agent.errors import ConfigError, EdgeshipError
+from edgeship.fleet import metrics
+from edgeship.fleet.rollout import Policy
+from edgeship.fleet.rollout_runner import control, load, progress, start_rollout
+from edgeship.fleet.web.openapi import openapi
 
 logger = logging.getLogger(__name__)
 

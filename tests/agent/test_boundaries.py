@@ -5,8 +5,9 @@ import sys
 
 
 def test_importing_the_agent_pulls_in_no_torch_converter_or_fleet():
-    code = ("import sys, agent, agent.daemon, agent.cli, agent.api, agent.updater\n"
-            "bad = [m for m in ('torch', 'converter', 'fleet', 'sklearn', 'onnx')"
+    code = ("import sys, edgeship.agent, edgeship.agent.daemon, edgeship.agent.cli,"
+            " edgeship.agent.api, edgeship.agent.updater\n"
+            "bad = [m for m in ('torch', 'edgeship.converter', 'edgeship.fleet', 'sklearn', 'onnx')"
             " if m in sys.modules]\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,7 +1,7 @@
 import pytest
 
-from agent.config import config_from_dict, load_config
-from agent.errors import ConfigError
+from edgeship.agent.config import config_from_dict, load_config
+from edgeship.agent.errors import ConfigError
 
 
 def test_a_valid_config_loads_with_defaults(tmp_path):

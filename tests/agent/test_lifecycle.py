@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from agent.lifecycle import (TRANSITIONS, Event, RecordStore, State, TransitionError,
+from edgeship.agent.lifecycle import (TRANSITIONS, Event, RecordStore, State, TransitionError,
                              UpdateRecord, next_state)
 
 
@@ -71,7 +71,7 @@ def test_blocked_versions_outlive_later_updates_and_old_records_still_load(tmp_p
 
 
 def test_fault_plan_fires_once_per_update_at_the_last_point_at_the_latest():
-    from agent.faults import FaultInjectedError, parse_fault_plan
+    from edgeship.agent.faults import FaultInjectedError, parse_fault_plan
 
     plan = parse_fault_plan("min_version=2;seed=1;staged:error:0")
     plan.point("staged", 1, last=True)  # below min_version: nothing

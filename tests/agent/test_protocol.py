@@ -3,9 +3,9 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from agent import protocol
-from agent.errors import ProtocolError, Reason
-from agent.protocol import ReleaseAnnouncement, Topics, TransferRequest, parse_topic
+from edgeship.agent import protocol
+from edgeship.agent.errors import ProtocolError, Reason
+from edgeship.agent.protocol import ReleaseAnnouncement, Topics, TransferRequest, parse_topic
 
 
 def test_topics_round_trip_through_the_parser():

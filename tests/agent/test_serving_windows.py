@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from agent.serving import LATENCY_RING_SIZE, LoadedModel, ModelServer, ModelStats
+from edgeship.agent.serving import LATENCY_RING_SIZE, LoadedModel, ModelServer, ModelStats
 from tests.runtime.models import manifest_for
 
 

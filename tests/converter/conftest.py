@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from converter.digits import TrainedDigits, train_digits
-from converter.pipeline import ConvertResult, convert_digits
+from edgeship.converter.digits import TrainedDigits, train_digits
+from edgeship.converter.pipeline import ConvertResult, convert_digits
 
 TEST_EPOCHS = 10
 

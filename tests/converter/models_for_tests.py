@@ -24,7 +24,7 @@ def tiny_cnn() -> nn.Module:
 
 def digit_batches():
     """A data callable: yields (x, y) batches of the digits test split."""
-    from converter.digits import load_digits_data
+    from edgeship.converter.digits import load_digits_data
 
     data = load_digits_data()
     for i in range(0, 200, 50):

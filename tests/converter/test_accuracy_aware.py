@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from converter.accuracy_aware import (FallbackSettings, nodes_touching, quantize_with_fallback,
+from edgeship.converter.accuracy_aware import (FallbackSettings, nodes_touching, quantize_with_fallback,
                                       rank_tensors, relative_error)
-from converter.digits import calibration_images
-from converter.evaluate import open_session, run_batched
-from converter.export import export_onnx
-from converter.gates import Gate
-from converter.pipeline import ConvertSettings, convert_digits
+from edgeship.converter.digits import calibration_images
+from edgeship.converter.evaluate import open_session, run_batched
+from edgeship.converter.export import export_onnx
+from edgeship.converter.gates import Gate
+from edgeship.converter.pipeline import ConvertSettings
 
 
 def test_relative_error_counts_crushed_small_values_not_just_energy():
@@ -84,7 +84,7 @@ def test_fallback_keeps_only_the_outlier_layers_in_float(outlier_model, trained,
 def test_pipeline_ships_the_repaired_int8_and_records_what_stayed_float(outlier_model,
                                                                         trained, tmp_path):
     data = trained.data
-    from converter.pipeline import convert
+    from edgeship.converter.pipeline import convert
 
     result = convert(outlier_model, data.x_train[:1], calibration_images(data), data.x_test,
                      data.y_test, tmp_path / "b", "outlier", 1, Gate(),
@@ -97,7 +97,7 @@ def test_pipeline_ships_the_repaired_int8_and_records_what_stayed_float(outlier_
 
 def test_without_fallback_the_broken_int8_is_not_shipped(outlier_model, trained, tmp_path):
     data = trained.data
-    from converter.pipeline import convert
+    from edgeship.converter.pipeline import convert
 
     settings = ConvertSettings(variants=("onnx-fp32", "onnx-int8"),
                                fallback=FallbackSettings(enabled=False))

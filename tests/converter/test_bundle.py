@@ -8,9 +8,9 @@ import tarfile
 
 import pytest
 
-from agent.errors import BundleError
-from agent.manifest import GOLDEN_NAME, MANIFEST_NAME
-from converter.bundle import VariantArtifact, pack_bundle, read_bundle_dir, write_bundle
+from edgeship.agent.errors import BundleError
+from edgeship.agent.manifest import GOLDEN_NAME, MANIFEST_NAME
+from edgeship.converter.bundle import VariantArtifact, pack_bundle, read_bundle_dir, write_bundle
 
 
 @pytest.fixture

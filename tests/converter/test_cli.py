@@ -3,8 +3,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from converter import cli
-from converter.bundle import read_bundle_dir
+from edgeship.converter import cli
+from edgeship.converter.bundle import read_bundle_dir
 
 
 def _parse(argv):

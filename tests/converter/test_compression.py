@@ -8,9 +8,9 @@ import os
 import pytest
 import zstandard
 
-from agent.compression import decompress_file, decompress_stream, is_zstd
-from agent.errors import BundleError
-from converter.compression import compress_file, zstd_size
+from edgeship.agent.compression import decompress_file, decompress_stream, is_zstd
+from edgeship.agent.errors import BundleError
+from edgeship.converter.compression import compress_file, zstd_size
 
 
 def test_round_trip_and_size(tmp_path):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from converter.digits import calibration_images, held_out_set, load_digits_data
+from edgeship.converter.digits import calibration_images, held_out_set, load_digits_data
 
 
 def test_training_reaches_95_percent_on_held_out_digits(trained):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from converter.errors import ExportError, QuantizeError
-from converter.evaluate import open_session
-from converter.export import ExportSettings, export_onnx
-from converter.quantize import quantize_int8_static
+from edgeship.converter.errors import ExportError, QuantizeError
+from edgeship.converter.evaluate import open_session
+from edgeship.converter.export import ExportSettings, export_onnx
+from edgeship.converter.quantize import quantize_int8_static
 
 
 class _Broken(torch.nn.Module):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.errors import ConfigError
-from converter.evaluate import (VariantMetrics, compare_outputs, latency_percentiles,
+from edgeship.agent.errors import ConfigError
+from edgeship.converter.evaluate import (VariantMetrics, compare_outputs, latency_percentiles,
                                 top1_accuracy)
-from converter.errors import EvaluationError
-from converter.gates import Gate, check_gate
-from converter.quantize import ArrayCalibrationReader, QuantizeSettings
+from edgeship.converter.errors import EvaluationError
+from edgeship.converter.gates import Gate, check_gate
+from edgeship.converter.quantize import ArrayCalibrationReader, QuantizeSettings
 
 
 def _metrics(**changes) -> VariantMetrics:

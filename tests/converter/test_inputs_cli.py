@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from converter import cli
-from converter.bundle import read_bundle_dir
-from converter.export import export_onnx
+from edgeship.converter import cli
+from edgeship.converter.bundle import read_bundle_dir
+from edgeship.converter.export import export_onnx
 
 from tests.converter.models_for_tests import tiny_cnn
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.errors import GateError
-from agent.manifest import GOLDEN_NAME
-from converter.bundle import read_bundle_dir
-from converter.evaluate import open_session, run_batched
-from converter.gates import Gate
-from converter.pipeline import convert_digits
+from edgeship.agent.errors import GateError
+from edgeship.agent.manifest import GOLDEN_NAME
+from edgeship.converter.bundle import read_bundle_dir
+from edgeship.converter.evaluate import open_session, run_batched
+from edgeship.converter.gates import Gate
+from edgeship.converter.pipeline import convert_digits
 
 METRIC_KEYS = {"accuracy", "accuracy_drop", "agreement", "cosine", "max_abs_diff",
                "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples",

@@ -6,16 +6,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from converter.digits import calibration_images
-from converter.export import export_onnx
-from converter.gates import Gate
-from converter.pipeline import ConvertSettings, convert
-from converter.shrink import (TrainSpec, count_parameters, distill, prune_channels,
+from edgeship.converter.digits import calibration_images
+from edgeship.converter.export import export_onnx
+from edgeship.converter.gates import Gate
+from edgeship.converter.pipeline import ConvertSettings, convert
+from edgeship.converter.shrink import (TrainSpec, count_parameters, distill, prune_channels,
                               prune_unstructured, sparsity, top1)
 
 
 def test_unstructured_pruning_hits_the_target_and_compresses(trained, tmp_path):
-    from converter.compression import zstd_size
+    from edgeship.converter.compression import zstd_size
 
     pruned = prune_unstructured(trained.model, 0.7)
     assert abs(sparsity(pruned) - 0.7) < 0.01 and sparsity(trained.model) < 0.01
@@ -60,7 +60,7 @@ def test_cli_channel_pruning_and_student_report_against_the_source(tmp_path, cap
     import argparse
     import json
 
-    from converter import cli
+    from edgeship.converter import cli
 
     parser = argparse.ArgumentParser(prog="edgeship")
     cli.add_parser(parser.add_subparsers(dest="command", required=True))

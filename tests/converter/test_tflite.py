@@ -11,11 +11,11 @@ pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("ai_edge_litert")
 
-from agent.manifest import GOLDEN_NAME  # noqa: E402
-from converter.bundle import read_bundle_dir  # noqa: E402
-from converter.evaluate import TFLiteRunner  # noqa: E402
-from converter.pipeline import ConvertSettings, convert_digits  # noqa: E402
-from converter.variants import TFLITE_VARIANTS  # noqa: E402
+from edgeship.agent.manifest import GOLDEN_NAME  # noqa: E402
+from edgeship.converter.bundle import read_bundle_dir  # noqa: E402
+from edgeship.converter.evaluate import TFLiteRunner  # noqa: E402
+from edgeship.converter.pipeline import ConvertSettings, convert_digits  # noqa: E402
+from edgeship.converter.variants import TFLITE_VARIANTS  # noqa: E402
 
 
 def test_all_four_tflite_variants_pass_and_reproduce_their_golden_outputs(trained, tmp_path):

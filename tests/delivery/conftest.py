@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.broker import free_port
+from edgeship.fleet.broker import free_port
 from tests.delivery.helpers import start_agent
 
 

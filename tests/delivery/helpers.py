@@ -6,24 +6,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Snapshot, Targets, Timestamp
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.mqtt import Message, MqttSession, SessionSettings
-from agent.protocol import (SCHEMA_VERSION, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
+from edgeship.agent.config import load_config
+from edgeship.agent.daemon import Agent
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.agent.protocol import (SCHEMA_VERSION, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
                             TRANSFER_TOTAL, TOPIC_ROOT, TransferRequest)
-from agent.transfer import RESUME_SUFFIX
+from edgeship.agent.transfer import RESUME_SUFFIX
 from edgeship.demo import write_agent_config
-from fleet import tuf_repo
-from fleet.broker import free_port
-from fleet.transfer import ChunkResult, read_chunk
-from tests.loop_env import predict
+from edgeship.fleet import tuf_repo
+from edgeship.fleet.broker import free_port
+from edgeship.fleet.transfer import ChunkResult, read_chunk
+from tests.support.loop_env import predict
 
 
 def edit_targets(repo: Path, keys: Path, mutate: Callable[[Targets], None], *,
@@ -162,15 +161,6 @@ def events(env, device: str) -> list[dict]:
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
 
-
-def wait_until(pred: Callable[[], object], timeout_s: float = 30,
-               what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def resume_files(agent: Agent) -> list[Path]:

@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
-from agent.protocol import ReleaseAnnouncement, Topics
-from fleet.tuf_repo import refresh_timestamp
+from edgeship.agent.protocol import ReleaseAnnouncement, Topics
+from edgeship.fleet.tuf_repo import refresh_timestamp
 from tests.delivery.helpers import (RogueResponder, assert_untouched, edit_targets,
                                     honest_props, release_full, restart, set_hardware, variant_target,
                                     wait_event)

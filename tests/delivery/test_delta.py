@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.delta import DeltaError, apply_delta, read_header
-from fleet.delta import make_delta, onnx_delta, zstd_patch
-from fleet.tuf_repo import RepoSettings, delta_target_path, release_bundle
+from edgeship.agent.delta import DeltaError, apply_delta, read_header
+from edgeship.fleet.delta import make_delta, onnx_delta, zstd_patch
+from edgeship.fleet.tuf_repo import RepoSettings, delta_target_path, release_bundle
 from tests.delivery.helpers import edit_targets, start_agent, variant_target, wait_event
 
 

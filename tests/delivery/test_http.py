@@ -11,11 +11,11 @@ import pytest
 import urllib3
 from tuf.ngclient import Updater
 
-from agent.daemon import Agent
-from agent.http_fetch import HttpFetcher
-from fleet.tuf_repo import init_repository, release_bundle
-from tests.delivery.helpers import (release_full, resume_files, start_agent, variant_target,
-                                    wait_until)
+from edgeship.agent.daemon import Agent
+from edgeship.agent.http_fetch import HttpFetcher
+from edgeship.fleet.tuf_repo import init_repository, release_bundle
+from tests.delivery.helpers import release_full, resume_files, start_agent, variant_target
+from tests.support import wait_until
 
 
 def _updater(base: str, device: Path, repo: Path, fetcher: HttpFetcher) -> Updater:
@@ -112,8 +112,8 @@ def test_agent_configured_for_http_installs_and_resumes_after_a_restart(
     ({"transport": "http", "http_base_url": "https://cdn/repo?x=1"}, "http_base_url"),
 ])
 def test_transport_config_errors_name_the_key(raw, key):
-    from agent.config import config_from_dict
-    from agent.errors import ConfigError
+    from edgeship.agent.config import config_from_dict
+    from edgeship.agent.errors import ConfigError
     with pytest.raises(ConfigError, match=key) as err:
         config_from_dict({"device_id": "d", "state_dir": "/tmp/d", **raw})
     assert err.value.key == key

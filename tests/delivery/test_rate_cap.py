@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from fleet.server import FleetServer, FleetSettings
-from fleet.transfer import DeviceRateLimits, Pacer
+from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.transfer import DeviceRateLimits, Pacer
 from tests.delivery.helpers import start_agent, variant_target, wait_event
 
 

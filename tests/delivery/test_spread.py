@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.protocol import (MAX_SPREAD_S, ReleaseAnnouncement, Topics, decode,
+from edgeship.agent.errors import ProtocolError
+from edgeship.agent.protocol import (MAX_SPREAD_S, ReleaseAnnouncement, Topics, decode,
                             spread_delay_s)
 from tests.delivery.helpers import start_agent, wait_event
 

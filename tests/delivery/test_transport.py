@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent.transfer import RateLimiter
-from fleet.server import FleetServer, FleetSettings
+from edgeship.agent.transfer import RateLimiter
+from edgeship.fleet.server import FleetServer, FleetSettings
 from tests.delivery.helpers import (assert_untouched, release_full, resume_files,
-                                    start_agent, variant_target, wait_event, wait_until)
+                                    start_agent, variant_target, wait_event)
+from tests.support import wait_until
 
 CHUNK = 16 * 1024
 
@@ -35,7 +36,7 @@ def test_download_resumes_after_an_agent_restart(loop_env, digits_bundles, slow_
     (part,) = resume_files(agent)
     kept = part.stat().st_size
     assert 0 < kept < size
-    from agent.daemon import Agent
+    from edgeship.agent.daemon import Agent
     again = Agent(agent.cfg)
     again.start()
     loop_env.agents.append(again)

@@ -13,10 +13,10 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
 
-from agent.errors import VerificationError
-from agent.trust import VersionFloor
-from fleet.errors import RepositoryError
-from fleet.tuf_repo import (RepoSettings, init_repository, refresh_timestamp, rotate_root,
+from edgeship.agent.errors import VerificationError
+from edgeship.agent.trust import VersionFloor
+from edgeship.fleet.errors import RepositoryError
+from edgeship.fleet.tuf_repo import (RepoSettings, init_repository, refresh_timestamp, rotate_root,
                             release_bundle)
 
 

@@ -8,12 +8,12 @@ import queue
 
 import pytest
 
-from agent import protocol
-from agent.errors import ProtocolError, Reason, TransferError
-from agent.mqtt import Message, MqttSession, SessionSettings
-from agent.protocol import Topics, TransferRequest, transfer_props
-from agent.transfer import parse_chunk
-from fleet.server import FleetServer, FleetSettings
+from edgeship.agent import protocol
+from edgeship.agent.errors import ProtocolError, Reason, TransferError
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.agent.protocol import Topics, TransferRequest, transfer_props
+from edgeship.agent.transfer import parse_chunk
+from edgeship.fleet.server import FleetServer, FleetSettings
 
 
 def _msg(props: dict[str, str], payload: bytes = b"abc") -> Message:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.tuf_repo import init_repository
+from edgeship.fleet.tuf_repo import init_repository
 
 
 @pytest.fixture

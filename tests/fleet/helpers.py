@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface, Updater
 
-from agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
-from agent.protocol import TransferRequest
-from fleet.transfer import read_chunk
+from edgeship.agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
+from edgeship.agent.protocol import TransferRequest
+from edgeship.fleet.transfer import read_chunk
 
 
 def make_bundle(parent: Path, model: str = "digits", version: int = 1,
@@ -89,12 +88,3 @@ def make_updater(repo_dir: Path, client_dir: Path) -> tuple[Updater, ChunkFetche
                       fetcher=fetcher, bootstrap=root)
     return updater, fetcher
 
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout_s}s")

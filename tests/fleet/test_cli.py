@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt import MqttSession, SessionSettings
-from agent.protocol import ReleaseAnnouncement, Topics, encode
-from fleet.cli import add_parsers
-from fleet.registry import Registry
-from tests.fleet.helpers import make_bundle, wait_for
+from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.agent.protocol import ReleaseAnnouncement, Topics, encode
+from edgeship.fleet.cli import add_parsers
+from edgeship.fleet.registry import Registry
+from tests.fleet.helpers import make_bundle
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,7 +136,7 @@ def test_fleet_serve_records_devices_and_stops_on_sigterm(broker, tmp_path):
                 return registry.devices()
             finally:
                 registry.close()
-        wait_for(seen)
+        wait_until(seen)
         dev.stop()
     finally:
         proc.send_signal(signal.SIGTERM)

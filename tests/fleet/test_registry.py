@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 
-from fleet.registry import Registry, RegistrySettings
+from edgeship.fleet.registry import Registry, RegistrySettings
 
 
 def _registry(tmp_path, **kw):

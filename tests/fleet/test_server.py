@@ -8,13 +8,14 @@ import queue
 
 import pytest
 
-from agent.mqtt import MqttSession, SessionSettings
-from agent.protocol import (TRANSFER_ERROR, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
+from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.agent.protocol import (TRANSFER_ERROR, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
                             TRANSFER_TOTAL, ReleaseAnnouncement, Topics, TransferRequest,
                             encode, status_event)
-from fleet.server import FleetServer, FleetSettings
-from fleet.tuf_repo import release_bundle
-from tests.fleet.helpers import make_bundle, wait_for
+from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.tuf_repo import release_bundle
+from tests.fleet.helpers import make_bundle
+from tests.support import wait_until
 
 DEVICE = "pi-1"
 
@@ -75,7 +76,7 @@ def device(broker, server):
     dev.report("presence", encode("presence", {"device": DEVICE, "online": True,
                                                "profile": "rpi4", "agent_version": "0.1",
                                                "models": {"digits": {"version": 1}}}))
-    wait_for(lambda: server.registry.devices())
+    wait_until(lambda: server.registry.devices())
     yield dev
     dev.close()
 
@@ -118,7 +119,7 @@ def test_garbage_on_the_status_topic_does_not_stop_the_server(device, server):
     for garbage in (b"\xff\xfe garbage", b"[1, 2]", encode("status", {})[:-1], b"x" * 70000,
                     b'{"schema": 99, "kind": "status"}'):
         device.report("status", garbage)
-    wait_for(lambda: server.stats.snapshot()["malformed"] >= 5)
+    wait_until(lambda: server.stats.snapshot()["malformed"] >= 5)
     ok = device.request(TransferRequest("metadata/1.root.json", 0, 100).to_bytes())
     assert ok.user_properties[TRANSFER_STATUS] == "200"
 
@@ -126,8 +127,8 @@ def test_garbage_on_the_status_topic_does_not_stop_the_server(device, server):
 def test_presence_status_and_telemetry_land_in_the_registry(device, server):
     device.report("status", status_event(DEVICE, "installed", model="digits", version=1))
     device.report("telemetry", encode("telemetry", {"device": DEVICE, "latency_ms": 2.5}))
-    wait_for(lambda: server.registry.latest_telemetry(DEVICE))
-    events = wait_for(lambda: server.registry.events(DEVICE))
+    wait_until(lambda: server.registry.latest_telemetry(DEVICE))
+    events = wait_until(lambda: server.registry.events(DEVICE))
     assert [(e.event, e.model, e.version) for e in events] == [("installed", "digits", 1)]
     [dev] = server.registry.devices()
     assert (dev.online, dev.profile, dev.models) == (True, "rpi4", {"digits": {"version": 1}})
@@ -141,7 +142,7 @@ def test_requests_without_an_allowed_response_topic_are_dropped(device, server):
     device.session.publish(Topics.transfer_request(DEVICE),
                            TransferRequest("metadata/root.json", 0, 10).to_bytes(),
                            response_topic=Topics.release("digits"), correlation_data=b"x")
-    wait_for(lambda: server.stats.snapshot()["no_response_topic"] == 2)
+    wait_until(lambda: server.stats.snapshot()["no_response_topic"] == 2)
     ok = device.request(TransferRequest("metadata/root.json", 0, 10).to_bytes())
     assert ok.user_properties[TRANSFER_STATUS] == "200"
 

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from agent.mqtt import MqttSession, SessionSettings, SharedLoop
-from fleet.bench.agents import gate_installs, make_agent
-from fleet.bench.synthetic import sample_inputs, write_synthetic_bundle
+from edgeship.agent.mqtt import MqttSession, SessionSettings, SharedLoop
+from bench.fleet_agents import gate_installs, make_agent
+from tests.support.synthetic import sample_inputs, write_synthetic_bundle
 
 WIDTH = 64  # a small synthetic model: the test is about the agents, not the bytes
 

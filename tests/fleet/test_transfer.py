@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.protocol import MAX_CHUNK_BYTES, TransferRequest
-from fleet.transfer import read_chunk
+from edgeship.agent.errors import ProtocolError
+from edgeship.agent.protocol import MAX_CHUNK_BYTES, TransferRequest
+from edgeship.fleet.transfer import read_chunk
 
 DATA = bytes(range(256)) * 4  # 1024 bytes
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata
 
-from agent.errors import BundleError, ConfigError
-from fleet.errors import ReleaseRejectedError, RepositoryError
-from fleet.tuf_repo import (RepoSettings, init_repository, refresh_timestamp, release_bundle,
+from edgeship.agent.errors import BundleError, ConfigError
+from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
+from edgeship.fleet.tuf_repo import (RepoSettings, init_repository, refresh_timestamp, release_bundle,
                             released_versions, verify_repository)
 from tests.fleet.helpers import make_bundle, make_tar, make_updater
 
@@ -158,7 +158,7 @@ def test_unsafe_tar_members_are_rejected(repo, tmp_path, kind):
 
 
 def test_oversized_tar_is_rejected(repo, tmp_path):
-    from fleet.bundle import BundleLimits, extract_tar
+    from edgeship.fleet.bundle import BundleLimits, extract_tar
     tar = make_tar(make_bundle(tmp_path / "b"))
     (tmp_path / "out").mkdir()
     with pytest.raises(BundleError, match="exceeds"):
@@ -167,7 +167,7 @@ def test_oversized_tar_is_rejected(repo, tmp_path):
 
 def test_tar_zst_bundle_from_the_converter_is_released(repo, tmp_path):
     """``edgeship convert`` writes a .tar.zst beside the .tar: release takes it as it is."""
-    from converter.compression import compress_file
+    from edgeship.converter.compression import compress_file
     keys, repo_dir = repo
     zst = compress_file(make_tar(make_bundle(tmp_path / "b", version=4)))
     release_bundle(zst, repo_dir, keys)
@@ -177,7 +177,7 @@ def test_tar_zst_bundle_from_the_converter_is_released(repo, tmp_path):
 
 def test_zstd_bomb_is_refused_before_it_is_written_out(repo, tmp_path):
     """A .tar.zst that expands past the bundle size limit is refused; nothing is released."""
-    from converter.compression import compress_file
+    from edgeship.converter.compression import compress_file
     keys, repo_dir = repo
     big = tmp_path / "bomb.tar"
     big.write_bytes(bytes(64 * 1024 * 1024))  # 64 MiB of zeros: a few KiB compressed

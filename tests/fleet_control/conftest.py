@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.broker import free_port
+from edgeship.fleet.broker import free_port
 from tests.fleet_control.helpers import WIDTH
 
 
@@ -92,7 +92,7 @@ def synth_bundles(tmp_path_factory):
     """Synthetic bundles of one model: v1 fast, v2 much slower (8x the compute, same size),
     v3 as fast as v1 (other weights)."""
     pytest.importorskip("onnx")
-    from fleet.bench.synthetic import write_synthetic_bundle
+    from tests.support.synthetic import write_synthetic_bundle
     root = tmp_path_factory.mktemp("synth")
     return {1: write_synthetic_bundle(root / "v1", version=1, width=WIDTH, depth=1),
             2: write_synthetic_bundle(root / "v2", version=2, width=WIDTH, depth=8),

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
 
-from agent.errors import EdgeshipError
+from edgeship.agent.errors import EdgeshipError
 
 WIDTH = 256  # synthetic model width for the fleet-control tests
 
@@ -31,12 +30,3 @@ class Traffic:
         self._stop.set()
         self._thread.join(timeout=5)
 
-
-def wait_until(pred, timeout_s: float = 90.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from agent.daemon import Agent
-from agent.protocol import DesiredState, Topics
-from fleet.rollout import Gates, Policy, State
-from fleet.rollout_runner import load, start_rollout
-from tests.fleet_control.helpers import WIDTH, Traffic, wait_until
+from edgeship.agent.daemon import Agent
+from edgeship.agent.protocol import DesiredState, Topics
+from edgeship.fleet.rollout import Gates, Policy, State
+from edgeship.fleet.rollout_runner import load, start_rollout
+from tests.fleet_control.helpers import WIDTH, Traffic
+from tests.support import wait_until
 
 
 def _fleet_on_v1(loop_env, synth_bundles, names):
@@ -71,7 +72,7 @@ def test_one_device_that_cannot_stage_means_none_switches(loop_env, synth_bundle
 
 def test_all_stage_then_one_commit_switches_all_and_an_offline_one_on_return(
         loop_env, synth_bundles):
-    from fleet.bench.synthetic import sample_inputs
+    from tests.support.synthetic import sample_inputs
     names = ["cell-a", "cell-b", "cell-c", "cell-d"]
     agents, registry = _fleet_on_v1(loop_env, synth_bundles, names)
     runner = loop_env.fleet.rollouts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from edgeship.cli import build_parser
-from fleet.registry import Registry
+from edgeship.fleet.registry import Registry
 
 
 def run(*argv) -> int:
@@ -56,7 +56,7 @@ def test_devices_and_rollout_commands(tmp_path, capsys):
 
 
 def test_all_or_none_status_shows_the_phase_held_devices_and_the_runner(tmp_path, capsys):
-    from fleet.rollout_runner import RolloutRunner
+    from edgeship.fleet.rollout_runner import RolloutRunner
     db = tmp_path / "fleet.db"
     reg = Registry(db)
     for i in range(3):

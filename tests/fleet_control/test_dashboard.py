@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from fleet.rollout import Gates, Policy
-from fleet.rollout_runner import start_rollout
-from fleet.web.server import FleetWebServer
-from tests.fleet_control.helpers import WIDTH, Traffic, wait_until
+from edgeship.fleet.rollout import Gates, Policy
+from edgeship.fleet.rollout_runner import start_rollout
+from edgeship.fleet.web.server import FleetWebServer
+from tests.fleet_control.helpers import WIDTH, Traffic
+from tests.support import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -65,7 +65,7 @@ def test_rest_api_openapi_and_metrics(loop_env, web):
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
 def test_dashboard_shows_a_rollout_advance(loop_env, web, synth_bundles, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
-    from fleet.bench.synthetic import sample_inputs
+    from tests.support.synthetic import sample_inputs
     names = ["pi-1", "pi-2"]
     agents = [loop_env.start_agent(n) for n in names]
     loop_env.release(synth_bundles[1])

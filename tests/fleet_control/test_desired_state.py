@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from agent.desired import DesiredTracker
-from agent.errors import ProtocolError
-from agent.protocol import DesiredState
+from edgeship.agent.desired import DesiredTracker
+from edgeship.agent.errors import ProtocolError
+from edgeship.agent.protocol import DesiredState
 
 
 def test_desired_state_round_trips_and_rejects_bad_messages():
@@ -45,8 +45,8 @@ def test_unreadable_state_file_is_ignored(tmp_path):
 
 
 def test_local_api_can_be_disabled_in_the_config(tmp_path):
-    from agent.config import config_from_dict
-    from agent.errors import ConfigError
+    from edgeship.agent.config import config_from_dict
+    from edgeship.agent.errors import ConfigError
     base = {"device_id": "pi-1", "state_dir": str(tmp_path)}
     assert config_from_dict(base).api_enabled is True
     assert config_from_dict({**base, "api_enabled": False}).api_enabled is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from fleet.registry import Registry, RegistrySettings
+from edgeship.fleet.registry import Registry, RegistrySettings
 
 
 def _reg(target):
@@ -114,7 +114,7 @@ def test_rollouts_and_audit_log(registry_target):
 
 
 def test_a_registry_created_before_hold_existed_gains_the_column(registry_target):
-    from fleet.db import open_backend
+    from edgeship.fleet.db import open_backend
     old = open_backend(registry_target)
     old.execute("CREATE TABLE desired (device TEXT NOT NULL, model TEXT NOT NULL, "
                 "version INTEGER NOT NULL, seq INTEGER NOT NULL, rollout TEXT, "

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
-from fleet.rollout import Gates, Policy, State
-from fleet.rollout_runner import load, start_rollout
-from tests.fleet_control.helpers import WIDTH, Traffic, wait_until
+from edgeship.fleet.rollout import Gates, Policy, State
+from edgeship.fleet.rollout_runner import load, start_rollout
+from tests.fleet_control.helpers import WIDTH, Traffic
+from tests.support import wait_until
 
 
 def test_much_slower_release_halts_in_its_first_wave(loop_env, synth_bundles):
-    from fleet.bench.synthetic import sample_inputs
+    from tests.support.synthetic import sample_inputs
     names = [f"pi-{i}" for i in range(4)]
     agents = [loop_env.start_agent(n) for n in names]
     loop_env.release(synth_bundles[1])  # fleet-wide announcement: everyone gets v1
@@ -68,7 +68,7 @@ def test_rollback_command_returns_moved_devices_to_the_old_version(loop_env, syn
     rollout = start_rollout(registry, model="synth", version=2, policy=policy, actor="test")
     for n in names:
         loop_env.wait_serving(n, 2)
-    from fleet.rollout_runner import control
+    from edgeship.fleet.rollout_runner import control
     control(registry, rollout.id, "rollback", "ops", reason="customer complaint")
     done = wait_until(lambda: (r := load(registry, rollout.id)).state == State.ROLLED_BACK and r,
                  what="rollback")

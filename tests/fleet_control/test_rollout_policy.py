@@ -3,17 +3,16 @@ decisions driven through a real SQLite registry with a recording publish functio
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import pytest
 
-from agent.errors import ConfigError
-from fleet.registry import Registry
-from fleet.rollout import (DeviceStats, Gates, Policy, State, TransitionError,
+from edgeship.agent.errors import ConfigError
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.rollout import (DeviceStats, Gates, Policy, State, TransitionError,
                            WaveObservation, evaluate_wave, jitter_offset_s, parse_waves,
                            plan_waves, transition, Event)
-from fleet.rollout_runner import RolloutRunner, control, load, start_rollout
+from edgeship.fleet.rollout_runner import RolloutRunner, control, load, start_rollout
 
 FAST = Policy(waves=(0.1, 0.5, 1.0), soak_s=0, wave_timeout_s=100, jitter_s=0,
               gates=Gates(min_requests=10))
@@ -81,9 +80,9 @@ def test_latency_verdict_names_the_ratio_and_timeouts_fail():
 
 
 def test_shadow_gate_reads_the_agents_shadow_result_and_fails_before_the_install_gate():
-    from agent.manifest import ShadowPolicy
-    from agent.shadow import ShadowRun
-    from fleet.rollout import ShadowResult
+    from edgeship.agent.manifest import ShadowPolicy
+    from edgeship.agent.shadow import ShadowRun
+    from edgeship.fleet.rollout import ShadowResult
     run = ShadowRun(None, ShadowPolicy(min_agreement=0.9, samples=40))  # no samples offered
     run.compared, run.agreed = 40, 2
     run.close()
@@ -209,7 +208,7 @@ def test_pause_resume_abort_commands(fleet):
 
 
 def test_all_or_none_commits_only_when_every_device_held_and_fails_on_any_failure():
-    from fleet.rollout import staging_verdict
+    from edgeship.fleet.rollout import staging_verdict
     devs = ("a", "b", "c")
     held = {"a": ("held", None), "b": ("held", None)}
     assert staging_verdict(devs, held, 0, 5, 60).decision == "wait"
@@ -222,8 +221,8 @@ def test_all_or_none_commits_only_when_every_device_held_and_fails_on_any_failur
 
 
 def test_hold_commit_and_discard_on_the_wire_and_across_restarts(tmp_path):
-    from agent.desired import DesiredTracker
-    from agent.protocol import DesiredState
+    from edgeship.agent.desired import DesiredTracker
+    from edgeship.agent.protocol import DesiredState
     hold = DesiredState("m", 3, 7, "r-1", hold=True)
     assert DesiredState.from_bytes(hold.to_bytes()) == hold
     assert b"hold" not in DesiredState("m", 3, 8).to_bytes()  # old agents read it as before

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from agent.errors import ConfigError
-from fleet.registry import Registry
-from fleet.rollout import Gates, Policy
-from fleet.rollout_runner import LEASE_NAME, RolloutRunner, load, start_rollout
+from edgeship.agent.errors import ConfigError
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.rollout import Gates, Policy
+from edgeship.fleet.rollout_runner import LEASE_NAME, RolloutRunner, load, start_rollout
 
 
 class Published:
@@ -127,10 +127,10 @@ def test_lease_must_outlast_two_ticks(tmp_path):
 def test_two_fleet_servers_on_one_registry_only_one_drives_the_rollout(broker, tmp_path):
     """The same with two FleetServers (their own registry connection and MQTT session, as
     two processes would have) publishing real desired state through Mosquitto."""
-    from agent.mqtt import MqttSession, SessionSettings
-    from agent.protocol import DesiredState, TOPIC_ROOT
-    from fleet.server import FleetServer, FleetSettings
-    from fleet.tuf_repo import init_repository
+    from edgeship.agent.mqtt import MqttSession, SessionSettings
+    from edgeship.agent.protocol import DesiredState, TOPIC_ROOT
+    from edgeship.fleet.server import FleetServer, FleetSettings
+    from edgeship.fleet.tuf_repo import init_repository
     init_repository(tmp_path / "keys", tmp_path / "repo")
     db = tmp_path / "fleet.db"
     rid = _fleet(db)

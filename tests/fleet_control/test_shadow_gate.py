@@ -11,13 +11,10 @@ import threading
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
-from fleet.rollout import Gates, Policy, State
-from fleet.rollout_runner import control, load, start_rollout
-from tests.fleet_control.helpers import wait_until
-
-models = pytest.importorskip("tests.install.models")
+from edgeship.fleet.rollout import Gates, Policy, State
+from edgeship.fleet.rollout_runner import control, load, start_rollout
+from tests.support import models, wait_until
 
 POLICY = Policy(waves=(0.5, 1.0), soak_s=1, jitter_s=0, wave_timeout_s=90,
                 gates=Gates(min_requests=10, max_latency_ratio=10.0))
@@ -59,7 +56,7 @@ def _reported(loop_env, device, version):
 
 def test_shadow_gate_advances_an_agreeing_candidate_and_halts_a_permuted_one(
         loop_env, tmp_path):
-    from agent.manifest import ShadowPolicy
+    from edgeship.agent.manifest import ShadowPolicy
     shadow = ShadowPolicy(min_agreement=0.9, samples=30, timeout_s=60)
     b = tmp_path / "bundles"
     v1 = models.write_bundle(b / "v1", "sh", 1, models.good(1))

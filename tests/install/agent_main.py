@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.cli import cmd_run
+from edgeship.agent.cli import cmd_run
 
 if __name__ == "__main__":
     sys.exit(cmd_run(argparse.Namespace(config=Path(sys.argv[1]), verbose=False)))

@@ -9,10 +9,11 @@ import itertools
 import numpy as np
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from tests.install import models
-from tests.install.harness import leftovers, predict, wait_until, write_config
+from edgeship.agent.config import load_config
+from edgeship.agent.daemon import Agent
+from tests.support import models
+from tests.support.agent_process import leftovers, predict, write_config
+from tests.support import wait_until
 
 DEVICE = "bad-models"
 MODEL = "tiny"

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from agent.errors import HealthCheckError
-from agent.health import HealthLimits, check_in_subprocess
-from agent.manifest import Manifest
-from agent.store import ModelStore
-from tests.install import models
+from edgeship.agent.errors import HealthCheckError
+from edgeship.agent.health import HealthLimits, check_in_subprocess
+from edgeship.agent.manifest import Manifest
+from edgeship.agent.store import ModelStore
+from tests.support import models
 
 
 def _installed(tmp_path, onnx_model, version: int = 1):
@@ -42,9 +42,9 @@ def test_a_model_that_needs_more_memory_than_the_limit_fails_as_out_of_memory(tm
 def test_a_damaged_active_version_is_not_served_after_a_restart(tmp_path):
     """Bit rot or a torn write: on start the agent falls back to a kept version whose
     files still match their manifest."""
-    from agent.lifecycle import RecordStore
-    from agent.serving import ModelServer
-    from agent.updater import DeviceTraits, UpdateManager
+    from edgeship.agent.lifecycle import RecordStore
+    from edgeship.agent.serving import ModelServer
+    from edgeship.agent.updater import DeviceTraits, UpdateManager
 
     old = _installed(tmp_path, models.good(1), version=1)
     store = ModelStore(tmp_path / "models")

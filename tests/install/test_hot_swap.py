@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import threading
 
-from agent.config import load_config
-from agent.daemon import Agent
-from tests.install import models
-from tests.install.harness import predict, wait_until, write_config
+from edgeship.agent.config import load_config
+from edgeship.agent.daemon import Agent
+from tests.support import models
+from tests.support.agent_process import predict, write_config
+from tests.support import wait_until
 
 DEVICE = "hot-swap"
 

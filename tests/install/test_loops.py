@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.broker import Mosquitto
-from tests.install import models
-from tests.install.conftest import Fleet
-from tests.install.harness import (AgentProcess, assert_complete_and_verified, leftovers,
-                                   served, wait_until, write_config)
-from tests.loop_env import LoopEnv
+from edgeship.fleet.broker import Mosquitto
+from tests.support import models
+from tests.support.loop_env import Fleet
+from tests.support import wait_until
+from tests.support.agent_process import (AgentProcess, assert_complete_and_verified, leftovers,
+                                         served, write_config)
+from tests.support.loop_env import LoopEnv
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ import threading
 import numpy as np
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.manifest import ShadowPolicy
-from tests.install import models
-from tests.install.harness import predict, wait_until, write_config
+from edgeship.agent.config import load_config
+from edgeship.agent.daemon import Agent
+from edgeship.agent.manifest import ShadowPolicy
+from tests.support import models
+from tests.support.agent_process import predict, write_config
+from tests.support import wait_until
 
 DEVICE = "shadow"
 POLICY = ShadowPolicy(min_agreement=0.9, samples=40, timeout_s=60)

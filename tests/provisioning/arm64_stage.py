@@ -35,10 +35,10 @@ def pytest_collection_modifyitems(config, items):  # pytest plugin hook
 
 
 def stage(out: Path) -> None:
-    from converter.digits import train_digits
-    from converter.pipeline import convert_digits
-    from fleet.broker import Mosquitto, free_port
-    from tests.loop_env import LoopEnv, predict
+    from edgeship.converter.digits import train_digits
+    from edgeship.converter.pipeline import convert_digits
+    from edgeship.fleet.broker import Mosquitto, free_port
+    from tests.support.loop_env import LoopEnv, predict
 
     trained = train_digits(epochs=2)
     bundle = convert_digits(out / "bundle", version=1, trained=trained)
@@ -68,8 +68,8 @@ def stage(out: Path) -> None:
 
 
 def infer(root: Path) -> int:
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from edgeship.agent.config import load_config
+    from edgeship.agent.daemon import Agent
 
     agent = Agent(load_config(root / "agent.toml"))
     agent.start()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from fleet.broker import Mosquitto, free_port
-from fleet.broker_config import write_broker_config
-from fleet.pki import CertificateAuthority
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.fleet.broker import Mosquitto, free_port
+from edgeship.fleet.broker_config import write_broker_config
+from edgeship.fleet.pki import CertificateAuthority
 
 
 @dataclass

@@ -8,9 +8,9 @@ import json
 import pytest
 from cryptography import x509
 
-from agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError
 from edgeship.cli import main
-from fleet.broker_config import BrokerSettings, acl_text, mosquitto_conf
+from edgeship.fleet.broker_config import BrokerSettings, acl_text, mosquitto_conf
 
 
 def test_conf_is_locked_down():

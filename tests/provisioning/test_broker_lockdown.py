@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from agent.protocol import Topics
-from fleet.broker_config import refresh_acl_and_crl
+from edgeship.agent.protocol import Topics
+from edgeship.fleet.broker_config import refresh_acl_and_crl
 
 NOT_AUTHORIZED = 0x87
 

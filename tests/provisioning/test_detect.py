@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import devices
-from devices.detect import HostFacts, detect, read_host_facts
+from edgeship import devices
+from edgeship.devices.detect import HostFacts, detect, read_host_facts
 from edgeship.cli import main
 
 PI_FEATURES = "fp asimd evtstrm crc32 cpuid"

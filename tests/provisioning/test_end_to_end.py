@@ -15,14 +15,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.protocol import Topics
-from fleet.broker import free_port
-from fleet.broker_config import refresh_acl_and_crl
-from fleet.provision import EnrollmentSettings, build_enrollment
-from fleet.registry import Registry
-from fleet.tuf_repo import init_repository
+from edgeship.agent.config import load_config
+from edgeship.agent.daemon import Agent
+from edgeship.agent.protocol import Topics
+from edgeship.fleet.broker import free_port
+from edgeship.fleet.broker_config import refresh_acl_and_crl
+from edgeship.fleet.provision import EnrollmentSettings, build_enrollment
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.tuf_repo import init_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGESHIP = [sys.executable, "-m", "edgeship"]

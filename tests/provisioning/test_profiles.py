@@ -8,8 +8,8 @@ from importlib import resources
 
 import pytest
 
-import devices
-from agent.errors import ConfigError
+from edgeship import devices
+from edgeship.agent.errors import ConfigError
 from edgeship.cli import main
 
 REQUIRED_BOARDS = {"rpi-zero-2w", "rpi3b-plus", "rpi4", "rpi5", "jetson-nano",
@@ -104,8 +104,9 @@ def test_devices_package_imports_nothing_from_the_host_side():
     import subprocess
     import sys
 
-    code = ("import sys, devices, devices.cli, devices.detect\n"
-            "print(','.join(m for m in ('torch', 'converter', 'fleet', 'rich', 'sklearn')"
+    code = ("import sys, edgeship.devices, edgeship.devices.cli, edgeship.devices.detect\n"
+            "print(','.join(m for m in ('torch', 'edgeship.converter', 'edgeship.fleet', 'rich',"
+            " 'sklearn')"
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()

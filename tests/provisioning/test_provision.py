@@ -15,13 +15,13 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from agent.config import load_config
-from agent.errors import ConfigError
+from edgeship.agent.config import load_config
+from edgeship.agent.errors import ConfigError
 from edgeship.cli import main
-from fleet.pki import CertificateAuthority
-from fleet.provision import (EnrollmentSettings, Mtools, ProvisionError, build_enrollment,
+from edgeship.fleet.pki import CertificateAuthority
+from edgeship.fleet.provision import (EnrollmentSettings, Mtools, ProvisionError, build_enrollment,
                              fat_offset, write_boot_partition)
-from fleet.tuf_repo import init_repository
+from edgeship.fleet.tuf_repo import init_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MKFS = shutil.which("mkfs.vfat") or "/usr/sbin/mkfs.vfat"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.manifest import Manifest, TensorSpec, Variant
-from agent.runtime import load_runtime
-from agent.serving import LoadedModel, ModelServer
-from agent.store import InstalledModel
+from edgeship.agent.manifest import Manifest, TensorSpec, Variant
+from edgeship.agent.runtime import load_runtime
+from edgeship.agent.serving import LoadedModel, ModelServer
+from edgeship.agent.store import InstalledModel
 
 IN_DIM, OUT_DIM = 8, 3
 

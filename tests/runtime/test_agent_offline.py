@@ -12,17 +12,17 @@ import urllib.request
 import numpy as np
 import pytest
 
-from agent.client import AgentClient
-from agent.config import config_from_dict
-from fleet.broker import free_port
+from edgeship.agent.client import AgentClient
+from edgeship.agent.config import config_from_dict
+from edgeship.fleet.broker import free_port
 from tests.runtime.models import IN_DIM, serve, weights, write_dense_onnx
 
 
 @pytest.fixture
 def agent(broker, tmp_path):
     pytest.importorskip("onnx")
-    from agent.daemon import Agent
-    from fleet.tuf_repo import init_repository
+    from edgeship.agent.daemon import Agent
+    from edgeship.fleet.tuf_repo import init_repository
 
     init_repository(tmp_path / "keys", tmp_path / "repo")
     (tmp_path / "state" / "tuf").mkdir(parents=True)

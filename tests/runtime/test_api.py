@@ -10,8 +10,8 @@ import socket
 import numpy as np
 import pytest
 
-from agent.api import InferenceHTTPServer, InferenceUnixServer
-from agent.client import AgentClient, ApiError
+from edgeship.agent.api import InferenceHTTPServer, InferenceUnixServer
+from edgeship.agent.client import AgentClient, ApiError
 from tests.runtime.models import IN_DIM, OUT_DIM, serve, weights, write_dense_onnx
 
 MAX_BODY = 64 * 1024

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agent.capabilities import Capabilities, detect, parse_cpuinfo, parse_meminfo_mb, plan
+from edgeship.agent.capabilities import Capabilities, detect, parse_cpuinfo, parse_meminfo_mb, plan
 
 PI4_CPUINFO = """processor\t: 0
 BogoMIPS\t: 108.00
@@ -49,7 +49,7 @@ def test_cpuinfo_flags_on_arm_and_x86():
 
 
 def _plan_for(profile_name: str, caps: Capabilities, threads_override: int = 0):
-    import devices
+    from edgeship import devices
     p = devices.load_profile(profile_name)
     return plan(caps, profile_providers=p.execution_providers, profile_runtimes=p.runtimes,
                 profile_precisions=p.preferred_precisions, profile_threads=p.threads,
@@ -112,7 +112,7 @@ def test_agent_info_json_prints_found_and_picked():
 def test_agent_info_with_a_bundle_names_the_variant_it_would_serve(tmp_path):
     from dataclasses import replace
 
-    from agent.manifest import MANIFEST_NAME
+    from edgeship.agent.manifest import MANIFEST_NAME
     from tests.runtime.models import manifest_for
 
     base = manifest_for("m.onnx", "onnxruntime")

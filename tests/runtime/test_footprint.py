@@ -12,7 +12,7 @@ import pytest
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface as TufFetcherInterface
 
-from agent.fetcher_base import FetcherInterface
+from edgeship.agent.fetcher_base import FetcherInterface
 
 # loaded when first needed: an update, a delta, a scrape
 ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cryptography",
@@ -20,7 +20,8 @@ ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cry
 
 
 def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus():
-    code = ("import sys, agent.daemon, agent.transfer, agent.updater, agent.http_fetch\n"
+    code = ("import sys, edgeship.agent.daemon, edgeship.agent.transfer, edgeship.agent.updater,"
+            " edgeship.agent.http_fetch\n"
             f"print(sorted(m for m in {ON_DEMAND!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -57,7 +58,7 @@ def test_fetcher_base_keeps_tufs_download_contract(base):
 def test_prometheus_metrics_render_the_served_models_numbers(tmp_path):
     import numpy as np
 
-    from agent.metrics import AgentCollector, Metrics
+    from edgeship.agent.metrics import AgentCollector, Metrics
     from tests.runtime.models import IN_DIM, serve, weights, write_dense_onnx
 
     pytest.importorskip("onnx")

@@ -8,11 +8,11 @@ import queue
 
 import pytest
 
-from agent.mqtt import MqttSession, SessionSettings
-from agent.protocol import Topics
-from agent.spool import SpoolSettings, TelemetrySpool
-from agent.telemetry import TelemetryForwarder
-from fleet.broker import Mosquitto
+from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.agent.protocol import Topics
+from edgeship.agent.spool import SpoolSettings, TelemetrySpool
+from edgeship.agent.telemetry import TelemetryForwarder
+from edgeship.fleet.broker import Mosquitto
 
 
 @pytest.fixture

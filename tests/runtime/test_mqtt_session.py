@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.mqtt import Backoff, MqttSession, SessionSettings, TlsSettings
-from fleet.broker import Mosquitto, free_port
+from edgeship.agent.errors import ConfigError
+from edgeship.agent.mqtt import Backoff, MqttSession, SessionSettings, TlsSettings
+from edgeship.fleet.broker import Mosquitto, free_port
 
 
 def test_backoff_is_jittered_capped_and_resets():

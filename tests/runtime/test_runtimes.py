@@ -8,9 +8,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from agent import runtime
-from agent.errors import InferenceInputError
-from agent.runtime import RuntimeLoadError, choose_providers, load_runtime
+from edgeship.agent import runtime
+from edgeship.agent.errors import InferenceInputError
+from edgeship.agent.runtime import RuntimeLoadError, choose_providers, load_runtime
 from tests.runtime.models import IN_DIM, OUT_DIM, serve, weights, write_dense_onnx
 
 

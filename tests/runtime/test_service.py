@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import _JournalFormatter
-from agent.sdnotify import SdNotifier
+from edgeship.agent.cli import _JournalFormatter
+from edgeship.agent.sdnotify import SdNotifier
 
 UNIT = Path(__file__).resolve().parents[2] / "devices" / "edgeship-agent.service"
 
@@ -102,7 +102,7 @@ def test_agent_run_with_a_bad_key_exits_2_naming_the_key(tmp_path, line, key):
 
 
 def test_agent_status_reports_models_and_the_telemetry_queue(tmp_path):
-    from agent.spool import SpoolSettings, TelemetrySpool
+    from edgeship.agent.spool import SpoolSettings, TelemetrySpool
 
     spool = TelemetrySpool(SpoolSettings(tmp_path / "telemetry.db", max_records=2))
     for _ in range(3):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.spool import SpoolError, SpoolSettings, TelemetrySpool
+from edgeship.agent.spool import SpoolError, SpoolSettings, TelemetrySpool
 
 
 def _spool(tmp_path, **kw) -> TelemetrySpool:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt import MqttSession, SessionSettings
-from agent.protocol import Topics
-from agent.spool import SpoolSettings, TelemetrySpool
-from fleet.broker import Mosquitto, free_port
+from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.agent.protocol import Topics
+from edgeship.agent.spool import SpoolSettings, TelemetrySpool
+from edgeship.fleet.broker import Mosquitto, free_port
 
 MAX_RECORDS = 150
 CLAIM_BATCH = 16  # records the forwarder claims per publish round (agent/telemetry.py)
@@ -67,7 +67,7 @@ class Consumer:
 
 class AgentProcess:
     def __init__(self, root: Path, url: str) -> None:
-        from fleet.tuf_repo import init_repository
+        from edgeship.fleet.tuf_repo import init_repository
 
         self.state = root / "state"
         (self.state / "tuf").mkdir(parents=True)

@@ -15,15 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.config import load_config
-from agent.daemon import Agent
+from edgeship.agent.config import load_config
+from edgeship.agent.daemon import Agent
 from edgeship.demo import write_agent_config
-from fleet.bench.synthetic import write_synthetic_bundle
-from fleet.broker import Mosquitto, free_port
-from fleet.rollout import Gates, Policy, State
-from fleet.rollout_runner import load, start_rollout
-from fleet.server import FleetServer, FleetSettings
-from fleet.tuf_repo import init_repository, release_bundle
+from tests.support.synthetic import write_synthetic_bundle
+from edgeship.fleet.broker import Mosquitto, free_port
+from edgeship.fleet.rollout import Gates, Policy, State
+from edgeship.fleet.rollout_runner import load, start_rollout
+from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.tuf_repo import init_repository, release_bundle
 
 
 def _wait(pred, timeout_s: float, what: str):

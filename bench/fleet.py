@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -19,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.broker import Mosquitto, free_port
-from fleet.registry import Registry
-from fleet.tuf_repo import init_repository
+from edgeship.fleet.broker import Mosquitto, free_port
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.tuf_repo import init_repository
 
 CLK = os.sysconf("SC_CLK_TCK")
 EDGESHIP = [sys.executable, "-c", "import sys; from edgeship.cli import main; sys.exit(main())"]
@@ -72,7 +71,7 @@ class Fleet:
                 str(Path(sys.executable).with_name("py-spy")), "record", "-f", "raw",
                 "-r", "20", "--gil", "-o", str(profile / f"worker-{self.size}.txt"), "--"]
             self.workers.append(subprocess.Popen(
-                [*spy, sys.executable, "-m", "fleet.bench.agents", "--url", self.broker.url,
+                [*spy, sys.executable, "-m", "bench.fleet_agents", "--url", self.broker.url,
                  "--repo", str(self.repo), "--root", str(self.root / "devices"), "--first",
                  str(first), "--count", str(min(per_process, self.size - first)),
                  "--telemetry-s", str(telemetry_s), "--install-slots", str(install_slots)],
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     rollout_size = args.rollout_size or min(sizes)
     args.out.mkdir(parents=True, exist_ok=True)
-    from fleet.bench.synthetic import write_synthetic_bundle
+    from tests.support.synthetic import write_synthetic_bundle
     work = Path(tempfile.mkdtemp(prefix="edgeship-bench-fleet-"))
     v1 = write_synthetic_bundle(work / "bundles" / "v1", version=1, depth=1)
     v2 = write_synthetic_bundle(work / "bundles" / "v2", version=2, depth=3)

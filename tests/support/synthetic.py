@@ -37,7 +37,7 @@ def write_model(path: Path, *, width: int, depth: int, seed: int = 0) -> Path:
 def write_synthetic_bundle(out_dir: Path, *, model: str = "synth", version: int = 1,
                            width: int = 724, depth: int = 1, seed: int = 0) -> Path:
     """A bundle with one fp32 variant (width=724: about 2 MB of weights)."""
-    from converter.bundle import VariantArtifact, write_bundle
+    from edgeship.converter.bundle import VariantArtifact, write_bundle
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:

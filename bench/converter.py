@@ -78,7 +78,7 @@ def wide_cnn():
 
 
 def _train(model, data, epochs: int):
-    from converter.digits import TrainSettings, _train_loop
+    from edgeship.converter.digits import TrainSettings, _train_loop
 
     _train_loop(model, data, TrainSettings(epochs=epochs))
     return model.eval()
@@ -87,10 +87,10 @@ def _train(model, data, epochs: int):
 def _cnn_rows(label: str, model, data, work: Path) -> list[dict]:
     from onnxruntime.quantization import quantize_static
 
-    from converter.accuracy_aware import quantize_with_fallback
-    from converter.digits import calibration_images
-    from converter.export import export_onnx
-    from converter.quantize import ArrayCalibrationReader
+    from edgeship.converter.accuracy_aware import quantize_with_fallback
+    from edgeship.converter.digits import calibration_images
+    from edgeship.converter.export import export_onnx
+    from edgeship.converter.quantize import ArrayCalibrationReader
 
     fp32 = export_onnx(model, data.x_train[:1], work / f"{label}-fp32.onnx")
     calib = calibration_images(data)
@@ -173,7 +173,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _minilm_rows(work: Path) -> list[dict]:
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
     model, tok = _minilm_torch()
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from converter.digits import DigitsCNN, load_digits_data
+    from edgeship.converter.digits import DigitsCNN, load_digits_data
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -15,11 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.errors import EdgeshipError
-from agent.mqtt import SharedLoop
-from fleet.bench.synthetic import sample_inputs
+from edgeship.agent.config import AgentConfig
+from edgeship.agent.daemon import Agent
+from edgeship.agent.errors import EdgeshipError
+from edgeship.agent.mqtt import SharedLoop
+from tests.support.synthetic import sample_inputs
 
 
 def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float,

@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fleet.broker import free_port
+from edgeship.fleet.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Names an interrupted install may leave behind; none may survive a restart.
@@ -128,12 +127,3 @@ def assert_complete_and_verified(state_dir: Path, model: str, version: int) -> N
     golden = (d / str(version) / manifest["golden"]["file"]).read_bytes()
     assert hashlib.sha256(golden).hexdigest() == manifest["golden"]["sha256"]
 
-
-def wait_until(pred, timeout_s: float = 60, what: str = "condition", tick_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(tick_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

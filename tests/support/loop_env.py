@@ -3,6 +3,7 @@ FleetServer and in-process Agents, all talking through a real Mosquitto."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -12,15 +13,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from agent import protocol
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.mqtt import Message, MqttSession, SessionSettings
-from agent.protocol import Topics
+from edgeship.agent import protocol
+from edgeship.agent.daemon import Agent
+from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.agent.protocol import Topics
 from edgeship.demo import write_agent_config
-from fleet.broker import free_port
-from fleet.server import FleetServer, FleetSettings
-from fleet.tuf_repo import init_repository, release_bundle
+from edgeship.fleet.broker import free_port
+from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.tuf_repo import init_repository, release_bundle
 
 
 class Watcher:
@@ -88,7 +88,7 @@ class LoopEnv:
     def start_agent(self, device: str, profile: str = "generic-x86_64") -> Agent:
         path = write_agent_config(self.root / "devices" / device, device, self.url, profile,
                                   free_port(), 0.5, self.repo)
-        from agent.config import load_config
+        from edgeship.agent.config import load_config
         agent = Agent(load_config(path))
         agent.start()
         self.agents.append(agent)
@@ -117,3 +117,34 @@ def predict(agent: Agent, model: str, x) -> dict[str, Any]:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+class Fleet:
+    """A TUF repository + fleet server (``LoopEnv``) and helpers to release test models."""
+
+    def __init__(self, env, root) -> None:
+        self.env = env
+        self.root = root
+        self._n = itertools.count()
+
+    def release(self, model: str, version: int, onnx_model, k: int | None = None,
+                announce: bool = True, **bundle_options):
+        from tests.support import models  # onnx: host-side only
+
+        bundle = models.write_bundle(self.root / "bundles" / f"{model}-{version}-"
+                                     f"{next(self._n)}", model, version, onnx_model, k,
+                                     **bundle_options)
+        self.env.release(bundle, announce=announce)
+        return bundle
+
+    def events(self, device: str, version: int | None = None, model: str | None = None,
+               since: int = 0) -> list[dict]:
+        """In the order the agent sent them (its timestamps): messages queued while it was
+        offline may reach the broker after newer ones."""
+        found = [e for e in self.env.watcher.events[since:] if e.get("device") == device and
+                 (version is None or e.get("version") == version) and
+                 (model is None or e.get("model") == model)]
+        return sorted(found, key=lambda e: e.get("ts", 0))
+
+    def chain(self, device: str, version: int, since: int = 0) -> list[str]:
+        return [e["event"] for e in self.events(device, version, since=since)]
