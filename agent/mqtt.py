@@ -25,7 +25,7 @@ import time
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -85,6 +85,43 @@ class SessionSettings:
     reconnect_max_s: float = 30.0
     tls: TlsSettings | None = None
     will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # read from a file, never argv
+    subscribe_timeout_s: float = 10.0  # a SUBACK later than this is logged as an error
+    stable_after_s: float = 10.0  # a connection this old resets the reconnect backoff
+
+
+@dataclass(frozen=True)
+class BrokerFeatures:
+    """What the broker's CONNACK said (MQTT 5 properties; absent = the spec's default)."""
+
+    shared_subscriptions: bool = True
+    retain_available: bool = True
+    wildcard_subscriptions: bool = True
+    max_packet_bytes: int | None = None  # None: no limit announced
+    session_expiry_s: int | None = None  # what the broker granted, when it changed ours
+    receive_maximum: int | None = None
+    server_keepalive_s: int | None = None
+    session_present: bool = False
+
+    @classmethod
+    def from_connack(cls, flags, properties) -> "BrokerFeatures":
+        def prop(name: str, default=None):
+            return getattr(properties, name, default) if properties is not None else default
+        return cls(shared_subscriptions=bool(prop("SharedSubscriptionAvailable", 1)),
+                   retain_available=bool(prop("RetainAvailable", 1)),
+                   wildcard_subscriptions=bool(prop("WildcardSubscriptionAvailable", 1)),
+                   max_packet_bytes=prop("MaximumPacketSize"),
+                   session_expiry_s=prop("SessionExpiryInterval"),
+                   receive_maximum=prop("ReceiveMaximum"),
+                   server_keepalive_s=prop("ServerKeepAlive"),
+                   session_present=bool(getattr(flags, "session_present", False)))
+
+
+#: a subscription: (filter, qos); or a function of the CONNACK's features that returns them
+Subscriptions = Union[Iterable[tuple[str, int]],
+                      Callable[[BrokerFeatures], Iterable[tuple[str, int]]]]
+SUBACK_TIMEOUT = -1  # the code on_subscribe_result gets when no SUBACK arrived in time
 
 
 class Backoff:
@@ -111,18 +148,35 @@ class Backoff:
 
 
 class MqttSession:
-    """A persistent MQTT 5 session that (re)subscribes on every connect."""
+    """A persistent MQTT 5 session that (re)subscribes on every connect, one SUBSCRIBE per
+    filter: a broker that refuses one filter (or never answers a multi-filter SUBSCRIBE)
+    costs that filter only, and each refusal or missing SUBACK is logged with its filter.
+
+    ``on_connect`` runs once this connection's subscriptions are settled (every SUBACK in,
+    or ``subscribe_timeout_s`` passed). ``on_subscribe_result(filter, code)`` gets each
+    SUBACK's reason code (``SUBACK_TIMEOUT`` when none came). ``features`` holds what the
+    last CONNACK said (shared subscriptions, packet size, granted session expiry ...)."""
 
     def __init__(self, settings: SessionSettings,
                  on_message: Callable[[Message], None],
                  on_connect: Callable[[], None] | None = None,
-                 loop: "SharedLoop | None" = None) -> None:
+                 loop: "SharedLoop | None" = None,
+                 on_subscribe_result: Callable[[str, int], None] | None = None) -> None:
         self.settings = settings
         self._loop = loop  # None: paho's own network thread
         self._address = BrokerAddress.parse(settings.url)
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
-        self._subscriptions: list[tuple[str, int]] = []
+        self._on_suback_cb = on_subscribe_result
+        self._subscriptions: Subscriptions = ()
+        self._added: list[tuple[str, int]] = []  # subscribe() after start()
+        self._sub_lock = threading.Lock()  # guards _pending: SUBSCRIBE may come from any thread
+        self._pending: dict[int, tuple[str, int]] = {}  # mid -> (filter, connection number)
+        self._generation = 0  # connection number
+        self.granted: dict[str, int] = {}  # filter -> last SUBACK reason code
+        self.features: BrokerFeatures | None = None
+        self.last_disconnect_code: int | None = None
+        self._connected_at: float | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
@@ -148,6 +202,8 @@ class MqttSession:
                 raise ConfigError("mqtts:// needs tls settings (ca_file)", key="tls")
             client.tls_set(ca_certs=s.tls.ca_file, certfile=s.tls.cert_file,
                            keyfile=s.tls.key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.username is not None or s.password is not None:
+            client.username_pw_set(s.username or "", s.password)
         if s.will is not None:
             topic, payload, retain = s.will
             client.will_set(topic, payload, qos=1, retain=retain)
@@ -159,8 +215,10 @@ class MqttSession:
         client.on_subscribe = self._handle_subscribe
         return client
 
-    def start(self, subscriptions: Iterable[tuple[str, int]] = ()) -> None:
-        self._subscriptions = list(subscriptions)
+    def start(self, subscriptions: Subscriptions = ()) -> None:
+        """``subscriptions``: (filter, qos) pairs, or a function of the CONNACK's
+        :class:`BrokerFeatures` returning them (called on every connect)."""
+        self._subscriptions = subscriptions if callable(subscriptions) else list(subscriptions)
         self._stopping = False
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
@@ -171,6 +229,13 @@ class MqttSession:
             self._client.loop_start()
         else:
             self._loop.call_soon(self._connect_on_loop)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Add a subscription (kept for every later connect); sent now when connected."""
+        if all(f != topic_filter for f, _ in self._added):
+            self._added.append((topic_filter, qos))
+        if self.connected:
+            self._send_subscribe(self._client, topic_filter, qos, self._generation)
 
     def _connect_on_loop(self) -> None:
         """Shared-loop mode (loop thread): open the socket and send CONNECT; on failure,
@@ -203,6 +268,23 @@ class MqttSession:
                 logger.debug("final publish failed: %s", e)
         self._stopping = True
         self._client.disconnect()
+        if self._loop is None:
+            self._client.loop_stop()
+        else:
+            self._loop.detach(self._client, wait_s=2.0)
+        self._connected.clear()
+
+    def abort(self) -> None:
+        """Drop the connection without a DISCONNECT packet, as a crash or a cut cable
+        would (the broker then publishes the will); no reconnect follows."""
+        self._stopping = True
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                raw = getattr(sock, "_sock", sock)
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError as e:
+                logger.debug("abort: %s", e)
         if self._loop is None:
             self._client.loop_stop()
         else:
@@ -250,27 +332,98 @@ class MqttSession:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            logger.warning("MQTT connect refused: %s", reason_code)
+            hint = " (check the MQTT user name and password)" \
+                if reason_code.value in (0x86, 0x87) else ""
+            logger.warning("MQTT connect to %s refused: %s (reason code %#04x)%s",
+                           self.settings.url, reason_code, reason_code.value, hint)
             return
+        self.features = BrokerFeatures.from_connack(flags, properties)
+        self._connected_at = time.monotonic()
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
                     self.settings.client_id)
         _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
-        self.backoff.reset()
+        # the backoff is reset only once the connection proved stable (_handle_disconnect):
+        # a broker that accepts and then drops us at once must not be hammered
         self._client.reconnect_delay_set(self.settings.reconnect_min_s,
                                          self.settings.reconnect_min_s)
         self._subscribed.clear()
-        if self._subscriptions:
-            opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
-            client.subscribe(opts)
-        else:
-            self._subscribed.set()
+        with self._sub_lock:
+            self._generation += 1
+            self._pending.clear()
+        wanted = self._wanted_subscriptions(self.features)
         self._connected.set()
+        if not wanted:
+            self._settled()
+            return
+        for topic_filter, qos in wanted:
+            self._send_subscribe(client, topic_filter, qos, self._generation)
+        self._after(self.settings.subscribe_timeout_s,
+                    lambda gen=self._generation: self._check_subacks(gen))
+
+    def _wanted_subscriptions(self, features: BrokerFeatures) -> list[tuple[str, int]]:
+        spec = self._subscriptions
+        subs = list(spec(features) if callable(spec) else spec) + self._added
+        seen: dict[str, int] = {}
+        for topic_filter, qos in subs:
+            seen.setdefault(topic_filter, qos)
+        return list(seen.items())
+
+    def _send_subscribe(self, client, topic_filter: str, qos: int, generation: int) -> None:
+        with self._sub_lock:
+            rc, mid = client.subscribe([(topic_filter, SubscribeOptions(qos=qos))])
+            if rc == paho.MQTT_ERR_SUCCESS:
+                self._pending[mid] = (topic_filter, generation)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            logger.warning("SUBSCRIBE %s not sent (rc=%s)", topic_filter, rc)
+
+    def _after(self, delay_s: float, fn: Callable[[], None]) -> None:
+        if self._loop is not None:
+            self._loop.call_later(delay_s, fn)
+        else:
+            timer = threading.Timer(delay_s, fn)
+            timer.daemon = True
+            timer.start()
+
+    def _check_subacks(self, generation: int) -> None:
+        """``subscribe_timeout_s`` after a connect: every SUBACK still missing is an error
+        (some brokers drop a SUBSCRIBE silently); the session goes on without it."""
+        with self._sub_lock:
+            if generation != self._generation:
+                return
+            missing = [f for f, g in self._pending.values() if g == generation]
+            self._pending.clear()
+        for topic_filter in missing:
+            logger.error("no SUBACK from %s for %s within %.0fs: this subscription is not "
+                         "active", self.settings.url, topic_filter,
+                         self.settings.subscribe_timeout_s)
+            self.granted[topic_filter] = SUBACK_TIMEOUT
+            if self._on_suback_cb is not None:
+                self._on_suback_cb(topic_filter, SUBACK_TIMEOUT)
+        if missing and self.connected:
+            self._settled()
+
+    def _settled(self) -> None:
+        """Every subscription of this connection is answered (or timed out)."""
+        if self._subscribed.is_set():
+            return
+        self._subscribed.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
-        logger.info("MQTT disconnected: %s", reason_code)
+        code = getattr(reason_code, "value", None)
+        self.last_disconnect_code = code
+        if self._stopping:
+            logger.info("MQTT disconnected from %s", self.settings.url)
+            return
+        up_s = time.monotonic() - self._connected_at if self._connected_at else 0.0
+        self._connected_at = None
+        if up_s >= self.settings.stable_after_s:
+            self.backoff.reset()
+        logger.warning("MQTT connection to %s lost after %.1fs: %s (reason code %s)",
+                       self.settings.url, up_s, reason_code,
+                       f"{code:#04x}" if isinstance(code, int) else code)
         self._schedule_retry()
 
     def _handle_connect_fail(self, client, userdata) -> None:
@@ -288,10 +441,22 @@ class MqttSession:
             self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        refused = [rc for rc in reason_codes if rc.is_failure]
-        if refused:
-            logger.warning("broker refused %d subscription(s): %s", len(refused), refused)
-        self._subscribed.set()
+        with self._sub_lock:
+            entry = self._pending.pop(mid, None)
+            done = entry is not None and not any(g == entry[1]
+                                                 for _, g in self._pending.values())
+        if entry is None:
+            return  # a SUBACK after its timeout (already reported) or for an old connection
+        topic_filter = entry[0]
+        code = reason_codes[0].value if reason_codes else SUBACK_TIMEOUT
+        self.granted[topic_filter] = code
+        if code >= 0x80:
+            logger.warning("broker %s refused the subscription %s: %s (reason code %#04x)",
+                           self.settings.url, topic_filter, reason_codes[0], code)
+        if self._on_suback_cb is not None:
+            self._on_suback_cb(topic_filter, code)
+        if done:
+            self._settled()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acks[mid] = reason_code.value
