@@ -145,9 +145,11 @@ class Agent:
         tls = TlsSettings(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) \
             if cfg.tls_ca_file else None
         will = (Topics.presence(self.device), self._presence(online=False), True)
-        return SessionSettings(url=cfg.mqtt_url, client_id=f"edgeship-agent-{self.device}",
+        return SessionSettings(url=cfg.mqtt_url,
+                               client_id=cfg.mqtt_client_id or f"edgeship-agent-{self.device}",
                                tls=tls, will=will, reconnect_min_s=cfg.reconnect_min_s,
-                               reconnect_max_s=cfg.reconnect_max_s)
+                               reconnect_max_s=cfg.reconnect_max_s,
+                               username=cfg.mqtt_username, password=cfg.mqtt_password())
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Agent:
         if self.cfg.metrics_port:
             self.metrics.serve(self.cfg.api_host, self.cfg.metrics_port)
         self.session.start([(Topics.RELEASES_FILTER, 1),
+                            (Topics.device_releases_filter(self.device), 1),
                             (Topics.transfer_response(self.device), 1),
                             (Topics.desired(self.device), 1)])
         self.telemetry.start()

@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS rollouts (
     updated_at {real} NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS fleet_members (
+    id TEXT PRIMARY KEY, since {real} NOT NULL, until {real}, expires_at {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS announcements (
+    model TEXT PRIMARY KEY, version INTEGER NOT NULL, released_at {real} NOT NULL,
+    spread_s {real} NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS audit (
     id {serial}, ts {real} NOT NULL, actor TEXT, action TEXT NOT NULL, rollout TEXT,
     detail TEXT NOT NULL);
@@ -367,6 +372,52 @@ class Registry:
         """(holder, expires_at) of lease ``name``, expired or not; None when free."""
         rows = self._query("SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
         return (rows[0][0], rows[0][1]) if rows else None
+
+    # --- fleet servers sharing this registry (see fleet.membership) ------------------------
+
+    def join_member(self, member: str, ttl_s: float) -> float:
+        """(Re)join as a live fleet server from now on; returns ``since``."""
+        now = self._clock()
+        self._write("INSERT INTO fleet_members (id, since, until, expires_at) VALUES "
+                    "(?, ?, NULL, ?) ON CONFLICT (id) DO UPDATE SET since = excluded.since, "
+                    "until = NULL, expires_at = excluded.expires_at", (member, now, now + ttl_s))
+        return now
+
+    def renew_member(self, member: str, ttl_s: float) -> bool:
+        """Push ``member``'s expiry to now + ``ttl_s``; False when its row is gone."""
+        now = self._clock()
+        with self._db.transaction():
+            self._db.execute("UPDATE fleet_members SET expires_at = ? WHERE id = ?",
+                             (now + ttl_s, member))
+            rows = self._db.execute("SELECT 1 FROM fleet_members WHERE id = ?", (member,))
+        return bool(rows)
+
+    def leave_member(self, member: str, until: float) -> None:
+        self._write("UPDATE fleet_members SET until = ? WHERE id = ?", (until, member))
+
+    def members(self, forget_after_s: float = 3600.0) -> list[tuple[str, float, float | None,
+                                                                    float]]:
+        """(id, since, until, expires_at) of every fleet server seen lately."""
+        self._write("DELETE FROM fleet_members WHERE expires_at < ?",
+                    (self._clock() - forget_after_s,))
+        return [tuple(r) for r in self._query(
+            "SELECT id, since, until, expires_at FROM fleet_members ORDER BY id")]
+
+    # --- fleet-wide announcements (re-sent to devices that come back online) ---------------
+
+    def note_announcement(self, model: str, version: int, released_at: float,
+                          spread_s: float = 0.0) -> None:
+        """Remember the newest announced version of ``model`` (an older one never wins)."""
+        self._write("INSERT INTO announcements (model, version, released_at, spread_s) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET "
+                    "version = excluded.version, released_at = excluded.released_at, "
+                    "spread_s = excluded.spread_s WHERE announcements.version <= "
+                    "excluded.version", (model, version, released_at, spread_s))
+
+    def announcements(self) -> list[tuple[str, int, float, float]]:
+        """(model, version, released_at, spread_s) of the newest announcement per model."""
+        return [tuple(r) for r in self._query(
+            "SELECT model, version, released_at, spread_s FROM announcements ORDER BY model")]
 
     @staticmethod
     def _where(*conds: tuple[str, Any]) -> tuple[str, tuple]:
