@@ -176,6 +176,7 @@ class MqttSession:
         self.granted: dict[str, int] = {}  # filter -> last SUBACK reason code
         self.features: BrokerFeatures | None = None
         self.last_disconnect_code: int | None = None
+        self.refused_code: int | None = None  # reason code of the last refused CONNECT
         self._connected_at: float | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -336,7 +337,9 @@ class MqttSession:
                 if reason_code.value in (0x86, 0x87) else ""
             logger.warning("MQTT connect to %s refused: %s (reason code %#04x)%s",
                            self.settings.url, reason_code, reason_code.value, hint)
+            self.refused_code = reason_code.value
             return
+        self.refused_code = None
         self.features = BrokerFeatures.from_connack(flags, properties)
         self._connected_at = time.monotonic()
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
