@@ -13,7 +13,8 @@ looked: a server counts from ``since + settle_s`` (every other server has read i
 then, since ``settle_s`` > ``refresh_s``) until ``until`` (a graceful leave, announced
 ``settle_s`` ahead while it keeps serving) or ``expires_at`` (a crash: renewed every
 ``refresh_s``, ``ttl_s`` > 2 ``refresh_s`` so a stale read never expires a live server).
-While no server is settled (a fleet starting up) every unexpired server counts.
+While no server is settled (a fleet starting up) the one that joined first counts alone:
+a server joining later never changes which one that is, so every view agrees.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def live_members(members: Iterable[Member], now: float, settle_s: float) -> list
     on every server)."""
     current = [m for m in members
                if now < m.expires_at and (m.until is None or now < m.until)]
-    settled = [m.id for m in current if m.since + settle_s <= now]
-    return sorted(settled or (m.id for m in current))
+    settled = sorted(m.id for m in current if m.since + settle_s <= now)
+    if settled or not current:
+        return settled
+    return [min(current, key=lambda m: (m.since, m.id)).id]
 
 
 def owner(device: str, members: Iterable[str]) -> str | None:
