@@ -92,6 +92,7 @@ class Agent:
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
+        self._connected_at: float | None = None
         self.session = MqttSession(self._session_settings(), on_message=self._on_message,
                                    on_connect=lambda: self._hand_over("connected"),
                                    loop=mqtt_loop)
@@ -232,6 +233,7 @@ class Agent:
 
     def _dispatch(self, item: Message | str) -> None:
         if item == "connected":
+            self._connected_at = time.time()  # tells the fleet this is a new connection
             self.session.publish(Topics.presence(self.device), self._presence(True),
                                  retain=True)
             self.telemetry.forwarder.wake()  # drain what piled up while offline
@@ -347,7 +349,7 @@ class Agent:
             "device": self.device, "online": online, "ts": time.time(),
             "agent_version": __version__, "profile": self.cfg.profile,
             "arch": platform.machine(), "api": self.api.url if online and self.api else None,
-            "models": models})
+            "models": models, "connected_at": self._connected_at if online else None})
 
     def _telemetry_extra(self) -> dict[str, Any]:
         """Agent facts for each telemetry record (cheap: counters and a directory read)."""

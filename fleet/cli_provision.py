@@ -188,14 +188,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     @_command
     def run(args: argparse.Namespace) -> int:
-        if not getattr(args, "verbose", False):  # the table says it; no reconnect chatter
-            logging.getLogger("edgeship.agent.mqtt").setLevel(logging.CRITICAL)
-        login = mqtt_login(args)
+        login = mqtt_login(args, args.url)
         for url in filter(None, (args.url, args.also)):
             BrokerAddress.parse(url)  # a bad URL is bad input (exit 2)
-        report = check_broker(CheckSettings(url=args.url, other_url=args.also,
-                                            username=login.username, password=login.password,
-                                            tls=_tls(args), timeout_s=args.timeout_s))
+        settings = CheckSettings(url=args.url, other_url=args.also, username=login.username,
+                                 password=login.password, tls=_tls(args),
+                                 timeout_s=args.timeout_s)
+        mqtt_log = logging.getLogger("edgeship.agent.mqtt")
+        level = mqtt_log.level
+        if not getattr(args, "verbose", False):  # the table says it; no reconnect chatter
+            mqtt_log.setLevel(logging.CRITICAL)
+        try:
+            report = check_broker(settings)
+        finally:
+            mqtt_log.setLevel(level)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
         else:
@@ -204,10 +210,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _print_check(report, also: str | None) -> None:
+def _print_check(report, also: str | None, width: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
-    console = Console()
+    console = Console(width=width)
     table = Table(title=f"{report.url}" + (f" (received on {also})" if also else ""))
     for col in ("feature", "result", "detail"):
         table.add_column(col)

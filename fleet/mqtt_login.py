@@ -30,8 +30,10 @@ def add_login(p: argparse.ArgumentParser, *, client_id: bool = False) -> None:
                        "also this server's name among the fleet servers of one registry")
 
 
-def mqtt_login(args: argparse.Namespace) -> MqttLogin:
-    url = getattr(args, "mqtt", None) or ""
+def mqtt_login(args: argparse.Namespace, url: str | None = None) -> MqttLogin:
+    """From ``--mqtt-username``/``--mqtt-password-file``/``--client-id`` and the broker URL
+    (``args.mqtt`` unless given)."""
+    url = url if url is not None else getattr(args, "mqtt", None) or ""
     parsed = urllib.parse.urlparse(url)
     if parsed.password is not None:
         raise ConfigError("a password in the MQTT URL would show in the process list: put it "

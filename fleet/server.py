@@ -20,6 +20,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -47,6 +48,7 @@ _STOP = object()
 #: subscription (devices fetch over HTTP, ``transport = "http"``)
 TRANSFER_MODES = ("auto", "split", "off")
 SHARE_REFUSED = 0x9E  # MQTT 5 "Shared Subscriptions not supported" (SUBACK or DISCONNECT)
+MAX_TRACKED_DEVICES = 100_000  # connections remembered for the catch-up (oldest dropped)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class FleetServer:
         self.client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self.membership = Membership(self.registry, self.client_id, settings.membership)
         self.transfer_mode: str | None = None  # "share" | "split" | "off", once connected
+        self._seen_connections: OrderedDict[str, float] = OrderedDict()  # device -> connect
+        self._seen_lock = threading.Lock()
         self._share_refused = False
         self._session = MqttSession(
             SessionSettings(url=settings.mqtt_url, client_id=self.client_id, clean_start=True,
@@ -404,13 +408,28 @@ class FleetServer:
             return
         if kind == "presence":
             self.registry.upsert_presence(device, body)
-            if presence_online(body) and not msg.retain:  # live, not a replay at our start
+            if presence_online(body) and not msg.retain and self._new_connection(device, body):
                 self._catch_up(device, body)
         elif kind == "status":
             self.registry.add_event(device, body)
         else:
             self.registry.add_telemetry(device, body)
         self.stats.bump(records=1)
+
+    def _new_connection(self, device: str, presence: dict) -> bool:
+        """A presence from a connection not seen yet (``connected_at`` changes with each
+        connect; agents without it are caught up on every live presence)."""
+        connected_at = presence.get("connected_at")
+        if connected_at is None:
+            return True
+        with self._seen_lock:
+            if self._seen_connections.get(device) == connected_at:
+                return False
+            self._seen_connections[device] = connected_at
+            self._seen_connections.move_to_end(device)
+            if len(self._seen_connections) > MAX_TRACKED_DEVICES:
+                self._seen_connections.popitem(last=False)
+        return True
 
     def _catch_up(self, device: str, presence: dict) -> None:
         """A device came online: re-send its desired state and the announcements it has

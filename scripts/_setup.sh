@@ -51,3 +51,20 @@ edgeship_test_deps() {
     _apt_install "${missing[@]}"
   fi
 }
+
+# Brokers other than Mosquitto, for the broker tests and scripts/cluster-check: Debian's
+# ejabberd and redis-server, and aedes 2 from npm (pinned by tests/support/aedes/
+# package-lock.json, installed once into ~/.cache/edgeship by tests/support/brokers.py).
+edgeship_broker_deps() {
+  local missing=()
+  command -v ejabberdctl >/dev/null || [ -x /usr/sbin/ejabberdctl ] || missing+=(ejabberd)
+  command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+  command -v node >/dev/null || missing+=(nodejs npm)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]} (apt-get) for the broker checks"
+    # the packages would start system services; ours run on their own ports and dirs
+    _apt_install "${missing[@]}"
+  fi
+  .venv/bin/python -c 'from tests.support.brokers import ensure_aedes; ensure_aedes()' \
+    || echo "edgeship: aedes could not be installed (npm); its tests will be skipped" >&2
+}

@@ -124,12 +124,14 @@ class Aedes:
     ``username``/``password``: clients must log in (else anyone may)."""
 
     def __init__(self, *, node_id: str = "aedes", redis_port: int | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 hang_subscribe: str | None = None) -> None:
         self.home = ensure_aedes()
         self.port = free_port()
         self.node_id = node_id
         self.redis_port = redis_port
         self.username, self.password = username, password
+        self.hang_subscribe = hang_subscribe  # filters with this prefix never get a SUBACK
         self.dir = Path(tempfile.mkdtemp(prefix="edgeship-aedes-"))
         self.log = self.dir / "aedes.log"
         self.proc: subprocess.Popen | None = None
@@ -147,6 +149,8 @@ class Aedes:
             secret = self.dir / "password"
             secret.write_text(self.password + "\n")
             cmd += ["--user", self.username or "", "--password-file", str(secret)]
+        if self.hang_subscribe:
+            cmd += ["--hang-subscribe", self.hang_subscribe]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         _wait_listening(self.port, self.proc, f"aedes {self.node_id}", log=self.log)
@@ -168,6 +172,7 @@ class AedesCluster:
 
     def __init__(self, nodes: int = 2, *, username: str | None = None,
                  password: str | None = None) -> None:
+        self.username, self.password = username, password
         self.redis = Redis()
         self.nodes = [Aedes(node_id=f"node-{chr(ord('a') + i)}", redis_port=self.redis.port,
                             username=username, password=password) for i in range(nodes)]

@@ -1,7 +1,9 @@
 // aedes 2 (MQTT 5) on one loopback port, for edgeship's tests and scripts/cluster-check.
 // Alone: in-memory persistence. With --redis-port: mqemitter-redis + aedes-persistence-redis,
 // so several of these processes form one cluster. With --password-file: clients must log
-// in as --user with the file's first line as password.
+// in as --user with the file's first line as password. With --hang-subscribe PREFIX, a
+// SUBSCRIBE to a filter starting with PREFIX is never answered (what aedes-persistence-redis
+// does to a persistent session's multi-filter SUBSCRIBE), for the SUBACK-timeout tests.
 import { createServer } from 'node:net'
 import { readFileSync } from 'node:fs'
 import { parseArgs } from 'node:util'
@@ -15,7 +17,8 @@ const { values: opt } = parseArgs({
     'redis-port': { type: 'string' },
     user: { type: 'string' },
     'password-file': { type: 'string' },
-    'max-packet-bytes': { type: 'string', default: '4194304' }
+    'max-packet-bytes': { type: 'string', default: '4194304' },
+    'hang-subscribe': { type: 'string' }
   }
 })
 
@@ -46,6 +49,12 @@ const broker = await Aedes.createBroker({
 })
 const auth = authenticate()
 if (auth) broker.authenticate = auth
+const hang = opt['hang-subscribe']
+if (hang) {
+  broker.authorizeSubscribe = (client, sub, done) => {
+    if (!sub.topic.startsWith(hang)) done(null, sub)
+  }
+}
 broker.on('clientError', (client, err) => {
   console.error(`client error ${client && client.id}: ${err.message}`)
 })
