@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS fleet_members (
-    id TEXT PRIMARY KEY, since {real} NOT NULL, until {real}, expires_at {real} NOT NULL);
+    id TEXT PRIMARY KEY, since {real} NOT NULL, leaves_at {real}, expires_at {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS announcements (
     model TEXT PRIMARY KEY, version INTEGER NOT NULL, released_at {real} NOT NULL,
     spread_s {real} NOT NULL DEFAULT 0);
@@ -378,9 +378,10 @@ class Registry:
     def join_member(self, member: str, ttl_s: float) -> float:
         """(Re)join as a live fleet server from now on; returns ``since``."""
         now = self._clock()
-        self._write("INSERT INTO fleet_members (id, since, until, expires_at) VALUES "
+        self._write("INSERT INTO fleet_members (id, since, leaves_at, expires_at) VALUES "
                     "(?, ?, NULL, ?) ON CONFLICT (id) DO UPDATE SET since = excluded.since, "
-                    "until = NULL, expires_at = excluded.expires_at", (member, now, now + ttl_s))
+                    "leaves_at = NULL, expires_at = excluded.expires_at",
+                    (member, now, now + ttl_s))
         return now
 
     def renew_member(self, member: str, ttl_s: float) -> bool:
@@ -392,16 +393,16 @@ class Registry:
             rows = self._db.execute("SELECT 1 FROM fleet_members WHERE id = ?", (member,))
         return bool(rows)
 
-    def leave_member(self, member: str, until: float) -> None:
-        self._write("UPDATE fleet_members SET until = ? WHERE id = ?", (until, member))
+    def leave_member(self, member: str, leaves_at: float) -> None:
+        self._write("UPDATE fleet_members SET leaves_at = ? WHERE id = ?", (leaves_at, member))
 
     def members(self, forget_after_s: float = 3600.0) -> list[tuple[str, float, float | None,
                                                                     float]]:
-        """(id, since, until, expires_at) of every fleet server seen lately."""
+        """(id, since, leaves_at, expires_at) of every fleet server seen lately."""
         self._write("DELETE FROM fleet_members WHERE expires_at < ?",
                     (self._clock() - forget_after_s,))
         return [tuple(r) for r in self._query(
-            "SELECT id, since, until, expires_at FROM fleet_members ORDER BY id")]
+            "SELECT id, since, leaves_at, expires_at FROM fleet_members ORDER BY id")]
 
     # --- fleet-wide announcements (re-sent to devices that come back online) ---------------
 

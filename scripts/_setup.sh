@@ -50,6 +50,15 @@ edgeship_test_deps() {
     echo "==> installing ${missing[*]} (apt-get) for the test suite"
     _apt_install "${missing[@]}"
   fi
+  edgeship_aedes
+}
+
+# aedes 2 (MQTT 5) from npm, pinned by tests/support/aedes/package-lock.json, installed once
+# into ~/.cache/edgeship (tests/brokers/ run a node of it; without Node.js they are skipped).
+edgeship_aedes() {
+  command -v node >/dev/null || { echo "edgeship: no Node.js: the aedes broker tests will be skipped" >&2; return 0; }
+  .venv/bin/python -c 'from tests.support.brokers import ensure_aedes; print("==> aedes in", ensure_aedes())' \
+    || echo "edgeship: aedes could not be installed (npm); its tests will be skipped" >&2
 }
 
 # Brokers other than Mosquitto, for the broker tests and scripts/cluster-check: Debian's
@@ -65,6 +74,5 @@ edgeship_broker_deps() {
     # the packages would start system services; ours run on their own ports and dirs
     _apt_install "${missing[@]}"
   fi
-  .venv/bin/python -c 'from tests.support.brokers import ensure_aedes; ensure_aedes()' \
-    || echo "edgeship: aedes could not be installed (npm); its tests will be skipped" >&2
+  edgeship_aedes
 }

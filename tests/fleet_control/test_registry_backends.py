@@ -127,3 +127,19 @@ def test_a_registry_created_before_hold_existed_gains_the_column(registry_target
     held, changed = reg.set_desired("pi-1", "digits", 2, hold=True)
     assert changed and held.hold and held.seq == 5
     reg.close()
+
+
+def test_fleet_members_and_announcements(registry_target):
+    """The rows fleet servers coordinate through without shared subscriptions
+    (fleet.membership) and the announcements re-sent to devices coming online."""
+    reg = _reg(registry_target)
+    since = reg.join_member("fleet-a", ttl_s=10)
+    assert reg.renew_member("fleet-a", ttl_s=10) and not reg.renew_member("ghost", ttl_s=10)
+    reg.leave_member("fleet-a", since + 3)
+    [(member, joined, leaves_at, expires_at)] = reg.members()
+    assert (member, joined, leaves_at) == ("fleet-a", since, since + 3) and expires_at > since
+    reg.join_member("fleet-a", ttl_s=10)  # a restart under the same id clears the leave
+    assert reg.members()[0][2] is None
+    reg.note_announcement("digits", 2, 5.0, 60.0)
+    reg.note_announcement("digits", 1, 4.0)
+    assert reg.announcements() == [("digits", 2, 5.0, 60.0)]
