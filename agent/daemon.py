@@ -240,9 +240,12 @@ class Agent:
             return
         assert isinstance(item, Message)
         try:
-            kind = protocol.parse_topic(item.topic).kind
+            parsed = protocol.parse_topic(item.topic)
+            kind = parsed.kind
             if kind == "release":
                 ann = protocol.ReleaseAnnouncement.from_bytes(item.payload)
+                if parsed.device is not None and self._already_decided(ann):
+                    return  # a catch-up re-send of what this device has dealt with: quietly
                 if not self.desired.governs(ann.model):  # else the rollout decides
                     self._spread(ann)
                     self._want(ann.model, ann.version)
@@ -255,6 +258,12 @@ class Agent:
                         topic=item.topic)
 
     # --- updates --------------------------------------------------------------------------
+
+    def _already_decided(self, ann: protocol.ReleaseAnnouncement) -> bool:
+        """This version (or a newer one) is installed, or it was reverted here before."""
+        active = self.store.active(ann.model)
+        return (active is not None and ann.version <= active.version) or \
+            self.updates.records.load(ann.model).is_blocked(ann.version)
 
     def _on_desired(self, desired: protocol.DesiredState) -> None:
         if not self.desired.accept(desired):  # redelivered or older: keep the newest
