@@ -103,7 +103,7 @@ BAD_REQUESTS = {
     "json_without_inputs": (_post(b'{"x": 1}'), 400),
     "deeply_nested_json": (_post(b"[" * 20_000 + b"]" * 20_000), 400),
     "huge_body": (_post(b"", length=10 * MAX_BODY), 413),
-    "negative_length": (_post(b"", length=-5), 413),
+    "negative_length": (_post(b"", length=-5), 400),
     "unknown_model": (_post(_npy(np.ones((1, IN_DIM), np.float32)), "application/x-npy",
                             path="/v1/models/nope/predict"), 404),
     "unknown_path": (_post(b"{}", path="/v1/nothing"), 404),
