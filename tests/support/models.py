@@ -282,3 +282,30 @@ def serve_onnx(path: Path, model: str, onnx_model: onnx.ModelProto, inputs, outp
     inst = InstalledModel(model, version, variant, manifest, path.parent)
     server.swap(LoadedModel(inst, load_runtime("onnxruntime", path, threads=1)))
     return server
+
+
+def write_named_bundle(out: Path, model: str, version: int, onnx_model: onnx.ModelProto,
+                       inputs, outputs, feeds: list[dict[str, np.ndarray]]) -> Path:
+    """A bundle for a model with any inputs: the golden file keyed by tensor name (format
+    2 of ``edgeship.agent.golden``), its outputs from onnxruntime on ``feeds``."""
+    import onnxruntime as ort
+    from edgeship.agent.golden import budget_bytes, pack
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = onnx_model.SerializeToString()
+    (out / MODEL_FILE).write_bytes(data)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    results = [session.run(None, feed) for feed in feeds]
+    arrays = pack({s.name: np.stack([f[s.name] for f in feeds]) for s in inputs}, {},
+                  {VARIANT_ID: {o.name: [r[j] for r in results]
+                                for j, o in enumerate(outputs)}}, budget_bytes(len(data)))
+    np.savez(out / GOLDEN_NAME, **arrays)
+    golden = (out / GOLDEN_NAME).read_bytes()
+    manifest = Manifest(
+        model=model, version=version, task="generic", inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        variants=(Variant(id=VARIANT_ID, runtime="onnxruntime", precision="fp32",
+                          file=MODEL_FILE, sha256=sha256(data), size=len(data)),),
+        golden_file=GOLDEN_NAME, golden_sha256=sha256(golden), golden_size=len(golden))
+    (out / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+    return out
