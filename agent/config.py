@@ -41,7 +41,8 @@ class AgentConfig:
     api_body_samples: int = 8  # derived body cap: this many samples of the model's inputs
     api_max_connections: int = 32  # per listener; past it: 503 (the other listener serves)
     api_idle_timeout_s: float = 10.0  # a kept-alive connection with no request is closed
-    grpc_socket: str | None = None  # None = <state_dir>/grpc.sock when grpcio is installed, "" = off
+    grpc_enabled: bool = False  # gRPC API (pip install 'edgeship[grpc]'; ~25 MB more RSS)
+    grpc_socket: str | None = None  # None = <state_dir>/grpc.sock, "" = no socket
     grpc_port: int = 0  # gRPC on grpc_host:grpc_port too; 0 = off
     grpc_host: str = "127.0.0.1"
     spool_max_records: int = 10_000  # telemetry records kept while offline (oldest evicted)

@@ -1,6 +1,6 @@
 """Every listener of the agent's local API, started and stopped together: HTTP on TCP
-(``api_host:api_port``) and on the Unix socket, gRPC (when grpcio is installed) on its own
-Unix socket and an optional TCP port.
+(``api_host:api_port``) and on the Unix socket, gRPC (``grpc_enabled``; needs the ``grpc``
+extra) on its own Unix socket and an optional TCP port.
 
 A TCP port another process holds does not stop the agent: it says so in one line and keeps
 serving on its Unix sockets, which only the agent's user and group can reach (mode 0660 in
@@ -81,13 +81,13 @@ class LocalApi:
 
     def _start_grpc(self) -> None:
         cfg = self.cfg
-        wanted = cfg.grpc_socket_path is not None or cfg.grpc_port
-        if not wanted:
+        if not cfg.grpc_enabled or (cfg.grpc_socket_path is None and not cfg.grpc_port):
             return
         if not grpc_available():
-            if cfg.grpc_port or cfg.grpc_socket:
-                logger.error("gRPC is configured but grpcio is not installed: "
-                             "pip install 'edgeship[grpc]'")
+            line = "grpc_enabled is set but grpcio is not installed: pip install " \
+                   "'edgeship[grpc]'"
+            logger.error("%s", line)
+            self.problems.append(line)
             return
         from edgeship.agent.grpc_api import GrpcInferenceServer
         try:

@@ -163,8 +163,7 @@ def test_a_taken_api_port_is_one_line_and_the_unix_socket_keeps_serving(
     (state / "tuf").mkdir(parents=True)
     (state / "tuf" / "root.json").write_text("{}")
     cfg = config_from_dict({"device_id": "squat", "state_dir": str(state),
-                            "mqtt_url": shared_broker.url, "api_port": port,
-                            "grpc_socket": ""})
+                            "mqtt_url": shared_broker.url, "api_port": port})
     agent = Agent(cfg)
     try:
         with caplog.at_level(logging.ERROR, logger="edgeship.agent.local_api"):

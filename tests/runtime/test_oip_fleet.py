@@ -40,7 +40,8 @@ def installed(tmp_path_factory):
                                     zoo.MULTI_INPUTS, zoo.MULTI_OUTPUTS, feeds)
     grpc_port = free_port()
     config = write_config(root / "device", "oip-1", broker.url, env.repo,
-                          api_socket=str(root / "device" / "api.sock"), grpc_port=grpc_port)
+                          api_socket=str(root / "device" / "api.sock"), grpc_enabled=True,
+                          grpc_port=grpc_port)
     agent = Agent(load_config(config))
     agent.start()
     env.agents.append(agent)
