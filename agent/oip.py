@@ -245,13 +245,19 @@ def _requested_outputs(req: InferRequest, raw: Any) -> None:
 
 def tensor_bytes(arr: np.ndarray) -> bytes:
     """Row-major little-endian bytes of a tensor (BYTES: 4-byte length before each)."""
+    return bytes(tensor_view(arr))
+
+
+def tensor_view(arr: np.ndarray) -> bytes | memoryview:
+    """``tensor_bytes`` without the copy where the tensor's memory already has that layout
+    (a memoryview of it, for writing to a socket)."""
     if arr.dtype == object or arr.dtype.kind in "SU":
         items = [x if isinstance(x, bytes) else str(x).encode() for x in arr.ravel()]
         return b"".join(struct.pack("<I", len(b)) + b for b in items)
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return arr.tobytes()
+    return memoryview(arr).cast("B") if arr.size else b""
 
 
 def select_outputs(names: Sequence[str], values: Sequence[np.ndarray],
@@ -265,8 +271,8 @@ def select_outputs(names: Sequence[str], values: Sequence[np.ndarray],
     return [(n, by_name[n]) for n in wanted]
 
 
-def rest_response(model: str, version: int, req: InferRequest,
-                  outputs: list[tuple[str, np.ndarray]]) -> tuple[list[bytes], int | None]:
+def rest_response(model: str, version: int, req: InferRequest, outputs: list[tuple[
+        str, np.ndarray]]) -> tuple[list[bytes | memoryview], int | None]:
     """The response body as chunks, and the JSON header's length when binary data follows
     (None: the body is JSON only)."""
     docs, chunks = [], []
@@ -274,7 +280,7 @@ def rest_response(model: str, version: int, req: InferRequest,
         doc: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype),
                                "shape": list(arr.shape)}
         if name in req.binary or (req.outputs is None and req.binary_default):
-            data = tensor_bytes(arr)
+            data = tensor_view(arr)
             doc["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
