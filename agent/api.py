@@ -19,6 +19,7 @@ instead of a reset).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -74,7 +75,7 @@ class Route:
     handler: Callable[[Any, "Request"], Response]
     errors: Callable[[int, str], bytes] = v1_error  # the error body of this API
 
-    @property
+    @functools.cached_property
     def segments(self) -> tuple[str, ...]:
         return tuple(self.pattern.strip("/").split("/"))
 
@@ -283,18 +284,26 @@ class _Rejector:
     LINGER_S = 1.0
 
     def __init__(self, name: str, response: bytes) -> None:
+        self._name = name
         self._response = response
         self._incoming: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
         self._pending: dict[socket.socket, float] = {}
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-reject", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first rejection
         self.rejected = 0
 
+    def _start(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._loop, name=f"{self._name}-reject",
+                                        daemon=True)
+        self._thread.start()
+
     def reject(self, sock: socket.socket) -> None:
+        """Called by the accepting thread only."""
+        if self._thread is None:
+            self._start()
         self.rejected += 1
         try:
             sock.setblocking(False)
@@ -307,6 +316,8 @@ class _Rejector:
         self._wake_w.send(b"x")
 
     def stop(self) -> None:
+        if self._thread is None:
+            return
         self._incoming.put(None)
         self._wake_w.send(b"x")
         self._thread.join(timeout=5)

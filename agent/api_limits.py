@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -55,8 +56,9 @@ def sample_bytes(specs: Sequence[TensorSpec]) -> int | None:
     return total
 
 
+@lru_cache(maxsize=256)
 def body_caps(specs: Sequence[TensorSpec], limits: ApiLimits) -> BodyCaps:
-    """The body caps for a model with inputs ``specs``."""
+    """The body caps for a model with inputs ``specs`` (a tuple: cached)."""
     if limits.max_request_bytes:
         return BodyCaps(limits.max_request_bytes, limits.max_request_bytes)
     per_sample = sample_bytes(specs)

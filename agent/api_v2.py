@@ -72,9 +72,11 @@ def infer(server: Any, req: Request) -> Response:
     loaded, version = _held(server, req)
     try:
         request = oip.parse_rest_request(*_read(server, req, loaded))
-        oip.check_datatypes(loaded.installed.manifest.inputs, request.inputs)
-        outputs, loaded = server.models.predict(loaded.installed.model, request.inputs,
-                                                check_values=True, version=version)
+        specs = loaded.installed.manifest.inputs
+        oip.check_datatypes(specs, request.inputs)
+        outputs, loaded = server.models.predict(
+            loaded.installed.model, oip.model_inputs(specs, request.inputs),
+            check_values=True, version=version)
         names = [o.name for o in loaded.installed.manifest.outputs]
         chunks, header_length = oip.rest_response(
             loaded.installed.model, loaded.installed.version, request,

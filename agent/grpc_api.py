@@ -76,10 +76,12 @@ class _Service:
             raise oip.OipError(f"request of {request.ByteSize()} bytes exceeds the "
                                f"{caps.binary}-byte cap of {request.model_name}", 413)
         inputs = grpc_inputs(request)
-        oip.check_datatypes(loaded.installed.manifest.inputs, inputs)
+        specs = loaded.installed.manifest.inputs
+        oip.check_datatypes(specs, inputs)
         try:
-            outputs, loaded = self.models.predict(loaded.installed.model, inputs,
-                                                  check_values=True, version=version)
+            outputs, loaded = self.models.predict(
+                loaded.installed.model, oip.model_inputs(specs, inputs), check_values=True,
+                version=version)
         except ModelNotFoundError as e:
             raise oip.OipError(str(e), 404) from e
         except InferenceInputError as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
+import os
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,7 @@ def loads(body: bytes | memoryview) -> Any:
         return _json(data)
     kinds = data.translate(_TO_CLASS)
     pieces, lifted, pos, scan = [], [], 0, 0
-    nonce = secrets.token_hex(8)  # a fresh key per body: a client cannot send it
+    nonce = os.urandom(8).hex()  # a fresh key per body: a client cannot send it
     text, classes = memoryview(data), memoryview(kinds)
     while (m := _START.search(data, scan)) is not None:
         scan, start = m.end(), m.start()

@@ -29,6 +29,7 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
              "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
              "BYTES": "object"}
 _BY_DTYPE = {v: k for k, v in DATATYPES.items()} | {"string": "BYTES", "str": "BYTES"}
+_BY_NP_DTYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
 #: HTTP status -> gRPC status code name
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
@@ -59,6 +60,10 @@ class OipError(EdgeshipError):
 
 
 def datatype_of(dtype: Any) -> str:
+    if isinstance(dtype, np.dtype):
+        found = _BY_NP_DTYPE.get(dtype)
+        if found is not None:
+            return found
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     try:
         return _BY_DTYPE[name]
@@ -352,10 +357,28 @@ def check_datatypes(specs: Sequence[Any], inputs: dict[str, np.ndarray]) -> None
     nothing)."""
     for spec in specs:
         arr = inputs.get(spec.name)
-        if arr is not None and arr.dtype != np.dtype(spec.dtype) and not (
+        if arr is not None and arr.dtype != _np_dtype(spec.dtype) and not (
                 arr.dtype == object and datatype_of(spec.dtype) == "BYTES"):
             raise OipError(f"input {spec.name!r}: datatype {datatype_of(arr.dtype)}, the "
                            f"model takes {datatype_of(spec.dtype)}")
+
+
+_NP_DTYPES: dict[str, np.dtype] = {}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    found = _NP_DTYPES.get(name)
+    if found is None:
+        found = _NP_DTYPES[name] = np.dtype(DATATYPES.get(_BY_DTYPE.get(name, ""), name))
+    return found
+
+
+def model_inputs(specs: Sequence[Any], inputs: dict[str, np.ndarray]) -> Any:
+    """What ``ModelServer.predict`` takes: the array itself for a one-input model (its fast
+    path), else the dict."""
+    if len(specs) == 1 and len(inputs) == 1 and specs[0].name in inputs:
+        return inputs[specs[0].name]
+    return inputs
 
 
 def server_ready(models: Any) -> str | None:
