@@ -183,3 +183,27 @@ def test_a_taken_api_port_is_one_line_and_the_unix_socket_keeps_serving(
 @pytest.fixture
 def digits_onnx_for_agent(models):
     return models.get("dense")
+
+
+def test_a_taken_grpc_port_is_one_line_and_the_grpc_socket_keeps_serving(models, tmp_path):
+    pytest.importorskip("grpc")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from edgeship.agent.config import config_from_dict
+    from edgeship.agent.local_api import LocalApi
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    cfg = config_from_dict({"device_id": "g", "state_dir": str(tmp_path), "api_port": 0,
+                            "grpc_enabled": True,
+                            "grpc_port": squatter.getsockname()[1]})
+    local = LocalApi(cfg, models, None)
+    try:
+        local.start()
+        assert len(local.problems) == 1 and "gRPC port" in local.problems[0]
+        client = grpcclient.InferenceServerClient(f"unix://{cfg.grpc_socket_path}")
+        assert client.is_server_live() and client.is_model_ready("dense")
+        client.close()
+    finally:
+        local.stop()
+        squatter.close()
