@@ -72,8 +72,12 @@ def json_response(status: int, doc: Any) -> Response:
 class Route:
     method: str
     pattern: str  # "/v2/models/{model}/infer": each {name} matches one path segment
-    handler: Callable[[Any, "Request"], Response]
+    handler: Callable[[Any, Any], Response | None]
     errors: Callable[[int, str], bytes] = v1_error  # the error body of this API
+    #: True: ``handler(server, http_handler)`` gets the connection's handler and writes
+    #: its own answer (streaming, e.g. server-sent events); it may use ``_read_body``,
+    #: ``_json`` and ``_error`` below
+    raw: bool = False
 
     @functools.cached_property
     def segments(self) -> tuple[str, ...]:
@@ -219,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(Response(status, JSON_TYPE, [errors(
                 status, f"no such endpoint {self.command} {path[:200]}")]))
             return
+        if route.raw:
+            route.handler(self.server, self)
+            return
         req = Request(self, params, query)
         try:
             resp = route.handler(self.server, req)
@@ -251,6 +258,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(head)
         for chunk in resp.chunks:
             self.wfile.write(chunk)
+
+    # --- for raw routes -----------------------------------------------------------------
+
+    def _read_body(self, max_bytes: int | None = None) -> bytes | None:
+        """The body within ``max_bytes`` (default: the configured cap, else the fallback
+        cap), or None once an error has been answered."""
+        limits = self.server.limits
+        cap = max_bytes or limits.max_request_bytes or limits.fallback_body_bytes
+        req = Request(self, {}, "")
+        try:
+            return req.body(cap)
+        except HttpError as e:
+            self.close_connection = True
+            self._error(e.status, str(e))
+            if req.drain_bytes:
+                self._drain(req.drain_bytes)
+            return None
+
+    def _json(self, status: int, doc: Any) -> None:
+        self._write(json_response(status, doc))
+
+    def _error(self, status: int, message: str) -> None:
+        self._write(Response(status, JSON_TYPE, [v1_error(status, message)]))
 
     def _drain(self, length: int) -> None:
         """Read and drop an oversized body (bounded) so the client gets to read the 413."""
