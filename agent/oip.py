@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -30,6 +31,7 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
              "BYTES": "object"}
 _BY_DTYPE = {v: k for k, v in DATATYPES.items()} | {"string": "BYTES", "str": "BYTES"}
 _BY_NP_DTYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
+_LITTLE_ENDIAN = sys.byteorder == "little"
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
 #: HTTP status -> gRPC status code name
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
@@ -208,7 +210,8 @@ def tensor_from_bytes(raw: bytes | memoryview, datatype: str, shape: Sequence[in
     if len(raw) != count * dtype.itemsize:
         raise OipError(f"{what}: {len(raw)} bytes for shape {list(shape)} of {datatype} "
                        f"({count * dtype.itemsize} expected)")
-    arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count)
+    wire = dtype if _LITTLE_ENDIAN else dtype.newbyteorder("<")
+    arr = np.frombuffer(raw, dtype=wire, count=count)
     if not arr.dtype.isnative or not arr.flags.aligned:
         arr = arr.astype(dtype)
     return arr.reshape(shape)
