@@ -173,31 +173,43 @@ def _array_end(kinds: bytes, start: int, stop: int) -> int | None:
 
 
 def _tokens(cls: np.ndarray) -> np.ndarray:
-    """The token kinds in order: each number once, each comma and bracket."""
-    if (cls == _BAD).any():
-        raise JsonTensorError("array holds something other than numbers")
-    is_num = cls == _NUM
-    keep = cls >= _COMMA
-    keep[0] |= is_num[0]
-    keep[1:] |= np.greater(is_num[1:], is_num[:-1])  # a number starts after a non-number
-    del is_num
-    return cls[keep]
+    """The token kinds in order: each number once, each comma and bracket (in blocks, so
+    the temporaries stay small)."""
+    parts, prev_num = [], False
+    for at in range(0, cls.size, _BLOCK):
+        block = cls[at:at + _BLOCK]
+        if (block == _BAD).any():
+            raise JsonTensorError("array holds something other than numbers")
+        is_num = block == _NUM
+        keep = block >= _COMMA
+        keep[0] |= is_num[0] and not prev_num
+        keep[1:] |= np.greater(is_num[1:], is_num[:-1])  # a number starts after a non-number
+        parts.append(block[keep])
+        prev_num = bool(is_num[-1])
+    return np.concatenate(parts)
+
+
+def _check_grammar(kind: np.ndarray) -> None:
+    """Which token may follow which, and no list holding both numbers and lists (in
+    blocks overlapping by two tokens)."""
+    if kind.size < 2 or kind[0] != _OPEN or kind[-1] != _CLOSE:
+        raise JsonTensorError("malformed array of numbers")
+    for at in range(0, kind.size - 1, _BLOCK):
+        part = kind[at:at + _BLOCK + 2]
+        code = part[:-1] * np.uint8(5)
+        code += part[1:]
+        if not _FOLLOWS[code].all():
+            raise JsonTensorError("malformed array of numbers")
+        code3 = part[:-2] * np.uint8(25)
+        code3 += part[1:-1] * np.uint8(5)
+        code3 += part[2:]
+        if (code3 == _MIXED[0]).any() or (code3 == _MIXED[1]).any():
+            raise JsonTensorError("ragged array: a list holds both numbers and lists")
 
 
 def _structure(cls: np.ndarray) -> tuple[tuple[int, ...], int]:
     kind = _tokens(cls)
-    code = kind[:-1] * np.uint8(5)
-    code += kind[1:]
-    if kind.size < 2 or kind[0] != _OPEN or kind[-1] != _CLOSE or \
-            not _FOLLOWS[code].all():
-        raise JsonTensorError("malformed array of numbers")
-    del code
-    code3 = kind[:-2] * np.uint8(25)
-    code3 += kind[1:-1] * np.uint8(5)
-    code3 += kind[2:]
-    if (code3 == _MIXED[0]).any() or (code3 == _MIXED[1]).any():
-        raise JsonTensorError("ragged array: a list holds both numbers and lists")
-    del code3
+    _check_grammar(kind)
     brackets = kind[kind >= _OPEN]
     depth = np.cumsum(np.where(brackets == _OPEN, 1, -1), dtype=np.int32)
     if depth[-1] != 0 or (depth[:-1] <= 0).any():

@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_api(digits["onnxruntime"], args.threads, args.n // 6, _input(1), results,
                         name)
         if not args.no_oip:
-            from bench.agent_oip import run_oip
+            from bench.agent_oip import run_json_memory, run_oip
             rows += run_oip(digits["onnxruntime"], args.threads, args.n // 6, _input(1),
                             results, bare_onnx, interleaved, _ms)
+            rows += run_json_memory(results)
         rows += run_idle(digits["onnxruntime"], args.threads, args.idle_s, Path(tmp),
                          results, name)
     results["load_after"] = os.getloadavg()

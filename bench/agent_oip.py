@@ -254,3 +254,34 @@ def _input_name(model: Path) -> str:
 
 def _image() -> np.ndarray:
     return np.random.default_rng(1).random(IMAGE_SHAPE, dtype=np.float32)
+
+
+def run_json_memory(results: dict, body_mib: int = 16) -> list[tuple]:
+    """Peak traced memory to turn a JSON body of short numbers ("0.5,0.5,…", rows of 64)
+    into a float32 tensor: json.loads + NumPy (what the API did) vs agent.jsonarray (what
+    it does)."""
+    import json
+    import tracemalloc
+
+    from edgeship.agent.jsonarray import as_array, loads
+
+    row = b"[" + b",".join([b"0.5"] * 64) + b"]"
+    rows = (body_mib << 20) // (len(row) + 1)
+    body = b'{"inputs": [' + b",".join([row] * rows) + b"]}"
+    tensor_mb = rows * 64 * 4 / 2**20
+
+    def peak(fn) -> float:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1] / 2**20
+        finally:
+            tracemalloc.stop()
+
+    old = peak(lambda: np.asarray(json.loads(body)["inputs"], np.float32))
+    new = peak(lambda: as_array(loads(body)["inputs"], np.float32, "inputs"))
+    results["json_body_peak_mb"] = {"json.loads": old, "jsonarray": new, "tensor": tensor_mb}
+    label = f"[{body_mib} MiB JSON body, {tensor_mb:.0f} MB tensor]"
+    return [(f"JSON parse peak, json.loads + NumPy {label}", f"{old:.0f} MB", "", "", ""),
+            (f"JSON parse peak, agent {label}", f"{new:.0f} MB", f"x{new / tensor_mb:.1f} tensor",
+             "in proportion to the tensor", "ok" if new <= 3 * tensor_mb else "MISS")]
