@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,21 @@ def _wait_listening(port: int, proc: subprocess.Popen | None, what: str,
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s}s")
+
+
+def _listening_port(log: Path, proc: subprocess.Popen, what: str,
+                    timeout_s: float = 30.0) -> int:
+    """The port from the ``listening on HOST:PORT`` line a process writes to ``log``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        found = re.search(r"listening on [\d.]+:(\d+)", text)
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {text[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening within {timeout_s}s")
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -127,7 +143,7 @@ class Aedes:
                  username: str | None = None, password: str | None = None,
                  hang_subscribe: str | None = None) -> None:
         self.home = ensure_aedes()
-        self.port = free_port()
+        self.port = 0  # known once it listens (it picks a free port itself)
         self.node_id = node_id
         self.redis_port = redis_port
         self.username, self.password = username, password
@@ -141,8 +157,7 @@ class Aedes:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> "Aedes":
-        cmd = ["node", str(self.home / "broker.mjs"), "--port", str(self.port),
-               "--id", self.node_id]
+        cmd = ["node", str(self.home / "broker.mjs"), "--port", "0", "--id", self.node_id]
         if self.redis_port is not None:
             cmd += ["--redis-port", str(self.redis_port)]
         if self.password is not None:
@@ -153,7 +168,7 @@ class Aedes:
             cmd += ["--hang-subscribe", self.hang_subscribe]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _wait_listening(self.port, self.proc, f"aedes {self.node_id}", log=self.log)
+        self.port = _listening_port(self.log, self.proc, f"aedes {self.node_id}")
         return self
 
     def stop(self) -> None:

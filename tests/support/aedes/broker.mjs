@@ -59,8 +59,10 @@ broker.on('clientError', (client, err) => {
   console.error(`client error ${client && client.id}: ${err.message}`)
 })
 const server = createServer(broker.handle)
+// --port 0: the kernel picks a free port (no race with other processes); the line below
+// says which, and the launcher reads it
 server.listen(Number(opt.port), opt.host, () => {
-  console.log(`aedes ${opt.id} listening on ${opt.host}:${opt.port}`)
+  console.log(`aedes ${opt.id} listening on ${opt.host}:${server.address().port}`)
 })
 const stop = () => { server.close(); broker.close(() => process.exit(0)) }
 process.on('SIGTERM', stop)
