@@ -391,8 +391,8 @@ class MqttSession:
         """``subscribe_timeout_s`` after a connect: every SUBACK still missing is an error
         (some brokers drop a SUBSCRIBE silently); the session goes on without it."""
         with self._sub_lock:
-            if generation != self._generation:
-                return
+            if generation != self._generation or self._stopping or not self.connected:
+                return  # that connection is gone (its loss was logged) or we stopped
             missing = [f for f, g in self._pending.values() if g == generation]
             self._pending.clear()
         for topic_filter in missing:
