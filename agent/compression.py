@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.fsutil import atomic_output
+from edgeship.common.fsutil import atomic_output
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK_BYTES = 256 * 1024

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeship.agent.errors import ConfigError
+from edgeship.common.config import read_toml, typed_values
+from edgeship.common.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
 
 
@@ -39,8 +39,8 @@ class AgentConfig:
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
     spool_max_records: int = 10_000  # telemetry records kept while offline (oldest evicted)
     spool_max_dead_letters: int = 1_000
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
+    reconnect_min_s: float = RECONNECT_MIN_S
+    reconnect_max_s: float = RECONNECT_MAX_S
     log_level: str = "info"
     # --- safe install (issue 4) ---
     trial_window_s: float = 30.0  # live-traffic trial after the health check; 0 = none
@@ -85,16 +85,7 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
-    fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}", key=unknown[0])
-    for key in ("device_id", "state_dir"):
-        if key not in raw:
-            raise ConfigError(f"{source}: missing required key {key!r}", key=key)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        values[key] = _coerce(key, value, fields[key].type, source)
+    values = typed_values(AgentConfig, raw, source, required=("device_id", "state_dir"))
     try:
         validate_id(values["device_id"])
     except Exception as e:
@@ -136,42 +127,11 @@ def _check_runtime_keys(values: dict[str, Any], source: str) -> None:
                           key="log_level")
     if not 0 <= values.get("metrics_port", 0) <= 65535:
         raise ConfigError(f"{source}: key 'metrics_port' must be 0..65535", key="metrics_port")
-    if values.get("reconnect_min_s", 0.5) > values.get("reconnect_max_s", 60.0):
+    if values.get("reconnect_min_s", RECONNECT_MIN_S) > values.get("reconnect_max_s",
+                                                                   RECONNECT_MAX_S):
         raise ConfigError(f"{source}: key 'reconnect_min_s' must be <= reconnect_max_s",
                           key="reconnect_min_s")
 
 
-def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
-    t = str(typ)
-    try:
-        if "Path" in t:
-            return Path(str(value))
-        if t.startswith("float"):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if t.startswith("bool"):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if t.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-            return value
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: key {key!r} has a bad value {value!r} "
-                          f"(expected {t})", key=key) from None
-
-
 def load_config(path: Path) -> AgentConfig:
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    agent_section = raw.get("agent", raw)
-    return config_from_dict(dict(agent_section), source=str(path))
+    return config_from_dict(read_toml(path, "agent"), source=str(path))

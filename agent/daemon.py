@@ -21,7 +21,7 @@ from edgeship.agent.config import AgentConfig
 from edgeship.agent.desired import DesiredTracker, HeldVersions, reactivate_kept
 from edgeship.agent.errors import EdgeshipError, ProtocolError, Reason
 from edgeship.agent.lifecycle import RecordStore
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
 from edgeship.agent.protocol import Topics
 from edgeship.agent.metrics import AgentCollector, Metrics
 from edgeship.agent.sdnotify import SdNotifier

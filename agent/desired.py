@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from edgeship.agent.errors import EdgeshipError, Reason
-from edgeship.agent.fsutil import atomic_write
+from edgeship.common.fsutil import atomic_write
 from edgeship.agent.lifecycle import UpdateRecord
 from edgeship.agent.protocol import DesiredState
 from edgeship.agent.runtime import load_runtime

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from edgeship.agent.errors import EdgeshipError
-from edgeship.agent.fsutil import atomic_write
+from edgeship.common.fsutil import atomic_write
 
 RECORD_SCHEMA = 2
 MAX_HISTORY = 32

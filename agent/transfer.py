@@ -30,7 +30,7 @@ from tuf.api import exceptions as tuf_exc
 from edgeship.agent import protocol
 from edgeship.agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
 from edgeship.agent.errors import Reason, TransferError
-from edgeship.agent.mqtt import Message
+from edgeship.common.mqtt import Message
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from tuf.api import exceptions as tuf_exc
 
 from edgeship.agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
 from edgeship.agent.faults import FaultPlan
-from edgeship.agent.fsutil import sha256_file
+from edgeship.common.fsutil import sha256_file
 from edgeship.agent.install import InstallLifecycle, InstallSettings
 from edgeship.agent.lifecycle import RecordStore
 from edgeship.agent.manifest import MANIFEST_NAME, Manifest

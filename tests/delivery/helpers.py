@@ -14,7 +14,7 @@ from tuf.api.metadata import Snapshot, Targets, Timestamp
 
 from edgeship.agent.config import load_config
 from edgeship.agent.daemon import Agent
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import (SCHEMA_VERSION, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
                             TRANSFER_TOTAL, TOPIC_ROOT, TransferRequest)
 from edgeship.agent.transfer import RESUME_SUFFIX

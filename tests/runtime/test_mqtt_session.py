@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeship.agent.errors import ConfigError
-from edgeship.agent.mqtt import Backoff, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import Backoff, MqttSession, SessionSettings, TlsSettings
 from edgeship.fleet.broker import Mosquitto, free_port
 
 

@@ -37,6 +37,10 @@ from edgeship.agent.errors import ConfigError, TransferError, Reason
 
 logger = logging.getLogger(__name__)
 
+#: Reconnect backoff bounds: the one definition (the agent's config defaults to these too).
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 60.0
+
 
 @dataclass(frozen=True)
 class TlsSettings:
@@ -81,8 +85,8 @@ class SessionSettings:
     clean_start: bool = False
     session_expiry_s: int = 24 * 3600
     keepalive_s: int = 30
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_min_s: float = RECONNECT_MIN_S
+    reconnect_max_s: float = RECONNECT_MAX_S
     tls: TlsSettings | None = None
     will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
 
