@@ -78,7 +78,7 @@ def _fleet_process(broker_url: str, repo: Path, tmp: Path) -> subprocess.Popen:
 def _device(broker_url: str, chunk: int, name: str):
     from edgeship.common.mqtt import MqttSession, SessionSettings
     from edgeship.agent.protocol import Topics
-    from edgeship.agent.transfer import MqttFetcher, TransferClient, TransferSettings
+    from edgeship.agent.update.transfer import MqttFetcher, TransferClient, TransferSettings
     holder = {}
     session = MqttSession(SessionSettings(url=broker_url, client_id=f"bench-{name}"),
                           on_message=lambda m: holder["c"].on_response(m))

@@ -1,8 +1,9 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from edgeship.agent.lifecycle import (TRANSITIONS, Event, RecordStore, State, TransitionError,
-                             UpdateRecord, next_state)
+from edgeship.agent.errors import TransitionError
+from edgeship.agent.update.records import RecordStore
+from edgeship.agent.update.table import TRANSITIONS, Event, State, UpdateRecord, next_state
 
 
 def test_happy_path_visits_every_step_in_order():
@@ -71,7 +72,7 @@ def test_blocked_versions_outlive_later_updates_and_old_records_still_load(tmp_p
 
 
 def test_fault_plan_fires_once_per_update_at_the_last_point_at_the_latest():
-    from edgeship.agent.faults import FaultInjectedError, parse_fault_plan
+    from tests.install.faults import FaultInjectedError, parse_fault_plan
 
     plan = parse_fault_plan("min_version=2;seed=1;staged:error:0")
     plan.point("staged", 1, last=True)  # below min_version: nothing

@@ -49,12 +49,14 @@ class AgentProcess:
         self.log = self.state_dir / "agent.log"
 
     def start(self, fault: str = "") -> "AgentProcess":
-        env = dict(os.environ, EDGESHIP_FAULT=fault, PYTHONPATH=str(ROOT))
+        """``fault``: the test's fault plan (tests/install/faults.py), handed to the
+        install observer of this process only."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.log, "ab") as log:
-            log.write(f"--- start, EDGESHIP_FAULT={fault!r}\n".encode())
+            log.write(f"--- start, fault plan {fault!r}\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.install.agent_main", str(self.config)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "tests.install.agent_main", str(self.config),
+                 "--fault", fault], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def wait_exit(self, timeout_s: float = 60) -> int:

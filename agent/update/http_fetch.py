@@ -17,8 +17,8 @@ from urllib.parse import quote
 import urllib3
 from tuf.api import exceptions as tuf_exc
 
-from edgeship.agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
-from edgeship.agent.transfer import RESUME_SUFFIX, RateLimiter, discard_resume
+from edgeship.agent.update.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
+from edgeship.agent.update.transfer import RESUME_SUFFIX, RateLimiter, discard_resume
 
 logger = logging.getLogger(__name__)
 

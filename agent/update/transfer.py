@@ -28,7 +28,7 @@ from urllib.parse import quote
 from tuf.api import exceptions as tuf_exc
 
 from edgeship.agent import protocol
-from edgeship.agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
+from edgeship.agent.update.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
 from edgeship.agent.errors import Reason, TransferError
 from edgeship.common.mqtt import Message
 
