@@ -224,7 +224,7 @@ class InferenceHTTPServer(_ApiMixin, ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
 
 class InferenceUnixServer(_ApiMixin, socketserver.ThreadingUnixStreamServer):

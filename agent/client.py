@@ -15,7 +15,7 @@ import io
 import json
 import socket
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class AgentClient:
 
     def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
         parsed = urllib.parse.urlparse(url)
+        self._factory: Callable[[], http.client.HTTPConnection]
         if parsed.scheme == "unix":
             self._factory = lambda: _UnixConnection(parsed.path, timeout_s)
         elif parsed.scheme == "http" and parsed.hostname:

@@ -403,8 +403,8 @@ class UpdateDriver:
             self.server.swap(work.loaded)
             v = installed.variant
             self._report(record, StatusEvent.SERVING, variant=v.id, precision=v.precision)
-        installed, loaded = work.installed, work.loaded
-        if installed is None or loaded is None or installed.version != record.version:
+        current, loaded = work.installed, work.loaded
+        if current is None or loaded is None or current.version != record.version:
             raise EdgeshipError("the version on trial is not the one being served",
                                 reason_code=Reason.INTERRUPTED)
         self.steps.watch_trial(record.model, record.version, self.superseded,

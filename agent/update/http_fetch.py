@@ -74,7 +74,7 @@ class HttpFetcher(FetcherInterface):
         out = open(part, "ab") if part is not None else None
         keep = False
         try:
-            if offset:
+            if offset and part is not None:
                 with open(part, "rb") as f:
                     data = f.read(offset)
                 self.bytes_resumed += len(data)

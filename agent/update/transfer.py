@@ -324,7 +324,7 @@ class MqttFetcher(FetcherInterface):
         complete = False
         window: collections.deque[Pending] = collections.deque()  # requests in flight
         try:
-            if offset:
+            if offset and part is not None:
                 yield from self._replay(part, offset)
             chunk = first
             size = self._client.settings.chunk_bytes

@@ -151,7 +151,7 @@ class MqttSession:
                              protocol=paho.MQTTv5)
         # paho waits min(2 * previous, max) between attempts, without jitter: before each
         # wait we set both bounds to our next jittered delay (see _schedule_retry).
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_min_s)
+        _set_delay(client, s.reconnect_min_s)
         client.max_queued_messages_set(10_000)
         if s.tls is not None or self._address.tls:
             if s.tls is None:
@@ -279,8 +279,7 @@ class MqttSession:
                     self.settings.client_id)
         _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
         self.backoff.reset()
-        self._client.reconnect_delay_set(self.settings.reconnect_min_s,
-                                         self.settings.reconnect_min_s)
+        _set_delay(self._client, self.settings.reconnect_min_s)
         self._subscribed.clear()
         if self._subscriptions:
             opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
@@ -308,7 +307,7 @@ class MqttSession:
         if self._loop is not None:
             self._loop.call_later(delay_s, self._connect_on_loop)
         else:
-            self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
+            _set_delay(self._client, delay_s)  # a lock and two floats
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [rc for rc in reason_codes if rc.is_failure]
@@ -337,6 +336,11 @@ class MqttSession:
         self._on_message_cb(Message(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos,
                                     retain=bool(msg.retain), response_topic=response_topic,
                                     correlation_data=correlation, user_properties=user))
+
+
+def _set_delay(client: paho.Client, delay_s: float) -> None:
+    """paho's next reconnect waits exactly ``delay_s`` (paho annotates int; it takes float)."""
+    client.reconnect_delay_set(delay_s, delay_s)  # type: ignore[arg-type]
 
 
 class _Ack:
