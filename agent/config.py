@@ -8,9 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.agent.errors import ConfigError
+from edgeship.agent.health import HealthLimits
+from edgeship.agent.spool import SpoolSettings
+from edgeship.agent.telemetry import TelemetrySettings
+from edgeship.agent.update.settings import InstallSettings
+from edgeship.agent.update.transfer import TransferSettings
 from edgeship.common.config import read_toml, typed_values
 from edgeship.common.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
+
+_INSTALL = InstallSettings()
 
 
 @dataclass(frozen=True)
@@ -22,9 +29,9 @@ class AgentConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 8470
     api_enabled: bool = True  # false: no TCP API (e.g. many simulated agents per process)
-    telemetry_interval_s: float = 60.0
+    telemetry_interval_s: float = TelemetrySettings.interval_s
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    transfer_timeout_s: float = 10.0
+    transfer_timeout_s: float = TransferSettings.request_timeout_s
     max_model_bytes: int = 512 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024
     transfer_max_bytes_per_s: int = 0  # per-device download rate cap; 0 = unlimited
@@ -34,21 +41,21 @@ class AgentConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
-    # --- agent runtime (issue 5) ---
+    # --- agent runtime ---
     api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
-    spool_max_records: int = 10_000  # telemetry records kept while offline (oldest evicted)
-    spool_max_dead_letters: int = 1_000
+    spool_max_records: int = SpoolSettings.max_records  # kept offline (oldest evicted)
+    spool_max_dead_letters: int = SpoolSettings.max_dead_letters
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
     log_level: str = "info"
-    # --- safe install (issue 4) ---
-    trial_window_s: float = 30.0  # live-traffic trial after the health check; 0 = none
-    trial_min_requests: int = 20
-    trial_max_error_rate: float = 0.05
-    trial_max_crashes: int = 2  # agent restarts during one trial before it is reverted
-    max_update_restarts: int = 3  # restarts during one install before it is stopped
-    health_timeout_s: float = 60.0
+    # --- safe install (defaults: agent.update.settings, defined there once) ---
+    trial_window_s: float = _INSTALL.trial_window_s  # live-traffic trial; 0 = none
+    trial_min_requests: int = _INSTALL.trial_min_requests
+    trial_max_error_rate: float = _INSTALL.trial_max_error_rate
+    trial_max_crashes: int = _INSTALL.trial_max_crashes  # restarts in one trial: reverted
+    max_update_restarts: int = _INSTALL.max_update_restarts  # in one install: stopped
+    health_timeout_s: float = HealthLimits.timeout_s
     health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
 
     @property
