@@ -418,16 +418,20 @@ class UpdateDriver:
         return self.records.save(record.advance(Event.DONE))
 
     def _discard(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
         self._held.pop(record.model, None)
         if self.store.active_version(record.model) != record.version:
             self.remove_inactive(record.model, record.version)
         logger.info("discarded held %s v%s", record.model, record.version)
+        self._point(record, "removed", last=True)
         self._report(record, StatusEvent.DISCARDED)
         return self.records.save(record.advance(Event.DONE))
 
     def _revert(self, record: UpdateRecord, work: Work) -> UpdateRecord:
         self._point(record, "entered")
-        installed = self._installed(work)
+        installed = work.installed or self._kept(record)  # restarted: the kept copy again
+        if installed is None:
+            raise EdgeshipError("the kept version is gone", reason_code=Reason.INTERRUPTED)
         loaded = work.loaded or LoadedModel(installed, self.steps.load(installed))
         self.store.activate(record.model, record.version)
         self.server.swap(loaded)
