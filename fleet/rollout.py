@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
-from edgeship.agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError, TransitionError  # bad input: exit 2
 from edgeship.agent.protocol import StatusEvent
 
 
@@ -66,10 +66,6 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 ACTIVE = (S.RUNNING, S.ROLLING_BACK)
 FINAL = (S.ROLLED_BACK, S.ABORTED, S.DONE)
-
-
-class TransitionError(ConfigError):
-    """A command that does not apply in the rollout's current state (bad input: exit 2)."""
 
 
 def transition(state: State, event: Event) -> State:
