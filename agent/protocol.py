@@ -343,7 +343,7 @@ def status_event(device: str, event: StatusEvent, *, model: str | None = None,
                  version: int | None = None, reason: str | None = None,
                  detail: str | None = None, **extra: Any) -> bytes:
     """Device → fleet status event (QoS 1, not retained): a lifecycle step or a rejection."""
-    body: dict[str, Any] = {"device": device, "event": StatusEvent(event).value, **extra}
+    body: dict[str, Any] = {"device": device, "event": str(event), **extra}
     for key, value in (("model", model), ("version", version), ("reason", reason),
                        ("detail", detail)):
         if value is not None:
