@@ -400,7 +400,7 @@ class UpdateDriver:
             self._point(record, "warmed")
             self.store.activate(record.model, record.version)
             self._point(record, "activated")
-            self.server.swap(work.loaded)
+            self.server.swap(work.loaded, keep_previous=True)  # by version in the trial
             v = installed.variant
             self._report(record, StatusEvent.SERVING, variant=v.id, precision=v.precision)
         current, loaded = work.installed, work.loaded
@@ -413,6 +413,7 @@ class UpdateDriver:
         return self._step(record, Event.PASSED)
 
     def _committed(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self.server.drop_kept(record.model)
         self.store.prune(record.model)
         self._point(record, "committed", last=True)
         return self.records.save(record.advance(Event.DONE))
@@ -488,8 +489,9 @@ class UpdateDriver:
             previous = record.previous_version
             if previous is not None and previous in self.store.versions(model):
                 installed = self.store.load(model, previous)
-                serving = self.server.find(model)
-                loaded = self.steps.warm(installed) if serving is not None else None
+                serving, kept = self.server.find(model), self.server.kept(model)
+                loaded = None if serving is None else kept if kept is not None and \
+                    kept.installed.version == previous else self.steps.warm(installed)
                 self.store.activate(model, previous)
                 if loaded is not None:
                     self.server.swap(loaded)
