@@ -152,9 +152,18 @@ class HoldDriver(Driver):
         self.active = version - 1
         self.assert_serving()
 
+    def boot(self) -> "HoldDriver":
+        """Start the agent and wait until it listens: the next device's broker then cannot
+        draw the API port this one was given."""
+        self.agent.start(self.plan(2))
+        wait_until(lambda: self.agent.log.exists() and b"serving on" in
+                   self.agent.log.read_bytes(), 60, f"{self.device} to listen")
+        return self
+
     def run(self, rounds: int) -> None:
         try:
-            self.start_serving_v1(self.plan(2))
+            self.fleet.release(self.model, 1, models.good(1))
+            self.settle(1)
             for i in range(rounds):
                 self.round(2 + i)  # revert rows: install v, go back to the kept v-1
         except BaseException as e:
@@ -171,7 +180,7 @@ ROWS = [("health_check", "kill"), ("held", "kill"), ("commit", "kill"), ("discar
 
 
 def test_kill_9_and_errors_in_the_hold_commit_discard_and_revert_states(tmp_path):
-    drivers = [HoldDriver(tmp_path, state, kind) for state, kind in ROWS]
+    drivers = [HoldDriver(tmp_path, state, kind).boot() for state, kind in ROWS]
     with ThreadPoolExecutor(max_workers=len(drivers)) as pool:
         futures = [pool.submit(d.run, ROUNDS) for d in drivers]
     errors = [str(f.exception()) for f in futures if f.exception() is not None]
