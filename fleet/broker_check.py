@@ -1,7 +1,7 @@
 """``edgeship broker check URL``: probe a broker for the MQTT 5 features edgeship uses and
 say in which mode edgeship will run on it (or why it cannot run at all).
 
-Every probe uses real sessions (``agent.mqtt.MqttSession``) on topics under
+Every probe uses real sessions (``edgeship.common.mqtt.MqttSession``) on topics under
 ``edgeship/v1/check/<random>/``, so a locked-down broker must let the identity used here
 (a fleet or operator login) publish and subscribe there. With ``--also URL`` (another node
 of the same cluster) every message crosses nodes: published on the first URL, received on
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from edgeship.agent.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
+from edgeship.common.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
                                  SessionSettings, TlsSettings)
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CONTROL_BYTES, TOPIC_ROOT
 

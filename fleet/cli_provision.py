@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edgeship.agent.mqtt import BrokerAddress
+from edgeship.common.mqtt import BrokerAddress
 from edgeship.fleet.broker_config import refresh_acl_and_crl, write_broker_config
 from edgeship.fleet.pki import CertificateAuthority, identity_for
 from edgeship.fleet.provision import EnrollmentSettings, build_enrollment, write_boot_partition
@@ -194,7 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         settings = CheckSettings(url=args.url, other_url=args.also, username=login.username,
                                  password=login.password, tls=_tls(args),
                                  timeout_s=args.timeout_s)
-        mqtt_log = logging.getLogger("edgeship.agent.mqtt")
+        mqtt_log = logging.getLogger("edgeship.common.mqtt")
         level = mqtt_log.level
         if not getattr(args, "verbose", False):  # the table says it; no reconnect chatter
             mqtt_log.setLevel(logging.CRITICAL)

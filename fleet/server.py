@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError, EdgeshipError, ProtocolError
-from edgeship.agent.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
-                                 SessionSettings, TlsSettings)
+from edgeship.common.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
+                                  SessionSettings, TlsSettings)
 from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
 from edgeship.fleet.catch_up import catch_up, running_versions

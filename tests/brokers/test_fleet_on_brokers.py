@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from edgeship.agent.mqtt import BrokerFeatures
+from edgeship.common.mqtt import BrokerFeatures
 from edgeship.agent.protocol import Topics
 from edgeship.fleet.server import FleetServer, FleetSettings
 from tests.brokers.conftest import PASSWORD, USER

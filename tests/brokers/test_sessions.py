@@ -13,7 +13,7 @@ import pytest
 
 from edgeship.agent.config import config_from_dict
 from edgeship.agent.errors import ConfigError
-from edgeship.agent.mqtt import SUBACK_TIMEOUT, MqttSession, SessionSettings
+from edgeship.common.mqtt import SUBACK_TIMEOUT, MqttSession, SessionSettings
 from tests.brokers.conftest import HANG, PASSWORD, USER
 from tests.support import wait_until
 
@@ -32,7 +32,7 @@ def test_refused_and_unanswered_filters_cost_only_themselves(aedes, caplog):
                                     session_expiry_s=0, subscribe_timeout_s=1.5),
                     on_message=inbox.put, on_connect=lambda: ready.append(1),
                     on_subscribe_result=lambda f, c: results.append((f, c)))
-    with caplog.at_level(logging.WARNING, logger="edgeship.agent.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="edgeship.common.mqtt"):
         s.start([("ok/+", 1), ("$share/g/shared/+", 1), (f"{HANG}x", 1)])
         try:
             assert s.wait_subscribed(10)
@@ -53,7 +53,7 @@ def test_refused_and_unanswered_filters_cost_only_themselves(aedes, caplog):
 def test_login_with_a_password_and_a_clear_refusal_without_one(aedes_login, tmp_path, caplog):
     good = _session(aedes_login.url, "t-login", username=USER, password=PASSWORD)
     bad = _session(aedes_login.url, "t-nologin", reconnect_min_s=5, reconnect_max_s=5)
-    with caplog.at_level(logging.WARNING, logger="edgeship.agent.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="edgeship.common.mqtt"):
         good.start()
         bad.start()
         try:
@@ -89,7 +89,7 @@ def test_a_connection_dropped_right_after_connack_backs_off(shared_broker, caplo
     and reconnected twice a second forever; now the wait grows to the cap."""
     pair = [_session(shared_broker.url, "t-same-id", reconnect_min_s=0.05,
                      reconnect_max_s=0.4) for _ in range(2)]
-    with caplog.at_level(logging.WARNING, logger="edgeship.agent.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="edgeship.common.mqtt"):
         for s in pair:
             s.start()
         try:

@@ -1,31 +1,28 @@
-"""The only module that imports paho. MQTT 5, callback API version 2.
+"""The MQTT 5 session (callback API version 2); with ``mqtt_loop``, the only paho importer.
 
 paho's callbacks run on paho's network thread. They never block and never take an
 application lock: they hand each message to the owner's ``on_message`` (which must be
-just as quick, e.g. ``queue.put_nowait``) and record PUBACK reason codes.
-Subscriptions are re-made on every (re)connect.
+just as quick, e.g. ``queue.put_nowait``) and hand PUBACK reason codes to the waiter
+registered for that message id (a lock held only for a dict operation guards the table).
+Subscriptions are re-made on every (re)connect, one SUBSCRIBE per filter.
 
-By default each session runs paho's own network thread. A :class:`SharedLoop` instead
-drives the sockets of many sessions from one selector thread through paho's external-loop
-API (``loop_read``/``loop_write``/``loop_misc``): a gateway, or a simulator with hundreds of
-agents per process, pays one network thread instead of one per connection.
+By default each session runs paho's own network thread; a
+:class:`~edgeship.common.mqtt_loop.SharedLoop` drives many sessions from one thread.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import functools
 import logging
 import random
-import selectors
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,7 +32,17 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeship.agent.errors import ConfigError, TransferError, Reason
 
+if TYPE_CHECKING:
+    from edgeship.common.mqtt_loop import SharedLoop
+
 logger = logging.getLogger(__name__)
+
+#: Reconnect backoff bounds: the one definition (the agent's config defaults to these too).
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 60.0
+#: PUBACKs that arrived before ``publish_acked`` registered its waiter (a fast broker), kept
+#: for it; far fewer than the 65,535 message ids, so an entry never outlives its id's reuse.
+MAX_EARLY_ACKS = 1024
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ class SessionSettings:
     clean_start: bool = False
     session_expiry_s: int = 24 * 3600
     keepalive_s: int = 30
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_min_s: float = RECONNECT_MIN_S
+    reconnect_max_s: float = RECONNECT_MAX_S
     tls: TlsSettings | None = None
     will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
     username: str | None = None
@@ -105,8 +112,8 @@ class BrokerFeatures:
     session_present: bool = False
 
     @classmethod
-    def from_connack(cls, flags, properties) -> "BrokerFeatures":
-        def prop(name: str, default=None):
+    def from_connack(cls, flags: object, properties: Properties | None) -> "BrokerFeatures":
+        def prop(name: str, default: int | None = None) -> Any:
             return getattr(properties, name, default) if properties is not None else default
         return cls(shared_subscriptions=bool(prop("SharedSubscriptionAvailable", 1)),
                    retain_available=bool(prop("RetainAvailable", 1)),
@@ -180,7 +187,9 @@ class MqttSession:
         self._connected_at: float | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
-        self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
+        self._ack_lock = threading.Lock()  # guards the two tables below, never held long
+        self._ack_waiters: dict[int, _Ack] = {}  # mid -> its publish_acked waiter
+        self._early_acks: OrderedDict[int, int] = OrderedDict()  # mid -> reason code
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.reconnects = 0
         self._stopping = False
@@ -196,7 +205,7 @@ class MqttSession:
                              protocol=paho.MQTTv5)
         # paho waits min(2 * previous, max) between attempts, without jitter: before each
         # wait we set both bounds to our next jittered delay (see _schedule_retry).
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_min_s)
+        _set_delay(client, s.reconnect_min_s)
         client.max_queued_messages_set(10_000)
         if s.tls is not None or self._address.tls:
             if s.tls is None:
@@ -279,10 +288,9 @@ class MqttSession:
         """Drop the connection without a DISCONNECT packet, as a crash or a cut cable
         would (the broker then publishes the will); no reconnect follows."""
         self._stopping = True
-        sock = self._client.socket()
-        if sock is not None:
+        raw = _raw_socket(self._client.socket())
+        if raw is not None:
             try:
-                raw = getattr(sock, "_sock", sock)
                 raw.shutdown(socket.SHUT_RDWR)
             except OSError as e:
                 logger.debug("abort: %s", e)
@@ -320,14 +328,27 @@ class MqttSession:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise TransferError(f"publish to {topic} not sent (rc={info.rc})",
                                 reason_code=Reason.TRANSFER_FAILED)
+        ack = _Ack()
+        with self._ack_lock:  # the PUBACK may have come already: then it waits in _early
+            ack.code = self._early_acks.pop(info.mid, None)
+            if ack.code is None:
+                self._ack_waiters[info.mid] = ack
         try:
-            info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError) as e:
-            raise TransferError(f"publish to {topic} failed: {e}") from e
-        if not info.is_published():
-            raise TransferError(f"no PUBACK for {topic} within {timeout_s}s",
-                                reason_code=Reason.TRANSFER_TIMEOUT)
-        return self._acks.pop(info.mid, 0)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError) as e:
+                raise TransferError(f"publish to {topic} failed: {e}") from e
+            if not info.is_published():
+                raise TransferError(f"no PUBACK for {topic} within {timeout_s}s",
+                                    reason_code=Reason.TRANSFER_TIMEOUT)
+            with self._ack_lock:  # paho calls on_publish before it marks the info published
+                code = ack.code
+            if code is None:
+                raise TransferError(f"the PUBACK for {topic} carried no reason code")
+            return code
+        finally:
+            with self._ack_lock:
+                self._ack_waiters.pop(info.mid, None)
 
     # --- paho callbacks (paho's thread: hand over, never block) ----------------------
 
@@ -347,8 +368,7 @@ class MqttSession:
         _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
         # the backoff is reset only once the connection proved stable (_handle_disconnect):
         # a broker that accepts and then drops us at once must not be hammered
-        self._client.reconnect_delay_set(self.settings.reconnect_min_s,
-                                         self.settings.reconnect_min_s)
+        _set_delay(self._client, self.settings.reconnect_min_s)
         self._subscribed.clear()
         with self._sub_lock:
             self._generation += 1
@@ -361,7 +381,7 @@ class MqttSession:
         for topic_filter, qos in wanted:
             self._send_subscribe(client, topic_filter, qos, self._generation)
         self._after(self.settings.subscribe_timeout_s,
-                    lambda gen=self._generation: self._check_subacks(gen))
+                    functools.partial(self._check_subacks, self._generation))
 
     def _wanted_subscriptions(self, features: BrokerFeatures) -> list[tuple[str, int]]:
         spec = self._subscriptions
@@ -371,10 +391,11 @@ class MqttSession:
             seen.setdefault(topic_filter, qos)
         return list(seen.items())
 
-    def _send_subscribe(self, client, topic_filter: str, qos: int, generation: int) -> None:
+    def _send_subscribe(self, client: paho.Client, topic_filter: str, qos: int,
+                        generation: int) -> None:
         with self._sub_lock:
             rc, mid = client.subscribe([(topic_filter, SubscribeOptions(qos=qos))])
-            if rc == paho.MQTT_ERR_SUCCESS:
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
                 self._pending[mid] = (topic_filter, generation)
         if rc != paho.MQTT_ERR_SUCCESS:
             logger.warning("SUBSCRIBE %s not sent (rc=%s)", topic_filter, rc)
@@ -441,7 +462,7 @@ class MqttSession:
         if self._loop is not None:
             self._loop.call_later(delay_s, self._connect_on_loop)
         else:
-            self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
+            _set_delay(self._client, delay_s)  # a lock and two floats
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._sub_lock:
@@ -462,9 +483,14 @@ class MqttSession:
             self._settled()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._acks[mid] = reason_code.value
-        if len(self._acks) > 10_000:  # nobody collected these: bound the table
-            self._acks.clear()
+        with self._ack_lock:
+            ack = self._ack_waiters.get(mid)
+            if ack is not None:
+                ack.code = reason_code.value
+                return
+            self._early_acks[mid] = reason_code.value  # nobody waits (yet): bounded
+            while len(self._early_acks) > MAX_EARLY_ACKS:
+                self._early_acks.popitem(last=False)
 
     def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         props = msg.properties
@@ -479,169 +505,32 @@ class MqttSession:
                                     correlation_data=correlation, user_properties=user))
 
 
-def _set_nodelay(sock) -> None:
+def _set_delay(client: paho.Client, delay_s: float) -> None:
+    """paho's next reconnect waits exactly ``delay_s`` (paho annotates int; it takes float)."""
+    client.reconnect_delay_set(delay_s, delay_s)  # type: ignore[arg-type]
+
+
+class _Ack:
+    """One ``publish_acked`` waiting for the PUBACK of its message id."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+
+
+def _set_nodelay(sock: object) -> None:
     """Chunk request/response is stop-and-wait: without TCP_NODELAY each small request
     waits for the peer's delayed ACK (~40 ms on Linux), capping throughput."""
-    import socket as _socket
+    raw = _raw_socket(sock)
     try:
-        raw = getattr(sock, "_sock", sock)  # unwrap paho's websocket wrapper, if any
-        raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as e:
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:
         logger.debug("TCP_NODELAY not set: %s", e)
 
 
-class SharedLoop:
-    """One thread runs the network I/O of many :class:`MqttSession` objects (each keeps its
-    own client id, socket, session and keepalive) through paho's external-loop API.
-
-    Selector state is touched only on the loop thread; other threads hand work over with
-    :meth:`call_soon` (a lock, a deque and a wake-up byte). Every ``misc_interval_s`` each
-    client gets ``loop_misc`` (keepalive PINGREQs, keepalive timeouts)."""
-
-    def __init__(self, *, misc_interval_s: float = 1.0, name: str = "edgeship-mqtt-shared"):
-        self.misc_interval_s = misc_interval_s
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        for sock in (self._wake_r, self._wake_w):
-            sock.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._lock = threading.Lock()
-        self._calls: deque[Callable[[], None]] = deque()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # loop thread only
-        self._order = itertools.count()
-        self._clients: set[paho.Client] = set()  # loop thread only
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    # --- any thread ------------------------------------------------------------------
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        if self._on_loop():
-            fn()
-            return
-        with self._lock:
-            self._calls.append(fn)
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending (buffer full) or the loop closed
-
-    def attach(self, client: paho.Client) -> None:
-        client.on_socket_open = self._socket_open
-        client.on_socket_close = self._socket_close
-        client.on_socket_register_write = self._register_write
-        client.on_socket_unregister_write = self._unregister_write
-        self.call_soon(lambda: self._clients.add(client))
-
-    def detach(self, client: paho.Client, *, wait_s: float) -> None:
-        """Stop driving ``client``, after up to ``wait_s`` for its queued packets (e.g. a
-        DISCONNECT) to leave and its socket to close."""
-        deadline = time.monotonic() + wait_s
-        while client.socket() is not None and time.monotonic() < deadline \
-                and not self._on_loop():
-            time.sleep(0.01)
-
-        def drop() -> None:
-            self._clients.discard(client)
-            sock = client.socket()
-            if sock is not None:
-                self._unregister(sock)
-                client._sock_close()  # noqa: SLF001 - paho has no public close
-        self.call_soon(drop)
-
-    def stop(self) -> None:
-        self._stopped = True
-        self.call_soon(lambda: None)
-        self._thread.join(timeout=5)
-
-    # --- loop thread -----------------------------------------------------------------
-
-    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
-        self.call_soon(lambda: heapq.heappush(
-            self._timers, (time.monotonic() + delay_s, next(self._order), fn)))
-
-    def _on_loop(self) -> bool:
-        return threading.get_ident() == self._thread.ident
-
-    def _run(self) -> None:
-        next_misc = time.monotonic() + self.misc_interval_s
-        while not self._stopped:
-            now = time.monotonic()
-            timeout_s = min(next_misc, self._timers[0][0] if self._timers else next_misc) - now
-            for key, events in self._selector.select(max(0.0, timeout_s)):
-                self._ready(key, events)
-            self._run_calls()
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                self._guard(heapq.heappop(self._timers)[2])
-            if now >= next_misc:
-                next_misc = now + self.misc_interval_s
-                for client in list(self._clients):
-                    self._guard(client.loop_misc)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _ready(self, key: selectors.SelectorKey, events: int) -> None:
-        if key.data is None:  # the wake-up socket
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
-            return
-        client: paho.Client = key.data
-        if events & selectors.EVENT_READ:
-            self._guard(client.loop_read)
-        if events & selectors.EVENT_WRITE and client.socket() is key.fileobj:
-            self._guard(client.loop_write)
-
-    def _run_calls(self) -> None:
-        with self._lock:
-            calls, self._calls = self._calls, deque()
-        for fn in calls:
-            self._guard(fn)
-
-    @staticmethod
-    def _guard(fn: Callable[[], object]) -> None:
-        try:
-            fn()
-        except Exception:  # one client's failure must not stop the others' network
-            logger.exception("shared MQTT loop: %s failed", getattr(fn, "__name__", fn))
-
-    def _set_events(self, sock, client: paho.Client, events: int) -> None:
-        try:
-            self._selector.modify(sock, events, client)
-        except (KeyError, ValueError):
-            if sock.fileno() >= 0:
-                self._selector.register(sock, events, client)
-
-    def _unregister(self, sock) -> None:
-        try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
-    # --- paho's socket callbacks -------------------------------------------------------
-
-    def _socket_open(self, client, userdata, sock) -> None:
-        self.call_soon(lambda: self._set_events(sock, client, selectors.EVENT_READ))
-
-    def _socket_close(self, client, userdata, sock) -> None:
-        self.call_soon(lambda: self._unregister(sock))
-
-    def _register_write(self, client, userdata, sock) -> None:
-        self.call_soon(lambda: self._set_events(
-            sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            if client.socket() is sock else None)
-
-    def _unregister_write(self, client, userdata, sock) -> None:
-        def apply() -> None:
-            if client.socket() is not sock:
-                return
-            if client.want_write():  # a publish raced with the drain: keep writing
-                client._registered_write = True  # noqa: SLF001 - paho's own flag
-                return
-            self._set_events(sock, client, selectors.EVENT_READ)
-        self.call_soon(apply)
+def _raw_socket(sock: object) -> socket.socket | None:
+    """paho's socket, unwrapped from its websocket wrapper, if any."""
+    raw = getattr(sock, "_sock", sock)
+    return raw if isinstance(raw, socket.socket) else None
