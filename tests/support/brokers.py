@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
-import random
 import re
 import shutil
 import socket
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeship.fleet.broker import free_port
+from tests.support.agent_process import listen_port
 
 AEDES_SOURCE = Path(__file__).parent / "aedes"
 AEDES_VERSION = "2.0.0-beta.1"
@@ -30,23 +29,6 @@ EJABBERD_USER = "ejabberd"  # ejabberdctl run as root switches to this user
 
 class BrokerUnavailable(RuntimeError):
     """The broker cannot be started here (a tool is missing); the message says which."""
-
-
-def listener_port() -> int:
-    """A free port below the kernel's ephemeral range (32768-60999 by default), for a
-    server that takes seconds to start (ejabberd) or is given its port up front (redis):
-    a port from ``free_port`` can be taken meanwhile as the local port of some outgoing
-    connection when a busy machine is short of ephemeral ports."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
 
 
 def _wait_listening(port: int, proc: subprocess.Popen | None, what: str,
@@ -136,7 +118,7 @@ class Redis:
         if not Path(binary).exists():
             raise BrokerUnavailable("redis-server not found: apt-get install redis-server")
         self.binary = binary
-        self.port = listener_port()
+        self.port = listen_port()
         self.dir = Path(tempfile.mkdtemp(prefix="edgeship-redis-"))
         self.proc: subprocess.Popen | None = None
 
@@ -278,7 +260,7 @@ class EjabberdNode:
             raise BrokerUnavailable("ejabberd nodes are started as root (ejabberdctl then "
                                     "runs them as the ejabberd user)")
         self.node = f"{name}@localhost"
-        self.port = listener_port()
+        self.port = listen_port()
         self.dir = root / name
         for sub in ("conf", "spool", "logs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
