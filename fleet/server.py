@@ -94,6 +94,7 @@ class FleetStats:
     stopped: int = 0  # answered 410 (kill switch)
     paced: int = 0  # answers delayed by the per-device byte-rate cap
     not_mine: int = 0  # requests/reports of devices another fleet server owns
+    connections: int = 0  # device connections seen coming online (each checked for catch-up)
     catch_ups: int = 0  # devices re-sent their desired state/announcements on coming online
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -439,8 +440,8 @@ class FleetServer:
         for out in messages:
             self._session.publish(out.topic, out.payload, qos=QOS_AT_LEAST_ONCE,
                                   retain=out.retain)
+        self.stats.bump(connections=1, catch_ups=1 if messages else 0)
         if messages:
-            self.stats.bump(catch_ups=1)
             logger.info("%s is online: re-sent %d message(s)", device, len(messages))
 
     def _refresher(self) -> None:
