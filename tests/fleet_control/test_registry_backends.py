@@ -111,19 +111,3 @@ def test_rollouts_and_audit_log(registry_target):
     assert len(reg.audit_log()) == 3
     assert reg.backend in ("sqlite", "postgresql")
     reg.close()
-
-
-def test_a_registry_created_before_hold_existed_gains_the_column(registry_target):
-    from edgeship.fleet.db import open_backend
-    old = open_backend(registry_target)
-    old.execute("CREATE TABLE desired (device TEXT NOT NULL, model TEXT NOT NULL, "
-                "version INTEGER NOT NULL, seq INTEGER NOT NULL, rollout TEXT, "
-                "updated_at REAL NOT NULL, PRIMARY KEY (device, model))")
-    old.execute("INSERT INTO desired VALUES ('pi-1', 'digits', 1, 4, NULL, 5.0)")
-    old.close()
-    reg = _reg(registry_target)
-    [kept] = reg.desired()
-    assert (kept.version, kept.seq, kept.hold) == (1, 4, False)
-    held, changed = reg.set_desired("pi-1", "digits", 2, hold=True)
-    assert changed and held.hold and held.seq == 5
-    reg.close()
