@@ -163,6 +163,7 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     server = FleetServer(FleetSettings(mqtt_url=args.mqtt, repo_dir=Path(args.repo),
                                        db_path=args.db if is_url(args.db) else Path(args.db),
                                        http_port=args.http_port, http_host=args.http_host,
+                                       http=_web_settings(args),
                                        workers=args.workers,
                                        max_transfers=args.max_transfers,
                                        max_device_bytes_per_s=args.max_device_bytes_per_s,
@@ -173,6 +174,22 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop()
     return EXIT_OK
+
+
+def _web_settings(args: argparse.Namespace):
+    from edgeship.fleet.web.server import WebSettings
+    if (args.http_tls_cert is None) != (args.http_tls_key is None):
+        raise ConfigError("--http-tls-cert and --http-tls-key go together",
+                          key="http_tls_cert")
+    if args.http_client_ca is not None and args.http_tls_cert is None:
+        raise ConfigError("--http-client-ca needs --http-tls-cert/--http-tls-key",
+                          key="http_client_ca")
+    for key in ("http_tls_cert", "http_tls_key", "http_client_ca"):
+        path = getattr(args, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--{key.replace('_', '-')} {path}: no such file", key=key)
+    return WebSettings(allowed_hosts=tuple(args.http_allowed_host), tls_cert=args.http_tls_cert,
+                       tls_key=args.http_tls_key, client_ca=args.http_client_ca)
 
 
 def _models_text(models: object) -> str:
@@ -327,6 +344,16 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--http-port", type=int,
                        help="serve the dashboard, REST API and /metrics on this port")
     serve.add_argument("--http-host", default="127.0.0.1", help="address for --http-port")
+    serve.add_argument("--http-allowed-host", action="append", default=[], metavar="NAME",
+                       help="a name clients use for this server (Host header); loopback "
+                       "names and --http-host are always allowed; anything else is refused "
+                       "(DNS rebinding)")
+    serve.add_argument("--http-tls-cert", type=Path,
+                       help="serve the dashboard and API over HTTPS with this certificate")
+    serve.add_argument("--http-tls-key", type=Path, help="its private key")
+    serve.add_argument("--http-client-ca", type=Path,
+                       help="also require a client certificate signed by this CA (the fleet "
+                       "CA: edgeship broker ca-init/issue) — mutual TLS, on top of tokens")
     serve.add_argument("--keys", type=Path,
                        help="keys directory: re-sign the timestamp periodically")
     serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
@@ -346,6 +373,8 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     kill.add_argument("--resume", action="store_true", help="lift the stop instead")
     kill.add_argument("--json", action="store_true", help="print JSON")
     kill.set_defaults(func=cmd_fleet_stop_release)
+    from edgeship.fleet import cli_tokens
+    cli_tokens.add_parsers(sub)
     status = sub.add_parser("status", help="show devices from the registry")
     status.add_argument("--db", required=True,
                         help="registry: SQLite file or postgresql:// URL")

@@ -189,6 +189,13 @@ class RegistryReads:
             desired.setdefault(dev, {})[model] = version
         return desired
 
+    def offline_since(self, ids: Iterable[str]) -> dict[str, float]:
+        """Offline devices among ``ids`` -> when each was last seen."""
+        wanted = set(ids)
+        rows = self._rows(select(t.devices.c.id, t.devices.c.last_seen)
+                          .where(t.devices.c.online == 0))
+        return {d: seen for d, seen in rows if d in wanted}
+
     def fleet_summary(self) -> dict[str, Any]:
         """Counts for the dashboard's header: devices, online, per profile, per version
         running (grouped in SQL by the reported ``models`` text: few distinct values)."""

@@ -9,6 +9,7 @@ logged, never fatal.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import secrets
@@ -16,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from edgeship.agent.errors import EdgeshipError, ProtocolError
 from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
@@ -56,6 +58,7 @@ class FleetSettings:
     rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
     http_host: str = "127.0.0.1"
+    http: Any = None  # fleet.web.server.WebSettings (TLS, allowed hosts, caps); host/port above
 
 
 @dataclass
@@ -137,8 +140,11 @@ class FleetServer:
                                 f"within {self.settings.connect_timeout_s}s")
         self.rollouts.start()
         if self.settings.http_port is not None:
-            from edgeship.fleet.web.server import FleetWebServer
-            self.web = FleetWebServer(self, self.settings.http_host, self.settings.http_port)
+            from edgeship.fleet.web.server import FleetWebServer, WebSettings
+            web = dataclasses.replace(self.settings.http or WebSettings(),
+                                      host=self.settings.http_host,
+                                      port=self.settings.http_port)
+            self.web = FleetWebServer(self, web)
             self.web.start()
 
     def _spawn(self, target, name: str) -> None:
