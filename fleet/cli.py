@@ -135,7 +135,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             raise EdgeshipError(f"released {info.model} v{info.version} but the announcement "
                                 f"failed: {e}") from e
     if args.db:
-        registry = Registry(args.db)
+        registry = Registry(args.db if is_url(args.db) else Path(args.db))
         try:
             registry.add_release(info.model, info.version, info.released_at, "cli")
         finally:
@@ -320,7 +320,8 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--repo", required=True, type=Path, help="repository directory")
     rel.add_argument("--keys", required=True, type=Path, help="directory of private keys")
     rel.add_argument("--mqtt", help="broker URL: publish the retained release announcement")
-    rel.add_argument("--db", type=Path, help="fleet registry to record the release in")
+    rel.add_argument("--db", help="fleet registry to record the release in (SQLite file "
+                     "or postgresql:// URL)")
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
