@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"\nrelease -> every simulated device reporting the new version")
+    print("\nrelease -> every simulated device reporting the new version")
     print(f"{'registry':>10} {'devices':>8} {'seconds':>8} {'lost':>5} {'fleet cpu s':>12} "
           f"{'fleet peak MiB':>15} {'broker cpu s':>13} {'requests':>9} {'retries':>8} "
           f"{'load1':>6}")
@@ -234,7 +234,7 @@ def report(rows: list[dict]) -> None:
               f"{r['fleet_cpu_s']:>12.1f} {r['fleet_peak_rss_mb']:>15.1f} "
               f"{r['broker_cpu_s']:>13.1f} {r['sim']['requests']:>9} "
               f"{r['sim']['retries']:>8} {r['load1']:>6.2f}")
-    print(f"\ndashboard requests at that many rows (median ms of 20)")
+    print("\ndashboard requests at that many rows (median ms of 20)")
     print(f"{'registry':>10} " + " ".join(f"{k:>22}" for k in PAGES))
     for r in rows:
         print(f"{r['backend']:>10} " + " ".join(f"{r['pages_ms'][k]:>22.1f}" for k in PAGES))

@@ -5,7 +5,6 @@ open the registry (a file path or a ``postgresql://`` URL) administers its token
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from edgeship.fleet.auth import Role, TokenStore, parse_role
