@@ -153,7 +153,11 @@ class RolloutRunner:
         for doc in self.registry.rollouts():
             if doc["state"] in [s.value for s in FINAL] and doc.get("acted") == doc["state"]:
                 continue
-            rollout = Rollout.from_dict(doc)
+            try:
+                rollout = Rollout.from_dict(doc)
+            except (ConfigError, KeyError, TypeError, ValueError) as e:  # one bad record
+                logger.error("rollout %s: unreadable record, skipped: %s", doc.get("id"), e)
+                continue
             new = self.step(rollout)
             if new != rollout:
                 self._save(rollout, new)

@@ -134,8 +134,19 @@ class Api:
                 for m, v, at, by in self.registry.releases()]
 
     def rollouts(self, r: Request):
-        return [progress(self.registry, load(self.registry, d["id"]))
-                for d in self.registry.rollouts()]
+        return [self._progress(doc) for doc in self.registry.rollouts()]
+
+    def _progress(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """One rollout's progress; a record this release cannot read (an older one stored
+        a NaN in its policy, say) is listed with why, not allowed to hide the others."""
+        try:
+            return progress(self.registry, load(self.registry, doc["id"]))
+        except (ConfigError, KeyError, TypeError, ValueError) as e:
+            return {"id": doc.get("id"), "model": doc.get("model"), "state": doc.get("state"),
+                    "from_version": doc.get("from_version"),
+                    "to_version": doc.get("to_version"), "created_by": doc.get("created_by"),
+                    "reason": f"unreadable rollout record: {e}", "waves": [], "moved": 0,
+                    "serving": 0, "failed": 0, "devices": 0, "policy": {}, "phase": None}
 
     def rollout(self, r: Request):
         doc = progress(self.registry, load(self.registry, r.match.group(1)))

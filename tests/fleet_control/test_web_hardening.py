@@ -56,16 +56,18 @@ def test_the_api_never_answers_nan_even_for_a_record_that_holds_it(web):
     # a rollout written by an older release with NaN in its policy
     web.registry.save_rollout("r-old", "m", "aborted", {
         "id": "r-old", "model": "m", "from_version": 1, "to_version": 2,
-        "target": {"group": None, "tag": None}, "policy": {"soak_s": 30.0},
+        "target": {"group": None, "tag": None}, "policy": {"soak_s": float("nan")},
         "waves": [["pi-1"]], "created_by": "old", "created_at": 1.0, "state": "aborted",
         "verdicts": [{"wave": 0, "decision": "fail", "measured": {"ratio": float("nan")}}]})
     try:
-        for path in ("/api/v1/rollouts", "/api/v1/rollouts/r-old"):
-            reply = web.call("GET", path, token=web.tokens["read"])
-            assert reply.status == 200
-            text = reply.body.decode()
-            assert "NaN" not in text and "Infinity" not in text
-            reply.json()  # strict: a browser's JSON.parse accepts it
+        reply = web.call("GET", "/api/v1/rollouts", token=web.tokens["read"])
+        assert reply.status == 200
+        text = reply.body.decode()
+        assert "NaN" not in text and "Infinity" not in text
+        [old] = reply.json()  # strict: a browser's JSON.parse accepts it
+        assert old["id"] == "r-old" and "soak_s" in old["reason"]
+        one = web.call("GET", "/api/v1/rollouts/r-old", token=web.tokens["read"])
+        assert one.status == 400 and "soak_s" in one.json()["error"]
     finally:
         from edgeship.fleet import schema
         with web.registry.db.write() as conn:
