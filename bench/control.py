@@ -43,12 +43,8 @@ class Run:
         self.keys, self.repo = root / "keys", root / "repo"
         init_repository(self.keys, self.repo)
         self.broker = Mosquitto(extra_conf="log_dest none\nmax_connections -1\n").start()
-        self.port = free_port()
         Registry(db).close()  # migrations run before the clock starts
-        self.server = subprocess.Popen(
-            [*EDGESHIP, "fleet", "serve", "--mqtt", self.broker.url, "--repo", str(self.repo),
-             "--db", db, "--http-port", str(self.port), "--workers", str(workers)],
-            stdout=subprocess.DEVNULL, stderr=open(root / "fleet-server.log", "w"))
+        self.server = self._serve(workers)
         self.sims = [subprocess.Popen(
             [sys.executable, "-m", "bench.sim_devices", "--url", self.broker.url,
              "--first", str(first), "--count", str(min(per_process, size - first)),
@@ -57,13 +53,35 @@ class Run:
             stderr=open(root / f"sim-{first}.log", "w"))
             for first in range(0, size, per_process)]
 
+    def _serve(self, workers: int, tries: int = 3) -> subprocess.Popen:
+        """``fleet serve`` on a free port; another free port if that one was taken
+        between looking and binding (other work shares this machine)."""
+        for _ in range(tries):
+            self.port = free_port()
+            log = self.root / "fleet-server.log"
+            server = subprocess.Popen(
+                [*EDGESHIP, "fleet", "serve", "--mqtt", self.broker.url, "--repo",
+                 str(self.repo), "--db", self.db, "--http-port", str(self.port),
+                 "--workers", str(workers)], stdout=subprocess.PIPE, text=True,
+                stderr=open(log, "w"))
+            if server.stdout.readline().startswith("fleet server serving"):
+                return server
+            server.wait(30)
+        raise RuntimeError(f"fleet serve did not start: {log.read_text()[-500:]}")
+
+    def alive(self) -> None:
+        if self.server.poll() is not None:
+            raise RuntimeError("the fleet server exited: "
+                               f"{(self.root / 'fleet-server.log').read_text()[-500:]}")
+
     def ready(self, timeout_s: float) -> float:
         t0 = time.monotonic()
         for sim in self.sims:
             line = sim.stdout.readline()
             if not line.startswith("READY"):
                 raise RuntimeError(f"a simulator failed to start (see {self.root}/sim-*.log)")
-        wait(lambda: self.online() >= self.size, timeout_s, "every device online")
+        wait(lambda: self.online() >= self.size, timeout_s, "every device online",
+             every=self.alive)
         return time.monotonic() - t0
 
     def registry(self) -> Registry:
@@ -137,6 +155,7 @@ def measure(run: Run, bundle: Path, spread_s: float, timeout_s: float) -> dict:
         s.cpu0, s.peak_rss = proc_usage(pid)
 
     def sample():
+        run.alive()
         for s, pid in zip(samples, pids):
             s.cpu1, rss = proc_usage(pid)
             s.peak_rss = max(s.peak_rss, rss)
