@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4, help="fleet server worker threads")
     p.add_argument("--timeout-s", type=float, default=600.0)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill
     from tests.support.postgres import fresh_database, running_postgres
     from tests.support.synthetic import write_synthetic_bundle
     work = Path(tempfile.mkdtemp(prefix="edgeship-bench-control-"))

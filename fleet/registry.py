@@ -52,7 +52,9 @@ def _str_or_none(value: Any, limit: int = 1024) -> str | None:
 
 
 def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An integer a BIGINT column holds, else None (a 5,000-digit version is not one)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
+    return value if ok else None
 
 
 def _num_or_none(value: Any) -> float | None:
@@ -124,35 +126,66 @@ class Registry(RegistryReads):
 
     # --- what devices report ---------------------------------------------------------------
 
+    def add_reports(self, reports: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Store many device reports, ``(kind, device, message)`` with kind ``presence``,
+        ``status`` or ``telemetry``, in one transaction (the fleet server's writer batches
+        what arrives while it writes). A batch that fails is written one report at a time,
+        so one bad report loses only itself. Returns how many were stored."""
+        writers = {"presence": self._presence, "status": self._event,
+                   "telemetry": self._telemetry}
+        try:
+            with self.db.write() as conn:
+                for kind, device, msg in reports:
+                    writers[kind](conn, device, msg, self._clock())
+            stored = len(reports)
+        except Exception:
+            logger.warning("a batch of %d reports failed; storing them one by one",
+                           len(reports), exc_info=True)
+            stored = 0
+            for kind, device, msg in reports:
+                try:
+                    with self.db.write() as conn:
+                        writers[kind](conn, device, msg, self._clock())
+                    stored += 1
+                except Exception:
+                    logger.exception("could not store a %s report of %s", kind, device)
+        self._maybe_prune(stored)
+        return stored
+
     def upsert_presence(self, device: str, msg: dict[str, Any]) -> None:
+        with self.db.write() as conn:
+            self._presence(conn, device, msg, self._clock())
+
+    def _presence(self, conn, device: str, msg: dict[str, Any], now: float) -> None:
         d = t.devices.c
-        row = {"id": device, "online": int(presence_online(msg)), "last_seen": self._clock(),
+        row = {"id": device, "online": int(presence_online(msg)), "last_seen": now,
                "profile": _str_or_none(msg.get("profile")),
                "agent_version": _str_or_none(msg.get("agent_version")),
                "arch": _str_or_none(msg.get("arch"), 64), "models": json.dumps(msg.get("models"))}
         keep = {k: (lambda x, k=k: func.coalesce(x[k], d[k]))
                 for k in ("profile", "agent_version", "arch")}
-        with self.db.write() as conn:
-            conn.execute(self.db.upsert(t.devices, row, ["id"], {
-                "online": lambda x: x.online, "last_seen": lambda x: x.last_seen, **keep,
-                "models": lambda x: case((x.models == "null", d.models), else_=x.models)}))
+        conn.execute(self.db.upsert(t.devices, row, ["id"], {
+            "online": lambda x: x.online, "last_seen": lambda x: x.last_seen, **keep,
+            "models": lambda x: case((x.models == "null", d.models), else_=x.models)}))
 
     def add_event(self, device: str, msg: dict[str, Any]) -> None:
-        now = self._clock()
+        with self.db.write() as conn:
+            self._event(conn, device, msg, self._clock())
+        self._maybe_prune()
+
+    def _event(self, conn, device: str, msg: dict[str, Any], now: float) -> None:
         event = _str_or_none(msg.get("event"), 64)
         reason = _str_or_none(msg.get("reason"), 64)
         extra: dict[str, Any] = {"last_event": event, "last_event_ts": now}
         if event in FAILURE_EVENTS:
             extra.update(last_failure=reason or event, last_failure_ts=now)
-        with self.db.write() as conn:
-            self._touch(conn, device, now, **extra)
-            conn.execute(t.events.insert().values(
-                device=device, ts=now, event=event, model=_str_or_none(msg.get("model")),
-                version=_int_or_none(msg.get("version")), reason=reason,
-                detail=_str_or_none(msg.get("detail")), raw=json.dumps(msg)))
-            if event == "serving" and isinstance(msg.get("model"), str):
-                self._note_serving(conn, device, msg)
-        self._maybe_prune()
+        self._touch(conn, device, now, **extra)
+        conn.execute(t.events.insert().values(
+            device=device, ts=now, event=event, model=_str_or_none(msg.get("model")),
+            version=_int_or_none(msg.get("version")), reason=reason,
+            detail=_str_or_none(msg.get("detail")), raw=json.dumps(msg)))
+        if event == "serving" and isinstance(msg.get("model"), str):
+            self._note_serving(conn, device, msg)
 
     def _note_serving(self, conn, device: str, msg: dict[str, Any]) -> None:
         """A ``serving`` event updates what the device runs even before its presence."""
@@ -165,21 +198,21 @@ class Registry(RegistryReads):
                      .values(models=json.dumps(models)))
 
     def add_telemetry(self, device: str, msg: dict[str, Any]) -> None:
-        now = self._clock()
+        with self.db.write() as conn:
+            self._telemetry(conn, device, msg, self._clock())
+        self._maybe_prune()
+
+    def _telemetry(self, conn, device: str, msg: dict[str, Any], now: float) -> None:
         cpu, mem, temp = vitals(msg)
         seen = {} if cpu is None and mem is None and temp is None else {
             "cpu_percent": cpu, "memory_percent": mem, "temperature_c": temp, "vitals_ts": now}
-        with self.db.write() as conn:
-            self._touch(conn, device, now, **seen)
-            conn.execute(t.telemetry.insert().values(device=device, ts=now,
-                                                     raw=json.dumps(msg)))
-            rows = model_stat_rows(msg)
-            if rows:
-                keys = ("model", "version", "requests", "errors", "p50_ms", "p95_ms",
-                        "agreement")
-                conn.execute(t.model_stats.insert(), [
-                    {"device": device, "ts": now, **dict(zip(keys, r))} for r in rows])
-        self._maybe_prune()
+        self._touch(conn, device, now, **seen)
+        conn.execute(t.telemetry.insert().values(device=device, ts=now, raw=json.dumps(msg)))
+        rows = model_stat_rows(msg)
+        if rows:
+            keys = ("model", "version", "requests", "errors", "p50_ms", "p95_ms", "agreement")
+            conn.execute(t.model_stats.insert(), [
+                {"device": device, "ts": now, **dict(zip(keys, r))} for r in rows])
 
     def add_release(self, model: str, version: int, released_at: float,
                     by: str | None = None) -> None:
@@ -188,9 +221,9 @@ class Registry(RegistryReads):
                                                      "released_at": released_at, "by": by},
                                         ["model", "version"], ["released_at", "by"]))
 
-    def _maybe_prune(self) -> None:
-        self._inserts += 1
-        if self._inserts % self.settings.prune_every:
+    def _maybe_prune(self, inserts: int = 1) -> None:
+        before, self._inserts = self._inserts, self._inserts + inserts
+        if before // self.settings.prune_every == self._inserts // self.settings.prune_every:
             return
         with self.db.write() as conn:
             for table, keep in ((t.events, self.settings.max_event_rows),

@@ -43,7 +43,8 @@ class FleetSettings:
     db_path: Path
     client_id: str = ""  # empty: edgeship-fleet-<random>
     workers: int = 4
-    queue_max: int = 1000
+    queue_max: int = 20_000  # messages waiting for a worker; more are dropped (counted)
+    report_batch_max: int = 500  # device reports written in one registry transaction
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
     tls: TlsSettings | None = None
@@ -71,6 +72,7 @@ class FleetStats:
     no_response_topic: int = 0
     malformed: int = 0
     dropped: int = 0  # queue full
+    reports_dropped: int = 0  # the registry writer's queue stayed full
     records: int = 0  # presence/status/telemetry stored
     busy: int = 0  # answered 503 (concurrent-transfer cap)
     stopped: int = 0  # answered 410 (kill switch)
@@ -110,6 +112,8 @@ class FleetServer:
                                       tick_s=settings.rollout_tick_s)
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
+        # decoded reports for the one writer thread, which stores them in batches
+        self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
         self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
@@ -127,6 +131,7 @@ class FleetServer:
     def start(self, *, wait: bool = True) -> None:
         for i in range(self.settings.workers):
             self._spawn(self._worker, f"fleet-worker-{i}")
+        self._spawn(self._report_writer, "fleet-reports")
         self.pacer.start()
         if self.settings.keys_dir is not None:
             self._spawn(self._refresher, "fleet-timestamp")
@@ -164,6 +169,9 @@ class FleetServer:
         self._session.stop()
         for _ in range(self.settings.workers):
             self._queue.put(_STOP)  # workers drain what is queued, then stop
+        for thread in self._threads[:self.settings.workers]:
+            thread.join(timeout=10)
+        self._reports.put(_STOP)  # then the writer stores what they handed it
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
@@ -302,13 +310,35 @@ class FleetServer:
             self.stats.bump(malformed=1)
             logger.warning("malformed %s from %s: %s", kind, device, e)
             return
-        if kind == "presence":
-            self.registry.upsert_presence(device, body)
-        elif kind == "status":
-            self.registry.add_event(device, body)
-        else:
-            self.registry.add_telemetry(device, body)
-        self.stats.bump(records=1)
+        try:  # a worker may wait for the writer: paho's thread never does
+            self._reports.put((kind, device, body), timeout=self.settings.publish_timeout_s)
+        except queue.Full:
+            self.stats.bump(reports_dropped=1)
+            logger.warning("dropping a %s report of %s: the registry writer is behind",
+                           kind, device)
+
+    def _report_writer(self) -> None:
+        """The one thread that stores device reports: whatever queued up while it wrote
+        the last batch goes into the next transaction (up to ``report_batch_max``)."""
+        while True:
+            item = self._reports.get()
+            batch, stop = [], item is _STOP
+            while not stop:
+                batch.append(item)
+                if len(batch) >= self.settings.report_batch_max:
+                    break
+                try:
+                    item = self._reports.get_nowait()
+                except queue.Empty:
+                    break
+                stop = item is _STOP
+            if batch:
+                try:
+                    self.stats.bump(records=self.registry.add_reports(batch))
+                except Exception:  # the database is gone: count it, keep going
+                    logger.exception("could not store %d device reports", len(batch))
+            if stop:
+                return
 
     def _refresher(self) -> None:
         while not self._stopping.wait(self.settings.timestamp_refresh_s):

@@ -111,3 +111,27 @@ def test_rollouts_and_audit_log(registry_target):
     assert len(reg.audit_log()) == 3
     assert reg.backend in ("sqlite", "postgresql")
     reg.close()
+
+
+def test_reports_are_stored_in_batches_and_a_bad_one_loses_only_itself(registry_target):
+    reg = _reg(registry_target)
+    batch = [("presence", "pi-1", {"online": True, "profile": "rpi4",
+                                   "models": {"digits": {"version": 1}}}),
+             ("status", "pi-1", {"event": "failed", "model": "digits", "version": 2,
+                                 "reason": "disk_full"}),
+             ("telemetry", "pi-1", {"system": {"cpu_percent": 40.0, "temperature_c": 61.5,
+                                               "memory": {"used_percent": 33.0}}}),
+             ("status", "pi-2", {"event": "serving", "model": "digits", "version": 2})]
+    assert reg.add_reports(batch) == 4
+    pi1, pi2 = reg.devices()
+    assert (pi1.profile, pi1.last_failure, pi1.cpu_percent, pi1.temperature_c,
+            pi1.memory_percent) == ("rpi4", "disk_full", 40.0, 61.5, 33.0)
+    assert pi2.running("digits") == 2
+    bad = [("status", "pi-3", {"event": "serving", "model": "digits", "version": 3}),
+           ("status", "pi-4", {"event": "x", "version": 2 ** 70}),  # stored, version None
+           ("gossip", "pi-6", {}),  # not a report kind: the batch is retried one by one
+           ("presence", "pi-5", {"online": True})]
+    assert reg.add_reports(bad) == 3
+    assert [d.id for d in reg.devices()] == ["pi-1", "pi-2", "pi-3", "pi-4", "pi-5"]
+    assert reg.events("pi-4")[0].version is None
+    reg.close()
