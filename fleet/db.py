@@ -103,16 +103,17 @@ class Database:
             with conn.begin():
                 yield conn
 
-    def upsert(self, table: Table, values: dict[str, Any], keys: Sequence[str],
+    def upsert(self, table: Table, values: dict[str, Any] | None, keys: Sequence[str],
                update: Sequence[str] | dict[str, Any] = (), where: Any = None) -> Any:
         """``INSERT … ON CONFLICT (keys) DO UPDATE`` (or ``DO NOTHING`` without ``update``)
         in this backend's dialect. ``update``: column names to take from the new row, or
-        a mapping of column → expression (``stmt.excluded`` is passed to callables)."""
+        a mapping of column → expression (``stmt.excluded`` is passed to callables).
+        ``values`` None: no values in the statement (execute it with a list of rows)."""
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(table).values(**values)
+        stmt = insert(table) if values is None else insert(table).values(**values)
         if not update:
             return stmt.on_conflict_do_nothing(index_elements=list(keys))
         if isinstance(update, dict):

@@ -98,6 +98,25 @@ def vitals(msg: dict[str, Any]) -> tuple[float | None, float | None, float | Non
             _num_or_none(system.get("temperature_c")))
 
 
+class _Rows:
+    """Rows of a batch of reports grouped by statement: each group is executed once with
+    all its rows (one round trip with psycopg's pipeline, one ``executemany`` on SQLite),
+    in the order the groups were first used; ``serving`` notes run after them."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple, tuple[Any, list[dict[str, Any]]]] = {}
+        self.serving: list[tuple[str, str, dict[str, Any]]] = []
+
+    def add(self, key: tuple, statement: Any, row: dict[str, Any]) -> None:
+        if key not in self.groups:
+            self.groups[key] = (statement(), [])
+        self.groups[key][1].append(row)
+
+    def execute(self, conn: Any) -> None:
+        for stmt, rows in self.groups.values():
+            conn.execute(stmt, rows)
+
+
 class Registry(RegistryReads):
     def __init__(self, target: str | Path, settings: RegistrySettings = RegistrySettings(),
                  clock=time.time) -> None:
@@ -119,100 +138,105 @@ class Registry(RegistryReads):
     def close(self) -> None:
         self.db.close()
 
-    def _touch(self, conn, device: str, now: float, **columns: Any) -> None:
-        """Create the device if new; set ``last_seen`` (and ``columns``)."""
-        conn.execute(self.db.upsert(t.devices, {"id": device, "last_seen": now, **columns},
-                                    ["id"], ["last_seen", *columns]))
-
     # --- what devices report ---------------------------------------------------------------
 
     def add_reports(self, reports: list[tuple[str, str, dict[str, Any]]]) -> int:
         """Store many device reports, ``(kind, device, message)`` with kind ``presence``,
-        ``status`` or ``telemetry``, in one transaction (the fleet server's writer batches
-        what arrives while it writes). A batch that fails is written one report at a time,
-        so one bad report loses only itself. Returns how many were stored."""
-        writers = {"presence": self._presence, "status": self._event,
-                   "telemetry": self._telemetry}
+        ``status`` or ``telemetry``, in one transaction with one multi-row statement per
+        kind of row (the fleet server's writer batches what arrives while it writes). A
+        batch that fails is written one report at a time, so one bad report loses only
+        itself. Returns how many were stored."""
         try:
-            with self.db.write() as conn:
-                for kind, device, msg in reports:
-                    writers[kind](conn, device, msg, self._clock())
+            self._store(reports)
             stored = len(reports)
         except Exception:
             logger.warning("a batch of %d reports failed; storing them one by one",
                            len(reports), exc_info=True)
             stored = 0
-            for kind, device, msg in reports:
+            for report in reports:
                 try:
-                    with self.db.write() as conn:
-                        writers[kind](conn, device, msg, self._clock())
+                    self._store([report])
                     stored += 1
                 except Exception:
-                    logger.exception("could not store a %s report of %s", kind, device)
+                    logger.exception("could not store a %s report of %s", *report[:2])
         self._maybe_prune(stored)
         return stored
 
-    def upsert_presence(self, device: str, msg: dict[str, Any]) -> None:
+    def _store(self, reports: list[tuple[str, str, dict[str, Any]]]) -> None:
+        rows = _Rows()
+        add = {"presence": self._presence, "status": self._event,
+               "telemetry": self._telemetry}
+        for kind, device, msg in reports:
+            add[kind](rows, device, msg, self._clock())
         with self.db.write() as conn:
-            self._presence(conn, device, msg, self._clock())
+            rows.execute(conn)
+            for device, model, entry in rows.serving:
+                self._note_serving(conn, device, model, entry)
 
-    def _presence(self, conn, device: str, msg: dict[str, Any], now: float) -> None:
-        d = t.devices.c
-        row = {"id": device, "online": int(presence_online(msg)), "last_seen": now,
-               "profile": _str_or_none(msg.get("profile")),
-               "agent_version": _str_or_none(msg.get("agent_version")),
-               "arch": _str_or_none(msg.get("arch"), 64), "models": json.dumps(msg.get("models"))}
-        keep = {k: (lambda x, k=k: func.coalesce(x[k], d[k]))
-                for k in ("profile", "agent_version", "arch")}
-        conn.execute(self.db.upsert(t.devices, row, ["id"], {
-            "online": lambda x: x.online, "last_seen": lambda x: x.last_seen, **keep,
-            "models": lambda x: case((x.models == "null", d.models), else_=x.models)}))
+    def upsert_presence(self, device: str, msg: dict[str, Any]) -> None:
+        self.add_reports([("presence", device, msg)])
 
     def add_event(self, device: str, msg: dict[str, Any]) -> None:
-        with self.db.write() as conn:
-            self._event(conn, device, msg, self._clock())
-        self._maybe_prune()
+        self.add_reports([("status", device, msg)])
 
-    def _event(self, conn, device: str, msg: dict[str, Any], now: float) -> None:
+    def add_telemetry(self, device: str, msg: dict[str, Any]) -> None:
+        self.add_reports([("telemetry", device, msg)])
+
+    def _touch(self, rows: "_Rows", device: str, now: float, **columns: Any) -> None:
+        """Create the device if new; set ``last_seen`` (and ``columns``)."""
+        cols = tuple(sorted(columns))
+        rows.add(("touch", cols), lambda: self.db.upsert(t.devices, None, ["id"],
+                                                         ["last_seen", *cols]),
+                 {"id": device, "last_seen": now, **columns})
+
+    def _presence(self, rows: "_Rows", device: str, msg: dict[str, Any], now: float) -> None:
+        d = t.devices.c
+        keep = {k: (lambda x, k=k: func.coalesce(x[k], d[k]))
+                for k in ("profile", "agent_version", "arch")}
+        rows.add(("presence",), lambda: self.db.upsert(t.devices, None, ["id"], {
+            "online": lambda x: x.online, "last_seen": lambda x: x.last_seen, **keep,
+            "models": lambda x: case((x.models == "null", d.models), else_=x.models)}),
+            {"id": device, "online": int(presence_online(msg)), "last_seen": now,
+             "profile": _str_or_none(msg.get("profile")),
+             "agent_version": _str_or_none(msg.get("agent_version")),
+             "arch": _str_or_none(msg.get("arch"), 64), "models": json.dumps(msg.get("models"))})
+
+    def _event(self, rows: "_Rows", device: str, msg: dict[str, Any], now: float) -> None:
         event = _str_or_none(msg.get("event"), 64)
         reason = _str_or_none(msg.get("reason"), 64)
         extra: dict[str, Any] = {"last_event": event, "last_event_ts": now}
         if event in FAILURE_EVENTS:
             extra.update(last_failure=reason or event, last_failure_ts=now)
-        self._touch(conn, device, now, **extra)
-        conn.execute(t.events.insert().values(
-            device=device, ts=now, event=event, model=_str_or_none(msg.get("model")),
-            version=_int_or_none(msg.get("version")), reason=reason,
-            detail=_str_or_none(msg.get("detail")), raw=json.dumps(msg)))
+        self._touch(rows, device, now, **extra)
+        rows.add(("events",), t.events.insert, {
+            "device": device, "ts": now, "event": event, "model": _str_or_none(msg.get("model")),
+            "version": _int_or_none(msg.get("version")), "reason": reason,
+            "detail": _str_or_none(msg.get("detail")), "raw": json.dumps(msg)})
         if event == "serving" and isinstance(msg.get("model"), str):
-            self._note_serving(conn, device, msg)
+            rows.serving.append((device, msg["model"], {"version": msg.get("version"),
+                                                        "variant": msg.get("variant")}))
 
-    def _note_serving(self, conn, device: str, msg: dict[str, Any]) -> None:
+    def _note_serving(self, conn, device: str, model: str, entry: dict[str, Any]) -> None:
         """A ``serving`` event updates what the device runs even before its presence."""
         raw = conn.execute(select(t.devices.c.models)
                            .where(t.devices.c.id == device)).scalar()
         models = json.loads(raw) if raw else None
         models = models if isinstance(models, dict) else {}
-        models[msg["model"]] = {"version": msg.get("version"), "variant": msg.get("variant")}
+        models[model] = entry
         conn.execute(t.devices.update().where(t.devices.c.id == device)
                      .values(models=json.dumps(models)))
 
-    def add_telemetry(self, device: str, msg: dict[str, Any]) -> None:
-        with self.db.write() as conn:
-            self._telemetry(conn, device, msg, self._clock())
-        self._maybe_prune()
-
-    def _telemetry(self, conn, device: str, msg: dict[str, Any], now: float) -> None:
+    def _telemetry(self, rows: "_Rows", device: str, msg: dict[str, Any], now: float) -> None:
         cpu, mem, temp = vitals(msg)
         seen = {} if cpu is None and mem is None and temp is None else {
             "cpu_percent": cpu, "memory_percent": mem, "temperature_c": temp, "vitals_ts": now}
-        self._touch(conn, device, now, **seen)
-        conn.execute(t.telemetry.insert().values(device=device, ts=now, raw=json.dumps(msg)))
-        rows = model_stat_rows(msg)
-        if rows:
-            keys = ("model", "version", "requests", "errors", "p50_ms", "p95_ms", "agreement")
-            conn.execute(t.model_stats.insert(), [
-                {"device": device, "ts": now, **dict(zip(keys, r))} for r in rows])
+        self._touch(rows, device, now, **seen)
+        rows.add(("telemetry",), t.telemetry.insert,
+                 {"device": device, "ts": now, "raw": json.dumps(msg)})
+        keys = ("model", "version", "requests", "errors", "p50_ms", "p95_ms", "agreement")
+        for r in model_stat_rows(msg):
+            rows.add(("model_stats",), t.model_stats.insert,
+                     {"device": device, "ts": now, **dict(zip(keys, r))})
 
     def add_release(self, model: str, version: int, released_at: float,
                     by: str | None = None) -> None:
