@@ -1,10 +1,11 @@
 """The fleet server: answers transfer requests and records what devices report.
 
-paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into a
-bounded queue (a full queue drops the message and counts it). A few worker threads do the
-work: transfer requests are answered with raw chunk bytes on the request's ResponseTopic;
-presence/status/telemetry go to the SQLite registry. A malformed message is counted and
-logged, never fatal.
+paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into one
+of two bounded queues (a full queue drops the message and counts it). A few worker threads
+answer transfer requests with raw chunk bytes on the request's ResponseTopic; one writer
+thread stores presence/status/telemetry in the registry, a batch per transaction, so a
+slow database never holds up transfers. A malformed message is counted and logged, never
+fatal.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from edgeship.agent.errors import EdgeshipError, ProtocolError
 from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
+from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, TOPIC_ROOT, DesiredState, ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
 from edgeship.fleet.registry import Registry
 from edgeship.fleet.rollout_runner import RolloutRunner
@@ -34,6 +35,8 @@ from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_DEVICE_TOPICS = f"{TOPIC_ROOT}/dev/"  # .../dev/<id>/presence|status|telemetry
+_REPORT_SUFFIXES = ("/presence", "/status", "/telemetry")
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class FleetServer:
                                       tick_s=settings.rollout_tick_s)
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
-        # decoded reports for the one writer thread, which stores them in batches
+        # presence/status/telemetry for the one writer thread, which stores them in batches
         self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
         self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
@@ -210,10 +213,14 @@ class FleetServer:
     # --- paho's thread -----------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
+        report = msg.topic.startswith(_DEVICE_TOPICS) and msg.topic.endswith(_REPORT_SUFFIXES)
         try:
-            self._queue.put_nowait(msg)
-        except queue.Full:
-            self.stats.dropped += 1  # only this thread writes it
+            (self._reports if report else self._queue).put_nowait(msg)
+        except queue.Full:  # only this thread writes these two counters
+            if report:
+                self.stats.reports_dropped += 1
+            else:
+                self.stats.dropped += 1
 
     # --- workers -----------------------------------------------------------------------
 
@@ -237,8 +244,6 @@ class FleetServer:
             return
         if parsed.kind == "transfer_req":
             self._handle_transfer(msg)
-        elif parsed.kind in ("presence", "status", "telemetry"):
-            self._handle_report(parsed.kind, parsed.device, msg)
 
     def _handle_transfer(self, msg: Message) -> None:
         if not msg.response_topic or not response_topic_allowed(msg.topic, msg.response_topic):
@@ -301,21 +306,18 @@ class FleetServer:
         else:
             self.stats.bump(transfer_errors=1)
 
-    def _handle_report(self, kind: str, device: str, msg: Message) -> None:
-        if not msg.payload:  # a cleared retained message
-            return
+    def _report(self, msg: Message) -> tuple[str, str, dict] | None:
+        """(kind, device, body) of a presence/status/telemetry message; None for a
+        cleared retained message or a malformed one (counted)."""
         try:
-            body = decode(msg.payload)
+            parsed = parse_topic(msg.topic)
+            if parsed.kind not in ("presence", "status", "telemetry") or not msg.payload:
+                return None
+            return parsed.kind, parsed.device, decode(msg.payload)
         except ProtocolError as e:
             self.stats.bump(malformed=1)
-            logger.warning("malformed %s from %s: %s", kind, device, e)
-            return
-        try:  # a worker may wait for the writer: paho's thread never does
-            self._reports.put((kind, device, body), timeout=self.settings.publish_timeout_s)
-        except queue.Full:
-            self.stats.bump(reports_dropped=1)
-            logger.warning("dropping a %s report of %s: the registry writer is behind",
-                           kind, device)
+            logger.warning("malformed report on %s: %s", msg.topic, e)
+            return None
 
     def _report_writer(self) -> None:
         """The one thread that stores device reports: whatever queued up while it wrote
@@ -324,7 +326,9 @@ class FleetServer:
             item = self._reports.get()
             batch, stop = [], item is _STOP
             while not stop:
-                batch.append(item)
+                report = self._report(item)
+                if report is not None:
+                    batch.append(report)
                 if len(batch) >= self.settings.report_batch_max:
                     break
                 try:
