@@ -298,13 +298,13 @@ class FleetServer:
     def _respond(self, msg: Message, result: ChunkResult, *, compact: bool = False) -> None:
         props = transfer_props(result.status, result.offset, result.total, result.error,
                                compact=compact)
-        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
-                              retain=False, correlation_data=msg.correlation_data,
-                              user_properties=props)
-        if result.status == 200:
+        if result.status == 200:  # counted before the device can see the answer
             self.stats.bump(requests_served=1, bytes_sent=len(result.data))
         else:
             self.stats.bump(transfer_errors=1)
+        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
+                              retain=False, correlation_data=msg.correlation_data,
+                              user_properties=props)
 
     def _report(self, msg: Message) -> tuple[str, str, dict] | None:
         """(kind, device, body) of a presence/status/telemetry message; None for a
