@@ -9,10 +9,13 @@ what it can tell is not needed, so a reconnect costs a few small messages at mos
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from edgeship.agent.protocol import DesiredState, ReleaseAnnouncement, Topics
+
+MAX_TRACKED_DEVICES = 100_000  # connections remembered (the oldest forgotten first)
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,28 @@ def catch_up(device: str, running: dict[str, int], desired: Iterable[Any],
         ann = ReleaseAnnouncement(model, version, released_at, spread_s)
         out.append(Outgoing(Topics.device_release(device, model), ann.to_bytes(), False))
     return out
+
+
+class Arrivals:
+    """Which presences mean a device just came online: live (``online: true``), not a
+    retained copy, and from a connection not seen yet (``connected_at`` changes with each
+    connect; an agent without it counts on every live presence). One thread uses it."""
+
+    def __init__(self, max_devices: int = MAX_TRACKED_DEVICES) -> None:
+        self.max_devices = max_devices
+        self._seen: OrderedDict[str, Any] = OrderedDict()  # device -> its connected_at
+
+    def is_new(self, device: str, presence: dict[str, Any], *, online: bool,
+               retained: bool) -> bool:
+        if not online or retained:
+            return False
+        connected_at = presence.get("connected_at")
+        if connected_at is None:
+            return True
+        if self._seen.get(device) == connected_at:
+            return False
+        self._seen[device] = connected_at
+        self._seen.move_to_end(device)
+        if len(self._seen) > self.max_devices:
+            self._seen.popitem(last=False)
+        return True

@@ -1,10 +1,11 @@
 """The fleet server: answers transfer requests and records what devices report.
 
-paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into a
-bounded queue (a full queue drops the message and counts it). A few worker threads do the
-work: transfer requests are answered with raw chunk bytes on the request's ResponseTopic;
-presence/status/telemetry go to the SQLite registry. A malformed message is counted and
-logged, never fatal.
+paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into one
+of two bounded queues (a full queue drops the message and counts it). A few worker threads
+answer transfer requests with raw chunk bytes on the request's ResponseTopic; one writer
+thread stores presence/status/telemetry in the registry, a batch per transaction, so a
+slow database never holds up transfers. A malformed message is counted and logged, never
+fatal.
 
 Several fleet servers may share one registry (docs/scaling.md). Transfer requests reach
 them through a shared subscription when the broker has one (CONNACK
@@ -15,21 +16,23 @@ device coming online is caught up (:mod:`fleet.catch_up`), by its owner only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from edgeship.agent.errors import ConfigError, EdgeshipError, ProtocolError
 from edgeship.common.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
                                   SessionSettings, TlsSettings)
-from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
+from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, TOPIC_ROOT, DesiredState,
+                                     ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
-from edgeship.fleet.catch_up import catch_up, running_versions
+from edgeship.fleet.catch_up import Arrivals, catch_up, running_versions
 from edgeship.fleet.membership import Membership, MembershipSettings
 from edgeship.fleet.registry import Registry, presence_online
 from edgeship.fleet.rollout_runner import RolloutRunner
@@ -42,13 +45,14 @@ from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_DEVICE_TOPICS = f"{TOPIC_ROOT}/dev/"  # .../dev/<id>/presence|status|telemetry
+_REPORT_SUFFIXES = ("/presence", "/status", "/telemetry")
 
 #: ``FleetSettings.transfers``: "auto" = a shared subscription when the broker has one, else
 #: split by device between the fleet servers; "split" = always split; "off" = no transfer
 #: subscription (devices fetch over HTTP, ``transport = "http"``)
 TRANSFER_MODES = ("auto", "split", "off")
 SHARE_REFUSED = 0x9E  # MQTT 5 "Shared Subscriptions not supported" (SUBACK or DISCONNECT)
-MAX_TRACKED_DEVICES = 100_000  # connections remembered for the catch-up (oldest dropped)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ class FleetSettings:
     db_path: Path
     client_id: str = ""  # empty: edgeship-fleet-<random>
     workers: int = 4
-    queue_max: int = 1000
+    queue_max: int = 20_000  # messages waiting for a worker; more are dropped (counted)
+    report_batch_max: int = 500  # device reports written in one registry transaction
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
     tls: TlsSettings | None = None
@@ -73,6 +78,7 @@ class FleetSettings:
     rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
     http_host: str = "127.0.0.1"
+    http: Any = None  # fleet.web.server.WebSettings (TLS, allowed hosts, caps); host/port above
     username: str | None = None  # MQTT login (with password, read from a file)
     password: str | None = field(default=None, repr=False)
     transfers: str = "auto"  # see TRANSFER_MODES
@@ -89,6 +95,7 @@ class FleetStats:
     no_response_topic: int = 0
     malformed: int = 0
     dropped: int = 0  # queue full
+    reports_dropped: int = 0  # the registry writer's queue stayed full
     records: int = 0  # presence/status/telemetry stored
     busy: int = 0  # answered 503 (concurrent-transfer cap)
     stopped: int = 0  # answered 410 (kill switch)
@@ -134,6 +141,8 @@ class FleetServer:
                                       tick_s=settings.rollout_tick_s)
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
+        # presence/status/telemetry for the one writer thread, which stores them in batches
+        self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
         self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
@@ -144,8 +153,7 @@ class FleetServer:
         self.client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self.membership = Membership(self.registry, self.client_id, settings.membership)
         self.transfer_mode: str | None = None  # "share" | "split" | "off", once connected
-        self._seen_connections: OrderedDict[str, float] = OrderedDict()  # device -> connect
-        self._seen_lock = threading.Lock()
+        self.arrivals = Arrivals()  # the report writer's: which presences are new connections
         self._share_refused = False
         self._session = MqttSession(
             SessionSettings(url=settings.mqtt_url, client_id=self.client_id, clean_start=True,
@@ -158,6 +166,7 @@ class FleetServer:
     def start(self, *, wait: bool = True) -> None:
         for i in range(self.settings.workers):
             self._spawn(self._worker, f"fleet-worker-{i}")
+        self._spawn(self._report_writer, "fleet-reports")
         self.pacer.start()
         if self.settings.keys_dir is not None:
             self._spawn(self._refresher, "fleet-timestamp")
@@ -169,8 +178,11 @@ class FleetServer:
                                 f"within {self.settings.connect_timeout_s}s")
         self.rollouts.start()
         if self.settings.http_port is not None:
-            from edgeship.fleet.web.server import FleetWebServer
-            self.web = FleetWebServer(self, self.settings.http_host, self.settings.http_port)
+            from edgeship.fleet.web.server import FleetWebServer, WebSettings
+            web = dataclasses.replace(self.settings.http or WebSettings(),
+                                      host=self.settings.http_host,
+                                      port=self.settings.http_port)
+            self.web = FleetWebServer(self, web)
             self.web.start()
 
     def _spawn(self, target, name: str) -> None:
@@ -191,6 +203,9 @@ class FleetServer:
         self._session.stop()
         for _ in range(self.settings.workers):
             self._queue.put(_STOP)  # workers drain what is queued, then stop
+        for thread in self._threads[:self.settings.workers]:
+            thread.join(timeout=10)
+        self._reports.put(_STOP)  # then the writer stores what they handed it
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
@@ -285,10 +300,14 @@ class FleetServer:
     # --- paho's thread -----------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
+        report = msg.topic.startswith(_DEVICE_TOPICS) and msg.topic.endswith(_REPORT_SUFFIXES)
         try:
-            self._queue.put_nowait(msg)
-        except queue.Full:
-            self.stats.dropped += 1  # only this thread writes it
+            (self._reports if report else self._queue).put_nowait(msg)
+        except queue.Full:  # only this thread writes these two counters
+            if report:
+                self.stats.reports_dropped += 1
+            else:
+                self.stats.dropped += 1
 
     # --- workers -----------------------------------------------------------------------
 
@@ -312,19 +331,16 @@ class FleetServer:
             return
         if parsed.kind == "release" and parsed.device is None:
             self._note_announcement(msg)
-        elif parsed.device is not None and not self._owns(parsed.kind, parsed.device):
-            self.stats.bump(not_mine=1)
-        elif parsed.kind == "transfer_req":
+        elif parsed.kind == "transfer_req" and self._answers(parsed.device or ""):
             self._handle_transfer(msg)
-        elif parsed.kind in ("presence", "status", "telemetry"):
-            self._handle_report(parsed.kind, parsed.device, msg)
 
-    def _owns(self, kind: str, device: str) -> bool:
-        """Transfer requests over $share are this server's to answer (the broker chose);
-        everything else per device belongs to its owner among the live fleet servers."""
-        if kind == "transfer_req" and self.transfer_mode == "share":
+    def _answers(self, device: str) -> bool:
+        """A transfer request over $share is this server's (the broker chose); split, the
+        device's owner among the live fleet servers answers it."""
+        if self.transfer_mode == "share" or self.membership.owns(device):
             return True
-        return self.membership.owns(device)
+        self.stats.bump(not_mine=1)
+        return False
 
     def _note_announcement(self, msg: Message) -> None:
         if not msg.payload:
@@ -390,59 +406,86 @@ class FleetServer:
     def _respond(self, msg: Message, result: ChunkResult, *, compact: bool = False) -> None:
         props = transfer_props(result.status, result.offset, result.total, result.error,
                                compact=compact)
-        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
-                              retain=False, correlation_data=msg.correlation_data,
-                              user_properties=props)
-        if result.status == 200:
+        if result.status == 200:  # counted before the device can see the answer
             self.stats.bump(requests_served=1, bytes_sent=len(result.data))
         else:
             self.stats.bump(transfer_errors=1)
+        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
+                              retain=False, correlation_data=msg.correlation_data,
+                              user_properties=props)
 
-    def _handle_report(self, kind: str, device: str, msg: Message) -> None:
-        if not msg.payload:  # a cleared retained message
-            return
+    def _report(self, msg: Message) -> tuple[str, str, dict] | None:
+        """(kind, device, body) of a presence/status/telemetry message of a device this
+        server owns; None for a cleared retained message, another server's device or a
+        malformed message (both counted)."""
         try:
-            body = decode(msg.payload)
+            parsed = parse_topic(msg.topic)
+            if parsed.kind not in ("presence", "status", "telemetry") or not msg.payload \
+                    or parsed.device is None:
+                return None
+            if not self.membership.owns(parsed.device):
+                self.stats.bump(not_mine=1)
+                return None
+            return parsed.kind, parsed.device, decode(msg.payload)
         except ProtocolError as e:
             self.stats.bump(malformed=1)
-            logger.warning("malformed %s from %s: %s", kind, device, e)
+            logger.warning("malformed report on %s: %s", msg.topic, e)
+            return None
+
+    def _report_writer(self) -> None:
+        """The one thread that stores device reports: whatever queued up while it wrote
+        the last batch goes into the next transaction (up to ``report_batch_max``); then
+        the devices of the batch that came online are caught up."""
+        while True:
+            item = self._reports.get()
+            batch, arrivals, stop = [], [], item is _STOP
+            while not stop:
+                report = self._report(item)
+                if report is not None:
+                    batch.append(report)
+                    kind, device, body = report
+                    if kind == "presence" and self.arrivals.is_new(
+                            device, body, online=presence_online(body), retained=item.retain):
+                        arrivals.append((device, body))
+                if len(batch) >= self.settings.report_batch_max:
+                    break
+                try:
+                    item = self._reports.get_nowait()
+                except queue.Empty:
+                    break
+                stop = item is _STOP
+            if batch:
+                self._store(batch, arrivals)
+            if stop:
+                return
+
+    def _store(self, batch: list[tuple[str, str, dict]],
+               arrivals: list[tuple[str, dict]]) -> None:
+        try:
+            self.stats.bump(records=self.registry.add_reports(batch))
+        except Exception:  # the database is gone: count it, keep going
+            logger.exception("could not store %d device reports", len(batch))
             return
-        if kind == "presence":
-            self.registry.upsert_presence(device, body)
-            if presence_online(body) and not msg.retain and self._new_connection(device, body):
-                self._catch_up(device, body)
-        elif kind == "status":
-            self.registry.add_event(device, body)
-        else:
-            self.registry.add_telemetry(device, body)
-        self.stats.bump(records=1)
+        try:
+            self._catch_up(arrivals)
+        except Exception:  # same: the device is caught up on its next connection
+            logger.exception("could not catch up %d device(s) coming online", len(arrivals))
 
-    def _new_connection(self, device: str, presence: dict) -> bool:
-        """A presence from a connection not seen yet (``connected_at`` changes with each
-        connect; agents without it are caught up on every live presence)."""
-        connected_at = presence.get("connected_at")
-        if connected_at is None:
-            return True
-        with self._seen_lock:
-            if self._seen_connections.get(device) == connected_at:
-                return False
-            self._seen_connections[device] = connected_at
-            self._seen_connections.move_to_end(device)
-            if len(self._seen_connections) > MAX_TRACKED_DEVICES:
-                self._seen_connections.popitem(last=False)
-        return True
-
-    def _catch_up(self, device: str, presence: dict) -> None:
-        """A device came online: re-send its desired state and the announcements it has
-        not acted on, so it never depends on the broker's retained messages."""
-        messages = catch_up(device, running_versions(presence), self.registry.desired(device),
-                            self.registry.announcements())
-        for out in messages:
-            self._session.publish(out.topic, out.payload, qos=QOS_AT_LEAST_ONCE,
-                                  retain=out.retain)
-        self.stats.bump(connections=1, catch_ups=1 if messages else 0)
-        if messages:
-            logger.info("%s is online: re-sent %d message(s)", device, len(messages))
+    def _catch_up(self, arrivals: list[tuple[str, dict]]) -> None:
+        """Devices that came online: re-send each its desired state and the announcements
+        it has not acted on, so none depends on the broker's retained messages."""
+        if not arrivals:
+            return
+        announcements = self.registry.announcements()  # once per batch
+        for device, presence in arrivals:
+            messages = catch_up(device, running_versions(presence),
+                                self.registry.desired(device), announcements)
+            for out in messages:
+                self._session.publish(out.topic, out.payload, qos=QOS_AT_LEAST_ONCE,
+                                      retain=out.retain)
+            self.stats.bump(connections=1, catch_ups=1 if messages else 0)
+            if messages:
+                logger.info("%s is online: re-sent %d message(s)", device, len(messages))
 
     def _refresher(self) -> None:
         while not self._stopping.wait(self.settings.timestamp_refresh_s):

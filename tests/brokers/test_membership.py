@@ -4,7 +4,7 @@ two servers on one registry), and what a device coming online is re-sent."""
 from __future__ import annotations
 
 from edgeship.agent.protocol import DesiredState, ReleaseAnnouncement, Topics
-from edgeship.fleet.catch_up import catch_up, running_versions
+from edgeship.fleet.catch_up import Arrivals, catch_up, running_versions
 from edgeship.fleet.membership import Member, Membership, MembershipSettings, live_members, owner
 from edgeship.fleet.registry import DesiredRecord, Registry
 
@@ -79,6 +79,21 @@ def test_catch_up_resends_desired_state_and_only_the_announcements_missing():
     ann = ReleaseAnnouncement.from_bytes(out[1].payload)
     assert (ann.model, ann.version, ann.spread_s) == ("plain", 2, 60.0)
     assert catch_up("pi-1", {"plain": 2, "served": 3}, [], announcements[1:]) == []
+
+
+def test_a_device_is_caught_up_once_per_connection():
+    arrivals = Arrivals(max_devices=2)
+    first = {"connected_at": 100.0}
+    assert arrivals.is_new("pi-1", first, online=True, retained=False)
+    assert not arrivals.is_new("pi-1", first, online=True, retained=False)  # same connection
+    assert not arrivals.is_new("pi-1", {"connected_at": 200.0}, online=False, retained=False)
+    assert not arrivals.is_new("pi-1", {"connected_at": 200.0}, online=True, retained=True)
+    assert arrivals.is_new("pi-1", {"connected_at": 200.0}, online=True, retained=False)
+    assert arrivals.is_new("old-agent", {}, online=True, retained=False)  # no connected_at:
+    assert arrivals.is_new("old-agent", {}, online=True, retained=False)  # every time
+    arrivals.is_new("pi-2", first, online=True, retained=False)
+    arrivals.is_new("pi-3", first, online=True, retained=False)  # pi-1 forgotten (oldest)
+    assert arrivals.is_new("pi-1", {"connected_at": 200.0}, online=True, retained=False)
 
 
 def test_announcements_keep_the_newest_version(tmp_path):
