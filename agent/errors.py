@@ -51,6 +51,9 @@ class Reason(StrEnum):
     HARDWARE_MISMATCH = "hardware_mismatch"
     RELEASE_STOPPED = "release_stopped"
     DELTA_MISMATCH = "delta_mismatch"
+    # language models
+    MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
+    TOKEN_MISMATCH = "token_mismatch"
 
 
 class EdgeshipError(Exception):
