@@ -4,6 +4,8 @@
     GET  /metrics                          Prometheus text (same numbers as telemetry)
     GET  /v1/models                        every model with its input/output signature
     GET  /v1/models/<name>                 one model
+    POST /v1/completions, /v1/chat/completions   OpenAI-compatible text generation
+                                           (language models; see agent.llm.http)
     POST /v1/models/<name>/predict         {"inputs": [...]} (or {"inputs": {name: [...]}})
                                            or an .npy body (Content-Type application/x-npy)
                                            → {"model","version","variant","outputs":{...}}
@@ -93,6 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         parts = self.path.split("?")[0].strip("/").split("/")
+        if parts in (["v1", "completions"], ["v1", "chat", "completions"]):
+            from edgeship.agent.llm.http import handle  # OpenAI-compatible text generation
+            handle(self, chat=len(parts) == 3)
+            return
         if not (len(parts) == 4 and parts[:2] == ["v1", "models"] and parts[3] == "predict"):
             self.close_connection = True
             self._error(404, f"no such endpoint {self.path[:200]}")

@@ -253,6 +253,9 @@ def load_runtime(runtime: str, path: Path, *, threads: int = 0,
         return OnnxModel(path, threads=threads, providers=providers)
     if runtime == "litert":
         return LiteRtModel(path, threads=threads)
+    if runtime == "onnxruntime-genai":
+        from edgeship.agent.llm.runtime import load_genai
+        return load_genai(path, threads=threads, providers=providers)
     raise RuntimeLoadError(f"runtime {runtime!r} is not available on this agent",
                            reason_code=Reason.NO_COMPATIBLE_VARIANT)
 
@@ -264,6 +267,8 @@ def available_runtimes() -> tuple[str, ...]:
         found.append("onnxruntime")
     if litert_backend() is not None:
         found.append("litert")
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        found.append("onnxruntime-genai")
     return tuple(found)
 
 
