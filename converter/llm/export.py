@@ -152,6 +152,30 @@ def fp16_weights(model, min_elements: int = 1024):
     return model
 
 
+def untie_embedding(model):
+    """Give the embedding Gather its own table when it reads the LM head's weight through a
+    Transpose (tied embeddings, as the builder writes them), so each can be quantized as
+    its op needs (``GatherBlockQuantized`` rows, ``MatMulNBits`` columns)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[0] in inits:
+            continue
+        tr = producers.get(node.input[0])
+        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+            continue
+        table = numpy_helper.to_array(inits[tr.input[0]]).T.copy()
+        name = tr.input[0] + ".embedding"
+        graph.initializer.append(numpy_helper.from_array(table, name))
+        node.input[0] = name
+        if not any(tr.output[0] in n.input for n in graph.node):
+            graph.node.remove(tr)
+    return model
+
+
 def quantize(model, spec: QuantSpec, exclude: tuple[str, ...] = (),
              include: tuple[str, ...] | None = None):
     """Block-wise weight-only quantization of MatMul (and embedding Gather) weights."""

@@ -56,12 +56,17 @@ def copy(model):
     return clone
 
 
+def _base(fp32, spec: export.QuantSpec):
+    clone = copy(fp32)
+    return export.untie_embedding(clone) if spec.embeddings else clone
+
+
 def mixed(fp32, spec: export.QuantSpec, high: list[str]):
     """``spec.bits`` for every weight node except ``high``, which get the next precision up
-    (int8 for an int4 variant; left fp32 for an int8 one)."""
-    low = export.quantize(copy(fp32), spec, exclude=tuple(high))
+    (int8 for an int4 variant, fp32 for the embedding table and for an int8 variant)."""
+    low = export.quantize(_base(fp32, spec), spec, exclude=tuple(high))
     if spec.bits < 8 and high:
-        low = export.quantize(low, replace(spec, bits=8), include=tuple(high))
+        low = export.quantize(low, replace(spec, bits=8, embeddings=False), include=tuple(high))
     return low
 
 
@@ -72,10 +77,10 @@ def quantize_with_fallback(fp32, spec: export.QuantSpec, evaluate: Evaluate,
     failures = gate(metrics)
     if not failures or not enabled:
         return FallbackResult(model, metrics, failures)
-    by_group = groups(export.quantizable_nodes(fp32, spec.embeddings))
+    by_group = groups(export.quantizable_nodes(_base(fp32, spec), spec.embeddings))
     harm = {}
     for name, nodes in by_group.items():
-        alone = export.quantize(copy(fp32), spec, include=tuple(nodes))
+        alone = export.quantize(_base(fp32, spec), spec, include=tuple(nodes))
         harm[name] = evaluate(alone)["mean_kl"]
     ranked = sorted(harm, key=harm.get, reverse=True)
     logger.info("int%d: gate failed (%s); harm by group: %s", spec.bits, "; ".join(failures),
