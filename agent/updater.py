@@ -53,6 +53,7 @@ class DeviceTraits:
     providers: tuple[str, ...]
     latency_budget_ms: float | None = None
     hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
+    memory_budget_mb: float | None = None  # language models: weights + KV cache must fit
 
 
 def tuf_reason(e: Exception) -> Reason:
@@ -165,7 +166,8 @@ class UpdateManager(InstallLifecycle):
                     f"manifest says {manifest.model} v{manifest.version}, expected "
                     f"{model} v{version}", reason_code=Reason.METADATA_INVALID)
             t = self.traits
-            variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch)
+            variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch,
+                                     t.memory_budget_mb)
             for name in (variant.file, manifest.golden_file):
                 self._fetch_target(updater, f"{model}/{version}/{name}", staging)
             return manifest, variant.id

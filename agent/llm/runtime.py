@@ -118,6 +118,7 @@ class GenaiModel:
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.chat_template = self._chat_template(folder)
         self._lock = threading.Lock()
+        self.active_sequences = 0  # genai Generators alive (each holds a KV cache)
 
     @staticmethod
     def _chat_template(folder: Path) -> str | None:
@@ -187,6 +188,7 @@ class GenaiModel:
         budget = self.check_fits(len(ids), params.max_tokens)
         stats.prompt_tokens = len(ids)
         gen = self._og.Generator(self.model, self._params(len(ids), params, budget))
+        self._count(+1)
         stream = self.tokenizer.create_stream()
         start = time.perf_counter()
         first = None
@@ -210,6 +212,11 @@ class GenaiModel:
             stats.finish_reason = "cancelled"
         finally:
             del gen  # frees the KV cache now, not when the garbage collector runs
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.active_sequences += delta
 
 
 def load_genai(path: Path, *, threads: int = 0,

@@ -103,3 +103,25 @@ def check_fits(model: str, spec: LlmSpec, metrics: dict[str, float], budget_mb: 
             f"tokens) but {where} allows {budget_mb:.0f} MB",
             need_mb=need, budget_mb=budget_mb)
     return need
+
+
+def check_top_k(got: "np.ndarray", expected: "np.ndarray", k: int, atol: float) -> float:
+    """The golden prompt's next-token check: the golden top-``k`` token ids must be the
+    device's top-``k`` (as a set; ties within ``atol`` of the k-th may swap places) and
+    their logits must agree within ``atol``. Raises ``HealthCheckError`` (TOKEN_MISMATCH) on
+    other tokens; returns the largest logit difference over the golden top-k."""
+    import numpy as np
+
+    from edgeship.agent.errors import HealthCheckError
+
+    g, e = np.asarray(got, np.float64).reshape(-1), np.asarray(expected, np.float64).reshape(-1)
+    k = min(k, e.size)
+    top = np.argsort(-e, kind="stable")[:k]
+    mine = np.argsort(-g, kind="stable")[:k]
+    kth = e[top[-1]]
+    missing = [int(t) for t in top if t not in set(mine.tolist()) and e[t] > kth + atol]
+    diff = float(np.max(np.abs(g[top] - e[top])))
+    if missing or int(mine[0]) != int(top[0]) and e[top[0]] - e[mine[0]] > atol:
+        raise HealthCheckError(f"next-token top-{k} {mine.tolist()} != golden {top.tolist()}",
+                               max_abs_diff=diff, reason_code=Reason.TOKEN_MISMATCH)
+    return diff  # the caller compares it with atol (GOLDEN_MISMATCH)

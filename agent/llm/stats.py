@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -64,3 +64,50 @@ class LmStats:
                 "decode_tokens_per_s": q(decode, 50),
                 "generated_tokens_total": {str(k): v for k, v in tokens.items()},
                 "cancelled_total": self.cancelled}
+
+
+def _frontend_stats(server: Any) -> dict[str, LmStats]:
+    fe = getattr(server, "_edgeship_llm", None)  # agent.llm.http.frontend's attribute
+    return fe.stats if fe is not None else {}
+
+
+def lm_window(server: Any, model: str, reset: bool = True) -> dict[str, Any] | None:
+    """The telemetry window of ``model``'s generation numbers, or None (not an LM)."""
+    stats = _frontend_stats(server).get(model)
+    return stats.snapshot(reset=reset) if stats is not None else None
+
+
+def lm_metric_families(server: Any) -> Iterator[Any]:
+    """Prometheus families for every language model ``server`` serves (none otherwise)."""
+    all_stats = _frontend_stats(server)
+    if not all_stats:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["model", "version", "variant"]
+    tokens = CounterMetricFamily("edgeship_llm_generated_tokens", "Tokens generated, per "
+                                 "model version", labels=["model", "version"])
+    ttft = GaugeMetricFamily("edgeship_llm_ttft_ms", "Time to first token (median over the "
+                             "telemetry window)", labels=labels)
+    prefill = GaugeMetricFamily("edgeship_llm_prefill_tokens_per_s", "Prompt tokens per "
+                                "second (median over the window)", labels=labels)
+    decode = GaugeMetricFamily("edgeship_llm_decode_tokens_per_s", "Generated tokens per "
+                               "second after the first (median over the window)", labels=labels)
+    active = GaugeMetricFamily("edgeship_llm_active_sequences", "Generations holding a KV "
+                               "cache now", labels=labels)
+    for loaded in server.models():
+        inst = loaded.installed
+        stats = all_stats.get(inst.model)
+        if stats is None:
+            continue
+        for version, count in sorted(stats.tokens_by_version.items()):
+            tokens.add_metric([inst.model, str(version)], count)
+        values = [inst.model, str(inst.version), inst.variant.id]
+        snap = stats.snapshot(reset=False)
+        for family, value in ((ttft, snap["ttft_ms"]["p50"]),
+                              (prefill, snap["prefill_tokens_per_s"]),
+                              (decode, snap["decode_tokens_per_s"])):
+            if value is not None:
+                family.add_metric(values, value)
+        active.add_metric(values, getattr(loaded.runtime, "active_sequences", 0))
+    yield from (tokens, ttft, prefill, decode, active)
