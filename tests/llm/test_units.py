@@ -100,3 +100,15 @@ def test_a_slower_decode_rate_halts_the_rollout_like_the_latency_gate():
                           new_stats=new, baseline=old, installed_at=0.0)
     verdict = evaluate_wave(obs, Policy(soak_s=0), now=100.0)
     assert verdict.decision == "fail" and verdict.gate == "latency"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "llm", "/"], "no config.json"),
+    (["convert", "llm", "no_such_module_xyz:make"], "cannot load factory"),
+])
+def test_convert_llm_refuses_bad_sources_with_one_line(argv, message, tmp_path, capsys):
+    from edgeship.cli import main
+
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
