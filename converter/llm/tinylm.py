@@ -55,8 +55,8 @@ SIZES = {
 @dataclass(frozen=True)
 class TrainSettings:
     size: str = "small"
-    steps: int = 600
-    batch_size: int = 16
+    steps: int = 400
+    batch_size: int = 8
     seq_len: int = 128
     learning_rate: float = 3e-3
     seed: int = 0
@@ -188,4 +188,4 @@ def _fit(model, ids: np.ndarray, settings: TrainSettings) -> None:
         opt.step()
         sched.step()
         if step % 25 == 0 or step == settings.steps - 1:
-            logger.info("step %d/%d loss %.3f", step + 1, settings.steps, float(loss))
+            logger.info("step %d/%d loss %.3f", step + 1, settings.steps, loss.item())
