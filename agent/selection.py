@@ -19,7 +19,7 @@ def select_variant(manifest: Manifest, preferred_precisions: Iterable[str],
     usable = [v for v in manifest.variants
               if v.runtime in set(runtimes) and arch in v.hardware]
     if manifest.llm is not None and usable:
-        return _select_llm(manifest, usable, memory_budget_mb)
+        return select_llm_variant(manifest, usable, memory_budget_mb)
     for precision in preferred_precisions:
         for v in usable:
             if v.precision == precision or v.precision.startswith(precision + "-") or \
@@ -31,8 +31,9 @@ def select_variant(manifest: Manifest, preferred_precisions: Iterable[str],
                       reason_code=Reason.NO_COMPATIBLE_VARIANT)
 
 
-def _select_llm(manifest: Manifest, usable: list[Variant],
-                memory_budget_mb: float | None) -> Variant:
+def select_llm_variant(manifest: Manifest, usable: list[Variant],
+                       memory_budget_mb: float | None) -> Variant:
+    """The smallest-precision variant of a language model that fits the budget."""
     ranked = sorted(usable, key=lambda v: LLM_PRECISIONS.index(v.precision)
                     if v.precision in LLM_PRECISIONS else len(LLM_PRECISIONS))
     if memory_budget_mb is None:
