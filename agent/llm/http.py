@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
+
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.llm.openai_api import (CompletionRequest, StopFilter, chunk_doc,
                                            finish_reason, new_id, parse_request, response_doc,
@@ -169,8 +171,12 @@ def _generate(handler: Any, req: CompletionRequest, loaded: Any, ids, fe: LmFron
 def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
             gs: GenerationStats, filt: StopFilter) -> Iterator[str]:
     conn = handler.connection
+    shadow = handler.server.models.shadows.get(req.model)
+    served: list | None = [] if shadow is not None else None
     with contextlib.closing(runtime.generate(ids, req.params, lambda: peer_closed(conn),
-                                             gs)) as steps:
+                                             gs, served)) as steps:
+        if shadow is not None:  # the candidate's next token vs this model's, same prompt
+            steps = _offer_after_first(steps, shadow, ids, served)
         for step in steps:
             text = filt.feed(step.text)
             if text:
@@ -181,6 +187,15 @@ def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
         tail = filt.flush()
         if tail:
             yield tail
+
+
+def _offer_after_first(steps: Iterator[Any], shadow: Any, ids, served: list) -> Iterator[Any]:
+    offered = False
+    for step in steps:
+        if not offered and served:
+            shadow.offer({"input_ids": np.asarray(ids, dtype=np.int64)[None]}, served)
+            offered = True
+        yield step
 
 
 def _complete(handler: Any, req: CompletionRequest, runtime: Any, ids,

@@ -183,7 +183,10 @@ class GenaiModel:
 
     def generate(self, ids: np.ndarray, params: SamplingParams,
                  should_stop: Callable[[], bool] = lambda: False,
-                 stats: GenerationStats | None = None) -> Iterator[Step]:
+                 stats: GenerationStats | None = None,
+                 prompt_logits: list[np.ndarray] | None = None) -> Iterator[Step]:
+        """Tokens after ``ids``. ``prompt_logits``: a list that receives the next-token
+        logits after the prompt (for shadow runs; costs one copy of the prefill's logits)."""
         stats = stats if stats is not None else GenerationStats()
         budget = self.check_fits(len(ids), params.max_tokens)
         stats.prompt_tokens = len(ids)
@@ -194,6 +197,9 @@ class GenaiModel:
         first = None
         try:
             gen.append_tokens(np.asarray(ids, dtype=np.int32))
+            if prompt_logits is not None:
+                logits = np.asarray(gen.get_output("logits"), dtype=np.float32)
+                prompt_logits.append(logits.reshape(-1, logits.shape[-1])[-1:].copy())
             while not should_stop():
                 gen.generate_next_token()
                 token = int(gen.get_next_tokens()[0])

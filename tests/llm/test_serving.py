@@ -180,3 +180,26 @@ def test_telemetry_and_prometheus_carry_generation_numbers(api):
     # gate (new p50 / old p50) halts a release whose decode rate dropped
     p50 = batch["models"]["tinylm"]["latency_ms"]["p50"]
     assert p50 == pytest.approx(1000 / llm["decode_tokens_per_s"], rel=0.5)
+
+
+def test_shadow_compares_the_candidates_next_token_on_live_prompts(api):
+    from edgeship.agent.manifest import ShadowPolicy
+    from edgeship.agent.runtime import load_runtime
+    from edgeship.agent.serving import LoadedModel
+    from edgeship.agent.shadow import ShadowRun
+
+    cand = installed(api["lm"].bundle, "onnx-int8")
+    run = ShadowRun(LoadedModel(cand, load_runtime(cand.variant.runtime, cand.model_path)),
+                    ShadowPolicy(min_agreement=0.5, samples=4))
+    api["models"].shadows["tinylm"] = run
+    try:
+        for i in range(4):
+            api["client"].completions.create(model="tinylm", prompt=f"{PROMPT} {i}",
+                                             max_tokens=3, temperature=1.0, seed=i)
+        wait_until(lambda: run.compared >= 4, timeout_s=10)
+    finally:
+        del api["models"].shadows["tinylm"]
+        run.close()
+    summary = run.summary()
+    assert summary["compared"] == 4 and summary["errors"] == 0
+    assert summary["agreement"] >= 0.75  # int8 and int4 of one model pick the same token
