@@ -395,9 +395,6 @@ def refresh_timestamp(repo_dir: Path, keys_dir: Path, settings: RepoSettings = R
         renew_snapshot = renew_targets or _half_expired(cur.snapshot.signed, settings, now)
         roles = (Timestamp.type,) + ((Snapshot.type,) if renew_snapshot else ()) + (
             (Targets.type,) if renew_targets else ())
-        if m.llm is not None and settings.memory_budgets:
-            from edgeship.fleet.llm_release import check_release
-            check_release(m, dict(settings.memory_budgets))
         signers = load_signers(Path(keys_dir), cur.root.signed, roles)
         _commit(repo_dir, cur, signers, settings, now, new_targets=renew_targets,
                 new_snapshot=renew_snapshot)

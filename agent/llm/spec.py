@@ -105,7 +105,7 @@ def check_fits(model: str, spec: LlmSpec, metrics: dict[str, float], budget_mb: 
     return need
 
 
-def check_top_k(got: "np.ndarray", expected: "np.ndarray", k: int, atol: float) -> float:
+def check_top_k(got: Any, expected: Any, k: int, atol: float) -> float:
     """The golden prompt's next-token check: the golden top-``k`` token ids must be the
     device's top-``k`` (as a set; ties within ``atol`` of the k-th may swap places) and
     their logits must agree within ``atol``. Raises ``HealthCheckError`` (TOKEN_MISMATCH) on

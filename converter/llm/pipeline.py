@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeship.agent.llm.spec import LLM_RUNTIME, TASK, LlmSpec, memory_need_mb
+from edgeship.agent.llm.spec import LlmSpec, memory_need_mb
 from edgeship.converter.errors import ExportError, InputError, NoVariantPassedError
 from edgeship.converter.llm import export
 from edgeship.converter.llm.evaluate import LmGate, LogitsRunner, Reference, compare, windows
