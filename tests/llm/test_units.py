@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeship.agent.errors import InferenceInputError, Reason
@@ -74,6 +74,7 @@ def test_request_fields_are_parsed_and_checked():
             parse_request(bad, chat="messages" in bad)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # shared 2-core box
 @given(st.lists(st.text(alphabet="ab\n", max_size=4), max_size=12),
        st.lists(st.text(alphabet="ab\n", min_size=1, max_size=3), min_size=1, max_size=2))
 def test_stop_filter_emits_exactly_the_text_before_the_first_stop(pieces, stops):
