@@ -16,9 +16,9 @@ import numpy as np
 
 from edgeship.agent.errors import BundleError
 from edgeship.agent.llm.spec import LLM_RUNTIME, TASK, LlmSpec
-from edgeship.agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec
-from edgeship.converter.bundle import (VariantArtifact, _build_variants, _fsync_dir,
-                                       _install_dir, _npz_bytes, _write_file, sha256_file)
+from edgeship.agent.manifest import GOLDEN_NAME, Manifest, TensorSpec
+from edgeship.converter.bundle import (VariantArtifact, _build_variants, _npz_bytes,
+                                       _write_file, finish_bundle, sha256_file)
 from edgeship.converter.llm.evaluate import LogitsRunner
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def write_llm_bundle(out_dir: str | Path, name: str, version: int,
             golden_sha256=sha256_file(tmp / GOLDEN_NAME),
             golden_size=(tmp / GOLDEN_NAME).stat().st_size, reference=dict(reference),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), llm=spec)
-        Manifest.from_bytes(manifest.to_bytes())
-        _write_file(tmp / MANIFEST_NAME, manifest.to_bytes())
-        _fsync_dir(tmp)
-        _install_dir(tmp, out, overwrite)
+        finish_bundle(tmp, out, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
