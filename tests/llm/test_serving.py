@@ -203,3 +203,27 @@ def test_shadow_compares_the_candidates_next_token_on_live_prompts(api):
     summary = run.summary()
     assert summary["compared"] == 4 and summary["errors"] == 0
     assert summary["agreement"] >= 0.75  # int8 and int4 of one model pick the same token
+
+
+def test_install_health_check_runs_the_language_model_in_the_limited_child(api, tmp_path):
+    import shutil
+
+    from edgeship.agent.health import HealthLimits, check_in_subprocess
+    from edgeship.agent.store import ModelStore
+
+    lm, store = api["lm"], ModelStore(tmp_path / "models")
+    staging = store.staging_dir("tinylm", 1)
+    variant = lm.manifest.variant("onnx-int4")
+    for name in ("manifest.json", "golden.npz", variant.file):
+        shutil.copy(lm.bundle / name, staging / name)
+    bundle = store.finalize("tinylm", 1, staging, lm.manifest, variant).directory
+    report = check_in_subprocess(bundle, "onnx-int4", HealthLimits(max_memory_mb=96,
+                                                                  timeout_s=120))
+    assert report.samples == 1 and report.max_abs_diff <= 0.05
+    with np.load(bundle / "golden.npz") as g:
+        arrays = dict(g)
+    arrays["onnx-int4"] = arrays["onnx-int4"][:, ::-1].copy()
+    np.savez(bundle / "golden.npz", **arrays)
+    with pytest.raises(HealthCheckError) as e:
+        check_in_subprocess(bundle, "onnx-int4", HealthLimits(max_memory_mb=96, timeout_s=120))
+    assert e.value.reason_code in (Reason.TOKEN_MISMATCH, Reason.BUNDLE_INVALID)
