@@ -36,8 +36,9 @@ def select_llm_variant(manifest: Manifest, usable: list[Variant],
     """The smallest-precision variant of a language model that fits the budget."""
     ranked = sorted(usable, key=lambda v: LLM_PRECISIONS.index(v.precision)
                     if v.precision in LLM_PRECISIONS else len(LLM_PRECISIONS))
-    if memory_budget_mb is None:
+    if memory_budget_mb is None or manifest.llm is None or not ranked:
         return ranked[0]
+    last: MemoryBudgetError | None = None
     for v in ranked:
         try:
             check_fits(manifest.model, manifest.llm, v.metrics, memory_budget_mb,
@@ -45,4 +46,5 @@ def select_llm_variant(manifest: Manifest, usable: list[Variant],
             return v
         except MemoryBudgetError as e:
             last = e
+    assert last is not None
     raise last

@@ -26,7 +26,7 @@ from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.llm.openai_api import (CompletionRequest, StopFilter, chunk_doc,
                                            finish_reason, new_id, parse_request, response_doc,
                                            usage)
-from edgeship.agent.llm.runtime import GenerationStats, PromptTooLongError, is_language_model
+from edgeship.agent.llm.runtime import GenaiModel, GenerationStats, PromptTooLongError
 from edgeship.agent.llm.stats import LmStats, ns_per_decoded_token
 from edgeship.agent.serving import ModelNotFoundError, ModelServer
 
@@ -129,10 +129,10 @@ def handle(handler: Any, chat: bool) -> None:
     try:
         req = parse_request(json.loads(body), chat)
         loaded = models.get(req.model)
-        if not is_language_model(loaded.runtime):
-            raise InferenceInputError(f"model {req.model!r} is not a language model")
         runtime = loaded.runtime
-        prompt = runtime.render_chat(list(req.messages)) if chat else req.prompt
+        if not isinstance(runtime, GenaiModel):
+            raise InferenceInputError(f"model {req.model!r} is not a language model")
+        prompt = runtime.render_chat(list(req.messages)) if chat else req.prompt or ""
         ids = runtime.encode(prompt)
         runtime.check_fits(len(ids), req.params.max_tokens)
         fe = frontend(models)
@@ -175,7 +175,7 @@ def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
     served: list | None = [] if shadow is not None else None
     with contextlib.closing(runtime.generate(ids, req.params, lambda: peer_closed(conn),
                                              gs, served)) as steps:
-        if shadow is not None:  # the candidate's next token vs this model's, same prompt
+        if shadow is not None and served is not None:  # candidate's next token vs ours
             steps = _offer_after_first(steps, shadow, ids, served)
         for step in steps:
             text = filt.feed(step.text)

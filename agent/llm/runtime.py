@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -172,7 +172,8 @@ class GenaiModel:
     # --- generation -----------------------------------------------------------------------
     def _params(self, n_prompt: int, params: SamplingParams, budget: int):
         p = self._og.GeneratorParams(self.model)
-        options = {"max_length": n_prompt + budget, "do_sample": not params.greedy}
+        options: dict[str, Any] = {"max_length": n_prompt + budget,
+                                   "do_sample": not params.greedy}
         if not params.greedy:
             options.update(temperature=params.temperature, top_p=params.top_p,
                            top_k=params.top_k or self.vocab_size)
@@ -228,7 +229,3 @@ class GenaiModel:
 def load_genai(path: Path, *, threads: int = 0,
                providers: Sequence[str] | None = None) -> GenaiModel:
     return GenaiModel(path, threads=threads, providers=providers)
-
-
-def is_language_model(runtime: object) -> bool:
-    return isinstance(runtime, GenaiModel)
