@@ -128,8 +128,7 @@ def full_context_rss(rows: dict, context: int, held: np.ndarray, args) -> None:
 
 
 def _baseline_rss() -> float:
-    code = ("import resource, onnxruntime_genai, numpy; print(resource.getrusage("
-            "resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = ("import onnxruntime_genai, numpy, bench.llm_run as r; print(r._rss_mb())")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 check=True).stdout)
 
@@ -141,7 +140,8 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen([sys.executable, "-m", "bench.llm_run", "agent", str(int4),
-                                 "--threads", "1", "--port-file", str(port_file)])
+                                 "--threads", str(args.threads), "--port-file",
+                                 str(port_file)])
         try:
             deadline = time.monotonic() + 120
             while not port_file.exists() or not port_file.read_text():
@@ -153,7 +153,7 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
             agent, bare = [], []
             for _ in range(args.rounds + 1):
                 agent.append(_stream_rate(client, ids, args.tokens))
-                bare.append(_run("genai", int4, ids, args.tokens, 1, 1)["decode_tps"])
+                bare.append(_run("genai", int4, ids, args.tokens, args.threads, 1)["decode_tps"])
         finally:
             proc.terminate()
             proc.wait(10)
@@ -166,7 +166,8 @@ def _stream_rate(client, ids: list[int], tokens: int) -> float:
     prompt = _decode_prompt(ids)
     times = []
     for chunk in client.completions.create(model="pydoc-lm", prompt=prompt, max_tokens=tokens,
-                                           temperature=0, stream=True):
+                                           temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
     return (len(times) - 1) / (times[-1] - times[0])
@@ -242,8 +243,9 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("build/pydoc-lm"))
     p.add_argument("--out", type=Path, default=Path("bench-out/llm"))
     p.add_argument("--tokens", type=int, default=128, help="new tokens per speed run")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for every runtime (1: the shared 2-core box)")
     p.add_argument("--skip-llama", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -291,7 +293,7 @@ def _print(rows, endpoint, texts, result, llama, baseline) -> None:
         print(f"llama.cpp: {llama}")
     print(f"\nmemory (runtime alone: {baseline:.0f} MB RSS)\n{memory_table(rows, baseline)}")
     print(f"\nagent SSE endpoint {endpoint['agent_tps']:.1f} tok/s vs bare onnxruntime-genai "
-          f"loop {endpoint['bare_tps']:.1f} tok/s on the same int4 file, one thread each: "
+          f"loop {endpoint['bare_tps']:.1f} tok/s on the same int4 file, same threads: "
           f"{endpoint['ratio']:.3f}x (median of {endpoint['rounds']} interleaved rounds)")
     for vid, outs in texts.items():
         print(f"\n--- samples, {vid} (temperature 0.8, top-k 40, seed 1)")

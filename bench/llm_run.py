@@ -22,6 +22,10 @@ import numpy as np
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would include the parent's at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -112,7 +116,7 @@ def main() -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--prompt-ids", default="")
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--port-file", type=Path)
     args = p.parse_args()

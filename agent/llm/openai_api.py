@@ -100,7 +100,7 @@ def parse_request(doc: Any, chat: bool) -> CompletionRequest:
         temperature=_number(doc, "temperature", 1.0), top_p=_number(doc, "top_p", 1.0),
         top_k=_number(doc, "top_k", 0, int),
         seed=doc.get("seed") if doc.get("seed") is None else _number(doc, "seed", 0, int),
-        stop=_stop(doc))
+        stop=_stop(doc), ignore_eos=doc.get("ignore_eos") is True)
     prompt = None if chat else _prompt(doc)
     messages = _messages(doc) if chat else ()
     size = len(prompt or "") + sum(len(m["content"]) for m in messages)

@@ -47,6 +47,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         checks = [(self.max_tokens >= 1, "max_tokens must be >= 1"),
@@ -179,6 +180,8 @@ class GenaiModel:
                            top_k=params.top_k or self.vocab_size)
         if params.seed is not None:
             options["random_seed"] = int(params.seed)
+        if params.ignore_eos:
+            options["min_length"] = n_prompt + budget
         p.set_search_options(**options)
         return p
 
@@ -209,7 +212,7 @@ class GenaiModel:
                     stats.prefill_s = first - start
                 stats.generated_tokens += 1
                 stats.decode_s = time.perf_counter() - first
-                if token in self.eos_ids:
+                if token in self.eos_ids and not params.ignore_eos:
                     stats.finish_reason = "stop"
                     return
                 yield Step(token, stream.decode(token))
