@@ -64,7 +64,9 @@ def test_request_fields_are_parsed_and_checked():
                          "stream": True}, chat=False)
     assert (req.prompt, req.params.max_tokens, req.params.top_k, req.params.stop,
             req.params.seed, req.stream) == ("hi", 5, 3, ("\n",), 4, True)
-    assert req.params.greedy
+    assert req.params.greedy and not req.params.ignore_eos
+    assert parse_request({"model": "m", "prompt": "x", "ignore_eos": True},
+                         chat=False).params.ignore_eos
     for bad, match in [({"prompt": "x"}, "model"), ({"model": "m", "prompt": 3}, "prompt"),
                        ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "integer"),
                        ({"model": "m", "prompt": "x", "stop": [1]}, "stop"),
