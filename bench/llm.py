@@ -291,6 +291,14 @@ def _print(rows, endpoint, texts, result, llama, baseline) -> None:
     print(main_table(rows))
     if isinstance(llama, str):
         print(f"llama.cpp: {llama}")
+    ours = rows["onnx-int4"]
+    for peer in ("genai-builder-int4", "llama.cpp-Q4_K_M"):
+        if peer in rows and "decode_tps" in rows[peer]:
+            r = rows[peer]
+            print(f"our int4 vs {peer}: size {ours['file_bytes'] / r['file_bytes']:.2f}x, "
+                  f"decode {ours['decode_tps'] / r['decode_tps']:.2f}x, TTFT "
+                  f"{ours['ttft_ms'] / r['ttft_ms']:.2f}x, perplexity "
+                  f"{ours['perplexity'] / r['perplexity']:.4f}x")
     print(f"\nmemory (runtime alone: {baseline:.0f} MB RSS)\n{memory_table(rows, baseline)}")
     print(f"\nagent SSE endpoint {endpoint['agent_tps']:.1f} tok/s vs bare onnxruntime-genai "
           f"loop {endpoint['bare_tps']:.1f} tok/s on the same int4 file, same threads: "
