@@ -1,6 +1,6 @@
 """``POST /v1/completions`` and ``POST /v1/chat/completions`` on the agent's local API.
 
-Called from ``agent.api``'s request handler. Generation runs on the request's own thread,
+Raw routes of ``agent.api``'s route table (``ROUTES``). Generation runs on the request's own thread,
 behind an admission bound shared by every listener of one ``ModelServer``: at most
 ``max_active`` sequences hold a KV cache at once (the number the memory check assumed),
 at most ``max_queued`` wait; past that a request gets 429 at once, and one that waited
@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edgeship.agent.api import Route
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.llm.openai_api import (CompletionRequest, StopFilter, chunk_doc,
                                            finish_reason, new_id, parse_request, response_doc,
@@ -238,3 +239,9 @@ def _stream(handler: Any, req: CompletionRequest, runtime: Any, ids,
 
 def _event(doc: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+ROUTES = [
+    Route("POST", "/v1/completions", lambda server, h: handle(h, chat=False), raw=True),
+    Route("POST", "/v1/chat/completions", lambda server, h: handle(h, chat=True), raw=True),
+]
