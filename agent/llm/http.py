@@ -149,6 +149,11 @@ def handle(handler: Any, chat: bool) -> None:
         _error(handler, 400, str(e))
     except (QueueFullError, BusyError) as e:
         _error(handler, e.status, str(e), kind="server_busy", code="overloaded")
+    except Exception as e:  # the runtime failed: answer 500 unless a stream already started
+        logger.exception("generation failed")
+        handler.close_connection = True
+        if not getattr(handler, "_llm_streaming", False):
+            _error(handler, 500, f"generation failed: {str(e)[:200]}", kind="server_error")
 
 
 def _generate(handler: Any, req: CompletionRequest, loaded: Any, ids, fe: LmFrontend) -> None:
@@ -217,6 +222,7 @@ def _stream(handler: Any, req: CompletionRequest, runtime: Any, ids,
                        ("Connection", "close"), ("X-Accel-Buffering", "no")):
         handler.send_header(key, value)
     handler.end_headers()
+    handler._llm_streaming = True
     write, flush = handler.wfile.write, handler.wfile.flush
     filt = StopFilter(req.params.stop)
     try:

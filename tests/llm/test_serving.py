@@ -227,3 +227,18 @@ def test_install_health_check_runs_the_language_model_in_the_limited_child(api, 
     with pytest.raises(HealthCheckError) as e:
         check_in_subprocess(bundle, "onnx-int4", HealthLimits(max_memory_mb=96, timeout_s=120))
     assert e.value.reason_code in (Reason.TOKEN_MISMATCH, Reason.BUNDLE_INVALID)
+
+
+def test_a_failing_runtime_is_a_500_and_the_server_keeps_serving(api, monkeypatch):
+    runtime = api["models"].get("tinylm").runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnxruntime-genai: out of memory")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(runtime, "generate", broken)
+    with pytest.raises(openai.InternalServerError, match="generation failed"):
+        api["client"].completions.create(model="tinylm", prompt=PROMPT, max_tokens=2)
+    monkeypatch.undo()
+    assert api["client"].completions.create(model="tinylm", prompt=PROMPT,
+                                            max_tokens=2).usage.completion_tokens >= 1
