@@ -160,11 +160,17 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port_file.read_text()}/v1",
                                    api_key="-", max_retries=0)
             port = int(port_file.read_text())
-            agent, sdk, bare = [], [], []
-            for _ in range(args.rounds + 1):  # the first round warms every path up
-                agent.append(_stream_rate_raw(port, ids, args.tokens))
-                sdk.append(_stream_rate(client, ids, args.tokens))
-                bare.append(_run("genai", int4, ids, args.tokens, args.threads, 1)["decode_tps"])
+            runs: dict[str, list[float]] = {"agent": [], "sdk": [], "bare": []}
+            measure = {
+                "agent": lambda: _stream_rate_raw(port, ids, args.tokens),
+                "sdk": lambda: _stream_rate(client, ids, args.tokens),
+                "bare": lambda: _run("genai", int4, ids, args.tokens, args.threads,
+                                     1)["decode_tps"]}
+            order = list(measure)
+            for i in range(args.rounds + 1):  # the first round warms every path up
+                for key in (order if i % 2 else order[::-1]):  # no path always first
+                    runs[key].append(measure[key]())
+            agent, sdk, bare = runs["agent"], runs["sdk"], runs["bare"]
         finally:
             proc.terminate()
             proc.wait(10)
@@ -270,7 +276,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("build/pydoc-lm"))
     p.add_argument("--out", type=Path, default=Path("bench-out/llm"))
     p.add_argument("--tokens", type=int, default=128, help="new tokens per speed run")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads for every runtime (1: the shared 2-core box)")
     p.add_argument("--skip-llama", action="store_true")
