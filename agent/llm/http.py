@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgeship.agent.api import Route
+from edgeship.agent.api_routes import Route
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.llm.openai_api import (CompletionRequest, StopFilter, chunk_doc,
                                            finish_reason, new_id, parse_request, response_doc,
