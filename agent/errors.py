@@ -110,6 +110,12 @@ class HealthCheckError(EdgeshipError):
         self.max_abs_diff = max_abs_diff
 
 
+class RuntimeLoadError(EdgeshipError):
+    """A runtime could not load a model file (``agent.runtime.load_runtime``)."""
+
+    reason_code = Reason.HEALTH_CHECK_FAILED
+
+
 class InferenceInputError(EdgeshipError):
     """An inference request does not match the model's input signature."""
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
+from edgeship.agent.errors import InferenceInputError, Reason, RuntimeLoadError
 from edgeship.agent.manifest import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -20,10 +20,6 @@ class ModelRuntime(Protocol):
     """What the agent needs from an inference engine."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-
-class RuntimeLoadError(EdgeshipError):
-    reason_code = Reason.HEALTH_CHECK_FAILED
 
 
 #: Execution providers we know how to use, fastest first (a Jetson has all three).

@@ -25,9 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
+from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason, RuntimeLoadError
 from edgeship.agent.llm import assets
-from edgeship.agent.runtime import RuntimeLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -78,8 +78,6 @@ def _device_check(args: argparse.Namespace, result) -> list[str]:
 
 def run(args: argparse.Namespace, name: str, bundle_dir: Path) -> int:
     """Convert, pack and print; the caller has validated name, version and output."""
-    from edgeship.converter.cli import _fail, _pack
-
     try:
         settings = _settings(args)
         from edgeship.converter.llm.pipeline import convert_llm
@@ -94,6 +92,23 @@ def run(args: argparse.Namespace, name: str, bundle_dir: Path) -> int:
         return _fail(args, e, code)
     _print(args, result.reports, result, tar, _device_check(args, result))
     return 0
+
+
+def _pack(bundle_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    from edgeship.converter.bundle import pack_bundle
+    from edgeship.converter.compression import compress_file
+
+    tar = pack_bundle(bundle_dir)
+    return tar, compress_file(tar)
+
+
+def _fail(args: argparse.Namespace, error: EdgeshipError, code: int) -> int:
+    if args.json:
+        print(json.dumps({"ok": False, "error": str(error), "reason": str(error.reason_code),
+                          "failures": getattr(error, "failures", {})}, indent=2))
+    else:
+        print(f"edgeship convert: error: {error}", file=sys.stderr)
+    return code
 
 
 def _print(args, reports, result, tar: Path | None, notes: list[str]) -> None:
