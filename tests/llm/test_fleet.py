@@ -44,7 +44,8 @@ def test_agent_installs_serves_refuses_and_keeps_serving(loop_env, tiny_lm, tmp_
     agent = loop_env.start_agent("lm-1")
     small = loop_env.start_agent("lm-small", _tiny_board(tmp_path))
     serving = loop_env.wait_serving("lm-1", 1, timeout_s=120)
-    assert serving.get("variant", "onnx-int4") == "onnx-int4"
+    assert serving["variant"] == "onnx-int4"  # the smallest precision that fits 1024 MB
+    assert agent.server.get("tinylm").installed.variant.id == "onnx-int4"
     refused = loop_env.wait_failed("lm-small", 1, timeout_s=120)
     assert refused["reason"] == "memory_budget_exceeded"
     client = openai.OpenAI(base_url=agent.api.url + "/v1", api_key="-", max_retries=0)
