@@ -179,8 +179,14 @@ def untie_embedding(model):
 def quantize(model, spec: QuantSpec, exclude: tuple[str, ...] = (),
              include: tuple[str, ...] | None = None):
     """Block-wise weight-only quantization of MatMul (and embedding Gather) weights."""
+    from dataclasses import replace
+
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
+    if spec.algorithm != "rtn" and spec.embeddings:
+        # HQQ and k-quant take MatMul weights only: the embedding table gets RTN after them
+        model = quantize(model, replace(spec, embeddings=False), exclude, include)
+        return quantize(model, replace(spec, algorithm="rtn"), exclude, include)
     ops = ("MatMul", "Gather") if spec.embeddings else ("MatMul",)
     if spec.algorithm not in ALGORITHMS:
         raise ExportError(f"unknown quantization algorithm {spec.algorithm!r} "

@@ -120,3 +120,14 @@ def test_finetuned_int4_ships_as_a_delta_of_the_changed_tensors(tiny_lm, tmp_pat
     (tmp_path / "d").write_bytes(delta)
     apply_delta(tmp_path / "d", v1, tmp_path / "rebuilt.onnx", max_bytes=1 << 30)
     assert sha256_file(tmp_path / "rebuilt.onnx") == sha256_file(v2)
+
+
+@pytest.mark.parametrize("algorithm", ["hqq", "k_quant"])
+def test_int4_with_hqq_or_k_quant_quantizes_every_weight_and_passes_the_gate(
+        fp32_and_reference, algorithm):
+    fp32, ref = fp32_and_reference
+    model = mixed(fp32, export.QuantSpec(bits=4, algorithm=algorithm), [])
+    ops = {n.op_type for n in model.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
+    metrics = compare(LogitsRunner(model, ref.head_dim), ref)
+    assert not LmGate(min_top1_agreement=0.8).check(metrics), metrics

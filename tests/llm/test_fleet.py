@@ -48,6 +48,7 @@ def test_agent_installs_serves_refuses_and_keeps_serving(loop_env, tiny_lm, tmp_
     assert agent.server.get("tinylm").installed.variant.id == "onnx-int4"
     refused = loop_env.wait_failed("lm-small", 1, timeout_s=120)
     assert refused["reason"] == "memory_budget_exceeded"
+    assert small.server.find("tinylm") is None  # nothing downloaded, nothing served
     client = openai.OpenAI(base_url=agent.api.url + "/v1", api_key="-", max_retries=0)
     first = client.completions.create(model="tinylm", prompt="The for statement",
                                       max_tokens=8, temperature=0)
