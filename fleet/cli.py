@@ -19,21 +19,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgeship.agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
+from edgeship.agent.errors import ConfigError, EdgeshipError
 from edgeship.agent.mqtt import MqttSession, SessionSettings, TlsSettings
 from edgeship.agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
 from edgeship.fleet.db import is_url
-from edgeship.fleet.errors import ReleaseRejectedError
 from edgeship.fleet.registry import DeviceRecord, Registry
 from edgeship.fleet.server import FleetServer, FleetSettings
 from edgeship.fleet.transfer import stop_release
 from edgeship.fleet.tuf_repo import (ReleaseInfo, RepoSettings, init_repository, release_bundle,
                             rotate_root)
+from edgeship.cliutil import EXIT_BAD_INPUT, EXIT_OK, fail
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-_BAD_INPUT = (BundleError, ReleaseRejectedError, ConfigError, ProtocolError)
 ANNOUNCE_TIMEOUT_S = 10.0
 
 
@@ -43,17 +41,9 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except _BAD_INPUT as e:
-            return _fail(e, EXIT_BAD_INPUT)
         except (EdgeshipError, OSError) as e:
-            return _fail(e, EXIT_FAILURE)
+            return fail(e)
     return wrapper
-
-
-def _fail(e: Exception, code: int) -> int:
-    logger.debug("command failed", exc_info=e)
-    print(f"error: {e}", file=sys.stderr)
-    return code
 
 
 def _help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
