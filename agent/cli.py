@@ -130,8 +130,9 @@ def _bundle_pick(bundle: Path, chosen: Any, arch: str) -> dict[str, Any]:
 
 
 def _default_profile() -> str:
-    import platform
-    return "generic-arm64" if platform.machine() in ("aarch64", "arm64") else "generic-x86_64"
+    from edgeship.agent.capabilities import machine
+    return {"aarch64": "generic-arm64", "arm64": "generic-arm64",
+            "armv7l": "generic-armv7l"}.get(machine(), "generic-x86_64")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from edgeship.agent.errors import ConfigError
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
+from edgeship.compat import tomllib
 
 
 @dataclass(frozen=True)

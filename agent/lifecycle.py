@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 
 from edgeship.agent.errors import EdgeshipError
 from edgeship.agent.fsutil import atomic_write
+from edgeship.compat import StrEnum
 
 RECORD_SCHEMA = 2
 MAX_HISTORY = 32

@@ -19,6 +19,10 @@ GOLDEN_NAME = "golden.npz"
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 RUNTIMES = ("onnxruntime", "litert")
+#: where each runtime has a build: onnxruntime has no armv7l (32-bit Arm) wheel at all;
+#: TFLite runs there through tflite-runtime
+RUNTIME_HARDWARE = {"onnxruntime": ("x86_64", "aarch64"),
+                    "litert": ("x86_64", "aarch64", "armv7l")}
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 

@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
+from edgeship.agent.manifest import (GOLDEN_NAME, MANIFEST_NAME, RUNTIME_HARDWARE, Manifest,
+                                     TensorSpec, Variant)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _build_variants(tmp: Path, variants: Sequence[VariantArtifact],
         out.append(Variant(id=v.id, runtime=v.runtime, precision=v.precision,
                            file=v.file_name, sha256=sha256_file(dst),
                            size=dst.stat().st_size, metrics=dict(v.metrics),
-                           golden_atol=float(atol)))
+                           golden_atol=float(atol), hardware=RUNTIME_HARDWARE[v.runtime]))
     return tuple(out)
 
 
