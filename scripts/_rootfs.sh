@@ -66,6 +66,10 @@ rootfs_mount() {
     rootfs_env=(PIP_CERT=/opt/check-ca/ca.crt SSL_CERT_FILE=/opt/check-ca/ca.crt)
   fi
   rootfs_env+=(PIP_DEFAULT_TIMEOUT="${PIP_DEFAULT_TIMEOUT:-180}" PIP_DISABLE_PIP_VERSION_CHECK=1)
+  CHECK=/opt/rootfs-check
+  rm -rf "$ROOTFS$CHECK" "$ROOTFS/etc/edgeship" "$ROOTFS/var/lib/edgeship" \
+    "$ROOTFS/etc/systemd/system/edgeship-agent.service"
+  mkdir -p "$ROOTFS$CHECK"
 }
 
 in_rootfs() {
@@ -91,4 +95,58 @@ rootfs_copy_tree() {
   rm -rf "$ROOTFS$1"; mkdir -p "$ROOTFS$1"
   git ls-files -co --exclude-standard -z | grep -zv '^\.venv' | tar --null -T - -cf - \
     | tar -xf - -C "$ROOTFS$1"
+}
+
+# in_rootfs with no network at all (a new, empty network namespace): an offline first boot
+in_rootfs_offline() {
+  unshare --net -- chroot "$ROOTFS" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 "${rootfs_env[@]}" "$@"
+}
+
+# a fleet on the host (TUF repo, CA) and an enrollment bundle for DEVICE (extra args go to
+# 'edgeship provision'), copied to $CHECK/bundle in the root
+rootfs_enroll() {
+  local device="$1" profile="$2"; shift 2
+  local tmp; tmp="$(mktemp -d)"
+  .venv/bin/edgeship keys init --keys "$tmp/keys" --repo "$tmp/repo" >/dev/null
+  .venv/bin/edgeship broker ca-init --ca-dir "$tmp/ca" >/dev/null
+  .venv/bin/edgeship provision "$device" --profile "$profile" \
+    --broker mqtts://broker.invalid:8883 --ca-dir "$tmp/ca" --repo "$tmp/repo" \
+    --out "$tmp/bundle" "$@"
+  rm -rf "$ROOTFS$CHECK/bundle"; cp -r "$tmp/bundle" "$ROOTFS$CHECK/bundle"; rm -rf "$tmp"
+}
+
+# what install-agent must have made, with the key readable by the service user only
+rootfs_check_install() {
+  for f in /etc/edgeship/agent.toml /etc/edgeship/device.key /var/lib/edgeship/tuf/root.json \
+           /etc/systemd/system/edgeship-agent.service \
+           /etc/systemd/system/multi-user.target.wants/edgeship-agent.service; do
+    [ -e "$ROOTFS$f" ] || [ -L "$ROOTFS$f" ] || { echo "install-agent did not create $f" >&2; return 1; }
+  done
+  in_rootfs id edgeship
+  local mode; mode="$(in_rootfs stat -c %U:%a /etc/edgeship/device.key)"
+  [ "$mode" = "edgeship:600" ] || { echo "device.key is $mode" >&2; return 1; }
+}
+
+# the agent's broker-free tests, from a copy without the sources next to them (so
+# `import edgeship` is the installed one); extra args are pytest arguments
+rootfs_tests() {
+  rm -rf "$ROOTFS$CHECK/t"; mkdir -p "$ROOTFS$CHECK/t"
+  cp -r tests "$ROOTFS$CHECK/t/"
+  find "$ROOTFS$CHECK/t" -name __pycache__ -prune -exec rm -rf {} +
+  chroot "$ROOTFS" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+    sh -c "cd $CHECK/t && /opt/edgeship/venv/bin/python -m pytest -q -p no:cacheprovider \
+      -p tests.provisioning.rootfs_stage --timeout 900 $*"
+}
+
+# stage a model on the host for PROFILE (VARIANTS: converter variant ids), then one inference
+# through the local API of an agent inside the root, with no broker
+rootfs_infer() {
+  local stage; stage="$(mktemp -d)"
+  .venv/bin/python -m tests.provisioning.rootfs_stage stage "$stage" "$@"
+  rm -rf "$ROOTFS$CHECK/state"
+  cp -r "$stage/state" "$stage/agent.toml" "$stage/sample.json" "$ROOTFS$CHECK/"
+  rm -rf "$stage"
+  chroot "$ROOTFS" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+    sh -c "cd $CHECK/t && /opt/edgeship/venv/bin/python -m tests.provisioning.rootfs_stage infer $CHECK"
 }
