@@ -176,6 +176,8 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     if not (Path(args.repo) / "metadata").is_dir():
         raise ConfigError(f"--repo {args.repo} is not a repository (run 'keys init')",
                           key="repo")
+    if not getattr(args, "verbose", False):  # a server: what it does, at INFO, by default
+        logging.getLogger("edgeship").setLevel(logging.INFO)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
