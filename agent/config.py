@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeship.agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError, did_you_mean
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
 from edgeship.compat import tomllib
 
@@ -88,7 +88,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
     fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}", key=unknown[0])
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}"
+                          f"{did_you_mean(unknown[0], fields)}", key=unknown[0])
     for key in ("device_id", "state_dir"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key {key!r}", key=key)
