@@ -24,7 +24,8 @@ RUNTIMES = ("onnxruntime", "litert")
 RUNTIME_HARDWARE = {"onnxruntime": ("x86_64", "aarch64"),
                     "litert": ("x86_64", "aarch64", "armv7l")}
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
-DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
+          "uint32", "int64", "uint64", "bool")
 
 
 @dataclass(frozen=True)
