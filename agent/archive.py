@@ -25,7 +25,7 @@ from typing import Iterator
 from tuf.api import exceptions as tuf_exc
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.fetcher_base import FetcherInterface
+from edgeship.agent.update.fetcher_base import FetcherInterface
 from edgeship.agent.protocol import validate_id
 
 FORMAT = "edgeship-release"

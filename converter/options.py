@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.agent.errors import did_you_mean
-from edgeship.compat import tomllib
+from edgeship.common.compat import tomllib
 from edgeship.converter.errors import InputError
 from edgeship.converter.gates import Gate
 from edgeship.converter.quantize import CALIBRATION_METHODS

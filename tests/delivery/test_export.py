@@ -16,7 +16,7 @@ from tuf.ngclient import Updater
 
 from edgeship.agent.archive import ARCHIVE_URL, INDEX_NAME, ReleaseArchive
 from edgeship.agent.errors import BundleError, Reason
-from edgeship.agent.updater import tuf_reason
+from edgeship.agent.update.download import tuf_reason
 from edgeship.cli import main
 from edgeship.fleet.export import export_release
 from edgeship.fleet.tuf_repo import _utcnow, init_repository, release_bundle

@@ -11,8 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 #: what a device install imports: the agent, the board profiles, the top-level CLI
 DEVICE_CODE = [*sorted((ROOT / "agent").rglob("*.py")), *sorted((ROOT / "devices").rglob("*.py")),
+               *sorted((ROOT / "edgeship" / "common").rglob("*.py")),
                *(ROOT / "edgeship" / n for n in ("__init__.py", "__main__.py", "cli.py",
-                                                  "cliutil.py", "compat.py"))]
+                                                  "cliutil.py"))]
 NEW_MODULES = {"tomllib": "3.11"}
 NEW_NAMES = {("enum", "StrEnum"): "3.11", ("typing", "Self"): "3.11",
              ("typing", "TypeAlias"): "3.10", ("typing", "ParamSpec"): "3.10",

@@ -10,7 +10,7 @@ import pytest
 from edgeship import devices
 from edgeship.agent.errors import ConfigError
 from edgeship.cli import main
-from edgeship.compat import tomllib
+from edgeship.common.compat import tomllib
 
 REQUIRED_BOARDS = {"rpi-zero-2w", "rpi3b-plus", "rpi4", "rpi5", "jetson-nano",
                    "jetson-orin-nano", "generic-x86_64", "generic-arm64",
