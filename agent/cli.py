@@ -43,6 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--config", required=True, type=Path)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+    from edgeship.agent.cli_install import add_install_parser
+    add_install_parser(asub)
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -219,8 +221,12 @@ def _spool_status(cfg: Any) -> dict[str, Any] | None:
 def _live_status(cfg: Any) -> dict[str, Any] | None:
     from edgeship.agent.client import AgentClient
 
-    url = f"unix://{cfg.api_socket_path}" if cfg.api_socket_path and \
-        cfg.api_socket_path.exists() else f"http://{cfg.api_host}:{cfg.api_port}"
+    if cfg.api_socket_path and cfg.api_socket_path.exists():
+        url = f"unix://{cfg.api_socket_path}"
+    elif cfg.api_enabled:
+        url = f"http://{cfg.api_host}:{cfg.api_port}"
+    else:
+        return None
     try:
         with AgentClient(url, timeout_s=2.0) as c:
             return {"url": url, "health": c.health(),

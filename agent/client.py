@@ -80,6 +80,11 @@ class AgentClient:
     def models(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/models")["models"]
 
+
+    def install_archive(self, path: str) -> dict[str, Any]:
+        """Hand a signed release archive to the agent (its Unix socket only)."""
+        return self._json("POST", "/v1/admin/install",
+                          json.dumps({"archive": str(path)}).encode())
     def model(self, name: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/models/{urllib.parse.quote(name)}")
 
