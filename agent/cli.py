@@ -187,6 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --- status ----------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from edgeship.agent.client import live_status
     from edgeship.agent.config import load_config
     from edgeship.agent.update.records import RecordStore
     from edgeship.agent.store import ModelStore
@@ -201,7 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     records = {r.model: {"state": r.state.value, "version": r.version, "reason": r.reason}
                for r in RecordStore(cfg.updates_dir).all()}
     doc = {"device": cfg.device_id, "models": models, "updates": records,
-           "telemetry": _spool_status(cfg), "live": _live_status(cfg)}
+           "telemetry": _spool_status(cfg), "live": live_status(cfg)}
     _emit(doc, args.json)
     return 0
 
@@ -216,23 +217,6 @@ def _spool_status(cfg: Any) -> dict[str, Any] | None:
         return spool.stats().to_dict()
     finally:
         spool.close()
-
-
-def _live_status(cfg: Any) -> dict[str, Any] | None:
-    from edgeship.agent.client import AgentClient
-
-    if cfg.api_socket_path and cfg.api_socket_path.exists():
-        url = f"unix://{cfg.api_socket_path}"
-    elif cfg.api_enabled:
-        url = f"http://{cfg.api_host}:{cfg.api_port}"
-    else:
-        return None
-    try:
-        with AgentClient(url, timeout_s=2.0) as c:
-            return {"url": url, "health": c.health(),
-                    "serving": {m["model"]: m["version"] for m in c.models()}}
-    except (OSError, ValueError):
-        return None
 
 
 def _emit(doc: dict, as_json: bool) -> None:

@@ -35,7 +35,7 @@ def add_install_parser(asub: argparse._SubParsersAction) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from edgeship.agent.cli import _live_status
+    from edgeship.agent.client import live_status
     from edgeship.agent.config import load_config
 
     cfg = load_config(args.config)
@@ -49,7 +49,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         if not args.json:
             print(_event_text(str(event), fields), flush=True)
 
-    if _live_status(cfg) is not None:
+    if live_status(cfg) is not None:
         model, version = _hand_over(cfg, path, show)
     else:
         from edgeship.agent.daemon import Agent

@@ -328,6 +328,8 @@ class Agent:
             "device": self.device, "online": online, "ts": time.time(),
             "agent_version": __version__, "profile": self.cfg.profile,
             "arch": machine(), "api": self.api.url if online and self.api else None,
+            # what this device really has (a Jetson without NVIDIA's build: CPU only)
+            "runtimes": list(self.traits.runtimes), "providers": list(self.traits.providers),
             "models": models})
 
     def _telemetry_extra(self) -> dict[str, Any]:
