@@ -96,8 +96,8 @@ def _hand_over(cfg: Any, path: Path, show: Any) -> tuple[str, int]:
             show(seen, {"model": model, "version": version, "reason": r.reason})
             if seen in ("idle", "failed"):  # done (committed, then idle) or rolled back
                 break
-        elif _already_active(cfg, model, version):
-            break
+        elif not seen and _already_active(cfg, model, version):
+            break  # done before this command saw any state of it
         time.sleep(0.5)
     return model, version
 

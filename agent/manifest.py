@@ -12,18 +12,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeship.agent.errors import BundleError
+from edgeship.agent.llm.spec import LlmSpec
 from edgeship.agent.protocol import SCHEMA_VERSION, validate_id
 
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"
 MAX_MANIFEST_BYTES = 1024 * 1024
 
-RUNTIMES = ("onnxruntime", "litert")
-#: where each runtime has a build: onnxruntime has no armv7l (32-bit Arm) wheel at all;
-#: TFLite runs there through tflite-runtime
+RUNTIMES = ("onnxruntime", "litert", "onnxruntime-genai")
+#: where each runtime has a build: onnxruntime (and onnxruntime-genai) have no armv7l
+#: (32-bit Arm) wheel at all; TFLite runs there through tflite-runtime
 RUNTIME_HARDWARE = {"onnxruntime": ("x86_64", "aarch64"),
+                    "onnxruntime-genai": ("x86_64", "aarch64"),
                     "litert": ("x86_64", "aarch64", "armv7l")}
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static", "int4")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
           "uint32", "int64", "uint64", "bool")
 
@@ -86,6 +88,7 @@ class Manifest:
     created_at: str = ""
     labels: tuple[str, ...] = ()
     shadow: ShadowPolicy | None = None
+    llm: LlmSpec | None = None  # language models: context, KV-cache shape, tokens
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -109,6 +112,7 @@ class Manifest:
             "reference": dict(self.reference),
             "labels": list(self.labels),
             **({"shadow": self.shadow.to_dict()} if self.shadow else {}),
+            **({"llm": self.llm.to_dict()} if self.llm else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -201,6 +205,7 @@ def _parse_manifest(raw: Any) -> Manifest:
         created_at=str(raw.get("created_at", "")),
         labels=tuple(str(x) for x in raw.get("labels", [])),
         shadow=_shadow(raw.get("shadow")),
+        llm=LlmSpec.from_dict(raw["llm"]) if raw.get("llm") is not None else None,
     )
 
 

@@ -36,11 +36,14 @@ _SOURCE_HELP = {
               "  edgeship convert torch pkg.mod:make_model --weights w.safetensors "
               "--input-shape 1,3,32,32 --calib imgs/ --val val.npz\n"
               "  edgeship convert torch model.pt2 --recipe recipe.toml"),
+    "llm": ("a decoder-only language model: a Hugging Face checkpoint directory or "
+            "module:factory returning (model, tokenizer); int4/int8 for onnxruntime-genai",
+            "  edgeship convert llm ./my-llama --heldout valid.txt --device rpi5"),
 }
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``convert {digits,onnx,torch}`` on an ``argparse`` subparsers object."""
+    """Register ``convert {digits,onnx,torch,llm}`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "convert", help="convert a model into gated variants (ONNX fp32/fp16/int8, TFLite)",
         description="Make ONNX (fp32 optimized, fp16, int8 dynamic, int8 static with "
@@ -53,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     common, data, shrink = _common_options(), _data_options(), _shrink_options()
     parents = {"digits": [common, shrink], "onnx": [common, data],
-               "torch": [common, data, shrink]}
+               "torch": [common, data, shrink], "llm": [common]}
     for source, (help_text, example) in _SOURCE_HELP.items():
         s = sources.add_parser(source, parents=parents[source], help=help_text,
                                description=help_text, epilog="example:\n" + example,
@@ -70,6 +73,11 @@ def _source_options(s: argparse.ArgumentParser, source: str) -> None:
         s.add_argument("--seed", type=int, default=0, help="training/split seed")
     elif source == "onnx":
         s.add_argument("model", metavar="MODEL.onnx", help="the ONNX file")
+    elif source == "llm":
+        s.add_argument("model", metavar="MODEL",
+                       help="a Hugging Face checkpoint directory or module:factory")
+        from edgeship.converter.llm.cli import add_llm_options
+        add_llm_options(s)
     else:
         s.add_argument("model", metavar="MODEL",
                        help="package.module:factory, a TorchScript file or a .pt2")
@@ -163,7 +171,7 @@ def _apply_recipe(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace) -> tuple[str, Path]:
     if args.source != "digits" and not args.model:
         raise ConfigError(f"'convert {args.source}' needs a model argument", key="model")
-    if args.source != "digits" and Path(args.model).is_dir():
+    if args.source in ("onnx", "torch") and Path(args.model).is_dir():
         wanted = "the .onnx file" if args.source == "onnx" else \
             "the TorchScript or .pt2 file (or package.module:factory)"
         raise ConfigError(f"{args.model} is a directory: give {wanted} inside it",
@@ -242,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         _apply_recipe(args)
         name, bundle_dir = _validate(args)
+        if args.source == "llm":  # decoder-only language model: converter/llm
+            from edgeship.converter.llm.cli import run as run_llm
+            _quiet_foreign_noise()
+            return run_llm(args, name, bundle_dir)
         the_plan = _plan(args)
         settings = _settings(args, the_plan)
     except EdgeshipError as e:

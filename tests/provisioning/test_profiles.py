@@ -50,7 +50,7 @@ def test_jetsons_prefer_fp16_and_list_gpu_providers_before_cpu():
     (lambda r: r.update(threads=16), "threads", "must be <= cores"),
     (lambda r: r.update(cores="four"), "cores", "must be a integer"),
     (lambda r: r.update(arch="mips"), "arch", "must be one of"),
-    (lambda r: r.update(preferred_precisions=["int4"]), "preferred_precisions", "'int4'"),
+    (lambda r: r.update(preferred_precisions=["int2"]), "preferred_precisions", "'int2'"),
     (lambda r: r.update(execution_providers=["CUDAExecutionProvider"]),
      "execution_providers", "must include CPUExecutionProvider"),
     (lambda r: r.update(model_memory_budget_mb=9000), "model_memory_budget_mb", "< ram_mb"),
