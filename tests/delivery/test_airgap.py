@@ -119,12 +119,15 @@ def test_not_an_archive_or_no_file_is_bad_input(device, tmp_path, capsys):
 
 def test_a_running_agent_takes_the_archive_over_its_socket(archives, device, capsys):
     agent = Agent(load_config(device))
+    reported: list[str] = []  # what the agent itself went through (the command polls)
+    agent.report_hooks.append(lambda event, fields: reported.append(str(event)))
     agent.start()
     try:
         rc, doc = install(archives[1], device, capsys)
         assert rc == 0 and doc["installed"], doc
         states = [e["event"] for e in doc["events"]]  # the update record, followed
-        assert "health_check" in states and states[-1] == "idle", states
+        assert states[-1] == "idle", states
+        assert "health_check" in reported and "serving" in reported, reported
         wait_until(lambda: agent.server.find("synth") is not None, timeout_s=30)
         assert agent.server.find("synth").installed.version == 1  # serving it, live
         x = sample_inputs(WIDTH, rows=2)
