@@ -41,6 +41,9 @@ class AgentConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    mqtt_username: str | None = None  # log in with a user name and password ...
+    mqtt_password_file: str | None = None  # ... read from this file (first line), never argv
+    mqtt_client_id: str = ""  # "" = edgeship-agent-<device_id>
     # --- agent runtime ---
     api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
@@ -65,6 +68,12 @@ class AgentConfig:
     max_update_restarts: int = _INSTALL.max_update_restarts  # in one install: stopped
     health_timeout_s: float = HealthLimits.timeout_s
     health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
+
+    def mqtt_password(self) -> str | None:
+        """The password from ``mqtt_password_file`` (its first line), read when asked."""
+        if not self.mqtt_password_file:
+            return None
+        return read_secret(self.mqtt_password_file, "mqtt_password_file")
 
     @property
     def api_socket_path(self) -> Path | None:
@@ -120,7 +129,22 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
                           key="chunk_bytes")
     _check_runtime_keys(values, source)
     _check_transport(values, source)
+    if values.get("mqtt_password_file") and not values.get("mqtt_username"):
+        raise ConfigError(f"{source}: key 'mqtt_password_file' needs 'mqtt_username'",
+                          key="mqtt_username")
     return AgentConfig(**values)
+
+
+def read_secret(path: str | Path, key: str) -> str:
+    """The first line of a secret file (a password), without its line break."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{key} {path}: {e.strerror or e}", key=key) from e
+    secret = text.split("\n", 1)[0].rstrip("\r")
+    if not secret:
+        raise ConfigError(f"{key} {path}: the file is empty", key=key)
+    return secret
 
 
 def _check_transport(values: dict[str, Any], source: str) -> None:

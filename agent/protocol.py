@@ -77,8 +77,18 @@ class Topics:
     def release(model: str) -> str:
         return f"{TOPIC_ROOT}/fleet/releases/{model}"
 
+    @staticmethod
+    def device_release(device: str, model: str) -> str:
+        """An announcement re-sent to one device (not retained) when it comes online."""
+        return f"{TOPIC_ROOT}/dev/{device}/releases/{model}"
+
+    @staticmethod
+    def device_releases_filter(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/releases/+"
+
     # subscription filters
     RELEASES_FILTER = f"{TOPIC_ROOT}/fleet/releases/+"
+    TRANSFER_REQUESTS = f"{TOPIC_ROOT}/transfer/req/+"
     TRANSFER_REQUESTS_SHARED = f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/transfer/req/+"
     DEVICE_PRESENCE_FILTER = f"{TOPIC_ROOT}/dev/+/presence"
     DEVICE_STATUS_FILTER = f"{TOPIC_ROOT}/dev/+/status"
@@ -103,6 +113,9 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic(rest[2], device=validate_id(rest[1]))
     if len(rest) == 4 and rest[0] == "dev" and rest[2:] == ["transfer", "resp"]:
         return ParsedTopic("transfer_resp", device=validate_id(rest[1]))
+    if len(rest) == 4 and rest[0] == "dev" and rest[2] == "releases":
+        return ParsedTopic("release", device=validate_id(rest[1]),
+                           model=validate_id(rest[3], "model name"))
     if len(rest) == 3 and rest[:2] == ["transfer", "req"]:
         return ParsedTopic("transfer_req", device=validate_id(rest[2]))
     if len(rest) == 3 and rest[:2] == ["fleet", "releases"]:

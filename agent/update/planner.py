@@ -110,6 +110,12 @@ class Planner:
         took the model over meanwhile."""
         return not (self.wanted.get(model, 0) > version or self.desired.governs(model))
 
+    @staticmethod
+    def dealt_with(version: int, device: DeviceView) -> bool:
+        """The device serves this version or a newer one, or reverted it before."""
+        return (device.active is not None and version <= device.active) or \
+            version in device.blocked
+
     # --- what to do about it ----------------------------------------------------------------
 
     def plan(self, model: str, version: int, device: DeviceView) -> list[Step]:

@@ -29,7 +29,11 @@ class UpdateWorker:
 
     # --- any thread -------------------------------------------------------------------------
 
-    def announced(self, ann: protocol.ReleaseAnnouncement) -> None:
+    def announced(self, ann: protocol.ReleaseAnnouncement, resent: bool = False) -> None:
+        """``resent``: the fleet's catch-up re-send to this device alone; one the device has
+        dealt with (serves it or newer, reverted it before) is ignored quietly."""
+        if resent and self.planner.dealt_with(ann.version, self.device_view(ann.model)):
+            return
         with self._cv:
             if self.planner.announced(ann, time.time(), time.monotonic()):
                 self._cv.notify()
