@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,9 @@ MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 512 * 1024
 
 QOS_AT_LEAST_ONCE = 1
+#: Integers on the wire (versions, seqs, offsets, counters) fit a signed 64-bit field, as
+#: in every store they land in (SQLite INTEGER, PostgreSQL BIGINT, the agent's records).
+INT64_MAX = 2**63 - 1
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -117,16 +121,46 @@ def encode(kind: str, body: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _json_int(text: str) -> int:
+    if len(text) > 20:  # before int(): a 5,000-digit literal costs, then raises
+        raise ValueError(f"integer literal of {len(text)} digits")
+    value = int(text)
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise ValueError(f"integer {value} outside the signed 64-bit range")
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is not finite")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(data: bytes | str) -> Any:
+    """Strict JSON for anything that comes from outside: integers within the signed 64-bit
+    range, finite numbers only (no NaN/Infinity), nesting bounded by the interpreter's
+    recursion limit. Every failure is a :class:`ProtocolError` (``malformed_message``)."""
+    try:
+        return json.loads(data, parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant)
+    except RecursionError as e:
+        raise ProtocolError("JSON nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the hooks' errors
+        raise ProtocolError(f"not JSON: {str(e)[:200]}") from e
+
+
 def decode(payload: bytes, *, expect_kind: str | None = None,
            max_bytes: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
     """Parse a JSON control message: size first, then JSON, then schema and kind."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds {max_bytes}",
                             reason_code=Reason.PAYLOAD_TOO_LARGE)
-    try:
-        msg = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"not JSON: {e}") from e
+    msg = loads(payload)
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object")
     schema = msg.get("schema")

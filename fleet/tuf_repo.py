@@ -15,6 +15,12 @@ re-signs it with the online timestamp key, so a device notices a frozen feed.
 Writes happen in dependency order — target files, targets, snapshot, and last the
 timestamp, which is the commit point — so a reader never sees metadata that points at
 missing files. One writer at a time (an ``flock`` on ``repo_dir/.lock``).
+
+A release is all-or-nothing: every file is verified into a hidden staging directory, which
+becomes ``targets/{model}/{version}`` in one rename just before the metadata is signed; any
+failure removes what it wrote. What a killed release leaves (extracted bundles, staging
+directories, unreferenced version directories, metadata never committed by a timestamp) is
+removed by the next writer under the lock.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -38,14 +47,18 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeship.agent.errors import ConfigError
-from edgeship.fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
+from edgeship.fleet.bundle import (BUNDLE_PREFIX, BundleFile, BundleLimits, LoadedBundle,
+                                   install_file, open_bundle)
 from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
-from edgeship.fleet.files import atomic_write, write_new
+from edgeship.fleet.files import atomic_write, fsync_dir, write_new
 
 logger = logging.getLogger(__name__)
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 CUSTOM_KEY = "edgeship"
+STAGING_PREFIX = ".staging-"
+#: How far this host's clock may be behind the repository's last signature
+CLOCK_SKEW_S = 300
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -301,10 +314,8 @@ def _custom(manifest_model: str, version: int, f: BundleFile) -> dict:
     return {CUSTOM_KEY: custom}
 
 
-def _add_targets(repo_dir: Path, bundle: LoadedBundle, targets: Targets) -> tuple[str, ...]:
+def _add_targets(dest_dir: Path, bundle: LoadedBundle, targets: Targets) -> tuple[str, ...]:
     m = bundle.manifest
-    dest_dir = repo_dir / "targets" / m.model / str(m.version)
-    dest_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for f in bundle.files:
         install_file(bundle.directory / f.name, f, dest_dir)
@@ -320,14 +331,13 @@ def delta_target_path(target: str, base_version: int) -> str:
     return f"{target}.from-{base_version}.delta"
 
 
-def _add_deltas(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
+def _add_deltas(repo_dir: Path, dest_dir: Path, bundle: LoadedBundle, targets: Targets,
                 base_version: int) -> tuple[str, ...]:
     """For every variant file that also exists in ``base_version``, a delta target (when it
-    is clearly smaller than the file). The delta's own target pins its bytes; the rebuilt
-    file is pinned by the full file's target."""
+    is clearly smaller than the file), written to ``dest_dir``. The delta's own target pins
+    its bytes; the rebuilt file is pinned by the full file's target."""
     from edgeship.fleet.delta import make_delta
     m = bundle.manifest
-    dest_dir = repo_dir / "targets" / m.model / str(m.version)
     added = []
     for f in bundle.files:
         base = targets.targets.get(f"{m.model}/{base_version}/{f.name}")
@@ -352,27 +362,138 @@ def _add_deltas(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
     return tuple(added)
 
 
+# --- all-or-nothing: leftovers and clocks -------------------------------------------------
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _released_dirs(targets: Targets) -> set[tuple[str, str]]:
+    return {tuple(path.split("/")[:2]) for path in targets.targets}  # type: ignore[misc]
+
+
+def remove_leftovers(repo_dir: Path, cur: _Current) -> list[Path]:
+    """Remove what an interrupted writer left: extracted bundles and staging directories,
+    temp files, version directories no current target points at, and metadata files newer
+    than what the timestamp commits. Call only under the repository lock."""
+    found = [*repo_dir.glob(BUNDLE_PREFIX + "*"), *repo_dir.glob(STAGING_PREFIX + "*")]
+    meta_dir, released = repo_dir / "metadata", _released_dirs(cur.targets.signed)
+    committed = {Targets.type: cur.targets.signed.version,
+                 Snapshot.type: cur.snapshot.signed.version}
+    for p in meta_dir.iterdir():
+        version, _, rest = p.name.partition(".")
+        role = rest.removesuffix(".json")
+        if p.name.startswith(".") or (version.isdigit() and role in committed
+                                      and int(version) > committed[role]):
+            found.append(p)
+    for model_dir in (p for p in (repo_dir / "targets").iterdir() if p.is_dir()):
+        for version_dir in model_dir.iterdir():
+            if (model_dir.name, version_dir.name) not in released:
+                found.append(version_dir)
+            elif version_dir.is_dir():
+                found += [p for p in version_dir.iterdir() if p.name.startswith(".")]
+    for p in found:
+        logger.warning("removing %s (left by an interrupted release)", p)
+        _remove(p)
+    for model_dir in (p for p in (repo_dir / "targets").iterdir() if p.is_dir()):
+        with contextlib.suppress(OSError):
+            model_dir.rmdir()  # only when empty
+    return found
+
+
+def check_signing_time(repo_dir: Path, cur: _Current, settings: RepoSettings,
+                       now: datetime) -> None:
+    """Refuse to sign with a clock behind the repository's last signature (what it signs
+    would expire early, or already be expired, on every device) or while root expires
+    within one timestamp period (devices would refuse everything soon after)."""
+    stamp = (repo_dir / "metadata" / "timestamp.json").stat().st_mtime
+    last = datetime.fromtimestamp(stamp, timezone.utc).replace(microsecond=0)
+    if now < last - timedelta(seconds=CLOCK_SKEW_S):
+        raise RepositoryError(
+            f"this host's clock says {now:%Y-%m-%d %H:%M} UTC but the repository was last "
+            f"signed at {last:%Y-%m-%d %H:%M} UTC: metadata signed now would expire early "
+            "or already be expired on devices; fix the clock (NTP) and release again")
+    period = settings.lifetime(Timestamp.type)
+    for role, expires in ((Root.type, cur.root.signed.expires),
+                          *((r, now + settings.lifetime(r)) for r in ROLES[1:3])):
+        if expires <= now + period:
+            raise RepositoryError(
+                f"{role} metadata expires at {expires:%Y-%m-%d %H:%M} UTC, within the "
+                f"timestamp period ({period}) of now ({now:%Y-%m-%d %H:%M} UTC): "
+                + ("rotate root (keys rotate-root) first" if role == Root.type
+                   else f"raise {role}_expiry_days"))
+
+
+def _stage(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
+           settings: RepoSettings, latest: int) -> tuple[Path, tuple[str, ...]]:
+    """Copy and verify every file (and delta) into a staging directory; nothing is visible
+    yet. Returns the directory and the new target paths."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo_dir))
+    try:
+        paths = _add_targets(staging, bundle, targets)
+        if settings.deltas and latest:
+            paths += _add_deltas(repo_dir, staging, bundle, targets, latest)
+        staging.chmod(0o755)
+        fsync_dir(staging)
+    except BaseException:
+        _remove(staging)
+        raise
+    return staging, paths
+
+
+def _publish(repo_dir: Path, staging: Path, cur: _Current, signers: dict[str, list],
+             settings: RepoSettings, now: datetime, dest: Path) -> None:
+    """Move the staged files to ``dest`` and sign. On any failure before the timestamp is
+    written, the files and the new targets/snapshot metadata are removed again."""
+    meta_dir = repo_dir / "metadata"
+    written = [meta_dir / f"{cur.targets.signed.version + 1}.targets.json",
+               meta_dir / f"{cur.snapshot.signed.version + 1}.snapshot.json"]
+    old_timestamp = (meta_dir / "timestamp.json").read_bytes()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, dest)
+        fsync_dir(dest.parent)
+        _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True)
+    except BaseException:
+        try:
+            committed = (meta_dir / "timestamp.json").read_bytes() != old_timestamp
+        except OSError:
+            committed = True  # unknown: leave it to the next writer's remove_leftovers
+        if not committed:
+            for p in (staging, dest, *written):
+                _remove(p)
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()
+        raise
+
+
 def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
                    settings: RepoSettings = RepoSettings(), *,
                    now: datetime | None = None) -> ReleaseInfo:
-    """Verify a bundle, add its files as targets and publish new signed metadata."""
+    """Verify a bundle, add its files as targets and publish new signed metadata — all of
+    it or nothing."""
     repo_dir = Path(repo_dir)
     now = now or _utcnow()
     limits = BundleLimits(settings.max_bundle_bytes, settings.max_bundle_files)
-    with _locked(repo_dir), open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+    with _locked(repo_dir):
         cur = _load_current(repo_dir / "metadata")
-        m = bundle.manifest
-        latest = _latest_versions(cur.targets.signed).get(m.model, 0)
-        if m.version <= latest:
-            raise ReleaseRejectedError(
-                f"{m.model} v{m.version} is not newer than released v{latest}",
-                model=m.model, version=m.version, latest=latest)
-        signers = load_signers(Path(keys_dir), cur.root.signed,
-                               (Targets.type, Snapshot.type, Timestamp.type))
-        paths = _add_targets(repo_dir, bundle, cur.targets.signed)
-        if settings.deltas and latest:
-            paths += _add_deltas(repo_dir, bundle, cur.targets.signed, latest)
-        _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True)
+        remove_leftovers(repo_dir, cur)
+        check_signing_time(repo_dir, cur, settings, now)
+        with open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+            m = bundle.manifest
+            latest = _latest_versions(cur.targets.signed).get(m.model, 0)
+            if m.version <= latest:
+                raise ReleaseRejectedError(
+                    f"{m.model} v{m.version} is not newer than released v{latest}",
+                    model=m.model, version=m.version, latest=latest)
+            signers = load_signers(Path(keys_dir), cur.root.signed,
+                                   (Targets.type, Snapshot.type, Timestamp.type))
+            staging, paths = _stage(repo_dir, bundle, cur.targets.signed, settings, latest)
+            _publish(repo_dir, staging, cur, signers, settings, now,
+                     repo_dir / "targets" / m.model / str(m.version))
     logger.info("released %s v%d (%d targets)", m.model, m.version, len(paths))
     return ReleaseInfo(m.model, m.version, paths, time.time())
 

@@ -1,0 +1,73 @@
+"""Hostile numbers and nesting in messages and manifests: a 5,000-digit integer (past
+Python's int-conversion limit), a value past 2^63-1 (SQLite's INTEGER, every signed
+64-bit store) and 30,000 levels of JSON nesting are all rejected with a reason code —
+never a traceback, never a crash of the thread that parsed them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeship.agent import protocol
+from edgeship.agent.errors import BundleError, ProtocolError, Reason
+from edgeship.agent.manifest import Manifest
+from edgeship.agent.protocol import DesiredState, ReleaseAnnouncement, TransferRequest
+
+HUGE = "9" * 5000
+DEEP = "[" * 30_000 + "]" * 30_000
+
+
+def _msg(kind: str, **fields: str) -> bytes:
+    body = ", ".join(f'"{k}": {v}' for k, v in fields.items())
+    return f'{{"schema": 1, "kind": "{kind}", {body}}}'.encode()
+
+
+@pytest.mark.parametrize("payload", [
+    _msg("release", model='"m"', version=HUGE, released_at="0"),
+    _msg("release", model='"m"', version=str(2**63), released_at="0"),
+    _msg("release", model='"m"', version="1", released_at=HUGE),
+    _msg("release", model='"m"', version="1", released_at="1e400"),
+    _msg("release", model='"m"', version="1", released_at="0", spread_s=DEEP),
+    _msg("desired", model='"m"', version="1", seq=HUGE),
+    _msg("desired", model='"m"', version="1", seq=str(2**64)),
+    _msg("desired", model='"m"', version=str(2**63), seq="1"),
+    _msg("transfer_request", path='"targets/m/1/f"', offset=HUGE, length="10"),
+    _msg("transfer_request", path='"targets/m/1/f"', offset=str(2**63), length="10"),
+    DEEP.encode(),
+    ('{"a":' * 10_000 + "1" + "}" * 10_000).encode(),
+])
+def test_hostile_numbers_and_nesting_are_malformed_messages(payload):
+    for parse in (ReleaseAnnouncement.from_bytes, DesiredState.from_bytes,
+                  TransferRequest.from_bytes, protocol.decode):
+        with pytest.raises(ProtocolError) as err:
+            parse(payload)
+        assert err.value.reason_code in (Reason.MALFORMED_MESSAGE,)
+
+
+def test_largest_allowed_numbers_still_parse():
+    big = 2**63 - 1
+    d = DesiredState.from_bytes(_msg("desired", model='"m"', version=str(big), seq=str(big)))
+    assert (d.version, d.seq) == (big, big)
+
+
+def _manifest(**override) -> dict:
+    sha = "0" * 64
+    raw = {"schema": 1, "model": "digits", "version": 1, "task": "classification",
+           "inputs": [{"name": "x", "dtype": "float32", "shape": [None, 4]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 2]}],
+           "variants": [{"id": "onnx-fp32", "runtime": "onnxruntime", "precision": "fp32",
+                         "file": "model.onnx", "sha256": sha, "size": 10}],
+           "golden": {"file": "golden.npz", "sha256": sha, "size": 10}}
+    raw.update(override)
+    return raw
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(_manifest()).replace('"version": 1', f'"version": {HUGE}'),
+    json.dumps(_manifest()).replace('"size": 10', f'"size": {HUGE}', 1),
+    json.dumps(_manifest(labels=[])).replace('"labels": []', f'"labels": {DEEP}'),
+])
+def test_hostile_numbers_and_nesting_in_a_manifest_are_bundle_errors(text):
+    with pytest.raises(BundleError):
+        Manifest.from_bytes(text.encode())

@@ -1,0 +1,223 @@
+"""`release` is all-or-nothing and signs only what makes sense: a refused bundle leaves the
+repository byte-identical, a killed release's temp files are gone after the next run, every
+manifest field is checked before anything is signed, and metadata that is already expired
+(host clock behind the repository) is never signed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from edgeship.agent.errors import BundleError
+from edgeship.fleet.errors import RepositoryError
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.tuf_repo import release_bundle, released_versions
+from tests.fleet.helpers import make_bundle, make_tar
+from tests.fleet.test_cli import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def snapshot(repo_dir: Path) -> dict[str, str]:
+    """Every file and directory under the repository (but its lock), with content hashes."""
+    state = {}
+    for p in sorted(repo_dir.rglob("*")):
+        rel = str(p.relative_to(repo_dir))
+        if rel == ".lock":
+            continue
+        state[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return state
+
+
+def _corrupt(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_refused_bundle_leaves_the_repository_byte_identical(repo, tmp_path, as_tar):
+    keys, repo_dir = repo
+    release_bundle(make_bundle(tmp_path / "ok", version=1), repo_dir, keys)
+    before = snapshot(repo_dir)
+    bundle = make_bundle(tmp_path / "bad", version=105)
+    _corrupt(bundle / "golden.npz")  # the last file: manifest and variants verify first
+    with pytest.raises(BundleError, match="golden.npz: sha256"):
+        release_bundle(make_tar(bundle) if as_tar else bundle, repo_dir, keys)
+    assert snapshot(repo_dir) == before
+    assert released_versions(repo_dir) == {"digits": 1}
+
+
+def test_refused_bundle_through_the_cli_exits_2_and_leaves_nothing(repo, tmp_path, capsys):
+    keys, repo_dir = repo
+    before = snapshot(repo_dir)
+    bundle = make_bundle(tmp_path / "bad", version=105)
+    _corrupt(bundle / "golden.npz")
+    assert run("release", bundle, "--repo", repo_dir, "--keys", keys) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert snapshot(repo_dir) == before
+
+
+def _big_tar(tmp_path: Path) -> Path:
+    bundle = make_bundle(tmp_path / "big", version=2, payload=os.urandom(40 * 1024**2))
+    return make_tar(bundle)
+
+
+def _leftovers(repo_dir: Path) -> list[str]:
+    return [str(p.relative_to(repo_dir)) for p in repo_dir.rglob("*")
+            if p.name.startswith(".") and p.name not in (".lock",)]
+
+
+def test_temp_files_of_a_killed_release_are_removed_by_the_next_run(repo, tmp_path):
+    keys, repo_dir = repo
+    tar = _big_tar(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "release", str(tar),
+                             "--repo", str(repo_dir), "--keys", str(keys)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(repo_dir.glob(".bundle-*/*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "release never started extracting"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _leftovers(repo_dir), "the kill came too late to leave anything behind"
+    assert released_versions(repo_dir) == {}
+
+    release_bundle(make_bundle(tmp_path / "next", version=1), repo_dir, keys)
+    assert _leftovers(repo_dir) == []
+    assert released_versions(repo_dir) == {"digits": 1}
+
+
+def test_unreferenced_files_of_a_release_killed_before_its_commit_are_removed(repo, tmp_path):
+    keys, repo_dir = repo
+    # what a release killed between moving its files in and signing leaves behind
+    orphan = repo_dir / "targets" / "digits" / "7"
+    orphan.mkdir(parents=True)
+    (orphan / f"{'0' * 64}.model.onnx").write_bytes(b"x" * 1000)
+    release_bundle(make_bundle(tmp_path / "next", version=1), repo_dir, keys)
+    assert not orphan.exists()
+    assert (repo_dir / "targets" / "digits" / "1").is_dir()
+
+
+# --- manifest fields ------------------------------------------------------------------------
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    raw = json.loads((bundle / "manifest.json").read_bytes())
+    text = edit(raw, bundle)
+    (bundle / "manifest.json").write_text(text if isinstance(text, str) else json.dumps(raw))
+
+
+def _rename_variant(new_name: str):
+    """The variant's file really carries the hostile name, so only the name is at fault."""
+    def edit(raw: dict, bundle: Path) -> None:
+        (bundle / raw["variants"][0]["file"]).rename(bundle / new_name)
+        raw["variants"][0]["file"] = new_name
+    return edit
+
+
+def _text(edit):
+    return lambda raw, bundle: edit(json.dumps(raw))
+
+
+def _set(path: tuple, value):
+    def edit(raw: dict, bundle: Path) -> None:
+        target = raw
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+BAD_MANIFESTS = {
+    "version 2^64": _text(lambda t: t.replace('"version": 1', f'"version": {2**64}')),
+    "version 2^63": _text(lambda t: t.replace('"version": 1', f'"version": {2**63}')),
+    "version of 5000 digits": _text(lambda t: t.replace('"version": 1',
+                                                        '"version": ' + "9" * 5000)),
+    "30k-deep labels": _text(lambda t: t.replace('"labels": []', '"labels": ' +
+                                                 "[" * 30_000 + "]" * 30_000)),
+    "U+202E in a file name": _rename_variant("evil\u202exnno.onnx"),
+    "newline in a file name": _rename_variant("a\nb.onnx"),
+    "variant named installed.json": _rename_variant("installed.json"),
+    "variant named like a resume file": _rename_variant("model.onnx.resume"),
+    "golden_atol NaN literal": _text(lambda t: t.replace('"golden_atol": 0.0001',
+                                                         '"golden_atol": NaN')),
+    "golden_atol 'NaN' string": _set(("variants", 0, "golden_atol"), "NaN"),
+    "negative golden_atol": _set(("variants", 0, "golden_atol"), -1.0),
+    "metric 'inf' string": _set(("variants", 0, "metrics"), {"accuracy": "inf"}),
+    "shape [-7]": _set(("inputs", 0, "shape"), [-7]),
+    "shape not a list": _set(("inputs", 0, "shape"), "8x8"),
+    "shape dim true": _set(("inputs", 0, "shape"), [True, 4]),
+    "negative size": _set(("golden", "size"), -5),
+    "hardware with a newline": _set(("variants", 0, "hardware"), ["x86_64\nrm -rf"]),
+    "tensor name with U+202E": _set(("outputs", 0, "name"), "y\u202e"),
+    "duplicate input names": lambda raw, bundle: raw["inputs"].append(dict(raw["inputs"][0])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_bad_manifest_fields_are_refused_with_one_line_and_exit_2(repo, tmp_path, capsys,
+                                                                  case):
+    keys, repo_dir = repo
+    bundle = make_bundle(tmp_path / "b")
+    _edit_manifest(bundle, BAD_MANIFESTS[case])
+    before = snapshot(repo_dir)
+    db = tmp_path / "fleet.db"
+    assert run("release", bundle, "--repo", repo_dir, "--keys", keys, "--db", db) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and len(err[0]) < 400, err
+    assert snapshot(repo_dir) == before
+
+
+def test_the_largest_version_is_released_and_recorded(repo, tmp_path, capsys):
+    keys, repo_dir = repo
+    bundle = make_bundle(tmp_path / "b", version=2**63 - 1)
+    db = tmp_path / "fleet.db"
+    assert run("release", bundle, "--repo", repo_dir, "--keys", keys, "--db", db) == 0
+    registry = Registry(db)
+    assert registry.releases() == [("digits", 2**63 - 1, pytest.approx(time.time(), abs=60),
+                                    "cli")]
+    registry.close()
+
+
+# --- clocks -----------------------------------------------------------------------------------
+
+def test_host_clock_behind_the_repository_is_refused(repo, tmp_path, capsys):
+    keys, repo_dir = repo
+    # the fleet server (right clock) re-signed the timestamp; this host is a day behind
+    ts = repo_dir / "metadata" / "timestamp.json"
+    tomorrow = time.time() + 86_400
+    os.utime(ts, (tomorrow, tomorrow))
+    before = snapshot(repo_dir)
+    assert run("release", make_bundle(tmp_path / "b"), "--repo", repo_dir, "--keys",
+               keys) == 1  # the environment's fault, not the bundle's
+    err = capsys.readouterr().err
+    assert "clock" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(repo_dir) == before
+
+
+def test_metadata_that_would_be_expired_is_never_signed(repo, tmp_path):
+    keys, repo_dir = repo
+    release_bundle(make_bundle(tmp_path / "a", version=1), repo_dir, keys)
+    before = snapshot(repo_dir)
+    day_behind = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=1)
+    with pytest.raises(RepositoryError, match="clock"):
+        release_bundle(make_bundle(tmp_path / "b", version=2), repo_dir, keys, now=day_behind)
+    assert snapshot(repo_dir) == before
+
+
+def test_root_expiring_within_the_timestamp_period_is_refused(repo, tmp_path):
+    keys, repo_dir = repo
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=365) \
+        - timedelta(hours=2)  # root (365 days) ends 2 h after this release's "now"
+    before = snapshot(repo_dir)
+    with pytest.raises(RepositoryError, match="root metadata expires"):
+        release_bundle(make_bundle(tmp_path / "b", version=1), repo_dir, keys, now=soon)
+    assert snapshot(repo_dir) == before
