@@ -48,6 +48,7 @@ class FleetSettings:
     keys_dir: Path | None = None  # online keys: re-sign timestamp every timestamp_refresh_s
     timestamp_refresh_s: float = 2 * 3600  # timestamp expiry is 6 h (RepoSettings)
     max_transfers: int = 200  # concurrent target transfers; more are answered 503
+    max_transfers_per_device: int = 2  # a device's newer transfer replaces its oldest
     transfer_idle_s: float = 60.0  # a transfer with no request for this long frees its slot
     announce_spread_s: float = 0.0  # devices spread their fetches over this window; 0 = none
     max_device_bytes_per_s: int = 0  # fleet-side byte-rate cap per device; 0 = unlimited
@@ -108,7 +109,8 @@ class FleetServer:
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
-        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
+        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s,
+                                 settings.max_transfers_per_device)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
         self.rates = DeviceRateLimits(settings.max_device_bytes_per_s,  # bursts of 1 s
                                       burst_bytes=max(1, settings.max_device_bytes_per_s))

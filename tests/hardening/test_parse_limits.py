@@ -71,3 +71,41 @@ def _manifest(**override) -> dict:
 def test_hostile_numbers_and_nesting_in_a_manifest_are_bundle_errors(text):
     with pytest.raises(BundleError):
         Manifest.from_bytes(text.encode())
+
+
+# --- the fleet server: hostile device reports are counted, never a traceback ----------------
+
+def test_hostile_device_reports_are_counted_as_malformed_without_a_traceback(
+        broker, tmp_path, caplog):
+    from edgeship.agent.protocol import Topics, encode
+    from edgeship.fleet.server import FleetServer, FleetSettings
+    from edgeship.fleet.tuf_repo import init_repository
+    from tests.support import wait_until
+    from tests.support.attacks import RawDevice
+
+    init_repository(tmp_path / "keys", tmp_path / "repo")
+    server = FleetServer(FleetSettings(mqtt_url=broker.url, repo_dir=tmp_path / "repo",
+                                       db_path=tmp_path / "fleet.db"))
+    server.start()
+    dev = RawDevice(broker.url, "dev")
+    try:
+        hostile = [
+            (Topics.status("dev"), _msg("status", device='"dev"', event='"serving"',
+                                        version=HUGE)),
+            (Topics.status("dev"), _msg("status", device='"dev"', event='"serving"',
+                                        model='"m"', version=str(2**64))),
+            (Topics.telemetry("dev"), _msg("telemetry", requests=str(2**63))),
+            (Topics.presence("dev"), DEEP.encode()),
+            (Topics.telemetry("dev"), _msg("telemetry", latency="NaN")),
+        ]
+        for topic, payload in hostile:
+            dev.publish(topic, payload)
+        dev.publish(Topics.status("dev"), encode("status", {
+            "device": "dev", "event": "serving", "model": "m", "version": 2**63 - 1}))
+        wait_until(lambda: server.stats.snapshot()["records"] >= 1, 10, "the good report")
+        assert server.stats.snapshot()["malformed"] == len(hostile)
+        assert [e.version for e in server.registry.events("dev")] == [2**63 - 1]
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    finally:
+        dev.close()
+        server.stop()
