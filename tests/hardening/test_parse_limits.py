@@ -12,7 +12,13 @@ import pytest
 from edgeship.agent import protocol
 from edgeship.agent.errors import BundleError, ProtocolError, Reason
 from edgeship.agent.manifest import Manifest
-from edgeship.agent.protocol import DesiredState, ReleaseAnnouncement, TransferRequest
+from edgeship.agent.protocol import (DesiredState, ReleaseAnnouncement, Topics, TransferRequest,
+                                     encode)
+from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.tuf_repo import init_repository
+from tests.support import models, wait_until
+from tests.support.attacks import RawDevice
+from tests.support.loop_env import Fleet
 
 HUGE = "9" * 5000
 DEEP = "[" * 30_000 + "]" * 30_000
@@ -77,11 +83,6 @@ def test_hostile_numbers_and_nesting_in_a_manifest_are_bundle_errors(text):
 
 def test_hostile_device_reports_are_counted_as_malformed_without_a_traceback(
         broker, tmp_path, caplog):
-    from edgeship.agent.protocol import Topics, encode
-    from edgeship.fleet.server import FleetServer, FleetSettings
-    from edgeship.fleet.tuf_repo import init_repository
-    from tests.support import wait_until
-    from tests.support.attacks import RawDevice
 
     init_repository(tmp_path / "keys", tmp_path / "repo")
     server = FleetServer(FleetSettings(mqtt_url=broker.url, repo_dir=tmp_path / "repo",
@@ -109,3 +110,27 @@ def test_hostile_device_reports_are_counted_as_malformed_without_a_traceback(
     finally:
         dev.close()
         server.stop()
+
+
+# --- the agent: hostile MQTT messages become `rejected` events, updates carry on -----------
+
+def test_agent_answers_hostile_messages_with_rejected_and_keeps_updating(loop_env, tmp_path):
+
+    fleet = Fleet(loop_env, tmp_path)
+    loop_env.start_agent("dev")
+    fleet.release("m", 1, models.good(1))
+    loop_env.wait_serving("dev", 1)
+    hostile = [(Topics.release("m"), _msg("release", model='"m"', version=HUGE,
+                                          released_at="0")),
+               (Topics.desired("dev"), _msg("desired", model='"m"', version="2", seq=HUGE)),
+               (Topics.desired("dev"), _msg("desired", model='"m"', version="2",
+                                            seq=str(2**64))),
+               (Topics.release("m"), DEEP.encode())]
+    for topic, payload in hostile:
+        loop_env.publish(topic, payload)
+    rejected = lambda: [e for e in loop_env.watcher.events  # noqa: E731
+                        if e.get("device") == "dev" and e.get("event") == "rejected"]
+    wait_until(lambda: len(rejected()) >= len(hostile), 20, "a rejected event per message")
+    assert {e["reason"] for e in rejected()} == {"malformed_message"}
+    fleet.release("m", 2, models.good(2))
+    loop_env.wait_serving("dev", 2)
