@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
     updated_at {real} NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id {serial}, ts {real} NOT NULL, actor TEXT, action TEXT NOT NULL, rollout TEXT,
     detail TEXT NOT NULL);
@@ -190,6 +191,7 @@ class Registry:
         self._db = open_backend(target, settings.busy_timeout_s)
         self._db.script(_SCHEMA)
         self._migrate()
+        self.epoch = self._epoch()
 
     def _migrate(self) -> None:
         """Columns added after a registry was first created (same on both backends)."""
@@ -197,6 +199,15 @@ class Registry:
             self._db.execute("SELECT hold FROM desired LIMIT 0")
         except Exception:  # sqlite3 or psycopg error: the column is missing
             self._db.execute("ALTER TABLE desired ADD COLUMN hold INTEGER NOT NULL DEFAULT 0")
+
+    def _epoch(self) -> int:
+        """This registry's epoch, fixed when it is first opened: its creation time in ms.
+        Desired states carry it, so a recreated registry outranks the one it replaced."""
+        with self._db.transaction():
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?) "
+                             "ON CONFLICT (key) DO NOTHING",
+                             (str(max(1, int(self._clock() * 1000))),))
+            return int(self._db.execute("SELECT value FROM meta WHERE key = 'epoch'")[0][0])
 
     def now(self) -> float:
         """The registry's clock (what its timestamps are in)."""

@@ -14,7 +14,7 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from edgeship.agent.errors import EdgeshipError, ProtocolError
@@ -27,7 +27,7 @@ from edgeship.fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GON
                             DeviceRateLimits, Pacer, StoppedReleases, TransferGate,
                             read_chunk, release_of,
                             stop_release)
-from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
+from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, online_signer, refresh_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class FleetServer:
         self.rates = DeviceRateLimits(settings.max_device_bytes_per_s,  # bursts of 1 s
                                       burst_bytes=max(1, settings.max_device_bytes_per_s))
         self.pacer = Pacer(self._send_paced)
+        self._desired_signer = (online_signer(settings.repo_dir, settings.keys_dir)
+                                if settings.keys_dir is not None else None)
         self._threads: list[threading.Thread] = []
         client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self._session = MqttSession(
@@ -191,7 +193,13 @@ class FleetServer:
         self.stopped_releases.look_again()
 
     def publish_desired(self, device: str, desired: DesiredState) -> None:
-        """Retained per-device desired state (QoS 1; the newest ``seq`` wins on the device)."""
+        """Retained per-device desired state (QoS 1; the newest ``(epoch, seq)`` wins on the
+        device), in this registry's epoch, signed with the timestamp key when this server
+        holds the online keys."""
+        desired = replace(desired, epoch=self.registry.epoch, sig=None)
+        if self._desired_signer is not None:
+            signature = self._desired_signer.sign(desired.signing_bytes(device))
+            desired = replace(desired, sig=(signature.keyid, signature.signature))
         self._session.publish(Topics.desired(device), desired.to_bytes(),
                               qos=QOS_AT_LEAST_ONCE, retain=True)
 

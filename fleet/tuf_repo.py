@@ -498,6 +498,13 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
     return ReleaseInfo(m.model, m.version, paths, time.time())
 
 
+def online_signer(repo_dir: Path, keys_dir: Path, role: str = Timestamp.type):
+    """The first key of an online ``role`` in ``keys_dir``, checked against the current
+    root (the fleet server signs desired states with the timestamp key)."""
+    root = _read(Path(repo_dir) / "metadata" / "root.json", Root)
+    return load_signers(Path(keys_dir), root.signed, (role,))[role][0]
+
+
 def refresh_timestamp(repo_dir: Path, keys_dir: Path, settings: RepoSettings = RepoSettings(),
                       *, now: datetime | None = None) -> int:
     """Re-sign timestamp with a fresh expiry; also renew snapshot and targets when less than
@@ -563,4 +570,5 @@ def verify_repository(repo_dir: Path) -> None:
 
 
 __all__ = ["RepoSettings", "ReleaseInfo", "init_repository", "release_bundle", "rotate_root",
+           "online_signer",
            "refresh_timestamp", "released_versions", "load_signers", "verify_repository"]
