@@ -5,8 +5,6 @@ manifest field is checked before anything is signed, and metadata that is alread
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -23,19 +21,9 @@ from edgeship.fleet.registry import Registry
 from edgeship.fleet.tuf_repo import release_bundle, released_versions
 from tests.fleet.helpers import make_bundle, make_tar
 from tests.fleet.test_cli import run
+from tests.support.attacks import BAD_MANIFESTS, edit_manifest, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def snapshot(repo_dir: Path) -> dict[str, str]:
-    """Every file and directory under the repository (but its lock), with content hashes."""
-    state = {}
-    for p in sorted(repo_dir.rglob("*")):
-        rel = str(p.relative_to(repo_dir))
-        if rel == ".lock":
-            continue
-        state[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return state
 
 
 def _corrupt(path: Path) -> None:
@@ -109,65 +97,12 @@ def test_unreferenced_files_of_a_release_killed_before_its_commit_are_removed(re
 
 # --- manifest fields ------------------------------------------------------------------------
 
-def _edit_manifest(bundle: Path, edit) -> None:
-    raw = json.loads((bundle / "manifest.json").read_bytes())
-    text = edit(raw, bundle)
-    (bundle / "manifest.json").write_text(text if isinstance(text, str) else json.dumps(raw))
-
-
-def _rename_variant(new_name: str):
-    """The variant's file really carries the hostile name, so only the name is at fault."""
-    def edit(raw: dict, bundle: Path) -> None:
-        (bundle / raw["variants"][0]["file"]).rename(bundle / new_name)
-        raw["variants"][0]["file"] = new_name
-    return edit
-
-
-def _text(edit):
-    return lambda raw, bundle: edit(json.dumps(raw))
-
-
-def _set(path: tuple, value):
-    def edit(raw: dict, bundle: Path) -> None:
-        target = raw
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value
-    return edit
-
-
-BAD_MANIFESTS = {
-    "version 2^64": _text(lambda t: t.replace('"version": 1', f'"version": {2**64}')),
-    "version 2^63": _text(lambda t: t.replace('"version": 1', f'"version": {2**63}')),
-    "version of 5000 digits": _text(lambda t: t.replace('"version": 1',
-                                                        '"version": ' + "9" * 5000)),
-    "30k-deep labels": _text(lambda t: t.replace('"labels": []', '"labels": ' +
-                                                 "[" * 30_000 + "]" * 30_000)),
-    "U+202E in a file name": _rename_variant("evil\u202exnno.onnx"),
-    "newline in a file name": _rename_variant("a\nb.onnx"),
-    "variant named installed.json": _rename_variant("installed.json"),
-    "variant named like a resume file": _rename_variant("model.onnx.resume"),
-    "golden_atol NaN literal": _text(lambda t: t.replace('"golden_atol": 0.0001',
-                                                         '"golden_atol": NaN')),
-    "golden_atol 'NaN' string": _set(("variants", 0, "golden_atol"), "NaN"),
-    "negative golden_atol": _set(("variants", 0, "golden_atol"), -1.0),
-    "metric 'inf' string": _set(("variants", 0, "metrics"), {"accuracy": "inf"}),
-    "shape [-7]": _set(("inputs", 0, "shape"), [-7]),
-    "shape not a list": _set(("inputs", 0, "shape"), "8x8"),
-    "shape dim true": _set(("inputs", 0, "shape"), [True, 4]),
-    "negative size": _set(("golden", "size"), -5),
-    "hardware with a newline": _set(("variants", 0, "hardware"), ["x86_64\nrm -rf"]),
-    "tensor name with U+202E": _set(("outputs", 0, "name"), "y\u202e"),
-    "duplicate input names": lambda raw, bundle: raw["inputs"].append(dict(raw["inputs"][0])),
-}
-
-
 @pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
 def test_bad_manifest_fields_are_refused_with_one_line_and_exit_2(repo, tmp_path, capsys,
                                                                   case):
     keys, repo_dir = repo
     bundle = make_bundle(tmp_path / "b")
-    _edit_manifest(bundle, BAD_MANIFESTS[case])
+    edit_manifest(bundle, BAD_MANIFESTS[case])
     before = snapshot(repo_dir)
     db = tmp_path / "fleet.db"
     assert run("release", bundle, "--repo", repo_dir, "--keys", keys, "--db", db) == 2

@@ -1,0 +1,182 @@
+"""The attack families the soak replays (issue: what an outside attack run broke). Each
+case attacks the running fleet once and returns how it was turned away; it raises
+:class:`CaseFailed` when the attack got through or something broke. After every case the
+runner also checks that every process is alive and every agent serves its version."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from edgeship.agent.protocol import Topics, encode
+from edgeship.fleet.tuf_repo import released_versions
+from tests.fleet.helpers import make_bundle, make_tar
+from tests.support.attacks import BAD_MANIFESTS, edit_manifest, snapshot
+
+from bench.soak_env import MODEL, ROOT, SoakEnv
+
+NOT_AUTHORIZED = 0x87
+HUGE = "9" * 5000
+DEEP = "[" * 30_000 + "]" * 30_000
+
+
+class CaseFailed(Exception):
+    """The attack was not turned away cleanly."""
+
+
+def _raw(kind: str, **fields: str) -> bytes:
+    body = ", ".join(f'"{k}": {v}' for k, v in fields.items())
+    return f'{{"schema": 1, "kind": "{kind}", {body}}}'.encode()
+
+
+def _release_cli(env: SoakEnv, bundle: Path, timeout_s: float = 120) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "edgeship.cli", "release", str(bundle),
+                           "--repo", str(env.repo), "--keys", str(env.keys)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    return proc.returncode, proc.stderr.strip()
+
+
+# --- the release path (host side) ---------------------------------------------------------
+
+_manifest_cases = itertools.cycle(sorted(BAD_MANIFESTS))
+
+
+def hostile_manifest(env: SoakEnv) -> str:
+    case = next(_manifest_cases)
+    work = env.root / "work" / f"manifest-{time.monotonic_ns()}"
+    bundle = make_bundle(work, model=MODEL, version=env.version + 1)
+    edit_manifest(bundle, BAD_MANIFESTS[case])
+    before = snapshot(env.repo)
+    code, err = _release_cli(env, bundle)
+    shutil.rmtree(work, ignore_errors=True)
+    if code != 2 or len(err.splitlines()) != 1:
+        raise CaseFailed(f"{case}: exit {code}, stderr {err[-300:]!r}")
+    if snapshot(env.repo) != before:
+        raise CaseFailed(f"{case}: the repository changed")
+    return f"{case}: exit 2"
+
+
+def killed_release_then_update(env: SoakEnv) -> str:
+    """kill -9 a release while it unpacks; the next (real) release cleans up after it and
+    every agent installs it."""
+    work = env.root / "work" / f"kill-{time.monotonic_ns()}"
+    tar = make_tar(make_bundle(work, model="bulk", version=1,
+                               payload=os.urandom(8 * 1024**2)))
+    proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "release", str(tar),
+                             "--repo", str(env.repo), "--keys", str(env.keys)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not any(env.repo.glob(".bundle-*/*")) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(work, ignore_errors=True)
+    version = env.release()
+    left = [p.name for p in env.repo.rglob(".*") if p.name != ".lock"]
+    if left:
+        raise CaseFailed(f"temp files left after the next release: {left[:5]}")
+    if "bulk" in released_versions(env.repo):
+        raise CaseFailed("the killed release was published")
+    env.wait_all_serving(version)
+    return f"killed release cleaned; v{version} installed everywhere"
+
+
+# --- MQTT: what a hostile device or a buggy fleet component sends --------------------------
+
+def hostile_device_reports(env: SoakEnv) -> str:
+    """Mallory's own topics (the ACL lets it write them): the fleet counts, never breaks."""
+    before = env.fleet_counter("malformed")
+    payloads = [(Topics.status("mallory"), _raw("status", event='"serving"', version=HUGE)),
+                (Topics.status("mallory"), _raw("status", event='"serving"', model='"m"',
+                                                version=str(2**64))),
+                (Topics.telemetry("mallory"), _raw("telemetry", requests=str(2**63))),
+                (Topics.presence("mallory"), DEEP.encode())]
+    for topic, payload in payloads:
+        env.mallory.publish(topic, payload)
+    deadline = time.monotonic() + 10
+    while env.fleet_counter("malformed") < before + len(payloads):
+        if time.monotonic() > deadline:
+            raise CaseFailed(f"fleet counted {env.fleet_counter('malformed') - before} of "
+                             f"{len(payloads)} malformed reports")
+        time.sleep(0.1)
+    return f"{len(payloads)} counted malformed"
+
+
+_control = itertools.cycle([
+    ("release", lambda env: (Topics.release(MODEL),
+                             _raw("release", model=f'"{MODEL}"', version=HUGE,
+                                  released_at="0"))),
+    ("release", lambda env: (Topics.release(MODEL), DEEP.encode())),
+    ("desired", lambda env: (Topics.desired(env.devices[0]),
+                             _raw("desired", model=f'"{MODEL}"', version="1", seq=HUGE))),
+    ("desired", lambda env: (Topics.desired(env.devices[0]),
+                             _raw("desired", model=f'"{MODEL}"', version="1",
+                                  seq=str(2**64)))),
+])
+
+
+def hostile_control_messages(env: SoakEnv) -> str:
+    """Malformed announcements and desired states from an authorised fleet identity: every
+    agent that gets one answers ``rejected`` / ``malformed_message``."""
+    kind, build = next(_control)
+    topic, payload = build(env)
+    mark = env.watcher.mark()
+    env.voice.publish(topic, payload)
+    targets = env.devices if kind == "release" else env.devices[:1]
+    for device in targets:
+        ev = env.watcher.wait_for(lambda e: e.get("device") == device
+                                  and e.get("event") == "rejected", mark, 15)
+        if ev is None or ev.get("reason") != "malformed_message":
+            raise CaseFailed(f"{device}: no rejected/malformed_message for a hostile {kind} "
+                             f"(got {ev})")
+    return f"{kind}: rejected by {len(targets)} agent(s)"
+
+
+def acl_refusals(env: SoakEnv) -> str:
+    """A device certificate cannot write announcements, desired states or another device's
+    topics on the locked-down broker."""
+    victim = env.devices[0]
+    topics = [Topics.release(MODEL), Topics.desired(victim), Topics.status(victim),
+              Topics.telemetry(victim), Topics.transfer_response(victim),
+              Topics.transfer_request(victim)]
+    for topic in topics:
+        rc = env.mallory.publish(topic, encode("desired", {"model": MODEL, "version": 1,
+                                                           "seq": 2**62}))
+        if rc != NOT_AUTHORIZED:
+            raise CaseFailed(f"broker accepted mallory's publish on {topic} (rc {rc:#x})")
+    return f"{len(topics)} publishes refused by the ACL"
+
+
+# --- transfers ------------------------------------------------------------------------------
+
+def transfer_slot_exhaustion(env: SoakEnv) -> str:
+    """Mallory opens a 1-byte transfer of every target and goes quiet; another device still
+    gets its chunks at once."""
+    paths = [f"targets/{p.relative_to(env.repo / 'targets')}"
+             for p in (env.repo / "targets").rglob("*") if p.is_file()]
+    random.shuffle(paths)
+    for path in paths[:40]:
+        env.mallory.send_request(path, 0, 1)
+    status, data = env.probe.fetch(paths[0], 0, 4096, timeout_s=10)
+    if status != 200 or not data:
+        raise CaseFailed(f"a legitimate transfer got {status} while mallory held slots")
+    return f"mallory opened {min(40, len(paths))} transfers; probe served 200"
+
+
+FAMILIES: dict[str, list[Callable[[SoakEnv], str]]] = {
+    "release: hostile manifest fields": [hostile_manifest],
+    "release: kill -9, then a real update": [killed_release_then_update],
+    "fleet: hostile device reports": [hostile_device_reports],
+    "agent: hostile control messages": [hostile_control_messages],
+    "broker: ACL refusals": [acl_refusals],
+    "fleet: transfer-slot exhaustion": [transfer_slot_exhaustion],
+}
