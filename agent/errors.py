@@ -51,6 +51,13 @@ class Reason(StrEnum):
     HARDWARE_MISMATCH = "hardware_mismatch"
     RELEASE_STOPPED = "release_stopped"
     DELTA_MISMATCH = "delta_mismatch"
+    # hardening: the environment's fault (retried later, never blamed on the model)
+    DISK_FULL = "disk_full"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    # the manifest's inputs/outputs disagree with the model's own
+    MODEL_SIGNATURE_MISMATCH = "model_signature_mismatch"
+    # more models announced than a device keeps (signed, but over the bound)
+    TOO_MANY_MODELS = "too_many_models"
 
 
 class EdgeshipError(Exception):
