@@ -26,8 +26,8 @@ def _check_invariants(env: SoakEnv) -> None:
     if dead:
         raise CaseFailed(f"process(es) died: {dead}")
     for device in env.devices:
-        if env.serving(device) != env.version:
-            raise CaseFailed(f"{device} serves v{env.serving(device)}, not v{env.version}")
+        if env.serving(device) != env.expected:
+            raise CaseFailed(f"{device} serves v{env.serving(device)}, not v{env.expected}")
 
 
 def run_case(env: SoakEnv, name: str, case) -> tuple[bool, str]:

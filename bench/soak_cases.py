@@ -6,6 +6,7 @@ runner also checks that every process is alive and every agent serves its versio
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import shutil
@@ -52,7 +53,7 @@ _manifest_cases = itertools.cycle(sorted(BAD_MANIFESTS))
 def hostile_manifest(env: SoakEnv) -> str:
     case = next(_manifest_cases)
     work = env.root / "work" / f"manifest-{time.monotonic_ns()}"
-    bundle = make_bundle(work, model=MODEL, version=env.version + 1)
+    bundle = make_bundle(work, model=MODEL, version=env.released + 1)
     edit_manifest(bundle, BAD_MANIFESTS[case])
     before = snapshot(env.repo)
     code, err = _release_cli(env, bundle)
@@ -172,6 +173,27 @@ def transfer_slot_exhaustion(env: SoakEnv) -> str:
     return f"mallory opened {min(40, len(paths))} transfers; probe served 200"
 
 
+# --- the health check ------------------------------------------------------------------------
+
+def _declare_wrong_input_shape(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_bytes())
+    manifest["inputs"][0]["shape"] = [None, 5]  # the model takes [N, 4]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def mismatched_signature(env: SoakEnv) -> str:
+    """A signed release whose manifest declares [N, 5] for a [N, 4] model: every agent
+    refuses it in the health check and keeps its version."""
+    mark = env.watcher.mark()
+    version = env.release(_declare_wrong_input_shape)
+    for device in env.devices:
+        ev = env.watcher.wait_for(lambda e: e.get("device") == device and e.get("event") ==
+                                  "failed" and e.get("version") == version, mark, 60)
+        if ev is None or ev.get("reason") != "model_signature_mismatch":
+            raise CaseFailed(f"{device}: {ev}")
+    return f"v{version} refused by {len(env.devices)} agent(s)"
+
+
 FAMILIES: dict[str, list[Callable[[SoakEnv], str]]] = {
     "release: hostile manifest fields": [hostile_manifest],
     "release: kill -9, then a real update": [killed_release_then_update],
@@ -179,4 +201,5 @@ FAMILIES: dict[str, list[Callable[[SoakEnv], str]]] = {
     "agent: hostile control messages": [hostile_control_messages],
     "broker: ACL refusals": [acl_refusals],
     "fleet: transfer-slot exhaustion": [transfer_slot_exhaustion],
+    "agent: manifest signature mismatch": [mismatched_signature],
 }

@@ -121,7 +121,8 @@ class SoakEnv:
         self.ports: dict[str, int] = {}
         for device in self.devices:
             self._start_agent(device)
-        self.version = 0
+        self.released = 0  # the newest version signed into the repository
+        self.expected = 0  # what every agent must serve
 
     def tls(self, issued: Issued) -> TlsSettings:
         return TlsSettings(str(self.ca.cert_path), str(issued.cert_path),
@@ -156,16 +157,19 @@ class SoakEnv:
 
     # --- releases and checks ----------------------------------------------------------
 
-    def release(self, k: int | None = None, onnx_model=None) -> int:
-        """Sign the next version of the soak model and announce it (as the fleet would)."""
-        self.version += 1
-        bundle = models.write_bundle(self.root / "bundles" / str(self.version), MODEL,
-                                     self.version, onnx_model or models.good(self.version),
-                                     k)
-        info = release_bundle(bundle, self.repo, self.keys)
+    def release(self, edit: Callable[[Path], None] | None = None) -> int:
+        """Sign the next version of the soak model (``edit`` may change its bundle first)
+        and announce it, as the fleet would."""
+        version = self.released + 1
+        bundle = models.write_bundle(self.root / "bundles" / str(version), MODEL, version,
+                                     models.good(version))
+        if edit is not None:
+            edit(bundle)
+        release_bundle(bundle, self.repo, self.keys)
+        self.released = version
         self.voice.publish(Topics.release(MODEL), ReleaseAnnouncement(
-            MODEL, info.version, time.time()).to_bytes(), retain=True)
-        return info.version
+            MODEL, version, time.time()).to_bytes(), retain=True)
+        return version
 
     def serving(self, device: str) -> int | None:
         doc = served(self.ports[device], MODEL)
@@ -178,6 +182,7 @@ class SoakEnv:
                 raise RuntimeError(f"agents did not all serve v{version} within {timeout_s}s: "
                                    f"{ {d: self.serving(d) for d in self.devices} }")
             time.sleep(0.2)
+        self.expected = version
 
     def fleet_counter(self, name: str) -> float:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
