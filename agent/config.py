@@ -26,7 +26,7 @@ class AgentConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     transfer_timeout_s: float = 10.0
     max_model_bytes: int = 512 * 1024 * 1024
-    max_request_bytes: int = 16 * 1024 * 1024
+    max_request_bytes: int = 0  # API body cap for every model; 0 = from each model's inputs
     transfer_max_bytes_per_s: int = 0  # per-device download rate cap; 0 = unlimited
     transport: str = "mqtt"  # how updates are fetched: "mqtt" (the fleet server) | "http"
     http_base_url: str = ""  # transport "http": the repository's URL (metadata/, targets/)
@@ -37,6 +37,14 @@ class AgentConfig:
     # --- agent runtime (issue 5) ---
     api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
+    # --- local API bounds and gRPC (issues 18, 19) ---
+    api_body_samples: int = 8  # derived body cap: this many samples of the model's inputs
+    api_max_connections: int = 32  # per listener; past it: 503 (the other listener serves)
+    api_idle_timeout_s: float = 10.0  # a kept-alive connection with no request is closed
+    grpc_enabled: bool = False  # gRPC API (pip install 'edgeship[grpc]'; ~25 MB more RSS)
+    grpc_socket: str | None = None  # None = <state_dir>/grpc.sock, "" = no socket
+    grpc_port: int = 0  # gRPC on grpc_host:grpc_port too; 0 = off
+    grpc_host: str = "127.0.0.1"
     spool_max_records: int = 10_000  # telemetry records kept while offline (oldest evicted)
     spool_max_dead_letters: int = 1_000
     reconnect_min_s: float = 0.5
@@ -56,6 +64,12 @@ class AgentConfig:
         if self.api_socket == "":
             return None
         return Path(self.api_socket) if self.api_socket else self.state_dir / "api.sock"
+
+    @property
+    def grpc_socket_path(self) -> Path | None:
+        if self.grpc_socket == "":
+            return None
+        return Path(self.grpc_socket) if self.grpc_socket else self.state_dir / "grpc.sock"
 
     @property
     def spool_path(self) -> Path:
@@ -79,7 +93,8 @@ class AgentConfig:
 
 
 _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_model_bytes",
-             "max_request_bytes", "spool_max_records", "spool_max_dead_letters",
+             "api_body_samples", "api_max_connections", "api_idle_timeout_s",
+             "spool_max_records", "spool_max_dead_letters",
              "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
              "max_update_restarts")
 
@@ -134,8 +149,12 @@ def _check_runtime_keys(values: dict[str, Any], source: str) -> None:
     if values.get("log_level", "info") not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: key 'log_level' must be debug|info|warning|error",
                           key="log_level")
-    if not 0 <= values.get("metrics_port", 0) <= 65535:
-        raise ConfigError(f"{source}: key 'metrics_port' must be 0..65535", key="metrics_port")
+    for key in ("metrics_port", "grpc_port"):
+        if not 0 <= values.get(key, 0) <= 65535:
+            raise ConfigError(f"{source}: key {key!r} must be 0..65535", key=key)
+    if values.get("max_request_bytes", 0) < 0:
+        raise ConfigError(f"{source}: key 'max_request_bytes' must be >= 0 (0: derived from "
+                          "each model's input size)", key="max_request_bytes")
     if values.get("reconnect_min_s", 0.5) > values.get("reconnect_max_s", 60.0):
         raise ConfigError(f"{source}: key 'reconnect_min_s' must be <= reconnect_max_s",
                           key="reconnect_min_s")

@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 from edgeship.agent import __version__, protocol
-from edgeship.agent.api import InferenceHTTPServer, InferenceUnixServer
 from edgeship.agent.capabilities import Capabilities, Plan, detect, plan
 from edgeship.agent.config import AgentConfig
 from edgeship.agent.desired import DesiredTracker, HeldVersions, reactivate_kept
 from edgeship.agent.errors import EdgeshipError, ProtocolError, Reason
 from edgeship.agent.lifecycle import RecordStore
+from edgeship.agent.local_api import LocalApi
 from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
 from edgeship.agent.protocol import Topics
 from edgeship.agent.metrics import AgentCollector, Metrics
@@ -83,6 +83,7 @@ class Agent:
         self.device = cfg.device_id
         self.traits = device_traits(cfg)
         self.server = ModelServer()
+        self.server.ready = False  # until the models on disk are loaded
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self._wanted: dict[str, int] = {}  # model -> newest announced version
@@ -133,12 +134,17 @@ class Agent:
         self.metrics = Metrics(AgentCollector(
             self.server, self.spool, lambda: self.telemetry.last_system,
             {"device": self.device, "agent_version": __version__, "profile": cfg.profile}))
-        self.api = None if not cfg.api_enabled else InferenceHTTPServer(
-            cfg.api_host, cfg.api_port, self.server, cfg.max_request_bytes, self.metrics.text)
-        sock = cfg.api_socket_path
-        self.unix_api = InferenceUnixServer(sock, self.server, cfg.max_request_bytes,
-                                            self.metrics.text) if sock else None
+        self.local_api = LocalApi(cfg, self.server, self.metrics.text)
         self.notifier = SdNotifier()
+
+    @property
+    def api(self) -> Any:
+        """The HTTP API on TCP (None: off, or its port was taken)."""
+        return self.local_api.tcp
+
+    @property
+    def unix_api(self) -> Any:
+        return self.local_api.unix
 
     def _session_settings(self) -> SessionSettings:
         cfg = self.cfg
@@ -158,14 +164,10 @@ class Agent:
         self.updates.recover()
         for model, version in self.desired.items():  # finish what the fleet last asked
             self._want(model, version)
+        self.local_api.start()  # answers "not ready" until the models below are loaded
         for m in self.updates.load_active():
             logger.info("serving %s v%s (%s) from disk", m.model, m.version, m.variant.id)
-        if self.api is not None:
-            self.api.start()
-            logger.info("local API on %s", self.api.url)
-        if self.unix_api is not None:
-            self.unix_api.start()
-            logger.info("local API on %s", self.unix_api.url)
+        self.server.ready = True
         if self.cfg.metrics_port:
             self.metrics.serve(self.cfg.api_host, self.cfg.metrics_port)
         self.session.start([(Topics.RELEASES_FILTER, 1),
@@ -189,10 +191,7 @@ class Agent:
             self._wanted_cv.notify_all()
         self._hand_over("stop")
         self.notifier.stopping()
-        if self.api is not None:
-            self.api.stop()
-        if self.unix_api is not None:
-            self.unix_api.stop()
+        self.local_api.stop()
         self.metrics.stop()
         self.telemetry.stop()
         self.session.stop(final=(Topics.presence(self.device), self._presence(False), True))

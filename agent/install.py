@@ -353,7 +353,7 @@ class InstallLifecycle:
         self._fault(record, "warmed")
         self.store.activate(record.model, record.version)
         self._fault(record, "activated")
-        self.server.swap(loaded)
+        self.server.swap(loaded, keep_previous=True)  # reachable by version in the trial
         v = installed.variant
         self.report("serving", model=record.model, version=record.version, variant=v.id,
                     precision=v.precision)
@@ -368,6 +368,7 @@ class InstallLifecycle:
         self._watch_trial(record)
         self._fault(record, "watched", last=True)
         record = self._step(record, Event.PASSED)
+        self.server.drop_kept(record.model)
         self.store.prune(record.model)
         self._fault(record, "committed", last=True)
         return self._save(record.advance(Event.DONE))
@@ -435,8 +436,9 @@ class InstallLifecycle:
             previous = record.previous_version
             if previous is not None and previous in self.store.versions(model):
                 installed = self.store.load(model, previous)
-                serving = self.server.find(model)
-                loaded = self.warm(installed) if serving is not None else None
+                serving, kept = self.server.find(model), self.server.kept(model)
+                loaded = None if serving is None else kept if kept is not None and \
+                    kept.installed.version == previous else self.warm(installed)
                 self.store.activate(model, previous)
                 if loaded is not None:
                     self.server.swap(loaded)

@@ -23,7 +23,8 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 
 RUNTIMES = ("onnxruntime", "litert")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
-DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
+          "uint32", "int64", "uint64", "bool")
 
 
 @dataclass(frozen=True)
