@@ -78,7 +78,8 @@ def test_restarts_while_the_disk_is_full_never_block_a_good_version(loop_env, tm
                        "v2 to serve once there is room")
             reasons = {e.get("reason") for e in loop_env.watcher.events
                        if e.get("device") == "proc" and e.get("event") == "failed"}
-            assert reasons <= {"disk_full", "interrupted"}, reasons
+            # restarts mid-download stop that try (restart_loop) but never block it
+            assert reasons <= {"disk_full", "interrupted", "restart_loop"}, reasons
         finally:
             agent.stop()
 
