@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=2, help="agent processes")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES),
                     help="attack families to replay (default: all)")
+    ap.add_argument("--settle-s", type=float, default=12.0,
+                    help="wait before the last measurement (the API's idle timeout is 10 s)")
     ap.add_argument("--verbose", action="store_true", help="one line per case")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         out = soak(env, args.duration_s, args.families, args.verbose)
         elapsed = time.monotonic() - started
+        time.sleep(args.settle_s)  # idle API connections time out, answers drain
         after = env.usage()
     finally:
         env.close()

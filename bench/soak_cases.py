@@ -5,24 +5,28 @@ runner also checks that every process is alive and every agent serves its versio
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgeship.agent.protocol import Topics, encode
 from edgeship.fleet.tuf_repo import released_versions
 from tests.fleet.helpers import make_bundle, make_tar
 from tests.support.attacks import BAD_MANIFESTS, edit_manifest, snapshot
 
-from bench.soak_env import MODEL, ROOT, SoakEnv
+from bench.soak_env import MODEL, ROOT, SoakEnv, process_usage
 
 NOT_AUTHORIZED = 0x87
 HUGE = "9" * 5000
@@ -194,6 +198,73 @@ def mismatched_signature(env: SoakEnv) -> str:
     return f"v{version} refused by {len(env.devices)} agent(s)"
 
 
+# --- the local API (what any local user can send) -------------------------------------------
+
+def _post(port: int, body: bytes, timeout_s: float = 60) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("POST", f"/v1/models/{MODEL}/predict", body=body,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def _predict_unix(env: SoakEnv, device: str) -> int:
+    from edgeship.agent.client import AgentClient
+    with AgentClient(env.socket_url(device)) as client:
+        return int(client.predict(MODEL, np.ones((1, 4), np.float32)).shape[0])
+
+
+def idle_connection_flood(env: SoakEnv) -> str:
+    """300 idle TCP connections to one agent's API: the Unix socket keeps serving, TCP
+    answers 503 past its cap or serves, and the connections go away again."""
+    device = env.devices[0]
+    port, pid = env.ports[device], env.procs[device].pid
+    fds = process_usage(pid)[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+    try:
+        if _predict_unix(env, device) != 1:
+            raise CaseFailed("the Unix socket did not serve during the flood")
+        status = _post(port, json.dumps({"inputs": [[1, 2, 3, 4]]}).encode(), 10)
+        if status not in (200, 503):
+            raise CaseFailed(f"TCP answered {status} during the flood")
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 30
+    while process_usage(pid)[1] > fds + 4:
+        if time.monotonic() > deadline:
+            raise CaseFailed(f"open fds stayed at {process_usage(pid)[1]} (before: {fds})")
+        time.sleep(0.2)
+    return f"unix socket served; TCP {status}; fds back to {process_usage(pid)[1]}"
+
+
+_API_BODIES = itertools.cycle([
+    ("5000-digit integer", b'{"inputs": [[1' + b"0" * 5000 + b', 1, 1, 1]]}'),
+    ("30k-deep nesting", b'{"inputs": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"),
+    ("NaN literal", b'{"inputs": [[NaN, 1, 1, 1]]}'),
+    ("16 MiB of floats", b'{"inputs": [' + b",".join([b"[0.5,0.5,0.5,0.5]"] * (
+        (16 << 20) // 18)) + b"]}"),
+])
+
+
+def hostile_api_bodies(env: SoakEnv) -> str:
+    """Bodies that used to cost a 500 or hundreds of MB: a 4xx, bounded memory."""
+    name, body = next(_API_BODIES)
+    device = env.devices[-1]
+    rss = process_usage(env.procs[device].pid)[0]
+    status = _post(env.ports[device], body)
+    grown = process_usage(env.procs[device].pid)[0] - rss
+    if not 400 <= status < 500:
+        raise CaseFailed(f"{name}: HTTP {status}")
+    if grown > 200:
+        raise CaseFailed(f"{name}: RSS grew by {grown:.0f} MiB")
+    return f"{name}: HTTP {status}, RSS +{grown:.0f} MiB"
+
+
 FAMILIES: dict[str, list[Callable[[SoakEnv], str]]] = {
     "release: hostile manifest fields": [hostile_manifest],
     "release: kill -9, then a real update": [killed_release_then_update],
@@ -202,4 +273,6 @@ FAMILIES: dict[str, list[Callable[[SoakEnv], str]]] = {
     "broker: ACL refusals": [acl_refusals],
     "fleet: transfer-slot exhaustion": [transfer_slot_exhaustion],
     "agent: manifest signature mismatch": [mismatched_signature],
+    "api: idle connection flood": [idle_connection_flood],
+    "api: hostile bodies": [hostile_api_bodies],
 }

@@ -145,8 +145,9 @@ class SoakEnv:
 
     def _start_agent(self, device: str) -> None:
         issued = self.ca.issue("device", device, self.certs)
-        cfg = write_config(self.root / "devices" / device, device, self.url, self.repo,
-                           tls_ca_file=str(self.ca.cert_path),
+        state = self.root / "devices" / device
+        cfg = write_config(state, device, self.url, self.repo, api_socket=str(
+                               state / "api.sock"), tls_ca_file=str(self.ca.cert_path),
                            tls_cert_file=str(issued.cert_path),
                            tls_key_file=str(issued.key_path), trial_window_s=0.0,
                            telemetry_interval_s=2.0)
@@ -171,6 +172,9 @@ class SoakEnv:
             MODEL, version, time.time()).to_bytes(), retain=True)
         return version
 
+    def socket_url(self, device: str) -> str:
+        return f"unix://{self.root / 'devices' / device / 'api.sock'}"
+
     def serving(self, device: str) -> int | None:
         doc = served(self.ports[device], MODEL)
         return doc.get("version") if doc else None
@@ -179,8 +183,10 @@ class SoakEnv:
         deadline = time.monotonic() + timeout_s
         while any(self.serving(d) != version for d in self.devices):
             if time.monotonic() > deadline:
+                logs = {d: (self.root / f"{d}.log").read_text()[-600:] for d in self.devices
+                        if self.serving(d) != version}
                 raise RuntimeError(f"agents did not all serve v{version} within {timeout_s}s: "
-                                   f"{ {d: self.serving(d) for d in self.devices} }")
+                                   f"{ {d: self.serving(d) for d in self.devices} }; {logs}")
             time.sleep(0.2)
         self.expected = version
 
