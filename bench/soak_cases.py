@@ -16,15 +16,19 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from securesystemslib.signer import CryptoSigner
 
-from edgeship.agent.protocol import Topics, encode
+from edgeship.agent.protocol import DesiredState, Topics, encode
 from edgeship.fleet.tuf_repo import released_versions
 from tests.fleet.helpers import make_bundle, make_tar
+from tests.support.agent_process import leftovers
 from tests.support.attacks import BAD_MANIFESTS, edit_manifest, snapshot
+from tests.support.resources import fill_disk
 
 from bench.soak_env import MODEL, ROOT, SoakEnv, process_usage
 
@@ -198,6 +202,115 @@ def mismatched_signature(env: SoakEnv) -> str:
     return f"v{version} refused by {len(env.devices)} agent(s)"
 
 
+# --- the update machinery on the device ------------------------------------------------------
+
+CTL = "ctl"  # a second model, governed by signed desired state
+
+
+def _ctl_ready(env: SoakEnv) -> int:
+    """Once: every agent runs ``ctl`` v1 and follows a signed desired state for it."""
+    if getattr(env, "ctl_seq", 0):
+        return env.ctl_seq
+    env.release(model=CTL)
+    deadline = time.monotonic() + 120
+    while any(env.serving(d, CTL) != 1 for d in env.devices):
+        if time.monotonic() > deadline:
+            raise CaseFailed("ctl v1 was not installed everywhere")
+        time.sleep(0.2)
+    env.ctl_seq = 1
+    for device in env.devices:
+        env.voice.publish(Topics.desired(device), env.sign_desired(
+            device, DesiredState(CTL, 1, env.ctl_seq)).to_bytes(), retain=True)
+    return env.ctl_seq
+
+
+def _rejected(env: SoakEnv, device: str, mark: int, timeout_s: float = 15) -> dict | None:
+    return env.watcher.wait_for(lambda e: e.get("device") == device and e.get("event") ==
+                                "rejected" and e.get("model") == CTL, mark, timeout_s)
+
+
+def desired_capture(env: SoakEnv) -> str:
+    """An order with a seq far above the fleet's, unsigned and then signed by a stranger:
+    refused (``bad_signature``); the fleet's next signed order is still followed."""
+    seq = _ctl_ready(env)
+    device = random.choice(env.devices)
+    stranger = CryptoSigner.generate_ed25519()
+    forged = DesiredState(CTL, 1, 2**62, epoch=2**62)
+    sig = stranger.sign(forged.signing_bytes(device))
+    signed_by_stranger = replace(forged, sig=(sig.keyid, sig.signature))
+    orders = (("unsigned", DesiredState(CTL, 1, 2**62)), ("a stranger's key",
+                                                          signed_by_stranger))
+    for name, msg in orders:
+        mark = env.watcher.mark()
+        env.voice.publish(Topics.desired(device), msg.to_bytes(), retain=True)
+        ev = _rejected(env, device, mark)
+        if ev is None or ev.get("reason") != "bad_signature":
+            raise CaseFailed(f"{device}: order signed by {name}: {ev}")
+    env.ctl_seq = seq + 1
+    mark = env.watcher.mark()
+    env.voice.publish(Topics.desired(device), env.sign_desired(
+        device, DesiredState(CTL, 1, env.ctl_seq)).to_bytes(), retain=True)
+    if _rejected(env, device, mark, 3) is not None:
+        raise CaseFailed(f"{device} refused the fleet's own order")
+    return f"{device}: both forged orders refused; the fleet's next one followed"
+
+
+def name_flood(env: SoakEnv) -> str:
+    """200 announcements of models nobody released: nothing on the devices, telemetry
+    small, every agent counts them once the signed metadata says no."""
+    before = {d: _seen(env, d) for d in env.devices}
+    tag = time.monotonic_ns()
+    for i in range(200):
+        name = f"fake-{tag}-{i}"
+        env.voice.publish(Topics.release(name), encode("release", {
+            "model": name, "version": 1, "released_at": time.time()}))
+    deadline = time.monotonic() + 60
+    while any(_seen(env, d) < before[d] + 200 for d in env.devices):
+        if time.monotonic() > deadline:
+            counted = {d: _seen(env, d) - before[d] for d in env.devices}
+            raise CaseFailed(f"agents counted {counted} of 200 fake announcements")
+        time.sleep(0.5)
+    for device in env.devices:
+        kept = {p.name for p in (env.root / "devices" / device / "models").iterdir()}
+        if kept - {MODEL, CTL}:
+            raise CaseFailed(f"{device} keeps model directories {sorted(kept)}")
+        if env.watcher.telemetry_bytes.get(device, 0) > 8 * 1024:
+            raise CaseFailed(f"{device} telemetry is {env.watcher.telemetry_bytes[device]} B")
+    return "200 fake names counted by every agent; nothing kept"
+
+
+def _seen(env: SoakEnv, device: str) -> int:
+    counts = env.watcher.telemetry.get(device, {}).get("announcements", {})
+    return counts.get("unconfirmed", 0) + counts.get("dropped", 0)
+
+
+def disk_full(env: SoakEnv) -> str:
+    """The disk agent's state fills up during an update: ``failed``/``disk_full``, the old
+    version keeps serving, nothing left behind; with room again it installs by itself."""
+    device = env.disk_device
+    if device is None:
+        return "skipped: no tmpfs (not root)"
+    state = env.root / "devices" / device
+    filler = fill_disk(state, leave_bytes=8 * 1024)
+    mark = env.watcher.mark()
+    try:
+        version = env.release()
+        ev = env.watcher.wait_for(lambda e: e.get("device") == device and e.get("version") ==
+                                  version and e.get("event") in ("failed", "serving"),
+                                  mark, 60)
+        if ev is None or ev.get("reason") != "disk_full":
+            raise CaseFailed(f"{device}: {ev}")
+        if env.serving(device) != env.expected:
+            raise CaseFailed(f"{device} serves v{env.serving(device)} after the failure")
+        left = leftovers(state) + [str(p) for p in state.rglob("*.resume")]
+        if left:
+            raise CaseFailed(f"{device} left {left[:5]}")
+    finally:
+        filler.unlink(missing_ok=True)
+    env.wait_all_serving(version, timeout_s=60)
+    return f"{device}: disk_full, kept serving, installed v{version} once there was room"
+
+
 # --- the local API (what any local user can send) -------------------------------------------
 
 def _post(port: int, body: bytes, timeout_s: float = 60) -> int:
@@ -273,6 +386,9 @@ FAMILIES: dict[str, list[Callable[[SoakEnv], str]]] = {
     "broker: ACL refusals": [acl_refusals],
     "fleet: transfer-slot exhaustion": [transfer_slot_exhaustion],
     "agent: manifest signature mismatch": [mismatched_signature],
+    "agent: desired-state capture": [desired_capture],
+    "agent: model-name flood": [name_flood],
+    "agent: disk full during an update": [disk_full],
     "api: idle connection flood": [idle_connection_flood],
     "api: hostile bodies": [hostile_api_bodies],
 }

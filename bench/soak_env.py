@@ -16,15 +16,16 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from edgeship.agent.protocol import ReleaseAnnouncement, Topics
+from edgeship.agent.protocol import DesiredState, ReleaseAnnouncement, Topics
 from edgeship.fleet.broker import Mosquitto, free_port
 from edgeship.fleet.broker_config import write_broker_config
 from edgeship.fleet.pki import CertificateAuthority, Issued
-from edgeship.fleet.tuf_repo import init_repository, release_bundle
+from edgeship.fleet.tuf_repo import init_repository, online_signer, release_bundle
 from tests.support import models
 from tests.support.agent_process import served, write_config
 from tests.support.attacks import RawDevice
@@ -49,6 +50,7 @@ class Watcher:
     def __init__(self, url: str, tls: TlsSettings) -> None:
         self.events: list[dict[str, Any]] = []
         self.telemetry_bytes: dict[str, int] = {}
+        self.telemetry: dict[str, dict[str, Any]] = {}  # the newest per device
         self._cv = threading.Condition()
         self.session = MqttSession(SessionSettings(url=url, client_id="ops:soak",
                                                    clean_start=True, session_expiry_s=0,
@@ -63,6 +65,10 @@ class Watcher:
         with self._cv:
             if msg.topic.endswith("/telemetry"):
                 self.telemetry_bytes[device] = len(msg.payload)
+                try:
+                    self.telemetry[device] = json.loads(msg.payload)
+                except ValueError:
+                    pass
                 return
             try:
                 self.events.append(json.loads(msg.payload))
@@ -91,7 +97,7 @@ class Watcher:
 class SoakEnv:
     """Everything the soak runs against; ``close()`` stops it all."""
 
-    def __init__(self, root: Path, agents: int = 2) -> None:
+    def __init__(self, root: Path, agents: int = 2, disk_agent: bool = True) -> None:
         self.root = root
         self.procs: dict[str, subprocess.Popen] = {}
         self.ca = CertificateAuthority.init(root / "ca")
@@ -118,11 +124,27 @@ class SoakEnv:
         self.probe = RawDevice(self.url, "probe",
                                tls=self.tls(self.ca.issue("device", "probe", self.certs)))
         self.devices = [f"soak-{i}" for i in range(agents)]
+        self.disk_device = "soak-disk" if disk_agent and self._small_disk("soak-disk") \
+            else None
+        if self.disk_device:
+            self.devices.append(self.disk_device)
         self.ports: dict[str, int] = {}
         for device in self.devices:
             self._start_agent(device)
+        self._signer: Any = None
+        self._epoch = 0
         self.released = 0  # the newest version signed into the repository
         self.expected = 0  # what every agent must serve
+
+    def _small_disk(self, device: str) -> bool:
+        """The state of ``device`` on its own 32 MiB tmpfs (root only), to fill it up."""
+        state = self.root / "devices" / device
+        state.mkdir(parents=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(state)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"no disk-full agent: cannot mount a tmpfs ({done.stderr.strip()})")
+        return done.returncode == 0
 
     def tls(self, issued: Issued) -> TlsSettings:
         return TlsSettings(str(self.ca.cert_path), str(issued.cert_path),
@@ -150,7 +172,8 @@ class SoakEnv:
                                state / "api.sock"), tls_ca_file=str(self.ca.cert_path),
                            tls_cert_file=str(issued.cert_path),
                            tls_key_file=str(issued.key_path), trial_window_s=0.0,
-                           telemetry_interval_s=2.0)
+                           telemetry_interval_s=2.0, resource_retry_min_s=1.0,
+                           resource_retry_max_s=5.0)
         self.ports[device] = int(next(line.split("=")[1] for line in
                                       cfg.read_text().splitlines()
                                       if line.startswith("api_port")))
@@ -158,25 +181,36 @@ class SoakEnv:
 
     # --- releases and checks ----------------------------------------------------------
 
-    def release(self, edit: Callable[[Path], None] | None = None) -> int:
+    def release(self, edit: Callable[[Path], None] | None = None,
+                model: str = MODEL) -> int:
         """Sign the next version of the soak model (``edit`` may change its bundle first)
         and announce it, as the fleet would."""
-        version = self.released + 1
-        bundle = models.write_bundle(self.root / "bundles" / str(version), MODEL, version,
-                                     models.good(version))
+        version = self.released + 1 if model == MODEL else 1
+        bundle = models.write_bundle(self.root / "bundles" / f"{model}-{version}", model,
+                                     version, models.good(version))
         if edit is not None:
             edit(bundle)
         release_bundle(bundle, self.repo, self.keys)
-        self.released = version
-        self.voice.publish(Topics.release(MODEL), ReleaseAnnouncement(
-            MODEL, version, time.time()).to_bytes(), retain=True)
+        if model == MODEL:
+            self.released = version
+        self.voice.publish(Topics.release(model), ReleaseAnnouncement(
+            model, version, time.time()).to_bytes(), retain=True)
         return version
+
+    def sign_desired(self, device: str, desired: DesiredState) -> DesiredState:
+        """What the fleet server does with its online timestamp key."""
+        if self._signer is None:
+            self._signer = online_signer(self.repo, self.keys)
+            self._epoch = int(time.time() * 1000)
+        desired = replace(desired, epoch=self._epoch)
+        sig = self._signer.sign(desired.signing_bytes(device))
+        return replace(desired, sig=(sig.keyid, sig.signature))
 
     def socket_url(self, device: str) -> str:
         return f"unix://{self.root / 'devices' / device / 'api.sock'}"
 
-    def serving(self, device: str) -> int | None:
-        doc = served(self.ports[device], MODEL)
+    def serving(self, device: str, model: str = MODEL) -> int | None:
+        doc = served(self.ports[device], model)
         return doc.get("version") if doc else None
 
     def wait_all_serving(self, version: int, timeout_s: float = 120) -> None:
@@ -229,4 +263,7 @@ class SoakEnv:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.broker.cleanup()
+        if self.disk_device:
+            subprocess.run(["umount", "-l", str(self.root / "devices" / self.disk_device)],
+                           capture_output=True)
 
