@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
 from edgeship.agent.protocol import DesiredState, ReleaseAnnouncement, Topics
 from edgeship.fleet.broker import Mosquitto, free_port
 from edgeship.fleet.broker_config import write_broker_config

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from tuf.api import exceptions as tuf_exc
 
@@ -370,6 +370,14 @@ class MqttFetcher(FetcherInterface):
                 left -= len(block)
                 self.bytes_resumed += len(block)
                 yield block
+
+
+def resume_target(part: Path) -> tuple[str, int] | None:
+    """(model, version) of a resume file (``targets/{model}/{version}/…``, quoted)."""
+    parts = unquote(part.name.removesuffix(RESUME_SUFFIX)).split("/")
+    if len(parts) >= 4 and parts[0] == "targets" and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None
 
 
 def discard_resume(part: Path | None) -> None:

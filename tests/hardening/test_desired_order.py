@@ -13,7 +13,7 @@ from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import CryptoSigner, Signature
 from tuf.api.metadata import Metadata
 
-from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings
 from edgeship.agent.protocol import DesiredState, Topics
 from edgeship.fleet.registry import Registry
 from edgeship.fleet.server import FleetServer, FleetSettings

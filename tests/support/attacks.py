@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
 from edgeship.agent.protocol import (TRANSFER_COMPACT, TRANSFER_STATUS, Topics,
                                      TransferRequest)
 
