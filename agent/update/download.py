@@ -92,7 +92,8 @@ class Downloader:
         removed = []
         for part in self.downloads_dir.glob("*" + RESUME_SUFFIX):
             target = resume_target(part)
-            if target is None or target in drop or target[1] <= served.get(target[0], 0):
+            if target is not None and (target in drop or
+                                       target[1] <= served.get(target[0], 0)):
                 part.unlink(missing_ok=True)
                 removed.append(part)
                 logger.info("removed the partial download %s", part.name)

@@ -51,8 +51,6 @@ MODEL_FAULTS = frozenset({
     Reason.OUTPUT_SHAPE_MISMATCH, Reason.GOLDEN_MISMATCH, Reason.LATENCY_BUDGET_EXCEEDED,
     Reason.TRIAL_ERROR_RATE, Reason.CRASH_LOOP, Reason.RESTART_LOOP,
     Reason.SHADOW_DISAGREEMENT, Reason.MODEL_SIGNATURE_MISMATCH})
-#: Before the candidate ever runs in the agent's process (the health check has a child).
-DOWNLOAD_STATES = frozenset({State.DOWNLOADING, State.VERIFYING, State.STAGED})
 #: Failed for one of these and the partial download is kept: the next try resumes it.
 RESUMABLE = frozenset({Reason.TRANSFER_TIMEOUT, Reason.TRANSFER_FAILED, Reason.INTERRUPTED})
 
@@ -158,12 +156,7 @@ class UpdateDriver:
                 self.store.activate(record.model, record.version)
                 self._pending.append((record, Work(switched=True)))
         elif record.restarts > self.settings.max_update_restarts:
-            # restarts while downloading are no sign of a bad model (power cuts, a
-            # watchdog): stopped for now, tried again later, never blocked
-            downloading = prior in DOWNLOAD_STATES
-            self._rollback(record, Reason.RESTART_LOOP, detail, block=not downloading)
-            if downloading:
-                self.retry_later(record.model, record.version)
+            self._rollback(record, Reason.RESTART_LOOP, detail)
         else:
             if record.state in BEFORE_ACTIVATION and prior != State.HELD:
                 self.disk.remove_inactive(record.model, record.version)  # a half-done install
@@ -326,15 +319,14 @@ class UpdateDriver:
             self.retry_later(model, version)
         return False
 
-    def _rollback(self, record: UpdateRecord, reason: Reason, detail: str, *,
-                  block: bool = True) -> None:
+    def _rollback(self, record: UpdateRecord, reason: Reason, detail: str) -> None:
         logger.warning("update %s v%s failed (%s): %s", record.model, record.version,
                        reason, detail)
         if record.state != State.ROLLING_BACK:
             if record.state not in ROLLBACK_FROM:  # committed already: nothing to undo
                 return
             record = self.records.save(record.advance(Event.ERROR, reason=reason.value))
-        if reason in MODEL_FAULTS and block:
+        if reason in MODEL_FAULTS:
             record = self.records.save(record.block(record.version))
         self._report(record, StatusEvent.ROLLING_BACK, reason=reason.value)
         work = Work(detail=detail)

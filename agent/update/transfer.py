@@ -373,10 +373,12 @@ class MqttFetcher(FetcherInterface):
 
 
 def resume_target(part: Path) -> tuple[str, int] | None:
-    """(model, version) of a resume file (``targets/{model}/{version}/…``, quoted)."""
+    """(model, version) of a resume file: the quoted target path, ``targets/{model}/
+    {version}/…`` over MQTT, ``{model}/{version}/…`` over HTTP; None if neither."""
     parts = unquote(part.name.removesuffix(RESUME_SUFFIX)).split("/")
-    if len(parts) >= 4 and parts[0] == "targets" and parts[2].isdigit():
-        return parts[1], int(parts[2])
+    parts = parts[1:] if parts[0] == "targets" else parts
+    if len(parts) >= 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
     return None
 
 
