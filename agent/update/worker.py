@@ -54,7 +54,8 @@ class UpdateWorker:
         try:
             verdict = self.desired.accept(desired)
         except (VerificationError, OSError) as e:
-            reason = resource_reason(e) or getattr(e, "reason_code", Reason.INTERNAL)
+            reason = resource_reason(e) or (e.reason_code if isinstance(e, VerificationError)
+                                            else Reason.INTERNAL)
             logger.warning("refused desired %s v%s: %s", desired.model, desired.version, e)
             self.driver.report(StatusEvent.REJECTED, model=desired.model,
                                version=desired.version, reason=reason.value,
