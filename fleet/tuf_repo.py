@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,18 +46,16 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeship.agent.errors import ConfigError
-from edgeship.fleet.bundle import (BUNDLE_PREFIX, BundleFile, BundleLimits, LoadedBundle,
-                                   install_file, open_bundle)
+from edgeship.fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
 from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
 from edgeship.fleet.files import atomic_write, fsync_dir, write_new
+from edgeship.fleet.repo_hygiene import (STAGING_PREFIX, check_signing_time, remove_leftovers,
+                                         remove_path)
 
 logger = logging.getLogger(__name__)
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 CUSTOM_KEY = "edgeship"
-STAGING_PREFIX = ".staging-"
-#: How far this host's clock may be behind the repository's last signature
-CLOCK_SKEW_S = 300
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -362,69 +359,21 @@ def _add_deltas(repo_dir: Path, dest_dir: Path, bundle: LoadedBundle, targets: T
     return tuple(added)
 
 
-# --- all-or-nothing: leftovers and clocks -------------------------------------------------
+# --- all-or-nothing (the checks and the clean-up live in fleet.repo_hygiene) -------------
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _released_dirs(targets: Targets) -> set[tuple[str, str]]:
-    return {tuple(path.split("/")[:2]) for path in targets.targets}  # type: ignore[misc]
+def _check_signing_time(repo_dir: Path, cur: _Current, settings: RepoSettings,
+                        now: datetime) -> None:
+    expiries = {Root.type: cur.root.signed.expires,
+                **{role: now + settings.lifetime(role) for role in ROLES[1:3]}}
+    check_signing_time(repo_dir / "metadata" / "timestamp.json", now, expiries,
+                       settings.lifetime(Timestamp.type))
 
 
-def remove_leftovers(repo_dir: Path, cur: _Current) -> list[Path]:
-    """Remove what an interrupted writer left: extracted bundles and staging directories,
-    temp files, version directories no current target points at, and metadata files newer
-    than what the timestamp commits. Call only under the repository lock."""
-    found = [*repo_dir.glob(BUNDLE_PREFIX + "*"), *repo_dir.glob(STAGING_PREFIX + "*")]
-    meta_dir, released = repo_dir / "metadata", _released_dirs(cur.targets.signed)
-    committed = {Targets.type: cur.targets.signed.version,
-                 Snapshot.type: cur.snapshot.signed.version}
-    for p in meta_dir.iterdir():
-        version, _, rest = p.name.partition(".")
-        role = rest.removesuffix(".json")
-        if p.name.startswith(".") or (version.isdigit() and role in committed
-                                      and int(version) > committed[role]):
-            found.append(p)
-    for model_dir in (p for p in (repo_dir / "targets").iterdir() if p.is_dir()):
-        for version_dir in model_dir.iterdir():
-            if (model_dir.name, version_dir.name) not in released:
-                found.append(version_dir)
-            elif version_dir.is_dir():
-                found += [p for p in version_dir.iterdir() if p.name.startswith(".")]
-    for p in found:
-        logger.warning("removing %s (left by an interrupted release)", p)
-        _remove(p)
-    for model_dir in (p for p in (repo_dir / "targets").iterdir() if p.is_dir()):
-        with contextlib.suppress(OSError):
-            model_dir.rmdir()  # only when empty
-    return found
-
-
-def check_signing_time(repo_dir: Path, cur: _Current, settings: RepoSettings,
-                       now: datetime) -> None:
-    """Refuse to sign with a clock behind the repository's last signature (what it signs
-    would expire early, or already be expired, on every device) or while root expires
-    within one timestamp period (devices would refuse everything soon after)."""
-    stamp = (repo_dir / "metadata" / "timestamp.json").stat().st_mtime
-    last = datetime.fromtimestamp(stamp, timezone.utc).replace(microsecond=0)
-    if now < last - timedelta(seconds=CLOCK_SKEW_S):
-        raise RepositoryError(
-            f"this host's clock says {now:%Y-%m-%d %H:%M} UTC but the repository was last "
-            f"signed at {last:%Y-%m-%d %H:%M} UTC: metadata signed now would expire early "
-            "or already be expired on devices; fix the clock (NTP) and release again")
-    period = settings.lifetime(Timestamp.type)
-    for role, expires in ((Root.type, cur.root.signed.expires),
-                          *((r, now + settings.lifetime(r)) for r in ROLES[1:3])):
-        if expires <= now + period:
-            raise RepositoryError(
-                f"{role} metadata expires at {expires:%Y-%m-%d %H:%M} UTC, within the "
-                f"timestamp period ({period}) of now ({now:%Y-%m-%d %H:%M} UTC): "
-                + ("rotate root (keys rotate-root) first" if role == Root.type
-                   else f"raise {role}_expiry_days"))
+def _remove_leftovers(repo_dir: Path, cur: _Current) -> list[Path]:
+    released = {tuple(path.split("/")[:2]) for path in cur.targets.signed.targets}
+    return remove_leftovers(repo_dir, released,  # type: ignore[arg-type]
+                            {Targets.type: cur.targets.signed.version,
+                             Snapshot.type: cur.snapshot.signed.version})
 
 
 def _stage(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
@@ -439,7 +388,7 @@ def _stage(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
         staging.chmod(0o755)
         fsync_dir(staging)
     except BaseException:
-        _remove(staging)
+        remove_path(staging)
         raise
     return staging, paths
 
@@ -464,7 +413,7 @@ def _publish(repo_dir: Path, staging: Path, cur: _Current, signers: dict[str, li
             committed = True  # unknown: leave it to the next writer's remove_leftovers
         if not committed:
             for p in (staging, dest, *written):
-                _remove(p)
+                remove_path(p)
             with contextlib.suppress(OSError):
                 dest.parent.rmdir()
         raise
@@ -480,8 +429,8 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
     limits = BundleLimits(settings.max_bundle_bytes, settings.max_bundle_files)
     with _locked(repo_dir):
         cur = _load_current(repo_dir / "metadata")
-        remove_leftovers(repo_dir, cur)
-        check_signing_time(repo_dir, cur, settings, now)
+        _remove_leftovers(repo_dir, cur)
+        _check_signing_time(repo_dir, cur, settings, now)
         with open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
             m = bundle.manifest
             latest = _latest_versions(cur.targets.signed).get(m.model, 0)
