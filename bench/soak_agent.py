@@ -41,13 +41,19 @@ def run_case(env: SoakEnv, name: str, case) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
 
-def soak(env: SoakEnv, duration_s: float, families: list[str], verbose: bool) -> dict:
+def soak(env: SoakEnv, duration_s: float, families: list[str], verbose: bool,
+         after_first_pass) -> dict:
+    """Round-robin over the families' cases until ``duration_s`` (every case at least
+    once); ``after_first_pass()`` runs once every case ran once (one-time allocations done:
+    the steady-state baseline)."""
     results: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     failures: list[str] = []
     deadline = time.monotonic() + duration_s
     order = [(name, case) for name in families for case in FAMILIES[name]]
     i = 0
-    while time.monotonic() < deadline or i < len(order):  # every case at least once
+    while time.monotonic() < deadline or i < len(order):
+        if i == len(order):
+            after_first_pass()
         name, case = order[i % len(order)]
         i += 1
         ok, how = run_case(env, name, case)
@@ -96,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         env.wait_all_serving(env.release())
         time.sleep(2.0)  # let start-up allocations settle before the first measurement
         before = env.usage()
+        warm: dict = {}
+
+        def measure_warm() -> None:
+            time.sleep(args.settle_s)  # idle API connections time out, answers drain
+            warm.update(env.usage())
+
         started = time.monotonic()
-        out = soak(env, args.duration_s, args.families, args.verbose)
+        out = soak(env, args.duration_s, args.families, args.verbose, measure_warm)
         elapsed = time.monotonic() - started
-        time.sleep(args.settle_s)  # idle API connections time out, answers drain
+        time.sleep(args.settle_s)
         after = env.usage()
     finally:
         env.close()
@@ -108,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     rows = [[name, *out["results"].get(name, [0, 0, 0])] for name in args.families]
     totals = [sum(r[i] for r in rows) for i in (1, 2, 3)]
-    usage = [[name, f"{b[0]:.1f}", f"{after.get(name, (float('nan'),))[0]:.1f}", b[1],
-              after.get(name, (0, "dead"))[1]] for name, b in before.items()]
+    dead = (float("nan"), "dead")
+    usage = [[name, f"{b[0]:.1f}", f"{warm.get(name, dead)[0]:.1f}",
+              f"{after.get(name, dead)[0]:.1f}", b[1], warm.get(name, dead)[1],
+              after.get(name, dead)[1]] for name, b in before.items()]
     if args.json:
         print(json.dumps({"elapsed_s": elapsed, "families": rows, "totals": totals,
                           "usage": usage, "failures": out["failures"]}))
@@ -117,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         _table(f"soak: {elapsed:.0f} s, {args.agents} agents, locked-down broker",
                ["family", "cases run", "rejected cleanly", "failed"],
                rows + [["total", *totals]])
-        _table("processes before → after the soak",
-               ["process", "RSS MiB before", "RSS MiB after", "fds before", "fds after"],
-               usage)
+        _table("processes: at start / after one case of each family / at the end",
+               ["process", "RSS MiB start", "RSS MiB warm", "RSS MiB end", "fds start",
+                "fds warm", "fds end"], usage)
         for failure in out["failures"][:20]:
             print(f"FAILED {failure}")
     return 0 if totals[2] == 0 else 1
