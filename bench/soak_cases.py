@@ -293,22 +293,34 @@ def disk_full(env: SoakEnv) -> str:
     state = env.root / "devices" / device
     filler = fill_disk(state, leave_bytes=8 * 1024)
     mark = env.watcher.mark()
+    problem = None
     try:
         version = env.release()
         ev = env.watcher.wait_for(lambda e: e.get("device") == device and e.get("version") ==
                                   version and e.get("event") in ("failed", "serving"),
                                   mark, 60)
         if ev is None or ev.get("reason") != "disk_full":
-            raise CaseFailed(f"{device}: {ev}")
-        if env.serving(device) != env.expected:
-            raise CaseFailed(f"{device} serves v{env.serving(device)} after the failure")
-        left = leftovers(state) + [str(p) for p in state.rglob("*.resume")]
-        if left:
-            raise CaseFailed(f"{device} left {left[:5]}")
+            problem = f"{device}: {ev}"
+        elif env.serving(device) != env.expected:
+            problem = f"{device} serves v{env.serving(device)} after the failure"
+        elif left := _lasting_leftovers(state):
+            problem = f"{device} left {left[:5]}"
     finally:
         filler.unlink(missing_ok=True)
-    env.wait_all_serving(version, timeout_s=60)
+    env.wait_all_serving(version, timeout_s=60)  # also when the case failed: in step again
+    if problem:
+        raise CaseFailed(problem)
     return f"{device}: disk_full, kept serving, installed v{version} once there was room"
+
+
+def _lasting_leftovers(state: Path, wait_s: float = 1.5) -> list[str]:
+    """Staging, temp and partial files present now and ``wait_s`` later (the agent keeps
+    retrying: a try in progress writes its record through a temp file for a moment)."""
+    def found() -> set[str]:
+        return set(leftovers(state)) | {str(p) for p in state.rglob("*.resume")}
+    first = found()
+    time.sleep(wait_s)
+    return sorted(first & found())
 
 
 # --- the local API (what any local user can send) -------------------------------------------
