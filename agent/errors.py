@@ -60,6 +60,9 @@ class Reason(StrEnum):
     TOO_MANY_MODELS = "too_many_models"
     # a desired state older than one this device already follows
     STALE_DESIRED = "stale_desired"
+    # language models
+    MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
+    TOKEN_MISMATCH = "token_mismatch"
 
 
 #: Failures that are the environment's fault (the disk, file descriptors, memory), not the
@@ -140,6 +143,12 @@ class HealthCheckError(EdgeshipError):
                  reason_code: Reason | None = None) -> None:
         super().__init__(message, reason_code=reason_code)
         self.max_abs_diff = max_abs_diff
+
+
+class RuntimeLoadError(EdgeshipError):
+    """A runtime could not load a model file (``agent.runtime.load_runtime``)."""
+
+    reason_code = Reason.HEALTH_CHECK_FAILED
 
 
 class InferenceInputError(EdgeshipError):

@@ -38,7 +38,9 @@ class FleetCollector:
                                 ("records", "Device reports stored"),
                                 ("malformed", "Messages refused as malformed"),
                                 ("busy", "Transfer requests answered 503 (slot caps)"),
-                                ("dropped", "Messages dropped (queue full)")):
+                                ("dropped", "Messages dropped (queue full)"),
+                                ("reports_dropped", "Device reports dropped (registry "
+                                 "writer behind)")):
             c = CounterMetricFamily(f"edgeship_fleet_{name}", help_text)
             c.add_metric([], stats.get(name, 0))
             yield c
