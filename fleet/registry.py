@@ -127,11 +127,18 @@ class Registry(RegistryReads):
         self._inserts = 0
         self.db = Database(target, busy_timeout_s=settings.busy_timeout_s,
                            pool_size=settings.pool_size)
-        self.epoch = self._epoch()
+        self._epoch: int | None = None
 
-    def _epoch(self) -> int:
-        """This registry's epoch, fixed when it is first opened: its creation time in ms.
-        Desired states carry it, so a recreated registry outranks the one it replaced."""
+    @property
+    def epoch(self) -> int:
+        """This registry's epoch, fixed the first time it is asked for (by the first fleet
+        server that publishes a desired state): then-time in ms. Desired states carry it,
+        so a recreated registry outranks the one it replaced."""
+        if self._epoch is None:
+            self._epoch = self._read_epoch()
+        return self._epoch
+
+    def _read_epoch(self) -> int:
         with self.db.write() as conn:
             conn.execute(self.db.upsert(t.meta, {"key": "epoch", "value": str(
                 max(1, int(self._clock() * 1000)))}, ["key"]))
