@@ -12,10 +12,10 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from edgeship.agent.errors import ProtocolError, Reason
+from edgeship.common.compat import StrEnum
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgeship/v1"

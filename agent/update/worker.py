@@ -75,6 +75,12 @@ class UpdateWorker:
             if self.planner.want(model, version, exact):
                 self._cv.notify()
 
+    def plan_now(self, model: str, version: int) -> list[Step]:
+        """What the worker would do for ``model`` v``version`` now (``agent install FILE``
+        with no agent running carries these steps out on its own thread)."""
+        with self._cv:
+            return self.planner.plan(model, version, self.device_view(model))
+
     def superseded(self, model: str, version: int) -> bool:
         with self._cv:
             return self.planner.superseded(model, version)
@@ -149,7 +155,7 @@ class UpdateWorker:
             delay_s = self.planner.spread_wait_s(model, time.monotonic())
         if delay_s > 0 and not self._waited(model, version, delay_s):
             return
-        view = self._device_view(model)
+        view = self.device_view(model)
         with self._cv:
             steps = self.planner.plan(model, version, view)
         for step in steps:
@@ -182,7 +188,7 @@ class UpdateWorker:
         with self._cv:
             return self.planner.still_wanted(model, version)
 
-    def _device_view(self, model: str) -> DeviceView:
+    def device_view(self, model: str) -> DeviceView:
         d = self.driver
         record = d.records.load(model)
         known = d.disk.knows(model)
