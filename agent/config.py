@@ -68,6 +68,10 @@ class AgentConfig:
     max_update_restarts: int = _INSTALL.max_update_restarts  # in one install: stopped
     health_timeout_s: float = HealthLimits.timeout_s
     health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
+    # --- bounds and the environment's faults ---
+    max_models: int = 32  # models a device keeps; more (signed) ones: too_many_models
+    resource_retry_min_s: float = 30.0  # disk full / no descriptors: first retry after
+    resource_retry_max_s: float = 900.0  # ... doubling (jittered) up to this
 
     def mqtt_password(self) -> str | None:
         """The password from ``mqtt_password_file`` (its first line), read when asked."""
@@ -112,7 +116,8 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
              "api_body_samples", "api_max_connections", "api_idle_timeout_s",
              "spool_max_records", "spool_max_dead_letters",
              "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
-             "max_update_restarts")
+             "max_update_restarts", "max_models", "resource_retry_min_s",
+             "resource_retry_max_s")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:

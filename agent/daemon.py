@@ -28,6 +28,7 @@ from edgeship.agent.serving import ModelServer
 from edgeship.agent.spool import SpoolSettings
 from edgeship.agent.store import ModelStore
 from edgeship.agent.telemetry import TelemetryService, TelemetrySettings
+from edgeship.agent.trust import DesiredVerifier
 from edgeship.agent.update.desired import DesiredTracker
 from edgeship.agent.update.download import Downloader
 from edgeship.agent.update.driver import UpdateDriver
@@ -96,7 +97,9 @@ class Agent:
         self.server.ready = False  # until the models on disk are loaded
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
-        self.desired = DesiredTracker(cfg.state_dir)
+        self.desired = DesiredTracker(cfg.state_dir,
+                                      verify=DesiredVerifier(cfg.tuf_dir / "root.json",
+                                                             self.device))
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
@@ -110,8 +113,12 @@ class Agent:
             chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s,
             max_bytes_per_s=cfg.transfer_max_bytes_per_s))
         self.updates = self._update_driver(observer)
-        self.worker = UpdateWorker(self.updates, Planner(self.device, self.desired),
-                                   self.desired, self._stop)
+        self.worker = UpdateWorker(self.updates, Planner(self.device, self.desired,
+                                                         max_models=cfg.max_models),
+                                   self.desired, self._stop,
+                                   retry_min_s=cfg.resource_retry_min_s,
+                                   retry_max_s=max(cfg.resource_retry_min_s,
+                                                   cfg.resource_retry_max_s))
         self._init_runtime_services()
         self._threads: list[threading.Thread] = []
 
@@ -343,10 +350,11 @@ class Agent:
 
     def _telemetry_extra(self) -> dict[str, Any]:
         """Agent facts for each telemetry record (cheap: counters and a directory read)."""
-        updates = {r.model: {"state": r.state.value, "version": r.version}
-                   for r in self.updates.records.all()}
+        records = self.updates.records.all()[:self.cfg.max_models]  # bounded, like models
+        updates = {r.model: {"state": r.state.value, "version": r.version} for r in records}
         return {"agent_version": __version__, "profile": self.cfg.profile,
-                "updates": updates, "dropped_messages": self.dropped_messages,
+                "updates": updates, "announcements": dict(self.worker.planner.counters),
+                "dropped_messages": self.dropped_messages,
                 "rejected_messages": self.rejected_messages,
                 "mqtt": {"connected": self.session.connected,
                          "reconnects": self.session.reconnects}}

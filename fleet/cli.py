@@ -193,6 +193,7 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
                                        http=_web_settings(args),
                                        workers=args.workers,
                                        max_transfers=args.max_transfers,
+                                       max_transfers_per_device=args.max_transfers_per_device,
                                        max_device_bytes_per_s=args.max_device_bytes_per_s,
                                        keys_dir=Path(args.keys) if args.keys else None,
                                        tls=_tls(args)))
@@ -394,6 +395,9 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-transfers", type=_positive_int, default=200,
                        help="concurrent target transfers; more are answered 503 and the "
                        "devices retry with backoff (default 200)")
+    serve.add_argument("--max-transfers-per-device", type=_positive_int, default=2,
+                       help="transfers one device may hold open; its next one replaces its "
+                       "least recently active (default 2)")
     serve.add_argument("--max-device-bytes-per-s", type=_non_negative_int, default=0,
                        help="byte-rate cap per device, enforced by this server (answers are "
                        "paced); 0 = unlimited (default)")

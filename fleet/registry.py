@@ -127,6 +127,23 @@ class Registry(RegistryReads):
         self._inserts = 0
         self.db = Database(target, busy_timeout_s=settings.busy_timeout_s,
                            pool_size=settings.pool_size)
+        self._epoch: int | None = None
+
+    @property
+    def epoch(self) -> int:
+        """This registry's epoch, fixed the first time it is asked for (by the first fleet
+        server that publishes a desired state): then-time in ms. Desired states carry it,
+        so a recreated registry outranks the one it replaced."""
+        if self._epoch is None:
+            self._epoch = self._read_epoch()
+        return self._epoch
+
+    def _read_epoch(self) -> int:
+        with self.db.write() as conn:
+            conn.execute(self.db.upsert(t.meta, {"key": "epoch", "value": str(
+                max(1, int(self._clock() * 1000)))}, ["key"]))
+            return int(conn.execute(select(t.meta.c.value).where(
+                t.meta.c.key == "epoch")).scalar_one())
 
     def now(self) -> float:
         """The registry's clock (what its timestamps are in)."""

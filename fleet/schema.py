@@ -119,3 +119,8 @@ announcements = Table(  # the newest announcement per model (re-sent to returnin
     Column("released_at", Float, nullable=False),
     Column("spread_s", Float, nullable=False, server_default="0"),
 )
+
+meta = Table(  # registry-wide facts: "epoch" (creation time in ms, orders desired states)
+    "meta", metadata,
+    Column("key", Text, primary_key=True), Column("value", Text, nullable=False),
+)

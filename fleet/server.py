@@ -22,7 +22,7 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from edgeship.fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GON
                             DeviceRateLimits, Pacer, StoppedReleases, TransferGate,
                             read_chunk, release_of,
                             stop_release)
-from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
+from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, online_signer, refresh_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class FleetSettings:
     keys_dir: Path | None = None  # online keys: re-sign timestamp every timestamp_refresh_s
     timestamp_refresh_s: float = 2 * 3600  # timestamp expiry is 6 h (RepoSettings)
     max_transfers: int = 200  # concurrent target transfers; more are answered 503
+    max_transfers_per_device: int = 2  # a device's newer transfer replaces its oldest
     transfer_idle_s: float = 60.0  # a transfer with no request for this long frees its slot
     announce_spread_s: float = 0.0  # devices spread their fetches over this window; 0 = none
     max_device_bytes_per_s: int = 0  # fleet-side byte-rate cap per device; 0 = unlimited
@@ -144,11 +145,14 @@ class FleetServer:
         # presence/status/telemetry for the one writer thread, which stores them in batches
         self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
-        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
+        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s,
+                                 settings.max_transfers_per_device)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
         self.rates = DeviceRateLimits(settings.max_device_bytes_per_s,  # bursts of 1 s
                                       burst_bytes=max(1, settings.max_device_bytes_per_s))
         self.pacer = Pacer(self._send_paced)
+        self._desired_signer = (online_signer(settings.repo_dir, settings.keys_dir)
+                                if settings.keys_dir is not None else None)
         self._threads: list[threading.Thread] = []
         self.client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self.membership = Membership(self.registry, self.client_id, settings.membership)
@@ -293,7 +297,13 @@ class FleetServer:
         self.stopped_releases.look_again()
 
     def publish_desired(self, device: str, desired: DesiredState) -> None:
-        """Retained per-device desired state (QoS 1; the newest ``seq`` wins on the device)."""
+        """Retained per-device desired state (QoS 1; the newest ``(epoch, seq)`` wins on the
+        device), in this registry's epoch, signed with the timestamp key when this server
+        holds the online keys."""
+        desired = replace(desired, epoch=self.registry.epoch, sig=None)
+        if self._desired_signer is not None:
+            signature = self._desired_signer.sign(desired.signing_bytes(device))
+            desired = replace(desired, sig=(signature.keyid, signature.signature))
         self._session.publish(Topics.desired(device), desired.to_bytes(),
                               qos=QOS_AT_LEAST_ONCE, retain=True)
 
