@@ -59,7 +59,9 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
                         preferred_precisions=chosen.precisions,
                         threads=chosen.threads, providers=chosen.providers,
                         latency_budget_ms=profile.latency_budget_ms,
-                        hardware_classes=(profile.arch, profile.name))
+                        hardware_classes=(profile.arch, profile.name),
+                        latency_scale=profile.latency_scale,
+                        use_measurements=profile.uses_measurements)
 
 
 def install_settings(cfg: AgentConfig) -> InstallSettings:

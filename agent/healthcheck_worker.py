@@ -52,7 +52,8 @@ def _check(request: dict) -> dict:
         _maybe_crash(installed.variant.sha256)
         report = check_health(runtime, installed.manifest, installed.variant,
                               installed.golden_path,
-                              latency_budget_ms=request["latency_budget_ms"])
+                              latency_budget_ms=request["latency_budget_ms"],
+                              budget_source=request.get("budget_source", "budget"))
     except EdgeshipError as e:
         return {"ok": False, "reason": e.reason_code.value, "message": str(e),
                 "max_abs_diff": getattr(e, "max_abs_diff", None)}

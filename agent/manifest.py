@@ -20,7 +20,10 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 
 RUNTIMES = ("onnxruntime", "litert")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
-DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
+          "uint32", "int64", "uint64", "bool")
+TASKS = ("classification", "detection", "segmentation", "embedding", "sequence",
+         "regression", "generic")
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,18 @@ class Variant:
     metrics: dict[str, float] = field(default_factory=dict)
     golden_atol: float = 1e-4
     hardware: tuple[str, ...] = ("x86_64", "aarch64", "armv7l")
+    #: per-output health-check tolerance (output name -> atol); absent: ``golden_atol``
+    golden_tolerances: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hardware"] = list(self.hardware)
+        if not self.golden_tolerances:
+            del d["golden_tolerances"]
         return d
+
+    def tolerance(self, output: str) -> float:
+        return self.golden_tolerances.get(output, self.golden_atol)
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,11 @@ class Manifest:
     created_at: str = ""
     labels: tuple[str, ...] = ()
     shadow: ShadowPolicy | None = None
+    #: the release's own latency budget (``--latency-budget-ms``); None: derived on the
+    #: device from the converter's measurements, else the board profile's default
+    latency_budget_ms: float | None = None
+    #: where the converter measured the variants' latency (arch, cpu, flags)
+    measured_on: dict[str, str] = field(default_factory=dict)
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -104,6 +119,9 @@ class Manifest:
             "reference": dict(self.reference),
             "labels": list(self.labels),
             **({"shadow": self.shadow.to_dict()} if self.shadow else {}),
+            **({"latency_budget_ms": self.latency_budget_ms}
+               if self.latency_budget_ms is not None else {}),
+            **({"measured_on": dict(self.measured_on)} if self.measured_on else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -162,11 +180,30 @@ def _variant(raw: dict[str, Any]) -> Variant:
     if raw["precision"] not in PRECISIONS:
         raise BundleError(f"unknown precision {raw['precision']!r}")
     metrics = {str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()}
+    tolerances = {str(k): _non_negative(v, "golden tolerance")
+                  for k, v in dict(raw.get("golden_tolerances", {})).items()}
     return Variant(id=validate_id(raw["id"], "variant id"), runtime=raw["runtime"],
                    precision=raw["precision"], file=_safe_file_name(raw["file"]),
                    sha256=_sha256(raw["sha256"]), size=_size(raw["size"]), metrics=metrics,
                    golden_atol=float(raw.get("golden_atol", 1e-4)),
-                   hardware=tuple(str(h) for h in raw.get("hardware", Variant.hardware)))
+                   hardware=tuple(str(h) for h in raw.get("hardware", Variant.hardware)),
+                   golden_tolerances=tolerances)
+
+
+def _non_negative(value: Any, what: str) -> float:
+    v = float(value)
+    if not v >= 0:  # also refuses NaN
+        raise BundleError(f"bad {what} in manifest: {value!r}")
+    return v
+
+
+def _budget(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    if not 0 < v <= 3_600_000:
+        raise BundleError(f"bad latency_budget_ms in manifest: {value!r}")
+    return v
 
 
 def _parse_manifest(raw: Any) -> Manifest:
@@ -196,6 +233,8 @@ def _parse_manifest(raw: Any) -> Manifest:
         created_at=str(raw.get("created_at", "")),
         labels=tuple(str(x) for x in raw.get("labels", [])),
         shadow=_shadow(raw.get("shadow")),
+        latency_budget_ms=_budget(raw.get("latency_budget_ms")),
+        measured_on={str(k): str(v) for k, v in dict(raw.get("measured_on", {})).items()},
     )
 
 

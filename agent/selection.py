@@ -7,18 +7,43 @@ from typing import Iterable
 from edgeship.agent.errors import BundleError, Reason
 from edgeship.agent.manifest import Manifest, Variant
 
+#: A variant counts as measured slower than another only beyond this ratio (timing noise).
+SLOWER_MARGIN = 1.10
+
+
+def _matches(v: Variant, precision: str) -> bool:
+    return v.precision == precision or v.precision.startswith(precision + "-") or \
+        precision.startswith(v.precision + "-")
+
+
+def measured_slower(v: Variant, usable: list[Variant]) -> Variant | None:
+    """Another usable variant of the same runtime the converter measured clearly faster."""
+    mine = v.metrics.get("latency_p50_ms")
+    if not mine:
+        return None
+    for w in usable:
+        theirs = w.metrics.get("latency_p50_ms")
+        if w is not v and w.runtime == v.runtime and theirs and mine > theirs * SLOWER_MARGIN:
+            return w
+    return None
+
 
 def select_variant(manifest: Manifest, preferred_precisions: Iterable[str],
-                   runtimes: Iterable[str], arch: str) -> Variant:
+                   runtimes: Iterable[str], arch: str, *,
+                   use_measurements: bool = False) -> Variant:
     """First variant, in the profile's order of preferred precisions, whose runtime this
-    agent has and whose hardware list names this architecture."""
+    agent has and whose hardware list names this architecture. With ``use_measurements``
+    (CPU boards) a variant the converter measured slower than another usable variant of the
+    same runtime is passed over."""
     usable = [v for v in manifest.variants
               if v.runtime in set(runtimes) and arch in v.hardware]
-    for precision in preferred_precisions:
-        for v in usable:
-            if v.precision == precision or v.precision.startswith(precision + "-") or \
-                    precision.startswith(v.precision + "-"):
-                return v
+    ordered = [v for p in preferred_precisions for v in usable if _matches(v, p)]
+    ordered = list(dict.fromkeys(ordered))
+    if use_measurements:
+        fast = [v for v in ordered if measured_slower(v, ordered) is None]
+        ordered = fast or ordered
+    if ordered:
+        return ordered[0]
     raise BundleError(f"{manifest.model} v{manifest.version} has no variant for this "
                       f"device (arch {arch}, runtimes {sorted(set(runtimes))}, variants "
                       f"{[v.id for v in manifest.variants]})",

@@ -51,8 +51,10 @@ class DeviceTraits:
     preferred_precisions: tuple[str, ...]
     threads: int
     providers: tuple[str, ...]
-    latency_budget_ms: float | None = None
+    latency_budget_ms: float | None = None  # the profile's default budget
     hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
+    latency_scale: float | None = None  # the profile's: derives budgets from measurements
+    use_measurements: bool = False  # skip variants the converter measured slower
 
 
 def tuf_reason(e: Exception) -> Reason:
@@ -165,7 +167,8 @@ class UpdateManager(InstallLifecycle):
                     f"manifest says {manifest.model} v{manifest.version}, expected "
                     f"{model} v{version}", reason_code=Reason.METADATA_INVALID)
             t = self.traits
-            variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch)
+            variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch,
+                                     use_measurements=t.use_measurements)
             for name in (variant.file, manifest.golden_file):
                 self._fetch_target(updater, f"{model}/{version}/{name}", staging)
             return manifest, variant.id

@@ -21,6 +21,11 @@ class EvaluationError(EdgeshipError):
     """A variant could not be loaded or run, or the evaluation inputs are inconsistent."""
 
 
+class VariantSkipped(EdgeshipError):
+    """A variant cannot be made from what was given (no calibration data, no PyTorch
+    source, an extra not installed): reported as skipped, never an error of the tools."""
+
+
 class NoVariantPassedError(GateError):
     """Every variant failed its gate; ``failures`` maps variant id → reasons and
     ``reports`` holds each variant's measured report (``converter.pipeline.VariantReport``)."""
