@@ -3,7 +3,8 @@
 1. the release's own (``latency_budget_ms`` in the manifest, from ``edgeship convert`` or
    ``edgeship release --latency-budget-ms``);
 2. else derived from what the converter measured for the chosen variant, scaled by how much
-   slower the board is (its profile's ``latency_scale``), with headroom;
+   slower the board is (its profile's ``latency_scale``), with headroom, and never below
+   the profile's default (fixed per-call overhead dominates tiny models);
 3. else the board profile's ``latency_budget_ms``, only a default.
 """
 
@@ -28,7 +29,9 @@ def latency_budget(manifest: Manifest, variant: Variant, profile_budget_ms: floa
         return LatencyBudget(manifest.latency_budget_ms, "the release's budget")
     measured = variant.metrics.get("latency_p50_ms")
     if measured and measured > 0 and latency_scale:
-        return LatencyBudget(measured * latency_scale * DERIVED_HEADROOM,
-                             f"derived: {measured:.3g} ms measured by the converter x "
-                             f"{latency_scale:g} for this board x {DERIVED_HEADROOM:g}")
+        derived = measured * latency_scale * DERIVED_HEADROOM
+        if profile_budget_ms is None or derived > profile_budget_ms:
+            return LatencyBudget(derived, f"derived: {measured:.3g} ms measured by the "
+                                 f"converter x {latency_scale:g} for this board x "
+                                 f"{DERIVED_HEADROOM:g}")
     return LatencyBudget(profile_budget_ms, "the board profile's default budget")

@@ -145,8 +145,7 @@ class LiteRtModel:
         self._slots = [(d["index"], tuple(d["shape"])) for d in details]
         signatures = [tuple(d.get("shape_signature", d["shape"])) for d in details]
         self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
-        outputs = self._interp.get_output_details()
-        self._outputs = [d["index"] for d in outputs]
+        self._outputs = [d["index"] for d in ordered_outputs(self._interp)]
         c_level = getattr(self._interp, "_interpreter", None)
         # another wrapper version: use the public methods
         self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
@@ -245,6 +244,30 @@ class LiteRtModel:
         if all(n in inputs for n in self._names):
             return [inputs[n] for n in self._names]
         return list(inputs.values())  # names differ after conversion: by position
+
+
+def ordered_outputs(interpreter: Any) -> list[dict]:
+    """Output details in signature order (``output_0``, ``output_1``, ...) when the model
+    has exactly one signature: the order of the source model's outputs, which
+    ``get_output_details()`` does not promise."""
+    details = list(interpreter.get_output_details())
+    try:
+        signatures = interpreter._get_full_signature_list()  # noqa: SLF001
+    except AttributeError:
+        return details
+    if len(signatures) != 1:
+        return details
+    index = next(iter(signatures.values())).get("outputs", {})
+    by_index = {d["index"]: d for d in details}
+    ordered = [by_index[i] for _, i in sorted(index.items(), key=lambda kv: _natural(kv[0]))
+               if i in by_index]
+    return ordered if len(ordered) == len(details) else details
+
+
+def _natural(name: str) -> tuple:
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def load_runtime(runtime: str, path: Path, *, threads: int = 0,

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from edgeship.agent.runtime import ordered_outputs
 from edgeship.converter.errors import EvaluationError
 from edgeship.converter.metrics import OutputMetrics, attention_masks, compare, top1_accuracy
 from edgeship.converter.samples import Outputs, Samples, TensorInfo, first_line, run_samples
@@ -103,8 +104,7 @@ def open_session(path: str | os.PathLike, threads: int = 2):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise EvaluationError(f"{Path(path).name}: onnxruntime cannot load the model: "
-                              f"{first_line(e)}") from e
+        raise EvaluationError(f"onnxruntime cannot load it: {first_line(e)}") from e
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
@@ -170,28 +170,6 @@ class TFLiteRunner:
             self._it.set_tensor(d["index"], _quantize(d, a))
         self._it.invoke()
         return [_dequantize(d, self._it.get_tensor(d["index"])) for d in self._out]
-
-
-def ordered_outputs(interpreter) -> list[dict]:
-    """Output details in signature order when the model has exactly one signature."""
-    details = list(interpreter.get_output_details())
-    try:
-        signatures = interpreter._get_full_signature_list()  # noqa: SLF001 - public since 2.x
-    except AttributeError:
-        return details
-    if len(signatures) != 1:
-        return details
-    index = next(iter(signatures.values()))["outputs"]
-    by_index = {d["index"]: d for d in details}
-    ordered = [by_index[i] for _, i in sorted(index.items(), key=lambda kv: _natural(kv[0]))
-               if i in by_index]
-    return ordered if len(ordered) == len(details) else details
-
-
-def _natural(name: str) -> tuple:
-    import re
-
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def _signature_shape(d: dict) -> tuple[int | None, ...]:

@@ -56,7 +56,11 @@ def export_onnx(model, example_input, out_path: str | os.PathLike,
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     example = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
-    names = output_names(model, example)
+    try:
+        names = output_names(model, example)
+    except Exception as e:  # noqa: BLE001 - the user's model raises anything
+        raise ExportError(f"could not export {type(model).__name__} to ONNX: it fails on "
+                          f"the example input: {type(e).__name__}: {first_line(e)}") from e
     errors: list[str] = []
     exporters = [_export_dynamo, _export_torchscript]
     if not settings.prefer_dynamo:

@@ -22,7 +22,7 @@ from edgeship.agent.protocol import validate_id
 from edgeship.converter.accuracy_aware import FallbackSettings, quantize_with_fallback
 from edgeship.converter.bundle import BundleOptions, VariantArtifact, write_bundle
 from edgeship.converter.compression import zstd_size
-from edgeship.converter.errors import InputError, VariantSkipped
+from edgeship.converter.errors import EvaluationError, InputError, VariantSkipped
 from edgeship.converter.evaluate import (EvalSettings, Reference, evaluate, make_reference,
                                          quick, reference_from)
 from edgeship.converter.export import ExportSettings, export_onnx
@@ -155,9 +155,17 @@ def _samples(calib, val, inputs: Sequence[TensorInfo],
     if val_s is None:
         val_s = synthesize(inputs)
         warnings.append(f"no data: accuracy not measured; every variant was compared with "
-                        f"the source model on {len(val_s)} synthesized inputs "
-                        "(give --calib/--val to measure it)")
+                        f"the source model on {len(val_s)} synthesized inputs by cosine "
+                        "and SNR only (give --calib/--val to measure it)")
     return calib_s, val_s
+
+
+def _gate_for(settings: ConvertSettings, val: Samples) -> ConvertSettings:
+    """On synthesized inputs an argmax agreement measures noise, not the model: only the
+    output-closeness gates (cosine, SNR, exact integer outputs) apply."""
+    if not val.synthesized:
+        return settings
+    return replace(settings, gate=replace(settings.gate, min_agreement=0.0))
 
 
 # --- making the variants --------------------------------------------------------------------
@@ -295,7 +303,8 @@ def _run(job_fn, out_dir, name, version, labels, settings: ConvertSettings,
         with steps.active():
             steps.step("loading the source model")
             job = job_fn(Path(tmp), settings, steps)
-            return _convert_core(job, out_dir, name, version, labels, settings, steps)
+            return _convert_core(job, out_dir, name, version, labels,
+                                 _gate_for(settings, job.val), steps)
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -320,14 +329,27 @@ def convert_onnx(onnx_path: str | os.PathLike, calib, val, out_dir: str | os.Pat
         warnings: list[str] = []
         calib_s, val_s = _samples(calib, as_raw(val, val_y, "--val"), inputs, warnings)
         task = _task(settings, inputs, outputs, val_s)
-        try:
-            reference = make_reference(source, val_s, task, settings.evaluate.threads)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{shown}: fails on the given data: {first_line(e)}") from e
+        reference = _reference(source, val_s, task, settings, shown)
         makers = onnx_makers(source, calib_s, _gate_fn(val_s, reference, settings), settings)
         return _Job(source, inputs, reference, val_s, calib_s, makers, work, warnings)
 
     return _run(job, out_dir, name, version, labels, settings, progress)
+
+
+def _reference(source: Path, val: Samples, task: str, settings: ConvertSettings,
+               shown: str) -> Reference:
+    """The source's outputs on the validation samples; errors name the user's file."""
+    from edgeship.converter.evaluate import open_runner
+
+    try:
+        open_runner(source, settings.evaluate.threads)
+    except EvaluationError as e:
+        raise InputError(f"{shown}: {e}") from e
+    try:
+        return make_reference(source, val, task, settings.evaluate.threads)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{shown}: fails on the {val.source or 'given data'}: "
+                         f"{first_line(e)}") from e
 
 
 def _check_dtypes(shown: str, inputs: Sequence[TensorInfo]) -> None:
@@ -404,10 +426,7 @@ def convert_tflite(tflite_path: str | os.PathLike, calib, val, out_dir: str | os
                                   warnings)
         outputs = tuple(TensorInfo(n, "float32", ()) for n in runner.output_names)
         task = _task(settings, runner.inputs, outputs, val_s)
-        try:
-            reference = make_reference(source, val_s, task, settings.evaluate.threads)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{shown}: fails on the given data: {first_line(e)}") from e
+        reference = _reference(source, val_s, task, settings, shown)
         makers = source_makers(source, precision, calib_s)
         return _Job(source, runner.inputs, reference, val_s, calib_s, makers, work,
                     warnings)

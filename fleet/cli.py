@@ -125,7 +125,8 @@ def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
 def cmd_release(args: argparse.Namespace) -> int:
     tls = _tls(args)  # bad flags are refused before anything is signed
     info = release_bundle(args.bundle, args.repo, args.keys,
-                          RepoSettings(deltas=args.deltas))
+                          RepoSettings(deltas=args.deltas,
+                                       latency_budget_ms=args.latency_budget_ms))
     announced = False
     if args.mqtt:
         try:
@@ -194,13 +195,15 @@ def _print_table(devices: list[DeviceRecord]) -> None:
     from rich.table import Table
     now = time.time()
     table = Table(title=f"{len(devices)} device(s)")
-    for col in ("device", "online", "group", "runs", "desired", "last seen", "last event"):
+    for col in ("device", "online", "group", "runs", "desired", "last seen", "last event",
+                "reason"):
         table.add_column(col)
     for d in devices:
         desired = ", ".join(f"{m}:v{v}" for m, v in sorted(d.desired.items()))
         table.add_row(d.id, "yes" if d.online else "no", d.group or "",
                       _models_text(d.models), desired, _ago(d.last_seen, now),
-                      f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "")
+                      f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "",
+                      d.reason_text or "")
     Console().print(table)
 
 
@@ -237,6 +240,7 @@ def _bounded(cast: Callable[[str], float], low: float, high: float | None,
 
 
 _positive_int = _bounded(int, 1, None, "a positive integer")
+_positive = _bounded(float, 1e-3, 3_600_000, "a positive number of milliseconds")
 _non_negative_int = _bounded(int, 0, None, "an integer >= 0")
 #: ``--spread-s``: seconds in [0, MAX_SPREAD_S] (what a device accepts)
 _spread_s = _bounded(float, 0, MAX_SPREAD_S, f"seconds in [0, {MAX_SPREAD_S:.0f}]")
@@ -308,6 +312,10 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
                           "it download only what changed)")
+    rel.add_argument("--latency-budget-ms", type=_positive, default=None, metavar="MS",
+                     help="the release's latency budget on devices (replaces the one from "
+                          "convert; default: that one, else derived from the converter's "
+                          "measurement and each board's profile)")
     rel.add_argument("--spread-s", type=_spread_s, default=0.0,
                      help="with --mqtt: devices start fetching at a per-device offset within "
                      "this many seconds (default 0: at once)")

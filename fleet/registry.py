@@ -86,6 +86,16 @@ class DeviceRecord:
     group: str | None = None
     tags: tuple[str, ...] = ()
     desired: dict[str, int] = field(default_factory=dict)  # model -> desired version
+    last_reason: str | None = None  # reason code of the last event (why it was refused)
+    last_detail: str | None = None  # e.g. "47.0 ms > 20.0 ms (the release's budget)"
+
+    @property
+    def reason_text(self) -> str | None:
+        """``latency_budget_exceeded: 47.0 ms > 20.0 ms (...)``; None without a reason."""
+        if not self.last_reason:
+            return None
+        return f"{self.last_reason}: {self.last_detail}" if self.last_detail \
+            else self.last_reason
 
     def running(self, model: str) -> int | None:
         """The version of ``model`` the device last said it serves."""
@@ -99,7 +109,9 @@ class DeviceRecord:
                 "profile": self.profile, "agent_version": self.agent_version,
                 "arch": self.arch, "group": self.group, "tags": list(self.tags),
                 "models": self.models, "desired": self.desired,
-                "last_event": self.last_event, "last_event_ts": self.last_event_ts}
+                "last_event": self.last_event, "last_event_ts": self.last_event_ts,
+                "last_reason": self.last_reason, "last_detail": self.last_detail,
+                "reason": self.reason_text}
 
 
 @dataclass(frozen=True)
@@ -422,7 +434,8 @@ class Registry:
             params += (tag,)
         rows = self._query(
             "SELECT d.id, d.online, d.last_seen, d.profile, d.agent_version, d.models, "
-            "e.event, e.ts, d.arch, d.grp FROM devices d LEFT JOIN events e ON e.id = "
+            "e.event, e.ts, d.arch, d.grp, e.reason, e.detail FROM devices d "
+            "LEFT JOIN events e ON e.id = "
             f"(SELECT MAX(id) FROM events WHERE device = d.id){where} ORDER BY d.id", params)
         tags: dict[str, list[str]] = {}
         for dev, t in self._query("SELECT device, tag FROM device_tags ORDER BY tag"):
@@ -431,7 +444,8 @@ class Registry:
         for rec in self.desired():
             desired.setdefault(rec.device, {})[rec.model] = rec.version
         return [DeviceRecord(r[0], bool(r[1]), r[2], r[3], r[4], json.loads(r[5]), r[6], r[7],
-                             r[8], r[9], tuple(tags.get(r[0], ())), desired.get(r[0], {}))
+                             r[8], r[9], tuple(tags.get(r[0], ())), desired.get(r[0], {}),
+                             r[10], r[11])
                 for r in rows]
 
     def events(self, device: str | None = None, since: float | None = None,

@@ -20,9 +20,11 @@ missing files. One writer at a time (an ``flock`` on ``repo_dir/.lock``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -38,7 +40,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeship.agent.errors import ConfigError
-from edgeship.fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
+from edgeship.fleet.bundle import (BundleFile, BundleLimits, LoadedBundle, install_file,
+                                   open_bundle, with_manifest)
 from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
 from edgeship.fleet.files import atomic_write, write_new
 
@@ -60,6 +63,7 @@ class RepoSettings:
     max_bundle_bytes: int = 4 * 1024**3
     max_bundle_files: int = 64
     deltas: bool = False  # release: also publish deltas from the previous version
+    latency_budget_ms: float | None = None  # release: the release's own latency budget
 
     def __post_init__(self) -> None:
         for key in ("root_threshold", "root_expiry_days", "targets_expiry_days",
@@ -68,6 +72,10 @@ class RepoSettings:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}", key=key)
+        budget = self.latency_budget_ms
+        if budget is not None and not 0 < budget <= 3_600_000:
+            raise ConfigError(f"latency_budget_ms must be > 0, got {budget!r}",
+                              key="latency_budget_ms")
         if self.root_keys and self.root_keys < self.root_threshold:
             raise ConfigError(f"root_keys ({self.root_keys}) must be >= root_threshold "
                               f"({self.root_threshold})", key="root_keys")
@@ -307,7 +315,7 @@ def _add_targets(repo_dir: Path, bundle: LoadedBundle, targets: Targets) -> tupl
     dest_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for f in bundle.files:
-        install_file(bundle.directory / f.name, f, dest_dir)
+        install_file(bundle.source(f), f, dest_dir)
         path = f"{m.model}/{m.version}/{f.name}"
         targets.targets[path] = TargetFile(
             length=f.size, hashes={"sha256": f.sha256}, path=path,
@@ -359,7 +367,11 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
     repo_dir = Path(repo_dir)
     now = now or _utcnow()
     limits = BundleLimits(settings.max_bundle_bytes, settings.max_bundle_files)
-    with _locked(repo_dir), open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+    with _locked(repo_dir), open_bundle(Path(bundle_path), repo_dir, limits) as bundle, \
+            tempfile.TemporaryDirectory(dir=repo_dir, prefix=".release-") as tmp:
+        if settings.latency_budget_ms is not None:
+            bundle = with_manifest(bundle, dataclasses.replace(
+                bundle.manifest, latency_budget_ms=settings.latency_budget_ms), Path(tmp))
         cur = _load_current(repo_dir / "metadata")
         m = bundle.manifest
         latest = _latest_versions(cur.targets.signed).get(m.model, 0)

@@ -39,7 +39,10 @@ SCHEMAS: dict[str, Any] = {
                                                          "items": {"type": "string"}},
         "models": {"description": "what the device reports it runs"},
         "desired": {"type": "object", "additionalProperties": {"type": "integer"}},
-        "last_event": {"type": ["string", "null"]}}},
+        "last_event": {"type": ["string", "null"]},
+        "reason": {"type": ["string", "null"], "description":
+                   "why the last event happened, e.g. latency_budget_exceeded: 47.0 ms > "
+                   "20.0 ms (the release's budget)"}}},
     "Rollout": {"type": "object", "properties": {
         "id": {"type": "string"}, "model": {"type": "string"},
         "from_version": {"type": ["integer", "null"]}, "to_version": {"type": "integer"},

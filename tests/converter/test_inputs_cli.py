@@ -161,6 +161,7 @@ def _bad_cases(tmp_path, data_files, good_onnx):
     (tmp_path / "trunc.onnx").write_bytes(raw[: len(raw) // 3])
     _unsupported_op_model(tmp_path / "custom.onnx")
     np.save(tmp_path / "wrong.npy", np.zeros((4, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "named.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
     calib = ["--calib", str(data_files / "calib.npz")]
     return {
         "not a model": (["onnx", str(tmp_path / "junk.onnx"), *calib], "junk.onnx"),
@@ -168,16 +169,17 @@ def _bad_cases(tmp_path, data_files, good_onnx):
         "unsupported op": (["onnx", str(tmp_path / "custom.onnx"), *calib],
                            "FrobnicateTensor"),
         "shape mismatch onnx": (["onnx", str(good_onnx), "--calib",
-                                 str(tmp_path / "wrong.npy")], "does not match"),
+                                 str(tmp_path / "wrong.npy")], "but the input is [?, 1, 8, 8]"),
         "shape mismatch torch": (["torch", FACTORY, "--input-shape", "1,1,8,8",
                                   "--calib", str(tmp_path / "wrong.npy")],
                                  "does not match"),
-        "missing calibration": (["onnx", str(good_onnx)], "missing calibration data"),
+        "npz without the input": (["onnx", str(good_onnx), "--calib",
+                                   str(tmp_path / "named.npz")], "no array for model input"),
         "calibration file absent": (["onnx", str(good_onnx), "--calib",
                                      str(tmp_path / "nope.npz")], "no such file"),
         "unknown device": (["digits", "--device", "toaster9000"], "unknown device profile"),
         "tflite from onnx": (["onnx", str(good_onnx), *calib, "--variants",
-                              "tflite-fp32"], "need the PyTorch source"),
+                              "tflite-fp32"], "needs the PyTorch source"),
         "not torchscript": (["torch", str(tmp_path / "junk.onnx"), *calib],
                             "not a TorchScript file"),
     }
@@ -185,7 +187,7 @@ def _bad_cases(tmp_path, data_files, good_onnx):
 
 @pytest.mark.parametrize("case", ["not a model", "truncated", "unsupported op",
                                   "shape mismatch onnx", "shape mismatch torch",
-                                  "missing calibration", "calibration file absent",
+                                  "npz without the input", "calibration file absent",
                                   "unknown device", "tflite from onnx", "not torchscript"])
 def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, data_files,
                                                     digits_onnx_external, capsys):

@@ -119,6 +119,16 @@ def predict(agent: Agent, model: str, x) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
+def predict_named(agent: Agent, model: str, feed: dict[str, Any]) -> dict[str, Any]:
+    """POST inputs by name as JSON (any dtype: numbers, booleans, nested lists); the
+    response's outputs come back by name."""
+    body = json.dumps({"inputs": {k: v.tolist() for k, v in feed.items()}}).encode()
+    req = urllib.request.Request(f"{agent.api.url}/v1/models/{model}/predict", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
 class Fleet:
     """A TUF repository + fleet server (``LoopEnv``) and helpers to release test models."""
 

@@ -352,7 +352,8 @@ def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: i
                          name="reshape2_0"),
         helper.make_node("Transpose", ["reshape2_0.tmp_0"], ["transpose_0.tmp_0"],
                          name="transpose_0", perm=[0, 2, 1]),
-        _const("fc_0.w_0", w(32, classes) * 2), _const("fc_0.b_0", rng.standard_normal(classes).astype(np.float32) * 0.1),
+        # a trained recognizer is confident: large logit margins between classes
+        _const("fc_0.w_0", w(32, classes) * 12), _const("fc_0.b_0", rng.standard_normal(classes).astype(np.float32)),
         helper.make_node("MatMul", ["transpose_0.tmp_0", "fc_0.w_0"], ["fc_0.tmp_0"],
                          name="fc_0.matmul"),
         helper.make_node("Add", ["fc_0.tmp_0", "fc_0.b_0"], ["fc_0.tmp_1"], name="fc_0.add"),
