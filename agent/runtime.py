@@ -145,13 +145,19 @@ class LiteRtModel:
         self._slots = [(d["index"], tuple(d["shape"])) for d in details]
         signatures = [tuple(d.get("shape_signature", d["shape"])) for d in details]
         self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
-        self._outputs = [d["index"] for d in ordered_outputs(self._interp)]
+        outputs = ordered_outputs(self._interp)
+        self._outputs = [d["index"] for d in outputs]
+        # full-integer models: float in, float out, with the tensors' own parameters
+        self._quant_in = [tensor_affine(d) for d in details]
+        self._quant_out = [tensor_affine(d) for d in outputs]
+        self._quantized = any(self._quant_in) or any(self._quant_out)
         c_level = getattr(self._interp, "_interpreter", None)
         # another wrapper version: use the public methods
         self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
         # one input, one output, C-level calls: a request at the allocated shape takes
         # ``_run_single`` (the common case: a batch of 1, or the size last resized to)
-        self._single = self._c_level and len(self._slots) == 1 and len(self._outputs) == 1
+        self._single = self._c_level and len(self._slots) == 1 and \
+            len(self._outputs) == 1 and not self._quantized
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
 
@@ -161,6 +167,13 @@ class LiteRtModel:
             if outputs is not None:
                 return outputs
         arrays = self._match(inputs)
+        if self._quantized:
+            arrays = [quantize(a, q) for a, q in zip(arrays, self._quant_in)]
+            return [dequantize(o, q) for o, q in zip(self._run_arrays(arrays),
+                                                     self._quant_out)]
+        return self._run_arrays(arrays)
+
+    def _run_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         first = arrays[0] if arrays else None
         batch = first.shape[0] if first is not None and first.ndim else 1
         with self._lock:
@@ -244,6 +257,32 @@ class LiteRtModel:
         if all(n in inputs for n in self._names):
             return [inputs[n] for n in self._names]
         return list(inputs.values())  # names differ after conversion: by position
+
+
+Affine = tuple[float, int, np.dtype] | None  # scale, zero point, integer dtype
+
+
+def tensor_affine(detail: dict) -> Affine:
+    scale, zero = detail.get("quantization", (0.0, 0))
+    dtype = np.dtype(detail["dtype"])
+    return (float(scale), int(zero), dtype) if dtype.kind in "iu" and scale else None
+
+
+def quantize(x: np.ndarray, q: Affine) -> np.ndarray:
+    """A float input for a full-integer TFLite tensor, with its own scale and zero point;
+    integer inputs (already quantized) pass unchanged."""
+    if q is None or np.asarray(x).dtype.kind != "f":
+        return x
+    scale, zero, dtype = q
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def dequantize(y: np.ndarray, q: Affine) -> np.ndarray:
+    if q is None:
+        return y
+    scale, zero, _ = q
+    return (y.astype(np.float32) - zero) * np.float32(scale)
 
 
 def ordered_outputs(interpreter: Any) -> list[dict]:

@@ -266,7 +266,14 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--zoo" in argv:
+        from bench.zoo import main as zoo_main
+
+        return zoo_main([a for a in argv if a != "--zoo"])
     parser = argparse.ArgumentParser(prog="bench-converter", description=__doc__)
+    parser.add_argument("--zoo", action="store_true",
+                        help="the model zoo instead (see bench/zoo.py; --only, --small)")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--only-minilm", action="store_true")
     parser.add_argument("--epochs", type=int, default=15)

@@ -94,15 +94,19 @@ def tensor_specs(model_path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...],
                                                          tuple[TensorSpec, ...]]:
     """Input and output specs of an ONNX or .tflite file; dynamic dims become ``None``."""
     if Path(model_path).suffix == ".tflite":
-        from edgeship.converter.evaluate import TFLiteRunner
+        from ai_edge_litert.interpreter import Interpreter
 
-        runner = TFLiteRunner(model_path, threads=1)
-        outputs = runner._out  # noqa: SLF001 - ordered details of the same module's class
+        from edgeship.agent.runtime import ordered_outputs, tensor_affine
         from edgeship.converter.evaluate import _signature_shape
 
-        return (tuple(_spec(i.name, i.dtype, i.shape) for i in runner.inputs),
-                tuple(_spec(d["name"], np.dtype(d["dtype"]).name, _signature_shape(d))
-                      for d in outputs))
+        it = Interpreter(model_path=str(model_path))
+
+        def tflite_spec(d: dict) -> TensorSpec:  # quantized tensors take/give floats
+            dtype = "float32" if tensor_affine(d) else np.dtype(d["dtype"]).name
+            return _spec(d["name"], dtype, _signature_shape(d))
+
+        return (tuple(tflite_spec(d) for d in it.get_input_details()),
+                tuple(tflite_spec(d) for d in ordered_outputs(it)))
     from edgeship.converter.graph import io_info
 
     inputs, outputs = io_info(model_path)
@@ -238,7 +242,8 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose another directory or version")
-    in_specs, out_specs = tensor_specs(variants[0].path)
+    signature = next((v for v in variants if v.precision == "fp32"), variants[0])
+    in_specs, out_specs = tensor_specs(signature.path)
     samples = _as_samples(golden_inputs, in_specs)
     arrays, golden = golden_arrays(variants, samples, in_specs, out_specs,
                                    opts.golden_samples)

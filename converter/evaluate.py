@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edgeship.agent.runtime import ordered_outputs
+from edgeship.agent.runtime import tensor_affine, dequantize, ordered_outputs, quantize
 from edgeship.converter.errors import EvaluationError
 from edgeship.converter.metrics import OutputMetrics, attention_masks, compare, top1_accuracy
 from edgeship.converter.samples import Outputs, Samples, TensorInfo, first_line, run_samples
@@ -167,30 +167,16 @@ class TFLiteRunner:
             self._it.allocate_tensors()
             self._in = list(self._it.get_input_details())
         for d, a in zip(self._in, arrays):
-            self._it.set_tensor(d["index"], _quantize(d, a))
+            self._it.set_tensor(d["index"], quantize(a, tensor_affine(d)).astype(
+                np.dtype(d["dtype"]), copy=False))
         self._it.invoke()
-        return [_dequantize(d, self._it.get_tensor(d["index"])) for d in self._out]
+        return [dequantize(np.array(self._it.get_tensor(d["index"])), tensor_affine(d))
+                for d in self._out]
 
 
 def _signature_shape(d: dict) -> tuple[int | None, ...]:
     sig = d.get("shape_signature", d["shape"])
     return tuple(None if int(s) < 0 else int(s) for s in sig)
-
-
-def _quantize(d: dict, x: np.ndarray) -> np.ndarray:
-    scale, zero = d.get("quantization", (0.0, 0))
-    dtype = np.dtype(d["dtype"])
-    if dtype.kind in "iu" and scale and np.asarray(x).dtype.kind == "f":
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-    return np.asarray(x).astype(dtype, copy=False)
-
-
-def _dequantize(d: dict, y: np.ndarray) -> np.ndarray:
-    scale, zero = d.get("quantization", (0.0, 0))
-    if np.dtype(d["dtype"]).kind in "iu" and scale:
-        return (y.astype(np.float32) - zero) * scale
-    return np.array(y)
 
 
 def open_runner(path: str | os.PathLike, threads: int = 2):

@@ -204,7 +204,10 @@ def _print_table(devices: list[DeviceRecord]) -> None:
                       _models_text(d.models), desired, _ago(d.last_seen, now),
                       f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "",
                       d.reason_text or "")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: one line per device, reasons unwrapped
+        console = Console(width=max(console.width, 240))
+    console.print(table)
 
 
 @_command

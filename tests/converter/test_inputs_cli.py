@@ -73,7 +73,9 @@ def test_onnx_with_external_data_all_onnx_variants(digits_onnx_external, data_fi
     assert (report / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "onnx-int8-dynamic" in (report / "report.md").read_text()
     rows = json.loads((report / "report.json").read_text())["rows"]
-    assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    measured = [r for r in rows if r["shipped"]]
+    assert len(measured) == 3 and all(r["p99_ms"] >= r["p50_ms"] > 0 for r in measured)
+    assert {r["id"] for r in rows if not r["shipped"]} == set(res["skipped"])
 
 
 def test_torch_factory_with_safetensors_weights_and_fp16_without_labels(

@@ -86,10 +86,16 @@ class LoopEnv:
         self.watcher.session.publish_acked(topic, payload, retain=retain, timeout_s=10)
 
     def start_agent(self, device: str, profile: str = "generic-x86_64") -> Agent:
-        path = write_agent_config(self.root / "devices" / device, device, self.url, profile,
-                                  free_port(), 0.5, self.repo)
         from edgeship.agent.config import load_config
-        agent = Agent(load_config(path))
+        for attempt in range(3):  # another process on this machine may take the free port
+            path = write_agent_config(self.root / "devices" / device, device, self.url,
+                                      profile, free_port(), 0.5, self.repo)
+            try:
+                agent = Agent(load_config(path))
+                break
+            except OSError:
+                if attempt == 2:
+                    raise
         agent.start()
         self.agents.append(agent)
         return agent

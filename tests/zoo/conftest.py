@@ -57,9 +57,13 @@ def run_convert(argv: list[str], capsys, as_json: bool = True
 
 
 @pytest.fixture(scope="module")
-def fleet(shared_broker, tmp_path_factory):
+def fleet(tmp_path_factory):
+    """Its own broker: releases are retained messages, which would reach other modules."""
+    from edgeship.fleet.broker import Mosquitto
     from tests.support.loop_env import LoopEnv
 
-    env = LoopEnv(shared_broker.url, tmp_path_factory.mktemp("fleet"))
+    broker = Mosquitto().start()
+    env = LoopEnv(broker.url, tmp_path_factory.mktemp("fleet"))
     yield env
     env.close()
+    broker.cleanup()

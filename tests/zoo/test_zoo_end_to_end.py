@@ -141,7 +141,7 @@ def test_fixed_batch_one_model(fleet, agent, fixed1, tmp_path, capsys):
 def test_tflite_with_two_outputs(fleet, agent, face, tmp_path, capsys):
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgeship.agent.runtime import ordered_outputs
+    from edgeship.agent.runtime import tensor_affine, dequantize, ordered_outputs, quantize
 
     shipped = _ship(fleet, face, tmp_path, capsys)
     assert shipped["event"]["variant"].startswith("tflite-")
@@ -151,10 +151,10 @@ def test_tflite_with_two_outputs(fleet, agent, face, tmp_path, capsys):
     (inp,) = it.get_input_details()
     outs = ordered_outputs(it)
 
-    def bare(feed):
-        it.set_tensor(inp["index"], feed[inp["name"]])
+    def bare(feed):  # a full-integer variant takes int8: quantized with its own params
+        it.set_tensor(inp["index"], quantize(feed[inp["name"]], tensor_affine(inp)))
         it.invoke()
-        return {d["name"]: it.get_tensor(d["index"]) for d in outs}
+        return {d["name"]: dequantize(it.get_tensor(d["index"]), tensor_affine(d)) for d in outs}
 
     served = _served_equals_bare(agent, "face", _feeds(face), bare)
     assert [np.asarray(v).shape[-1] for v in served["outputs"].values()] == [16, 1]
