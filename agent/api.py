@@ -1,57 +1,63 @@
-"""Local inference API: HTTP on 127.0.0.1 and on a Unix socket, JSON or ``.npy`` bodies.
+"""Local inference API: HTTP on 127.0.0.1 and on a Unix socket, one route table.
 
-    GET  /healthz                          liveness and the number of models served
-    GET  /metrics                          Prometheus text (same numbers as telemetry)
-    GET  /v1/models                        every model with its input/output signature
-    GET  /v1/models/<name>                 one model
-    POST /v1/models/<name>/predict         {"inputs": [...]} (or {"inputs": {name: [...]}})
-                                           or an .npy body (Content-Type application/x-npy)
-                                           → {"model","version","variant","outputs":{...}}
-                                           or, with ``Accept: application/x-npy``, the
-                                           first output as .npy (headers name the model)
+The routes live next to this module: ``agent.api_v1`` (``/healthz``, ``/metrics``, the
+edgeship ``/v1`` API) and ``agent.api_v2`` (the Open Inference Protocol, KServe v2). A route
+is a method, a path pattern with ``{name}`` segments and a handler ``(server, request) ->
+Response``; :func:`default_routes` lists them, and another module adds its own by appending
+to that list.
 
-Bad requests get a 4xx with a message, never a crash: 400 bad body/shape/dtype, 404 unknown
-model or path, 408 body not sent in time, 411 no length, 413 body too large, 415 unknown
-content type. Anything unexpected is a 500 and the server keeps going.
+Bounds (``agent.api_limits.ApiLimits``): each listener serves at most ``max_connections``
+connections at once, one thread each; past that a connection gets a 503 (written and
+drained by one small thread, so the client reads it) while the other listener (the Unix
+socket) keeps serving. A kept-alive connection idle for ``idle_timeout_s`` is closed, and
+each read of a request may take ``request_timeout_s``. A body is read only when its handler
+asks for it with a cap (derived from the model's input size); a larger ``Content-Length`` is
+answered 413 before anything is read (with ``Expect: 100-continue`` the client never sends
+it; otherwise up to ``drain_max_bytes`` are read and dropped so the 413 reaches the client
+instead of a reset).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import socket
 import socketserver
 import threading
+import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from edgeship.agent.errors import EdgeshipError, InferenceInputError
-from edgeship.agent.serving import ModelNotFoundError, ModelServer
+from edgeship.agent.api_limits import ApiLimits
+from edgeship.agent.api_routes import (JSON_TYPE, HttpError, Request, Response, Route, Router,
+                                       json_response, v1_error)
+from edgeship.agent.api_reject import Rejector, busy_response
+from edgeship.agent.serving import ModelServer
 
 logger = logging.getLogger(__name__)
 
-NPY_TYPE = "application/x-npy"
-JSON_TYPE = "application/json"
 REQUEST_TIMEOUT_S = 30.0
-MAX_HEADER_COUNT = 64
+_SMALL_WRITE = 64 * 1024
+
+
+def default_routes() -> list[Route]:
+    from edgeship.agent import api_v1, api_v2
+    return api_v1.ROUTES + api_v2.ROUTES
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_ApiMixin"  # type: ignore[assignment]
     protocol_version = "HTTP/1.1"
-    timeout = REQUEST_TIMEOUT_S  # a client that stops sending mid-body is dropped
+    timeout = None  # set per phase: idle_timeout_s, then request_timeout_s
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         logger.debug("api: " + format, *args)
 
     def setup(self) -> None:
         super().setup()
+        self.expect_continue = False
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             # headers and body go out in two writes: without this, Nagle + delayed ACK
             # add ~40 ms to every keep-alive request
@@ -61,142 +67,181 @@ class _Handler(BaseHTTPRequestHandler):
         addr = self.client_address
         return addr[0] if isinstance(addr, tuple) and addr else "unix"
 
+    def handle_expect_100(self) -> bool:
+        self.expect_continue = True  # answered once the handler knows the body's cap
+        return True
+
     def handle_one_request(self) -> None:
+        limits = self.server.limits
         try:
-            super().handle_one_request()
+            self.connection.settimeout(limits.idle_timeout_s)
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            self.connection.settimeout(limits.request_timeout_s)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(414)
+                return
+            self.expect_continue = False
+            if not self.parse_request():
+                return
+            self._dispatch()
+            self.wfile.flush()
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True
         except Exception:  # a bug in a handler must not take the server down
             logger.exception("api: unexpected error")
             self.close_connection = True
-            try:
-                self._error(500, "internal error")
-            except OSError:
-                pass
 
-    def do_GET(self) -> None:  # noqa: N802
-        parts = self.path.split("?")[0].strip("/").split("/")
-        models = self.server.models
-        if parts == ["healthz"]:
-            self._json(200, {"status": "ok", "models": len(models.models())})
-        elif parts == ["metrics"] and self.server.metrics_text is not None:
-            self._send(200, "text/plain; version=0.0.4", self.server.metrics_text())
-        elif parts == ["v1", "models"]:
-            self._json(200, {"models": [m.describe() for m in models.models()]})
-        elif len(parts) == 3 and parts[:2] == ["v1", "models"]:
-            try:
-                self._json(200, models.get(parts[2]).describe())
-            except ModelNotFoundError as e:
-                self._error(404, str(e))
-        else:
-            self._error(404, f"no such endpoint {self.path[:200]}")
-
-    def do_POST(self) -> None:  # noqa: N802
-        parts = self.path.split("?")[0].strip("/").split("/")
-        if not (len(parts) == 4 and parts[:2] == ["v1", "models"] and parts[3] == "predict"):
-            self.close_connection = True
-            self._error(404, f"no such endpoint {self.path[:200]}")
+    def _dispatch(self) -> None:
+        path, _, query = self.path.partition("?")
+        parts = path.strip("/").split("/")
+        route, params, elsewhere = self.server.router.match(self.command, parts)
+        if route is None:
+            errors = _errors_for(parts)
+            status = 405 if elsewhere else 404
+            self.close_connection = True  # a body we did not read must not become a request
+            self._write(Response(status, JSON_TYPE, [errors(
+                status, f"no such endpoint {self.command} {path[:200]}")]))
             return
-        body = self._read_body()
-        if body is None:
+        if route.raw:
+            route.handler(self.server, self)
             return
+        req = Request(self, params, query)
         try:
-            raw = self._parse_inputs(body)
-            outputs, loaded = self.server.models.predict(parts[2], raw, check_values=True)
-        except ModelNotFoundError as e:
-            self._error(404, str(e))
-        except _UnsupportedType as e:
-            self._error(415, str(e))
-        except InferenceInputError as e:
-            self._error(400, str(e))
-        except EdgeshipError as e:
-            self._error(500, str(e))
-        else:
-            self._answer(outputs, loaded)
-
-    def _answer(self, outputs: list[np.ndarray], loaded: Any) -> None:
-        inst = loaded.installed
-        if NPY_TYPE in (self.headers.get("Accept") or ""):
-            buf = io.BytesIO()
-            np.save(buf, outputs[0], allow_pickle=False)
-            self._send(200, NPY_TYPE, buf.getvalue(), {
-                "X-Edgeship-Model": inst.model, "X-Edgeship-Version": str(inst.version),
-                "X-Edgeship-Variant": inst.variant.id})
-            return
-        names = [o.name for o in inst.manifest.outputs]
-        self._json(200, {"model": inst.model, "version": inst.version,
-                         "variant": inst.variant.id,
-                         "outputs": {n: o.tolist() for n, o in zip(names, outputs)}})
-
-    def _read_body(self) -> bytes | None:
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
+            resp = route.handler(self.server, req)
+        except HttpError as e:
+            resp = Response(e.status, JSON_TYPE, [route.errors(e.status, str(e))])
+        except Exception:
+            logger.exception("api: unexpected error in %s %s", self.command, route.pattern)
+            resp = Response(500, JSON_TYPE, [route.errors(500, "internal error")])
+        assert resp is not None  # only raw routes (above) answer by themselves
+        if not req.body_read and self.headers.get("Content-Length", "0") != "0":
+            self.close_connection = True  # unread body: this connection is done
+        if req.drain_bytes or resp.status == 413:
             self.close_connection = True
-            self._error(411, "Content-Length required")
-            return None
-        try:
-            length = int(length_header)
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "bad Content-Length")
-            return None
-        if length < 0 or length > self.server.max_request_bytes:
-            self.close_connection = True  # the unread body must not be parsed as a request
-            self._error(413, f"body of {length} bytes exceeds "
-                             f"{self.server.max_request_bytes}")
-            return None
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            self._error(400, f"body ended after {len(body)} of {length} bytes")
-            return None
-        return body
+        self._write(resp)
+        if req.drain_bytes:
+            self._drain(req.drain_bytes)
 
-    def _parse_inputs(self, body: bytes) -> Any:
-        ctype = (self.headers.get("Content-Type") or JSON_TYPE).split(";")[0].strip()
-        if ctype == NPY_TYPE:
-            try:
-                return np.load(io.BytesIO(body), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise InferenceInputError(f"body is not a valid .npy array: {e}") from e
-        if ctype not in (JSON_TYPE, "text/json"):
-            raise _UnsupportedType(f"Content-Type {ctype!r}: send {JSON_TYPE} or {NPY_TYPE}")
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise InferenceInputError(f"body is not JSON: {str(e)[:200]}") from e
-        if not isinstance(doc, dict) or "inputs" not in doc:
-            raise InferenceInputError('JSON body must be an object with "inputs"')
-        return doc["inputs"]
-
-    def _json(self, status: int, doc: dict[str, Any]) -> None:
-        self._send(status, JSON_TYPE, json.dumps(doc).encode())
-
-    def _send(self, status: int, ctype: str, data: bytes,
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
+    def _write(self, resp: Response) -> None:
+        size = sum(len(c) for c in resp.chunks)
+        lines = [f"HTTP/1.1 {resp.status} {HTTPStatus(resp.status).phrase}",
+                 f"Content-Type: {resp.content_type}", f"Content-Length: {size}"]
+        lines += [f"{k}: {v}" for k, v in resp.headers.items()]
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if logger.isEnabledFor(logging.DEBUG):
+            self.log_request(resp.status, size)
+        if size <= _SMALL_WRITE:
+            self.wfile.write(head + b"".join(resp.chunks))
+            return
+        self.wfile.write(head)
+        for chunk in resp.chunks:
+            self.wfile.write(chunk)
+
+    # --- for raw routes -----------------------------------------------------------------
+
+    def _read_body(self, max_bytes: int | None = None) -> bytes | None:
+        """The body within ``max_bytes`` (default: the configured cap, else the fallback
+        cap), or None once an error has been answered."""
+        limits = self.server.limits
+        cap = max_bytes or limits.max_request_bytes or limits.fallback_body_bytes
+        req = Request(self, {}, "")
+        try:
+            return req.body(cap)
+        except HttpError as e:
+            self.close_connection = True
+            self._error(e.status, str(e))
+            if req.drain_bytes:
+                self._drain(req.drain_bytes)
+            return None
+
+    def _json(self, status: int, doc: Any) -> None:
+        self._write(json_response(status, doc))
 
     def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": HTTPStatus(status).phrase, "message": message})
+        self._write(Response(status, JSON_TYPE, [v1_error(status, message)]))
+
+    def _drain(self, length: int) -> None:
+        """Read and drop an oversized body (bounded) so the client gets to read the 413."""
+        limits = self.server.limits
+        left = min(length, limits.drain_max_bytes)
+        deadline = time.monotonic() + limits.request_timeout_s
+        try:
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
 
-class _UnsupportedType(InferenceInputError):
-    pass
+def _errors_for(parts: list[str]) -> Callable[[int, str], bytes]:
+    if parts and parts[0] == "v2":
+        from edgeship.agent.api_v2 import v2_error
+        return v2_error
+    return v1_error
 
 
 class _ApiMixin:
+    """Connection-capped serving: one thread per connection up to the cap, a 503 past it."""
+
     models: ModelServer
-    max_request_bytes: int
+    limits: ApiLimits
+    router: Router
     metrics_text: Callable[[], bytes] | None
     _thread: threading.Thread | None
+    request_queue_size = 128
+
+    def _init_api(self, models: ModelServer, limits: ApiLimits,
+                  metrics_text: Callable[[], bytes] | None,
+                  routes: list[Route] | None) -> None:
+        self.models = models
+        self.limits = limits
+        self.metrics_text = metrics_text
+        self.router = Router(routes if routes is not None else default_routes())
+        self._thread = None
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._rejector = Rejector(f"edgeship-api-{type(self).__name__}",
+                                   busy_response(limits.max_connections))
+        self.grpc_info: dict[str, Any] = {}
+
+    @property
+    def active_connections(self) -> int:
+        return self._active
+
+    @property
+    def rejected_connections(self) -> int:
+        return self._rejector.rejected
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            over = self._active >= self.limits.max_connections
+            if not over:
+                self._active += 1
+        if over:
+            self._rejector.reject(request)
+            return
+        threading.Thread(target=self._serve_connection, args=(request, client_address),
+                         name="edgeship-api-conn", daemon=True).start()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            with self._active_lock:
+                self._active -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("api: connection error", exc_info=True)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever,  # type: ignore[attr-defined]
@@ -207,38 +252,41 @@ class _ApiMixin:
     def stop(self) -> None:
         self.shutdown()  # type: ignore[attr-defined]
         self.server_close()  # type: ignore[attr-defined]
+        self._rejector.stop()
 
 
-class InferenceHTTPServer(_ApiMixin, ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
+def _limits(max_request_bytes: int, limits: ApiLimits | None) -> ApiLimits:
+    if limits is not None:
+        return limits
+    return ApiLimits(max_request_bytes=max_request_bytes)
 
-    def __init__(self, host: str, port: int, models: ModelServer, max_request_bytes: int,
-                 metrics_text: Callable[[], bytes] | None = None) -> None:
-        self.models = models
-        self.max_request_bytes = max_request_bytes
-        self.metrics_text = metrics_text
-        self._thread = None
-        super().__init__((host, port), _Handler)
+
+class InferenceHTTPServer(_ApiMixin, HTTPServer):
+    def __init__(self, host: str, port: int, models: ModelServer, max_request_bytes: int = 0,
+                 metrics_text: Callable[[], bytes] | None = None, *,
+                 limits: ApiLimits | None = None, routes: list[Route] | None = None) -> None:
+        """``max_request_bytes`` > 0: one body cap for every model; 0: derived per model
+        (``limits`` given: it wins)."""
+        self._init_api(models, _limits(max_request_bytes, limits), metrics_text, routes)
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError:
+            self._rejector.stop()
+            raise
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
 
-class InferenceUnixServer(_ApiMixin, socketserver.ThreadingUnixStreamServer):
+class InferenceUnixServer(_ApiMixin, socketserver.UnixStreamServer):
     """The same API on a Unix socket (mode 0660: the agent's user and group only)."""
 
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, path: Path, models: ModelServer, max_request_bytes: int,
-                 metrics_text: Callable[[], bytes] | None = None) -> None:
-        self.models = models
-        self.max_request_bytes = max_request_bytes
-        self.metrics_text = metrics_text
-        self._thread = None
+    def __init__(self, path: Path, models: ModelServer, max_request_bytes: int = 0,
+                 metrics_text: Callable[[], bytes] | None = None, *,
+                 limits: ApiLimits | None = None, routes: list[Route] | None = None) -> None:
+        self._init_api(models, _limits(max_request_bytes, limits), metrics_text, routes)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():

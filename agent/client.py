@@ -3,9 +3,16 @@
     from edgeship.agent.client import AgentClient
     with AgentClient("unix:///var/lib/edgeship/api.sock") as c:   # or "http://127.0.0.1:8470"
         c.models()                        # signatures
-        y = c.predict("digits", x)        # numpy in, numpy out (.npy both ways)
+        y = c.predict("digits", x)        # numpy in, first output out (.npy both ways)
+        out = c.predict_all("vad", {"x": x, "h": h, "sr": np.int64(16000)})  # .npz both ways
+        h = out["h_out"]                  # every output by name (a stateful model: pass it back)
 
 Errors from the agent raise :class:`ApiError` with the HTTP status and the agent's message.
+Bodies over 1 MiB are sent with ``Expect: 100-continue``: a body over the model's cap is
+answered 413 before it is sent.
+
+To be sure the answer comes from the agent and not from another local process that took
+its TCP port first, use the Unix socket: only the agent's user and group can reach it.
 """
 
 from __future__ import annotations
@@ -13,15 +20,20 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import select
 import socket
+import time
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgeship.agent.errors import EdgeshipError, Reason
 
 NPY_TYPE = "application/x-npy"
+NPZ_TYPE = "application/x-npz"
+EXPECT_CONTINUE_BYTES = 1 << 20
+CONTINUE_WAIT_S = 1.0  # as curl: send the body anyway if the server says nothing by then
 
 
 class ApiError(EdgeshipError):
@@ -49,6 +61,7 @@ class AgentClient:
 
     def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
         parsed = urllib.parse.urlparse(url)
+        self._factory: Callable[[], http.client.HTTPConnection]
         if parsed.scheme == "unix":
             self._factory = lambda: _UnixConnection(parsed.path, timeout_s)
         elif parsed.scheme == "http" and parsed.hostname:
@@ -80,6 +93,19 @@ class AgentClient:
         if status != 200:
             raise ApiError(status, _message(body))
         return np.load(io.BytesIO(body), allow_pickle=False)
+
+    def predict_all(self, name: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Send every input by name (.npz) and get every output back by name."""
+        buf = io.BytesIO()
+        named: dict[str, Any] = {k: np.asarray(v) for k, v in inputs.items()}
+        np.savez(buf, **named)
+        status, _, body = self._request(
+            "POST", f"/v1/models/{urllib.parse.quote(name)}/predict", buf.getvalue(),
+            {"Content-Type": NPZ_TYPE, "Accept": NPZ_TYPE})
+        if status != 200:
+            raise ApiError(status, _message(body))
+        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
 
     def predict_json(self, name: str, inputs: Any) -> dict[str, Any]:
         """Send ``{"inputs": ...}`` as JSON; return the agent's JSON answer."""
@@ -114,8 +140,7 @@ class AgentClient:
             if self._conn is None:
                 self._conn = self._factory()
             try:
-                self._conn.request(method, path, body=body, headers=headers)
-                resp = self._conn.getresponse()
+                resp = self._send(self._conn, method, path, body, headers)
                 data = resp.read()
             except (ConnectionError, http.client.RemoteDisconnected,
                     http.client.CannotSendRequest, BrokenPipeError):
@@ -127,6 +152,42 @@ class AgentClient:
                 self.close()
             return resp.status, resp.getheader("Content-Type", ""), data
         raise AssertionError("unreachable")
+
+
+    @staticmethod
+    def _send(conn: http.client.HTTPConnection, method: str, path: str,
+              body: bytes | None, headers: dict[str, str]) -> http.client.HTTPResponse:
+        if body is None or len(body) < EXPECT_CONTINUE_BYTES:
+            conn.request(method, path, body=body, headers=headers)
+            return conn.getresponse()
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()
+        if _go_ahead(conn.sock):
+            conn.send(body)
+        return conn.getresponse()
+
+
+def _go_ahead(sock: socket.socket) -> bool:
+    """After headers with ``Expect: 100-continue``: True to send the body (a 100, or no
+    answer within CONTINUE_WAIT_S); False when a final answer (e.g. 413) came instead.
+    Only peeks: ``getresponse`` skips the interim 100 itself."""
+    deadline = time.monotonic() + CONTINUE_WAIT_S
+    head = b""
+    while len(head) < 12:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            return True
+        peeked = sock.recv(12, socket.MSG_PEEK)
+        if not peeked:
+            return False  # closed: getresponse reports it
+        if peeked == head:
+            time.sleep(0.001)  # the rest of the status line is on its way
+        head = peeked
+    return head.startswith((b"HTTP/1.1 100", b"HTTP/1.0 100"))
 
 
 def _message(body: bytes) -> str:

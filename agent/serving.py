@@ -183,11 +183,14 @@ class _Serving:
         spec = self.specs[0] if len(self.specs) == 1 else None
         fast = spec is not None and len(spec.shape) >= 1 and \
             all(d is not None for d in spec.shape[1:])
-        # ``input_name`` None: every request takes the general, explaining path
-        self.input_name = spec.name if fast else None
-        self.dtype = np.dtype(spec.dtype) if fast else None
-        self.rank = len(spec.shape) if fast else -1
-        self.tail = tuple(spec.shape[1:]) if fast else ()
+        # no fast path (input_name None): every request takes the general, explaining one
+        self.input_name: str | None = None
+        self.dtype: np.dtype | None = None
+        self.rank = -1
+        self.tail: tuple[int | None, ...] = ()
+        if spec is not None and fast:
+            self.input_name, self.dtype = spec.name, np.dtype(spec.dtype)
+            self.rank, self.tail = len(spec.shape), tuple(spec.shape[1:])
         self.finite = self.dtype is not None and self.dtype.kind == "f"
 
     def accepts(self, x: np.ndarray, check_values: bool) -> bool:
@@ -202,11 +205,16 @@ class _Serving:
 class ModelServer:
     def __init__(self) -> None:
         self._serving: dict[str, _Serving] = {}
+        self._kept: dict[str, _Serving] = {}  # name -> the version a trial may revert to
         self._lock = threading.Lock()
         self.stats: dict[str, ModelStats] = {}
         self.shadows: dict[str, Any] = {}  # name -> agent.shadow.ShadowRun (issue 4)
+        #: False while the agent starts (models on disk not loaded yet): not ready
+        self.ready = True
 
-    def swap(self, loaded: LoadedModel) -> LoadedModel | None:
+    def swap(self, loaded: LoadedModel, keep_previous: bool = False) -> LoadedModel | None:
+        """Serve ``loaded``; ``keep_previous``: keep the version it replaces loaded beside it
+        (a trial's way back), reachable by version until :meth:`drop_kept`."""
         name = loaded.installed.model
         with self._lock:
             stats = self.stats.setdefault(name, ModelStats())
@@ -214,6 +222,12 @@ class ModelServer:
         with self._lock:
             old = self._serving.get(name)
             self._serving[name] = entry
+            kept = old if keep_previous and old is not None and \
+                old.loaded.installed.version != loaded.installed.version else None
+            if kept is not None:
+                self._kept[name] = _Serving(kept.loaded, ModelStats())
+            else:
+                self._kept.pop(name, None)
         if old is not None and old.loaded.installed.version != loaded.installed.version:
             # Telemetry labels a window with the version being served when it is sent: start a
             # fresh window so the old version's latencies are never reported as the new one's
@@ -228,7 +242,30 @@ class ModelServer:
     def remove(self, name: str) -> LoadedModel | None:
         with self._lock:
             entry = self._serving.pop(name, None)
+            self._kept.pop(name, None)
         return entry.loaded if entry is not None else None
+
+    def kept(self, name: str) -> LoadedModel | None:
+        entry = self._kept.get(name)
+        return entry.loaded if entry is not None else None
+
+    def drop_kept(self, name: str) -> None:
+        """The trial is over (committed or reverted): the previous version is unloaded."""
+        with self._lock:
+            self._kept.pop(name, None)
+
+    def versions(self, name: str) -> dict[int, LoadedModel]:
+        """What the device holds loaded for ``name``, by version: the served one and, during
+        a trial, the kept previous one or, during a shadow run, the candidate."""
+        found: dict[int, LoadedModel] = {}
+        for entry in (self._kept.get(name), self._serving.get(name)):
+            if entry is not None:
+                found[entry.loaded.installed.version] = entry.loaded
+        shadow = self.shadows.get(name)
+        if shadow is not None and name in self._serving:
+            candidate = shadow.candidate
+            found.setdefault(candidate.installed.version, candidate)
+        return dict(sorted(found.items()))
 
     def stats_for(self, name: str) -> ModelStats:
         with self._lock:
@@ -244,8 +281,8 @@ class ModelServer:
         with self._lock:
             return [entry.loaded for entry in self._serving.values()]
 
-    def predict(self, name: str, raw_inputs: Any, *,
-                check_values: bool = False) -> tuple[list[np.ndarray], LoadedModel]:
+    def predict(self, name: str, raw_inputs: Any, *, check_values: bool = False,
+                version: int | None = None) -> tuple[list[np.ndarray], LoadedModel]:
         """Check ``raw_inputs`` against the served model's signature, run it, record it.
         A single-input model takes the array itself; otherwise a dict name → array.
         Shape and dtype are always checked. ``check_values=True`` also refuses float inputs
@@ -255,7 +292,11 @@ class ModelServer:
         entry = self._serving.get(name)
         if entry is None:
             raise ModelNotFoundError(f"no model named {name!r} is being served")
-        if type(raw_inputs) is np.ndarray and entry.accepts(raw_inputs, check_values):
+        if version is not None and version != entry.loaded.installed.version:
+            return self._predict_other(name, version, raw_inputs, check_values)
+        inputs: dict[str, np.ndarray]
+        if type(raw_inputs) is np.ndarray and entry.input_name is not None and \
+                entry.accepts(raw_inputs, check_values):
             inputs, batch = {entry.input_name: raw_inputs}, raw_inputs.shape[0]
         else:
             inputs, batch = _checked(entry, raw_inputs, check_values)
@@ -271,6 +312,24 @@ class ModelServer:
             if shadow is not None:
                 shadow.offer(inputs, outputs)
         return outputs, entry.loaded
+
+
+    def _predict_other(self, name: str, version: int, raw_inputs: Any,
+                       check_values: bool) -> tuple[list[np.ndarray], LoadedModel]:
+        """A version held beside the served one (kept or shadow candidate), asked for by
+        number: checked the same way, run, and counted apart (its errors never count
+        against the served version's trial)."""
+        loaded = self.versions(name).get(version)
+        if loaded is None:
+            raise ModelNotFoundError(f"{name} has no version {version} on this device")
+        entry = self._kept.get(name)
+        if entry is None or entry.loaded is not loaded:
+            entry = _Serving(loaded, ModelStats())
+        inputs, _ = _checked(entry, raw_inputs, check_values)
+        try:
+            return entry.run(inputs), loaded
+        except Exception as e:
+            raise EdgeshipError(f"inference failed: {e}") from e
 
 
 def _checked(entry: _Serving, raw_inputs: Any,

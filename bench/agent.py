@@ -16,7 +16,11 @@
    infinity (a bare runtime does no such scan; in-process callers skip it by default).
    Target: p50 ratio <= 1.05.
 2. Local API overhead (HTTP on 127.0.0.1 and the Unix socket, .npy and JSON) over the bare
-   call. Target: <= 1 ms at p50.
+   call. Target: <= 1 ms at p50. Then the Open Inference Protocol with the Triton client
+   (``bench/agent_oip.py``): v2 JSON, v2 binary, gRPC over TCP and the Unix socket, beside
+   the bare session and /v1 JSON in one interleaved run, on the digits CNN and a
+   1x3x320x320 image. Targets: gRPC and v2 binary <= +0.5 ms (digits), v2 JSON no slower
+   than /v1 JSON, binary <= +2 ms (image).
 3. Idle RSS of an agent process (``agent.daemon.Agent`` started, broker connected, the model
    served and used once) vs a bare Python process holding the same onnxruntime session after
    one run. Target: <= +15 MB.
@@ -160,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-s", type=float, default=60.0)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-wide", action="store_true", help="skip the wide CNN row")
+    ap.add_argument("--no-oip", action="store_true",
+                    help="skip the Open Inference Protocol rows (v2 HTTP, gRPC)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     results: dict[str, object] = {"load_before": os.getloadavg()}
@@ -177,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                                   results, "wide CNN", _onnx_input(wide["onnxruntime"]))
         rows += run_api(digits["onnxruntime"], args.threads, args.n // 6, _input(1), results,
                         name)
+        if not args.no_oip:
+            from bench.agent_oip import run_json_memory, run_oip
+            rows += run_oip(digits["onnxruntime"], args.threads, args.n // 6, _input(1),
+                            results, bare_onnx, interleaved, _ms)
+            rows += run_json_memory(results)
         rows += run_idle(digits["onnxruntime"], args.threads, args.idle_s, Path(tmp),
                          results, name)
     results["load_after"] = os.getloadavg()

