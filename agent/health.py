@@ -99,7 +99,14 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
         raise HealthCheckError(f"{per_sample_ms:.1f} ms > {latency_budget_ms:.1f} ms "
                                f"({budget_source})", max_abs_diff=diff,
                                reason_code=Reason.LATENCY_BUDGET_EXCEEDED)
-    return HealthReport(max_abs_diff=diff, latency_ms=per_sample_ms, samples=len(golden))
+    return HealthReport(max_abs_diff=diff, latency_ms=per_sample_ms,
+                        samples=sum(_rows(feed) for feed in golden.feeds))
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    """Rows a feed checks: the leading dim of its first input with one (else 1)."""
+    first = next((a for a in feed.values() if np.ndim(a)), None)
+    return int(first.shape[0]) if first is not None else 1
 
 
 def _median_latency_ms(runtime: ModelRuntime, feed: dict[str, np.ndarray],

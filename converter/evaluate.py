@@ -269,8 +269,8 @@ def make_reference(path: str | os.PathLike, samples: Samples, task: str,
 
 def reference_from(outputs: Outputs, samples: Samples, task: str) -> Reference:
     accuracy = None
-    if samples.y is not None and task == "classification":
-        accuracy = top1_accuracy(outputs, samples.y)
+    if samples.y is not None and task in ("classification", "sequence"):
+        accuracy = top1_accuracy(outputs, samples.y)  # per sample, or per step
     return Reference(outputs, task, accuracy)
 
 

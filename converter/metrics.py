@@ -167,11 +167,17 @@ def top1_accuracy(outputs: Outputs, labels: np.ndarray, j: int = 0) -> float:
 def infer_task(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo],
                labels: np.ndarray | None = None) -> str:
     """A best guess at the task from the signature (``--task`` overrides it)."""
+    task = _task_from_signature(inputs, outputs)
+    if labels is not None and np.asarray(labels).dtype.kind in "iub" and \
+            task not in ("sequence", "segmentation"):
+        return "classification"  # integer labels: one class per sample
+    return task
+
+
+def _task_from_signature(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> str:
     floats = [o for o in outputs if o.dtype.startswith("float")]
     image_in = any(i.rank == 4 and i.dtype.startswith("float") for i in inputs)
     tokens_in = any(i.dtype.startswith("int") and i.rank == 2 for i in inputs)
-    if labels is not None and np.asarray(labels).dtype.kind in "iub":
-        return "classification"
     if len(outputs) == 1 and floats and floats[0].rank == 2:
         last = floats[0].shape[-1]
         if tokens_in:

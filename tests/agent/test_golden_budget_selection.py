@@ -82,7 +82,7 @@ def test_health_check_runs_every_sample_and_compares_every_output(tmp_path):
     v = _variant(tolerances={"out:0": 1e-4, "stateN": 1e-4})
     model = _Model()
     report = check_health(model, _manifest([v]), v, path)
-    assert report.samples == 3 and report.max_abs_diff == 0.0
+    assert report.samples == 3 and report.max_abs_diff == 0.0  # rows checked
     assert {tuple(sorted(c)) for c in model.calls} == {("input_ids", "sr", "state")}
 
 

@@ -311,28 +311,64 @@ def _const(name: str, array: np.ndarray):
                             value=numpy_helper.from_array(array, name))
 
 
+GLYPH_W = 4  # one output step per 4 columns (two stride-2 convolutions)
+
+
+def _glyph_strips(n: int, steps: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Text-line-like strips: ``steps`` glyphs (one fixed 3x32x4 pattern per class, seed 0)
+    side by side, with noise; and the class of each step."""
+    glyphs = _rng(0).random((classes, 3, 32, GLYPH_W)).astype(np.float32)
+    rng = _rng(seed)
+    labels = rng.integers(0, classes, (n, steps))
+    x = glyphs[labels].transpose(0, 2, 3, 1, 4).reshape(n, 3, 32, steps * GLYPH_W)
+    return (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), labels
+
+
+def _trained_recognizer(classes: int) -> dict[str, np.ndarray]:
+    """Weights of conv(3→16, s2) · hardswish · conv(16→32, s2) · relu · mean over H · fc,
+    trained for a few seconds on glyph strips: a real recognizer is confident."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv0, conv1 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
+    fc = nn.Linear(32, classes)
+    params = [*conv0.parameters(), *conv1.parameters(), *fc.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for step in range(150):
+        x, y = (torch.from_numpy(a) for a in _glyph_strips(32, 16, classes, 100 + step))
+        h = torch.relu(conv1(nn.functional.hardswish(conv0(x)))).mean(2).transpose(1, 2)
+        loss = nn.functional.cross_entropy(fc(h).reshape(-1, classes), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
+    return {"conv2d_0.w_0": d(conv0.weight), "conv2d_0.b_0": d(conv0.bias),
+            "conv2d_1.w_0": d(conv1.weight), "conv2d_1.b_0": d(conv1.bias),
+            "fc_0.w_0": d(fc.weight.T), "fc_0.b_0": d(fc.bias)}
+
+
 def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: int = 8,
                    name: str = "ocr_rec") -> ZooModel:
     """x [N, 3, 32, W] → softmax_0.tmp_0 [N, W/4, classes]; weights are Constant nodes."""
     import onnx
     from onnx import TensorProto, helper
 
-    rng = _rng(3)
+    w = _trained_recognizer(classes)
     dyn = [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, ["p2o.DynamicDimension.0", 3, 32, "p2o.DynamicDimension.1"])]
     out = [helper.make_tensor_value_info(
         "softmax_0.tmp_0", TensorProto.FLOAT,
         ["p2o.DynamicDimension.2", "p2o.DynamicDimension.3", classes])]
-    w = lambda *s: (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)  # noqa: E731
     nodes = [
-        _const("conv2d_0.w_0", w(16, 3, 3, 3)), _const("conv2d_0.b_0", np.zeros(16, np.float32)),
+        _const("conv2d_0.w_0", w["conv2d_0.w_0"]), _const("conv2d_0.b_0", w["conv2d_0.b_0"]),
         helper.make_node("Conv", ["x", "conv2d_0.w_0", "conv2d_0.b_0"], ["conv2d_1.tmp_0"],
                          name="conv2d_0", pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("HardSigmoid", ["conv2d_1.tmp_0"], ["hs_0.tmp_0"], name="hs_0",
                          alpha=1 / 6, beta=0.5),
         helper.make_node("Mul", ["conv2d_1.tmp_0", "hs_0.tmp_0"], ["hardswish_0.tmp_0"],
                          name="hardswish_0"),
-        _const("conv2d_1.w_0", w(32, 16, 3, 3)), _const("conv2d_1.b_0", np.zeros(32, np.float32)),
+        _const("conv2d_1.w_0", w["conv2d_1.w_0"]), _const("conv2d_1.b_0", w["conv2d_1.b_0"]),
         helper.make_node("Conv", ["hardswish_0.tmp_0", "conv2d_1.w_0", "conv2d_1.b_0"],
                          ["conv2d_2.tmp_0"], name="conv2d_1", pads=[1, 1, 1, 1],
                          strides=[2, 2]),
@@ -352,8 +388,7 @@ def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: i
                          name="reshape2_0"),
         helper.make_node("Transpose", ["reshape2_0.tmp_0"], ["transpose_0.tmp_0"],
                          name="transpose_0", perm=[0, 2, 1]),
-        # a trained recognizer is confident: large logit margins between classes
-        _const("fc_0.w_0", w(32, classes) * 12), _const("fc_0.b_0", rng.standard_normal(classes).astype(np.float32)),
+        _const("fc_0.w_0", w["fc_0.w_0"]), _const("fc_0.b_0", w["fc_0.b_0"]),
         helper.make_node("MatMul", ["transpose_0.tmp_0", "fc_0.w_0"], ["fc_0.tmp_0"],
                          name="fc_0.matmul"),
         helper.make_node("Add", ["fc_0.tmp_0", "fc_0.b_0"], ["fc_0.tmp_1"], name="fc_0.add"),
@@ -370,9 +405,8 @@ def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: i
     onnx.save(model, str(path))
     data, val = root / f"{name}-calib.npz", root / f"{name}-val.npz"
     for seed, dst in ((4, data), (5, val)):
-        imgs = _images(samples, 32, seed)
-        strip = np.concatenate([imgs, imgs[..., ::-1]], axis=3)[..., :width]
-        np.savez(dst, x=strip[:, None])
+        strips, labels = _glyph_strips(samples, width // GLYPH_W, classes, seed)
+        np.savez(dst, x=strips[:, None], y=labels[:, None])
     return ZooModel(name, path, "sequence", data, val)
 
 
