@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-RUNS = 150
+RUNS = 300
 #: the metric a task is judged by (and its name in the table)
 QUALITY = {"classification": "agreement", "sequence": "agreement",
            "segmentation": "agreement"}

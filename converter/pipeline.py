@@ -33,7 +33,7 @@ from edgeship.converter.quantize import QuantizeSettings, quantize_int8_static
 from edgeship.converter.results import ConvertResult, VariantReport, measured_on, refuse
 from edgeship.converter.samples import (Outputs, RawData, Samples, TensorInfo, as_raw,
                                         first_line, synthesize)
-from edgeship.converter.variants import (PRECISION_OF, fuse_transformer, make_fp16, make_fp32,
+from edgeship.converter.variants import (PRECISION_OF, make_fp16, make_fp32,
                                          make_int8_dynamic, runtime_of)
 
 logger = logging.getLogger(__name__)
@@ -179,15 +179,8 @@ def onnx_makers(source: Path, calib: Samples | None, gate_fn, settings: ConvertS
         return make_fp16(source, work / "onnx-fp16.onnx"), {}
 
     def dynamic(work: Path):
-        dst, notes = work / "onnx-int8-dynamic.onnx", {}
-        base = source
-        if looks_like_transformer(source):
-            fused = fuse_transformer(source, work / "fused.onnx")
-            if fused:
-                base, notes["fused"] = work / "fused.onnx", fused
-        make_int8_dynamic(base, dst)
-        notes["names_compacted_bytes"] = compact_names(dst)
-        return dst, notes
+        dst = make_int8_dynamic(source, work / "onnx-int8-dynamic.onnx")
+        return dst, {"names_compacted_bytes": compact_names(dst)}
 
     def static(work: Path):
         if calib is None:

@@ -96,26 +96,6 @@ def make_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu",
-             "FastGelu", "Gelu", "EmbedLayerNormalization", "LayerNormalization")
-
-
-def fuse_transformer(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
-    """onnxruntime's transformer fusions (layer norms, GELU, attention where it finds the
-    pattern) written to ``dst``; the fused op counts, empty when nothing was fused. Dynamic
-    INT8 of a fused graph runs about 1.7x faster than of the unfused one on CPU."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    with scratch_cwd():
-        model = optimize_model(str(Path(src).resolve()), model_type="bert", num_heads=0,
-                               hidden_size=0)
-    stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items()
-             if k in FUSED_OPS and v}
-    if stats:
-        model.save_model_to_file(str(Path(dst).resolve()))
-    return stats
-
-
 def make_int8_dynamic(src: str | os.PathLike, dst: str | os.PathLike,
                       settings: DynamicSettings = DynamicSettings()) -> Path:
     """int8 weights, activations quantized at run time (MatMul/Gemm/Conv/Gather/...)."""
