@@ -335,8 +335,8 @@ def _trained_recognizer(classes: int) -> dict[str, np.ndarray]:
     fc = nn.Linear(32, classes)
     params = [*conv0.parameters(), *conv1.parameters(), *fc.parameters()]
     opt = torch.optim.Adam(params, lr=1e-2)
-    for step in range(150):
-        x, y = (torch.from_numpy(a) for a in _glyph_strips(32, 16, classes, 100 + step))
+    for step in range(80):
+        x, y = (torch.from_numpy(a) for a in _glyph_strips(16, 16, classes, 100 + step))
         h = torch.relu(conv1(nn.functional.hardswish(conv0(x)))).mean(2).transpose(1, 2)
         loss = nn.functional.cross_entropy(fc(h).reshape(-1, classes), y.reshape(-1))
         opt.zero_grad()

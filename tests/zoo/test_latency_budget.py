@@ -35,7 +35,7 @@ def _convert(fixed1, out, version: int, capsys) -> str:
 
 def test_release_budget_refuses_with_a_reason_fleet_status_shows(fleet, fixed1, tmp_path,
                                                                 capsys):
-    fleet.start_agent("pi-slow", profile="rpi4")
+    fleet.start_agent("pi-slow", profile="rpi4", trial_window_s=1.0)
     bundle = _convert(fixed1, tmp_path, 1, capsys)
     assert _fleet_cli("release", bundle, "--repo", fleet.repo, "--keys", fleet.keys) == 0
     fleet.announce("fixed1", 1)

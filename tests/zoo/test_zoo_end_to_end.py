@@ -19,7 +19,7 @@ DEVICE = "pi-zoo"
 
 @pytest.fixture(scope="module")
 def agent(fleet):
-    return fleet.start_agent(DEVICE, profile="rpi4")
+    return fleet.start_agent(DEVICE, profile="rpi4", trial_window_s=1.0)
 
 
 def _ship(fleet, zoo_model, tmp_path, capsys, *extra: str) -> dict:
@@ -42,7 +42,7 @@ def _bare_onnx(agent, model: str):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = agent.updates.traits.threads
+    opts.intra_op_num_threads = agent.updates.steps.traits.threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     path = agent.store.active(model).model_path
@@ -150,7 +150,7 @@ def test_tflite_with_two_outputs(fleet, agent, face, tmp_path, capsys):
     shipped = _ship(fleet, face, tmp_path, capsys)
     assert shipped["event"]["variant"].startswith("tflite-")
     path = agent.store.active("face").model_path
-    it = Interpreter(model_path=str(path), num_threads=agent.updates.traits.threads)
+    it = Interpreter(model_path=str(path), num_threads=agent.updates.steps.traits.threads)
     it.allocate_tensors()
     (inp,) = it.get_input_details()
     outs = ordered_outputs(it)
