@@ -111,21 +111,14 @@ def _accuracy(path, data) -> float:
 def _export_minilm(model, tok, out: Path) -> Path:
     import torch
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+    from tests.support.zoo import last_hidden_state
 
     enc = tok(["hello world"], return_tensors="pt")
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {n: {0: "batch", 1: "seq"} for n in names}
     axes["last_hidden_state"] = {0: "batch", 1: "seq"}
     with torch.no_grad():
-        torch.onnx.export(Wrapped(model), tuple(enc[n] for n in names), str(out),
+        torch.onnx.export(last_hidden_state(model), tuple(enc[n] for n in names), str(out),
                           dynamo=False,
                           input_names=names, output_names=["last_hidden_state"],
                           dynamic_axes=axes, opset_version=17)

@@ -268,13 +268,10 @@ def minilm_torch():
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def minilm_encoder(root: Path, *, seq: int = 16, name: str = "minilm") -> ZooModel:
-    """ONNX with inputs input_ids/attention_mask/token_type_ids (int64 [batch, seq]) and
-    output last_hidden_state; data: the sentences padded to ``seq`` tokens."""
+def last_hidden_state(model):
+    """A Hugging Face encoder as ``forward(input_ids, attention_mask, token_type_ids)`` →
+    ``last_hidden_state`` (what optimum's feature-extraction export gives)."""
     import torch
-
-    root.mkdir(parents=True, exist_ok=True)
-    model, tok = minilm_torch()
 
     class Wrapped(torch.nn.Module):
         def __init__(self, inner) -> None:
@@ -285,13 +282,23 @@ def minilm_encoder(root: Path, *, seq: int = 16, name: str = "minilm") -> ZooMod
             return self.inner(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
 
+    return Wrapped(model)
+
+
+def minilm_encoder(root: Path, *, seq: int = 16, name: str = "minilm") -> ZooModel:
+    """ONNX with inputs input_ids/attention_mask/token_type_ids (int64 [batch, seq]) and
+    output last_hidden_state; data: the sentences padded to ``seq`` tokens."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    model, tok = minilm_torch()
     enc = tok(list(SENTENCES), return_tensors="np", padding="max_length", truncation=True,
               max_length=seq)
     path = root / f"{name}.onnx"
     axes = {n: {0: "batch", 1: "sequence"} for n in (*MINILM_INPUTS, "last_hidden_state")}
     example = tuple(torch.from_numpy(enc[n][:1].astype(np.int64)) for n in MINILM_INPUTS)
     with torch.no_grad():
-        torch.onnx.export(Wrapped(model), example, str(path), dynamo=False,
+        torch.onnx.export(last_hidden_state(model), example, str(path), dynamo=False,
                           input_names=list(MINILM_INPUTS), output_names=["last_hidden_state"],
                           dynamic_axes=axes, opset_version=OPSET_TORCH)
     half = len(SENTENCES) // 2
@@ -303,6 +310,21 @@ def minilm_encoder(root: Path, *, seq: int = 16, name: str = "minilm") -> ZooMod
 
 
 # --- opset-11 graph the way paddle2onnx writes it -----------------------------------------
+
+def _save(graph, path: Path, *, opset: int, ir_version: int,
+          producer: tuple[str, str]) -> Path:
+    """A checked model written the way that exporter writes them (opset, IR, producer)."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name=producer[0], producer_version=producer[1])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
 
 def _const(name: str, array: np.ndarray):
     from onnx import helper, numpy_helper
@@ -351,7 +373,6 @@ def _trained_recognizer(classes: int) -> dict[str, np.ndarray]:
 def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: int = 8,
                    name: str = "ocr_rec") -> ZooModel:
     """x [N, 3, 32, W] → softmax_0.tmp_0 [N, W/4, classes]; weights are Constant nodes."""
-    import onnx
     from onnx import TensorProto, helper
 
     w = _trained_recognizer(classes)
@@ -395,14 +416,8 @@ def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: i
         helper.make_node("Softmax", ["fc_0.tmp_1"], ["softmax_0.tmp_0"], name="softmax_0",
                          axis=2),
     ]
-    graph = helper.make_graph(nodes, "paddle-infer", dyn, out)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)],
-                              producer_name="PaddlePaddle")
-    model.ir_version = 6
-    onnx.checker.check_model(model)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{name}.onnx"
-    onnx.save(model, str(path))
+    path = _save(helper.make_graph(nodes, "paddle-infer", dyn, out), root / f"{name}.onnx",
+                 opset=11, ir_version=6, producer=("PaddlePaddle", ""))
     data, val = root / f"{name}-calib.npz", root / f"{name}-val.npz"
     for seed, dst in ((4, data), (5, val)):
         strips, labels = _glyph_strips(samples, width // GLYPH_W, classes, seed)
@@ -415,7 +430,6 @@ def paddle_ocr_rec(root: Path, *, width: int = 64, classes: int = 12, samples: i
 def tf_segmenter(root: Path, *, size: int = 32, classes: int = 4, samples: int = 8,
                  name: str = "tf_seg") -> ZooModel:
     """``input_1:0`` [unk__6, size, size, 3] NHWC → ``Identity:0`` [unk__7, size, size, C]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = _rng(6)
@@ -457,13 +471,8 @@ def tf_segmenter(root: Path, *, size: int = 32, classes: int = 4, samples: int =
         [helper.make_tensor_value_info("Identity:0", TensorProto.FLOAT,
                                        ["unk__7", size, size, classes])],
         initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                              producer_name="tf2onnx", producer_version="1.16.1 15c810")
-    model.ir_version = 7
-    onnx.checker.check_model(model)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{name}.onnx"
-    onnx.save(model, str(path))
+    path = _save(graph, root / f"{name}.onnx", opset=13, ir_version=7,
+                 producer=("tf2onnx", "1.16.1 15c810"))
     data, val = root / f"{name}-calib.npz", root / f"{name}-val.npz"
     for seed, dst in ((7, data), (8, val)):
         np.savez(dst, **{"input_1:0": _images(samples, size, seed).transpose(0, 2, 3, 1)[:, None]})
