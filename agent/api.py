@@ -44,7 +44,8 @@ _SMALL_WRITE = 64 * 1024
 
 def default_routes() -> list[Route]:
     from edgeship.agent import api_v1, api_v2
-    return api_v1.ROUTES + api_v2.ROUTES
+    from edgeship.agent.llm import http as llm_http  # OpenAI-compatible text generation
+    return api_v1.ROUTES + api_v2.ROUTES + llm_http.ROUTES
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -194,6 +195,9 @@ class _ApiMixin:
     limits: ApiLimits
     router: Router
     metrics_text: Callable[[], bytes] | None
+    #: set by the agent (``agent.local_api``): extra /healthz fields; the install hand-over
+    health_info: Callable[[], dict[str, Any]] | None
+    install_archive: Callable[[Path], dict[str, Any]] | None
     _thread: threading.Thread | None
     request_queue_size = 128
 
@@ -203,6 +207,8 @@ class _ApiMixin:
         self.models = models
         self.limits = limits
         self.metrics_text = metrics_text
+        self.health_info = None
+        self.install_archive = None
         self.router = Router(routes if routes is not None else default_routes())
         self._thread = None
         self._active = 0

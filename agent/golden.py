@@ -49,6 +49,7 @@ def pattern(shape: Sequence[int], dtype: str, lo: float, hi: float, seed: int) -
             % np.uint64(1 << 32)
     u = h.astype(np.float64) / float(1 << 32)
     dt = np.dtype(dtype)
+    values: np.ndarray
     if dt.kind == "b":
         values = u < 0.5
     elif dt.kind in "iu":
@@ -139,7 +140,7 @@ def _format2(data, variant_id: str, input_specs, output_names) -> Golden:
         if f"in:{spec.name}" in data.files:
             stacked[spec.name] = np.asarray(data[f"in:{spec.name}"])
             count = len(stacked[spec.name])
-    feeds = [{} for _ in range(count or 1)]
+    feeds: list[dict[str, np.ndarray]] = [{} for _ in range(count or 1)]
     for spec in input_specs:
         if spec.name in stacked:
             for k, feed in enumerate(feeds):

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 from edgeship.agent.errors import HealthCheckError, Reason
 from edgeship.agent.golden import Golden, load_golden
 from edgeship.agent.golden import compare as compare_golden
+from edgeship.agent.llm.spec import check_top_k
 from edgeship.agent.manifest import Manifest, Variant
 from edgeship.agent.runtime import ModelRuntime
 
@@ -89,8 +90,14 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
         raise HealthCheckError(f"model returns {len(got[0])} outputs, the manifest names "
                                f"{len(names)}", reason_code=Reason.OUTPUT_SHAPE_MISMATCH)
     checks = compare_golden(golden, got, {n: variant.tolerance(n) for n in names}, names)
-    diff = max((c.max_abs_diff for c in checks), default=0.0)
-    bad = [c for c in checks if not c.ok]
+    if manifest.llm is not None:  # language model: next-token top-k ids and their logits
+        diff = check_top_k(got[0][0], golden.expected[names[0]][0],
+                           manifest.llm.golden_top_k, variant.golden_atol)
+        bad = [] if diff <= variant.golden_atol else \
+            [replace(checks[0], max_abs_diff=diff, atol=variant.golden_atol)]
+    else:
+        diff = max((c.max_abs_diff for c in checks), default=0.0)
+        bad = [c for c in checks if not c.ok]
     if bad:
         detail = "; ".join(f"{c.name} by {c.max_abs_diff:.3g} > atol {c.atol:.3g}"
                            for c in bad)

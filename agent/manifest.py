@@ -12,14 +12,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeship.agent.errors import BundleError
+from edgeship.agent.llm.spec import LlmSpec
 from edgeship.agent.protocol import SCHEMA_VERSION, validate_id
 
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"
 MAX_MANIFEST_BYTES = 1024 * 1024
 
-RUNTIMES = ("onnxruntime", "litert")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
+RUNTIMES = ("onnxruntime", "litert", "onnxruntime-genai")
+#: where each runtime has a build: onnxruntime (and onnxruntime-genai) have no armv7l
+#: (32-bit Arm) wheel at all; TFLite runs there through tflite-runtime
+RUNTIME_HARDWARE = {"onnxruntime": ("x86_64", "aarch64"),
+                    "onnxruntime-genai": ("x86_64", "aarch64"),
+                    "litert": ("x86_64", "aarch64", "armv7l")}
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static", "int4")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
           "uint32", "int64", "uint64", "bool")
 TASKS = ("classification", "detection", "segmentation", "embedding", "sequence",
@@ -96,6 +102,7 @@ class Manifest:
     latency_budget_ms: float | None = None
     #: where the converter measured the variants' latency (arch, cpu, flags)
     measured_on: dict[str, str] = field(default_factory=dict)
+    llm: LlmSpec | None = None  # language models: context, KV-cache shape, tokens
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -122,6 +129,7 @@ class Manifest:
             **({"latency_budget_ms": self.latency_budget_ms}
                if self.latency_budget_ms is not None else {}),
             **({"measured_on": dict(self.measured_on)} if self.measured_on else {}),
+            **({"llm": self.llm.to_dict()} if self.llm else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -235,6 +243,7 @@ def _parse_manifest(raw: Any) -> Manifest:
         shadow=_shadow(raw.get("shadow")),
         latency_budget_ms=_budget(raw.get("latency_budget_ms")),
         measured_on={str(k): str(v) for k, v in dict(raw.get("measured_on", {})).items()},
+        llm=LlmSpec.from_dict(raw["llm"]) if raw.get("llm") is not None else None,
     )
 
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.manifest import (DTYPES, GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec,
-                                     Variant)
+from edgeship.agent.manifest import (DTYPES, GOLDEN_NAME, MANIFEST_NAME, RUNTIME_HARDWARE,
+                                     Manifest, TensorSpec, Variant)
 
 if TYPE_CHECKING:
     from edgeship.converter.samples import Samples
@@ -154,7 +154,8 @@ def _build_variants(tmp: Path, variants: Sequence[VariantArtifact],
                            file=v.file_name, sha256=sha256_file(dst),
                            size=dst.stat().st_size, metrics=dict(v.metrics),
                            golden_atol=max(tolerances.values(), default=FP32_ATOL),
-                           golden_tolerances=tolerances))
+                           golden_tolerances=tolerances,
+                           hardware=RUNTIME_HARDWARE[v.runtime]))
     return tuple(out)
 
 
@@ -181,6 +182,10 @@ class BundleOptions:
     latency_budget_ms: float | None = None
     measured_on: dict[str, str] = field(default_factory=dict)
     golden_samples: int = GOLDEN_SAMPLES
+    #: the file the input/output signature is read from (the converter's fp32 export or
+    #: the source model); None: the fp32 variant, else the first ONNX variant, else the
+    #: first variant (a .tflite file's own signature)
+    signature_from: str | os.PathLike | None = None
 
 
 def _as_samples(golden_inputs, in_specs) -> "Samples":
@@ -225,6 +230,23 @@ def golden_arrays(variants: Sequence[VariantArtifact], samples, in_specs, out_sp
     return pack(stored, patterns, outputs, budget), outputs
 
 
+def finish_bundle(tmp: Path, out: Path, manifest: Manifest, overwrite: bool) -> None:
+    """Write ``manifest`` into the assembled ``tmp`` and move it into place as ``out``."""
+    Manifest.from_bytes(manifest.to_bytes())  # the device's parser must accept it
+    _write_file(tmp / MANIFEST_NAME, manifest.to_bytes())
+    _fsync_dir(tmp)
+    _install_dir(tmp, out, overwrite)
+
+
+def _signature_file(variants: Sequence[VariantArtifact]) -> Path:
+    """The fp32 variant, else the first ONNX variant, else the first variant."""
+    for pick in (lambda v: v.precision == "fp32", lambda v: v.runtime == "onnxruntime"):
+        found = next((v for v in variants if pick(v)), None)
+        if found is not None:
+            return Path(found.path)
+    return Path(variants[0].path)
+
+
 def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
                  variants: Sequence[VariantArtifact], golden_inputs, *,
                  reference: dict[str, float] | None = None, labels: Sequence[str] = (),
@@ -242,8 +264,8 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose another directory or version")
-    signature = next((v for v in variants if v.precision == "fp32"), variants[0])
-    in_specs, out_specs = tensor_specs(signature.path)
+    signature = opts.signature_from or _signature_file(variants)
+    in_specs, out_specs = tensor_specs(signature)
     samples = _as_samples(golden_inputs, in_specs)
     arrays, golden = golden_arrays(variants, samples, in_specs, out_specs,
                                    opts.golden_samples)
@@ -260,10 +282,7 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
             reference=dict(opts.reference), labels=tuple(opts.labels),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             latency_budget_ms=opts.latency_budget_ms, measured_on=dict(opts.measured_on))
-        Manifest.from_bytes(manifest.to_bytes())  # the device's parser must accept it
-        _write_file(tmp / MANIFEST_NAME, manifest.to_bytes())
-        _fsync_dir(tmp)
-        _install_dir(tmp, out, overwrite)
+        finish_bundle(tmp, out, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

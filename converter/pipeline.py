@@ -273,7 +273,8 @@ def _convert_core(job: _Job, out_dir, name: str, version: int, labels: Sequence[
     options = BundleOptions(task=ref.task, reference=reference_info, labels=tuple(labels),
                             latency_budget_ms=settings.latency_budget_ms,
                             measured_on=measured_on(settings.evaluate.threads),
-                            golden_samples=settings.golden_samples)
+                            golden_samples=settings.golden_samples,
+                            signature_from=job.source)
     manifest = write_bundle(out_dir, name, version, artifacts, job.val,
                             overwrite=settings.overwrite, options=options)
     return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref.accuracy,

@@ -64,6 +64,9 @@ class RepoSettings:
     max_bundle_files: int = 64
     deltas: bool = False  # release: also publish deltas from the previous version
     latency_budget_ms: float | None = None  # release: the release's own latency budget
+    # release: profile name -> model_memory_budget_mb a language model must fit (refused
+    # before signing when no variant fits one of them)
+    memory_budgets: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("root_threshold", "root_expiry_days", "targets_expiry_days",
@@ -218,7 +221,8 @@ def _load_current(meta_dir: Path) -> _Current:
 @contextlib.contextmanager
 def _locked(repo_dir: Path) -> Iterator[None]:
     if not (repo_dir / "metadata").is_dir():
-        raise RepositoryError(f"{repo_dir} is not an edgeship repository (no metadata/)")
+        raise ConfigError(f"{repo_dir} is not an edgeship repository (no metadata/; "
+                          "'edgeship keys init' makes one)", key="repo")
     with open(repo_dir / ".lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -379,6 +383,9 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
             raise ReleaseRejectedError(
                 f"{m.model} v{m.version} is not newer than released v{latest}",
                 model=m.model, version=m.version, latest=latest)
+        if m.llm is not None and settings.memory_budgets:
+            from edgeship.fleet.llm_release import check_release
+            check_release(m, dict(settings.memory_budgets))
         signers = load_signers(Path(keys_dir), cur.root.signed,
                                (Targets.type, Snapshot.type, Timestamp.type))
         paths = _add_targets(repo_dir, bundle, cur.targets.signed)

@@ -18,6 +18,7 @@ class DeviceTraits:
     hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
     latency_scale: float | None = None  # the profile's: derives budgets from measurements
     use_measurements: bool = False  # skip variants the converter measured slower
+    memory_budget_mb: float | None = None  # language models: weights + KV cache must fit
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,20 @@ def test_all_four_tflite_variants_pass_and_reproduce_their_golden_outputs(traine
         golden = load_golden(result.bundle_dir / GOLDEN_NAME, v.id, manifest.inputs,
                              ["logits"])
         runner = TFLiteRunner(result.bundle_dir / v.file, threads=1)
+        served = load_runtime("litert", result.bundle_dir / v.file)
         for k, feed in enumerate(golden.feeds):
             np.testing.assert_allclose(runner.run(feed)[0], golden.expected["logits"][k],
+                                       atol=v.tolerance("logits"), rtol=0)
+            # the agent's runtime, float32 in and out (tflite-int8 has int8 tensors inside)
+            out = served.run(feed)[0]
+            assert out.dtype == np.float32
+            np.testing.assert_allclose(out, golden.expected["logits"][k],
                                        atol=v.tolerance("logits"), rtol=0)
         assert v.metrics["accuracy_drop"] <= 1.0
     fp32 = manifest.variant("tflite-fp32").metrics
     assert fp32["max_abs_diff"] < 1e-3 and fp32["agreement"] == 1.0
+    for v in manifest.variants:  # onnxruntime has no armv7l build; TFLite runs there
+        assert ("armv7l" in v.hardware) == (v.runtime == "litert"), v.id
 
 
 def test_tflite_from_pytorch_keeps_every_output(trained, tmp_path):
@@ -57,3 +65,18 @@ def test_tflite_from_pytorch_keeps_every_output(trained, tmp_path):
     runtime = load_runtime("litert", result.bundle_dir / manifest.variant("tflite-fp32").file)
     boxes_and_classes = runtime.run({"input": x[:1]})
     assert [o.shape for o in boxes_and_classes] == [(1, 10), (1, 4)]  # the torch order
+
+
+def test_a_32_bit_pi_gets_a_bundle_of_tflite_variants_only(trained, tmp_path):
+    from edgeship.agent.selection import select_variant
+    from edgeship.converter.options import plan
+
+    chosen = plan(device="rpi3-32", variants=None, threads=None, gate_overrides={})
+    assert chosen.variants and all(v.startswith("tflite-") for v in chosen.variants)
+    result = convert_digits(tmp_path / "b", trained=trained,
+                            settings=ConvertSettings(variants=("tflite-fp32",)))
+    manifest = read_bundle_dir(result.bundle_dir)
+    assert [v.id for v in manifest.variants] == ["tflite-fp32"]
+    assert manifest.inputs[0].shape == (None, 1, 8, 8)  # from the fp32 ONNX export
+    assert select_variant(manifest, ("int8-static", "fp32"), ("litert",), "armv7l").id == \
+        "tflite-fp32"
