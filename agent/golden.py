@@ -67,6 +67,12 @@ class Golden:
     expected: dict[str, np.ndarray]  # output name -> (K, ...) stored values
     strides: dict[str, int] = field(default_factory=dict)  # output -> stride (strided only)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # full per-sample shape
+    batched: bool = False  # format 1: one feed holding a batch of samples
+
+    def one_sample(self) -> dict[str, np.ndarray]:
+        """The feed the latency is timed on: the first sample."""
+        feed = self.feeds[0]
+        return {k: v[:1] for k, v in feed.items()} if self.batched else feed
 
     def __len__(self) -> int:
         return len(self.feeds)
@@ -130,7 +136,8 @@ def load_golden(path: Path, variant_id: str, input_specs: Sequence, output_names
 def _format1(data, variant_id: str, input_specs, output_names) -> Golden:
     spec = input_specs[0]
     x = np.asarray(data["inputs"]).astype(spec.dtype)
-    return Golden([{spec.name: x}], {output_names[0]: np.asarray(data[variant_id])[None]})
+    return Golden([{spec.name: x}], {output_names[0]: np.asarray(data[variant_id])[None]},
+                  batched=True)
 
 
 def _format2(data, variant_id: str, input_specs, output_names) -> Golden:

@@ -79,7 +79,7 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
     names = [o.name for o in manifest.outputs]
     try:
         got = [runtime.run(feed) for feed in golden.feeds]
-        per_sample_ms = _median_latency_ms(runtime, golden.feeds[0],
+        per_sample_ms = _median_latency_ms(runtime, golden.one_sample(),
                                            budget_ms=latency_budget_ms)
     except Exception as e:  # any runtime failure is a failed health check
         oom = "alloc" in str(e).lower() or isinstance(e, MemoryError)
