@@ -119,11 +119,12 @@ def info_doc(profile_name: str, threads: int = 0, bundle: Path | None = None
     if caps.arch != profile.arch:
         doc["warning"] = f"profile {profile.name} is for {profile.arch}, this is {caps.arch}"
     if bundle is not None:
-        doc["bundle"] = _bundle_pick(bundle, chosen, profile.arch)
+        doc["bundle"] = _bundle_pick(bundle, chosen, profile.arch, profile.uses_measurements)
     return doc
 
 
-def _bundle_pick(bundle: Path, chosen: Any, arch: str) -> dict[str, Any]:
+def _bundle_pick(bundle: Path, chosen: Any, arch: str,
+                 use_measurements: bool = False) -> dict[str, Any]:
     from edgeship.agent.errors import ConfigError, EdgeshipError
     from edgeship.agent.manifest import MANIFEST_NAME, Manifest
     from edgeship.agent.selection import select_variant
@@ -134,7 +135,8 @@ def _bundle_pick(bundle: Path, chosen: Any, arch: str) -> dict[str, Any]:
         raise ConfigError(f"no {MANIFEST_NAME} in {bundle}: {e.strerror}",
                           key="bundle") from e
     try:
-        v = select_variant(manifest, chosen.precisions, chosen.runtimes, arch)
+        v = select_variant(manifest, chosen.precisions, chosen.runtimes, arch,
+                           use_measurements=use_measurements)
     except EdgeshipError as e:
         return {"model": manifest.model, "version": manifest.version, "variant": None,
                 "reason": str(e)}

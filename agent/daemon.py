@@ -68,6 +68,8 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
                         threads=chosen.threads, providers=chosen.providers,
                         latency_budget_ms=profile.latency_budget_ms,
                         hardware_classes=(profile.arch, profile.name),
+                        latency_scale=profile.latency_scale,
+                        use_measurements=profile.uses_measurements,
                         memory_budget_mb=profile.model_memory_budget_mb)
 
 

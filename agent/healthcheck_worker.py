@@ -39,7 +39,8 @@ def _check(request: dict) -> dict:
         check_signature(runtime, installed.manifest)
         report = check_health(runtime, installed.manifest, installed.variant,
                               installed.golden_path,
-                              latency_budget_ms=request["latency_budget_ms"])
+                              latency_budget_ms=request["latency_budget_ms"],
+                              budget_source=request.get("budget_source", "budget"))
     except EdgeshipError as e:
         return {"ok": False, "reason": e.reason_code.value, "message": str(e),
                 "max_abs_diff": getattr(e, "max_abs_diff", None)}

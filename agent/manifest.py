@@ -31,6 +31,8 @@ RUNTIME_HARDWARE = {"onnxruntime": ("x86_64", "aarch64"),
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static", "int4")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
           "uint32", "int64", "uint64", "bool")
+TASKS = ("classification", "detection", "segmentation", "embedding", "sequence",
+         "regression", "generic")
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,18 @@ class Variant:
     metrics: dict[str, float] = field(default_factory=dict)
     golden_atol: float = 1e-4
     hardware: tuple[str, ...] = ("x86_64", "aarch64", "armv7l")
+    #: per-output health-check tolerance (output name -> atol); absent: ``golden_atol``
+    golden_tolerances: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hardware"] = list(self.hardware)
+        if not self.golden_tolerances:
+            del d["golden_tolerances"]
         return d
+
+    def tolerance(self, output: str) -> float:
+        return self.golden_tolerances.get(output, self.golden_atol)
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,11 @@ class Manifest:
     created_at: str = ""
     labels: tuple[str, ...] = ()
     shadow: ShadowPolicy | None = None
+    #: the release's own latency budget (``--latency-budget-ms``); None: derived on the
+    #: device from the converter's measurements, else the board profile's default
+    latency_budget_ms: float | None = None
+    #: where the converter measured the variants' latency (arch, cpu, flags)
+    measured_on: dict[str, str] = field(default_factory=dict)
     llm: LlmSpec | None = None  # language models: context, KV-cache shape, tokens
 
     def variant(self, variant_id: str) -> Variant:
@@ -115,6 +129,9 @@ class Manifest:
             "reference": dict(self.reference),
             "labels": list(self.labels),
             **({"shadow": self.shadow.to_dict()} if self.shadow else {}),
+            **({"latency_budget_ms": self.latency_budget_ms}
+               if self.latency_budget_ms is not None else {}),
+            **({"measured_on": dict(self.measured_on)} if self.measured_on else {}),
             **({"llm": self.llm.to_dict()} if self.llm else {}),
         }
 
@@ -244,12 +261,32 @@ def _variant(raw: dict[str, Any]) -> Variant:
         raise BundleError(f"unknown runtime {str(raw['runtime'])[:40]!r}")
     if raw["precision"] not in PRECISIONS:
         raise BundleError(f"unknown precision {str(raw['precision'])[:40]!r}")
+    tolerances = _numbers(raw.get("golden_tolerances", {}), "golden tolerance")
+    for name, tol in tolerances.items():
+        _number(tol, f"golden tolerance {name!r}", 0.0)
     return Variant(id=validate_id(raw["id"], "variant id"), runtime=raw["runtime"],
                    precision=raw["precision"], file=_safe_file_name(raw["file"]),
                    sha256=_sha256(raw["sha256"]), size=_size(raw["size"]),
                    metrics=_numbers(raw.get("metrics", {}), "metric"),
                    golden_atol=_number(raw.get("golden_atol", 1e-4), "golden_atol", 0.0),
-                   hardware=_hardware(raw.get("hardware", list(Variant.hardware))))
+                   hardware=_hardware(raw.get("hardware", list(Variant.hardware))),
+                   golden_tolerances=tolerances)
+
+
+def _budget(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = _number(value, "latency_budget_ms", 0.0, 3_600_000.0)
+    if v == 0:
+        raise BundleError("bad latency_budget_ms in manifest: 0 (a positive number of ms)")
+    return v
+
+
+def _measured_on(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict) or len(raw) > MAX_TENSORS:
+        raise BundleError("bad measured_on in manifest: expected an object of texts")
+    return {_text(k, "measured_on key", 64): _text(v, f"measured_on {k!r}", 128)
+            for k, v in raw.items()}
 
 
 def _parse_manifest(raw: Any) -> Manifest:
@@ -276,6 +313,8 @@ def _parse_manifest(raw: Any) -> Manifest:
         created_at=_text(raw.get("created_at", ""), "created_at", 64),
         labels=_labels(raw.get("labels", [])),
         shadow=_shadow(raw.get("shadow")),
+        latency_budget_ms=_budget(raw.get("latency_budget_ms")),
+        measured_on=_measured_on(raw.get("measured_on", {})),
         llm=LlmSpec.from_dict(raw["llm"]) if raw.get("llm") is not None else None,
     )
 

@@ -6,7 +6,7 @@ import importlib.util
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -156,21 +156,19 @@ class LiteRtModel:
         self._slots = [(d["index"], tuple(d["shape"])) for d in details]
         signatures = [tuple(d.get("shape_signature", d["shape"])) for d in details]
         self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
-        outputs = self._interp.get_output_details()
+        outputs = ordered_outputs(self._interp)
         self._outputs = [d["index"] for d in outputs]
-        # full-integer models (converter variant tflite-int8) take and give int8/uint8
-        # tensors: float requests are quantized with the tensor's scale and zero point, and
-        # the outputs dequantized back to float32 (what the manifest and the golden say)
-        self._qin = [_quantization(d) for d in details]
-        self._qout = [_quantization(d) for d in outputs]
-        self._quantized = any(self._qin) or any(self._qout)
+        # full-integer models: float in, float out, with the tensors' own parameters
+        self._quant_in = [tensor_affine(d) for d in details]
+        self._quant_out = [tensor_affine(d) for d in outputs]
+        self._quantized = any(self._quant_in) or any(self._quant_out)
         c_level = getattr(self._interp, "_interpreter", None)
         # another wrapper version: use the public methods
         self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
         # one input, one output, C-level calls: a request at the allocated shape takes
         # ``_run_single`` (the common case: a batch of 1, or the size last resized to)
-        self._single = self._c_level and len(self._slots) == 1 and len(self._outputs) == 1 \
-            and not self._quantized
+        self._single = self._c_level and len(self._slots) == 1 and \
+            len(self._outputs) == 1 and not self._quantized
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
 
@@ -192,17 +190,18 @@ class LiteRtModel:
                 return outputs
         arrays = self._match(inputs)
         if self._quantized:
-            arrays = [_quantize(a, q) for a, q in zip(arrays, self._qin)]
+            arrays = [quantize(a, q) for a, q in zip(arrays, self._quant_in)]
+            return [dequantize(o, q) for o, q in zip(self._run_arrays(arrays),
+                                                     self._quant_out)]
+        return self._run_arrays(arrays)
+
+    def _run_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         first = arrays[0] if arrays else None
         batch = first.shape[0] if first is not None and first.ndim else 1
         with self._lock:
             if self._fixed_batch_1 and batch != 1:
-                outputs = self._rows(arrays, batch)
-            else:
-                outputs = self._invoke(arrays)
-        if self._quantized:
-            outputs = [_dequantize(o, q) for o, q in zip(outputs, self._qout)]
-        return outputs
+                return self._rows(arrays, batch)
+            return self._invoke(arrays)
 
     def _run_single(self, arr: np.ndarray) -> list[np.ndarray] | None:
         """set, invoke, get when ``arr`` fits the allocated input as it is; else None."""
@@ -282,27 +281,54 @@ class LiteRtModel:
         return list(inputs.values())  # names differ after conversion: by position
 
 
-def _quantization(detail: dict[str, Any]) -> tuple[float, int, Any] | None:
-    """(scale, zero point, dtype) of an int8/uint8 tensor with quantization, else None."""
+Affine = Optional[Tuple[float, int, np.dtype]]  # scale, zero point, integer dtype
+
+
+def tensor_affine(detail: dict) -> Affine:
     scale, zero = detail.get("quantization", (0.0, 0))
-    if detail["dtype"] in (np.int8, np.uint8) and scale:
-        return float(scale), int(zero), detail["dtype"]
-    return None
+    dtype = np.dtype(detail["dtype"])
+    return (float(scale), int(zero), dtype) if dtype.kind in "iu" and scale else None
 
 
-def _quantize(arr: np.ndarray, q: tuple[float, int, Any] | None) -> np.ndarray:
-    if q is None or arr.dtype.kind != "f":
-        return arr
+def quantize(x: np.ndarray, q: Affine) -> np.ndarray:
+    """A float input for a full-integer TFLite tensor, with its own scale and zero point;
+    integer inputs (already quantized) pass unchanged."""
+    if q is None or np.asarray(x).dtype.kind != "f":
+        return x
     scale, zero, dtype = q
     info = np.iinfo(dtype)
-    return np.clip(np.round(arr / scale + zero), info.min, info.max).astype(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
 
-def _dequantize(arr: np.ndarray, q: tuple[float, int, Any] | None) -> np.ndarray:
+def dequantize(y: np.ndarray, q: Affine) -> np.ndarray:
     if q is None:
-        return arr
+        return y
     scale, zero, _ = q
-    return (arr.astype(np.float32) - zero) * np.float32(scale)
+    return (y.astype(np.float32) - zero) * np.float32(scale)
+
+
+def ordered_outputs(interpreter: Any) -> list[dict]:
+    """Output details in signature order (``output_0``, ``output_1``, ...) when the model
+    has exactly one signature: the order of the source model's outputs, which
+    ``get_output_details()`` does not promise."""
+    details = list(interpreter.get_output_details())
+    try:
+        signatures = interpreter._get_full_signature_list()  # noqa: SLF001
+    except AttributeError:
+        return details
+    if len(signatures) != 1:
+        return details
+    index = next(iter(signatures.values())).get("outputs", {})
+    by_index = {d["index"]: d for d in details}
+    ordered = [by_index[i] for _, i in sorted(index.items(), key=lambda kv: _natural(kv[0]))
+               if i in by_index]
+    return ordered if len(ordered) == len(details) else details
+
+
+def _natural(name: str) -> tuple:
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def load_runtime(runtime: str, path: Path, *, threads: int = 0,

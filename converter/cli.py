@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgeship.agent.errors import ConfigError, EdgeshipError
+from edgeship.agent.manifest import TASKS
 from edgeship.agent.protocol import validate_id
 from edgeship.cliutil import error_line
 
@@ -25,12 +26,18 @@ _DEFAULTS = {"model": None, "weights": None, "input_shape": None, "calib": None,
              "resize": None, "layout": None, "mean": None, "std": None, "grayscale": None,
              "prune_sparsity": None, "prune_channels": None, "student": None,
              "finetune_epochs": None, "temperature": None, "alpha": None, "epochs": 15,
-             "seed": 0}
+             "seed": 0, "task": None, "latency_budget_ms": None, "const_arg": None}
 _SOURCE_HELP = {
     "digits": ("train the demo CNN on scikit-learn's digits, then convert it",
                "  edgeship convert digits --device rpi4"),
     "onnx": ("an ONNX file (external data next to it is fine): ONNX variants only",
-             "  edgeship convert onnx model.onnx --calib calib.npz --val val.npz"),
+             "  edgeship convert onnx model.onnx --calib calib.npz --val val.npz\n"
+             "  edgeship convert onnx yolo.onnx --input-shape images=1,3,320,320 "
+             "--calib imgs/ --resize 320,320 --device rpi4\n"
+             "  edgeship convert onnx encoder.onnx --calib tokens.npz --task embedding"),
+    "tflite": ("a .tflite file: golden outputs from LiteRT on every input and output; from "
+               "an fp32 file, quantized TFLite variants too (ai-edge-quantizer)",
+               "  edgeship convert tflite detector.tflite --calib faces.npz"),
     "torch": ("package.module:factory (+ --weights), a TorchScript file or a .pt2: ONNX "
               "and TFLite variants, pruning, distillation",
               "  edgeship convert torch pkg.mod:make_model --weights w.safetensors "
@@ -47,16 +54,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert", help="convert a model into gated variants (ONNX fp32/fp16/int8, TFLite)",
         description="Make ONNX (fp32 optimized, fp16, int8 dynamic, int8 static with "
-                    "accuracy-aware fallback) and, from PyTorch, TFLite variants; measure "
-                    "each against the source model; drop variants that fail the gate; write "
-                    "DIR/{name}-v{version} (bundle), .tar, .tar.zst and .report/ "
-                    "(JSON, Markdown, PNG). 'edgeship convert SOURCE --help' for each source.",
+                    "accuracy-aware fallback) and, from PyTorch, TFLite variants; pack an "
+                    "existing .tflite; measure every output of each variant against the "
+                    "source model; ship the variants that pass their gate (exit 0 if any "
+                    "did, 1 if none); write DIR/{name}-v{version} (bundle), .tar, .tar.zst "
+                    "and .report/ (JSON, Markdown, PNG). 'edgeship convert SOURCE --help' "
+                    "for each source.",
         epilog="examples:\n" + "\n".join(ex for _, ex in _SOURCE_HELP.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     common, data, shrink = _common_options(), _data_options(), _shrink_options()
-    parents = {"digits": [common, shrink], "onnx": [common, data],
-               "torch": [common, data, shrink], "llm": [common]}
+    task = _task_options()
+    parents = {"digits": [common, task, shrink], "onnx": [common, task, data],
+               "torch": [common, task, data, shrink], "tflite": [common, task, data],
+               "llm": [common]}
     for source, (help_text, example) in _SOURCE_HELP.items():
         s = sources.add_parser(source, parents=parents[source], help=help_text,
                                description=help_text, epilog="example:\n" + example,
@@ -73,6 +84,11 @@ def _source_options(s: argparse.ArgumentParser, source: str) -> None:
         s.add_argument("--seed", type=int, default=0, help="training/split seed")
     elif source == "onnx":
         s.add_argument("model", metavar="MODEL.onnx", help="the ONNX file")
+        s.add_argument("--input-shape", default=None, metavar="[NAME=]DIMS",
+                       help="pin dynamic dims of inputs: NAME=1,3,320,320 (';' between "
+                            "inputs; plain dims for a single input)")
+    elif source == "tflite":
+        s.add_argument("model", metavar="MODEL.tflite", help="the .tflite file")
     elif source == "llm":
         s.add_argument("model", metavar="MODEL",
                        help="a Hugging Face checkpoint directory or module:factory")
@@ -84,13 +100,18 @@ def _source_options(s: argparse.ArgumentParser, source: str) -> None:
         s.add_argument("--weights", default=None, help="state_dict (.pt) or .safetensors")
         s.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                        help="example input shape")
+        s.add_argument("--const-arg", action="append", default=None, metavar="NAME=VALUE",
+                       help="a constant non-tensor argument of forward() (repeatable)")
 
 
 def _data_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--calib", default=None, metavar="DATA",
-                   help=".npy/.npz (x[, y]), an image folder or package.module:callable")
+                   help=".npz with one array per input name (first axis: samples; "
+                        "optional labels y), .npy/.npz x[,y] rows, an image folder or "
+                        "package.module:callable; without data only the variants that "
+                        "need none are made and accuracy is not measured")
     g.add_argument("--val", default=None, metavar="DATA",
                    help="validation data (same forms; labels y optional)")
     g.add_argument("--resize", default=None, metavar="H,W", help="image folders: resize")
@@ -98,6 +119,17 @@ def _data_options() -> argparse.ArgumentParser:
     g.add_argument("--mean", default=None, help="image folders: per-channel mean, 0..1")
     g.add_argument("--std", default=None, help="image folders: per-channel std, 0..1")
     g.add_argument("--grayscale", action="store_true", default=None)
+    return p
+
+
+def _task_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--task", default=None, choices=TASKS,
+                   help="what the model does: picks the gate (default: inferred from the "
+                        "signature; written into the manifest)")
+    p.add_argument("--latency-budget-ms", type=float, default=None, metavar="MS",
+                   help="the release's latency budget on devices (default: derived from "
+                        "the measured latency and the board profile)")
     return p
 
 
@@ -171,9 +203,9 @@ def _apply_recipe(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace) -> tuple[str, Path]:
     if args.source != "digits" and not args.model:
         raise ConfigError(f"'convert {args.source}' needs a model argument", key="model")
-    if args.source in ("onnx", "torch") and Path(args.model).is_dir():
-        wanted = "the .onnx file" if args.source == "onnx" else \
-            "the TorchScript or .pt2 file (or package.module:factory)"
+    if args.source in ("onnx", "torch", "tflite") and Path(args.model).is_dir():
+        wanted = {"onnx": "the .onnx file", "tflite": "the .tflite file"}.get(
+            args.source, "the TorchScript or .pt2 file (or package.module:factory)")
         raise ConfigError(f"{args.model} is a directory: give {wanted} inside it",
                           key="model")
     args.version = 1 if args.version is None else args.version
@@ -184,6 +216,10 @@ def _validate(args: argparse.Namespace) -> tuple[str, Path]:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}", key="epochs")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}", key="threads")
+    budget = args.latency_budget_ms
+    if budget is not None and not 0 < budget <= 3_600_000:
+        raise ConfigError(f"--latency-budget-ms must be > 0, got {budget}",
+                          key="latency_budget_ms")
     bundle_dir = args.out / f"{name}-v{args.version}"
     if bundle_dir.exists() and not args.overwrite:
         raise ConfigError(f"{bundle_dir} already exists (use --overwrite or another "
@@ -207,9 +243,20 @@ def _kib(value: float | None) -> int | None:
     return int(value * 1024)
 
 
+class _ForeignRootRecords(logging.Filter):
+    """onnxruntime's quantization tools log advice on the root logger ("Please consider
+    pre-processing ..."): the converter does that itself, so those lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR
+
+
 def _quiet_foreign_noise() -> None:
     import torch  # noqa: F401 - torch configures its loggers on import; override after
 
+    root = logging.getLogger()
+    if not any(isinstance(f, _ForeignRootRecords) for f in root.filters):
+        root.addFilter(_ForeignRootRecords())
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -220,16 +267,19 @@ def _plan(args: argparse.Namespace):
     from edgeship.converter.options import check_calibration, parse_variants, plan
     from edgeship.converter.pipeline import DEFAULT_VARIANTS
 
+    from edgeship.converter.tflite import available
+
     variants = parse_variants(args.variants)
     if variants is None and args.source == "digits" and args.device is None:
         variants = DEFAULT_VARIANTS
     check_calibration(args.calibration)
+    source = args.source if args.source in ("onnx", "tflite") else "torch"
     return plan(device=args.device, variants=variants, threads=args.threads,
                 gate_overrides={"max_accuracy_drop_points": args.max_drop,
                                 "min_agreement": args.min_agreement,
                                 "min_cosine": args.min_cosine,
                                 "max_size_bytes": _kib(args.max_size_kb)},
-                has_torch_source=args.source != "onnx")
+                source=source, tflite_available=source != "torch" or available())
 
 
 def _settings(args: argparse.Namespace, the_plan):
@@ -240,7 +290,8 @@ def _settings(args: argparse.Namespace, the_plan):
     return ConvertSettings(
         gate=the_plan.gate, variants=the_plan.variants, overwrite=args.overwrite,
         quantize=QuantizeSettings(calibration_method=args.calibration or "minmax"),
-        fallback=FallbackSettings(enabled=args.fallback is not False))
+        fallback=FallbackSettings(enabled=args.fallback is not False), task=args.task,
+        latency_budget_ms=args.latency_budget_ms, skipped=dict(the_plan.skipped))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,6 +322,10 @@ def run(args: argparse.Namespace) -> int:
         _cleanup(outputs, args.overwrite)
         _print_reports(args, getattr(e, "reports", ()))
         return _fail(args, e, 1)
+    except Exception as e:  # noqa: BLE001 - a bug or a foreign tool: one line, exit 1
+        _cleanup(outputs, args.overwrite)
+        return _fail(args, EdgeshipError(f"{args.model or args.source}: conversion failed: "
+                                         f"{type(e).__name__}: {e}"), 1, cause=e)
     _print_result(args, result, tar, zst, report, the_plan)
     return 0
 
@@ -304,10 +359,8 @@ def _convert(args: argparse.Namespace, name: str, bundle_dir: Path, the_plan, se
 def _report(result, path: Path, the_plan) -> Path:
     from edgeship.converter.report import write_report
 
-    extra = {"device": the_plan.device or "-", "threads": the_plan.threads}
-    if the_plan.skipped:
-        extra["skipped"] = (", ".join(the_plan.skipped) + ": TFLite needs the PyTorch "
-                            "source")
+    extra = {"device": the_plan.device or "-", "threads": the_plan.threads,
+             "task": result.task}
     return write_report(result, path, extra)
 
 
@@ -319,16 +372,28 @@ def _pack(bundle_dir: Path, overwrite: bool) -> tuple[Path, Path]:
     return tar, compress_file(tar)
 
 
-def _fail(args: argparse.Namespace, error: EdgeshipError, code: int) -> int:
+def one_line(text: str, limit: int = 2000) -> str:
+    """No ANSI codes, no line breaks: foreign tools' messages made fit for one line."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text))
+    return " ".join(text.split())[:limit]
+
+
+def _fail(args: argparse.Namespace, error: EdgeshipError, code: int,
+          cause: BaseException | None = None) -> int:
+    message = one_line(str(error))
     if args.json:
-        payload = {"ok": False, "error": str(error), "reason": str(error.reason_code)}
+        payload = {"ok": False, "error": message, "reason": str(error.reason_code)}
         if hasattr(error, "failures"):
             payload["failures"] = error.failures
+        if getattr(error, "reports", None):
+            payload["variants"] = [r.to_dict() for r in error.reports]
         print(json.dumps(payload, indent=2))
     else:
-        error_line(error)
+        error_line(message)
     if getattr(args, "verbose", False):
-        logger.error("convert failed", exc_info=error)
+        logger.error("convert failed", exc_info=cause or error)
     return code
 
 
@@ -344,8 +409,8 @@ def _print_result(args: argparse.Namespace, result, tar: Path | None, zst: Path 
         print(json.dumps(payload, indent=2))
         return
     _print_reports(args, result.reports)
-    for vid in the_plan.skipped:
-        print(f"{vid} skipped: TFLite needs the PyTorch source (litert-torch), not ONNX")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     print(f"bundle: {result.bundle_dir}")
     if tar is not None:
         print(f"tar:    {tar} ({sizes['tar_bytes'] / 1024:.1f} KiB)")
@@ -358,7 +423,7 @@ def _print_reports(args: argparse.Namespace, reports: Sequence) -> None:
         return
     rows = [_row(r) for r in reports]
     headers = ("variant", "precision", "size KB", "accuracy", "drop pt", "cosine",
-               "p50 ms", "p99 ms", "gate")
+               "agreement", "p50 ms", "p99 ms", "gate")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -381,16 +446,23 @@ def _print_reports(args: argparse.Namespace, reports: Sequence) -> None:
 
 def _print_failures(reports: Sequence) -> None:
     for report in reports:
-        for reason in report.failures:
-            print(f"{report.id} not shipped: {reason}")
+        for reason in report.failure_lines():
+            print(f"{report.id} not shipped: {one_line(reason, 400)}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
 
 
 def _row(report) -> tuple[str, ...]:
     m = report.metrics
-    gate = "PASS" if report.passed else "FAIL"
-    return (report.id, report.precision, f"{m.size_bytes / 1024:.1f}",
-            f"{m.accuracy * 100:.2f}%", f"{m.accuracy_drop:.2f}", f"{m.cosine:.5f}",
-            f"{m.latency_p50_ms:.3f}", f"{m.latency_p99_ms:.3f}", gate)
+    gate = "PASS" if report.passed else ("SKIP" if report.stage == "skipped" else "FAIL")
+    if m is None:
+        return (report.id, report.precision, "-", "-", "-", "-", "-", "-", "-", gate)
+    drop = "-" if m.accuracy_drop is None else f"{m.accuracy_drop:.2f}"
+    return (report.id, report.precision, f"{m.size_bytes / 1024:.1f}", _pct(m.accuracy),
+            drop, f"{m.cosine:.5f}", _pct(m.agreement), f"{m.latency_p50_ms:.3f}",
+            f"{m.latency_p99_ms:.3f}", gate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,11 @@ class EvaluationError(EdgeshipError):
     """A variant could not be loaded or run, or the evaluation inputs are inconsistent."""
 
 
+class VariantSkipped(EdgeshipError):
+    """A variant cannot be made from what was given (no calibration data, no PyTorch
+    source, an extra not installed): reported as skipped, never an error of the tools."""
+
+
 class GateError(EdgeshipError):
     """A converted variant failed its accuracy/size/latency gate (host only)."""
 

@@ -32,37 +32,57 @@ class ExportSettings:
     optimize: bool = False  # run onnxruntime's basic graph optimizations offline
 
 
+def output_names(model, example) -> list[str]:
+    """``logits`` for one output, else ``output_0``, ``output_1``, ... (dict keys kept)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(example)
+    if isinstance(out, dict):
+        return [str(k) for k in out]
+    if isinstance(out, (tuple, list)):
+        return [f"output_{i}" for i in range(len(out))] if len(out) != 1 else [OUTPUT_NAME]
+    return [OUTPUT_NAME]
+
+
 def export_onnx(model, example_input, out_path: str | os.PathLike,
                 settings: ExportSettings = ExportSettings()) -> Path:
     """Export ``model`` (an ``nn.Module``) to ``out_path``; returns the path written."""
     import torch
 
+    from edgeship.converter.samples import first_line
+
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     example = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+    try:
+        names = output_names(model, example)
+    except Exception as e:  # noqa: BLE001 - the user's model raises anything
+        raise ExportError(f"could not export {type(model).__name__} to ONNX: it fails on "
+                          f"the example input: {type(e).__name__}: {first_line(e)}") from e
     errors: list[str] = []
     exporters = [_export_dynamo, _export_torchscript]
     if not settings.prefer_dynamo:
         exporters.reverse()
     for exporter in exporters:
         try:
-            exporter(model, example, out, settings.opset)
+            exporter(model, example, out, settings.opset, names)
             break
         except Exception as e:  # noqa: BLE001 - foreign exporters raise anything
-            logger.warning("%s failed: %s", exporter.__name__, e)
-            errors.append(f"{exporter.__name__}: {type(e).__name__}: {e}")
+            logger.info("%s failed: %s", exporter.__name__, first_line(e))
+            errors.append(f"{exporter.__name__}: {type(e).__name__}: {first_line(e, 200)}")
     else:
         raise ExportError(f"could not export {type(model).__name__} to ONNX: "
                           + " | ".join(errors))
     _inline_external_data(out)
-    check_onnx(out)
+    check_onnx(out, names)
     if settings.optimize:
         optimize_onnx(out, out)
     return out
 
 
-def _export_dynamo(model, example, out: Path, opset: int) -> None:
+def _export_dynamo(model, example, out: Path, opset: int, names: list[str]) -> None:
     import torch
 
     dim = torch.export.Dim(BATCH_DIM)
@@ -71,16 +91,16 @@ def _export_dynamo(model, example, out: Path, opset: int) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(program, (example,), str(out), dynamo=True,
                               opset_version=opset, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], external_data=False)
+                              output_names=names, external_data=False)
         return
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
             model, (example,), str(out), dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            input_names=[INPUT_NAME], output_names=names,
             dynamic_shapes=({0: dim},), external_data=False, verbose=False)
 
 
-def _export_torchscript(model, example, out: Path, opset: int) -> None:
+def _export_torchscript(model, example, out: Path, opset: int, names: list[str]) -> None:
     import warnings
 
     import torch
@@ -89,8 +109,8 @@ def _export_torchscript(model, example, out: Path, opset: int) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model, (example,), str(out), dynamo=False, opset_version=min(opset, 17),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+            input_names=[INPUT_NAME], output_names=names,
+            dynamic_axes={n: {0: BATCH_DIM} for n in (INPUT_NAME, *names)})
 
 
 def _inline_external_data(path: Path) -> None:
@@ -104,7 +124,7 @@ def _inline_external_data(path: Path) -> None:
         leftover.unlink()
 
 
-def check_onnx(path: str | os.PathLike) -> None:
+def check_onnx(path: str | os.PathLike, names: list[str] | None = None) -> None:
     """Run ``onnx.checker`` and verify the input/output names; raise :class:`ExportError`."""
     import onnx
 
@@ -115,9 +135,10 @@ def check_onnx(path: str | os.PathLike) -> None:
         raise ExportError(f"{path}: exported ONNX model is invalid: {e}") from e
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
-        raise ExportError(f"{path}: expected input {INPUT_NAME!r} and output "
-                          f"{OUTPUT_NAME!r}, got inputs {inputs} outputs {outputs}")
+    want = names or [OUTPUT_NAME]
+    if inputs != [INPUT_NAME] or outputs != want:
+        raise ExportError(f"{path}: expected input {INPUT_NAME!r} and outputs {want}, got "
+                          f"inputs {inputs} outputs {outputs}")
 
 
 def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -135,3 +156,21 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise ExportError(f"{src}: onnxruntime cannot load the exported model: {e}") from e
     os.replace(tmp, dst)
     return Path(dst)
+
+
+def with_constants(model, const_kwargs=None):
+    """``model`` whose ``forward(x)`` also passes the constant non-tensor arguments (e.g.
+    ``sr=16000``) every time; the model itself when there are none."""
+    if not const_kwargs:
+        return model
+    import torch
+
+    class WithConstants(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x, **const_kwargs)
+
+    return WithConstants(model).eval()

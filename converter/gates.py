@@ -1,11 +1,16 @@
-"""Quality gates: a variant that fails any threshold is not shipped. Pure functions."""
+"""Quality gates: a variant that fails any threshold is not shipped. Pure functions.
+
+Every output is held to the gate (cosine, SNR when asked for, exact equality for integer
+outputs); the argmax agreement applies to the outputs where the task gives it a meaning,
+the accuracy drop only where labels were given. All failures are collected, each as a
+structured :class:`GateFailure` (gate, output, measured, limit).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from edgeship.agent.errors import ConfigError
-from edgeship.converter.evaluate import VariantMetrics
 
 
 @dataclass(frozen=True)
@@ -15,6 +20,7 @@ class Gate:
     min_cosine: float = 0.99
     max_size_bytes: int | None = None
     max_latency_p99_ms: float | None = None
+    min_snr_db: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop_points < 0:
@@ -27,20 +33,60 @@ class Gate:
                 raise ConfigError(f"{key} must be within [-1, 1], got {value}", key=key)
 
 
-def check_gate(metrics: VariantMetrics, gate: Gate) -> list[str]:
-    """Every threshold ``metrics`` misses, one readable line each; empty means pass."""
-    failures = []
-    if metrics.accuracy_drop > gate.max_accuracy_drop_points:
-        failures.append(f"accuracy drop {metrics.accuracy_drop:.3g} pt > "
-                        f"{gate.max_accuracy_drop_points:.3g} pt")
-    if metrics.agreement < gate.min_agreement:
-        failures.append(f"agreement {metrics.agreement:.6g} < {gate.min_agreement:.6g}")
-    if metrics.cosine < gate.min_cosine:
-        failures.append(f"cosine {metrics.cosine:.10g} < {gate.min_cosine:.10g}")
+@dataclass(frozen=True)
+class GateFailure:
+    """One missed threshold; ``str()`` is the line users read."""
+
+    gate: str  # accuracy_drop, agreement, cosine, snr_db, shape, exact, size, latency_p99
+    measured: float
+    limit: float
+    output: str | None = None
+    unit: str = ""
+
+    def __str__(self) -> str:
+        where = f"[{self.output}]" if self.output else ""
+        if self.gate == "shape":
+            return f"output {self.output} has another shape than the source model's"
+        op = ">" if self.gate in ("accuracy_drop", "size", "latency_p99") else "<"
+        return (f"{self.gate}{where} {self.measured:.6g}{self.unit} {op} "
+                f"{self.limit:.6g}{self.unit}")
+
+    def to_dict(self) -> dict:
+        return {"gate": self.gate, "output": self.output, "measured": self.measured,
+                "limit": self.limit}
+
+
+def check_gate(metrics, gate: Gate) -> list[GateFailure]:
+    """Every threshold ``metrics`` (a ``VariantMetrics``) misses; empty means pass."""
+    failures = _output_failures(metrics, gate)
+    if metrics.accuracy_drop is not None and \
+            metrics.accuracy_drop > gate.max_accuracy_drop_points:
+        failures.append(GateFailure("accuracy_drop", metrics.accuracy_drop,
+                                    gate.max_accuracy_drop_points, unit=" pt"))
     if gate.max_size_bytes is not None and metrics.size_bytes > gate.max_size_bytes:
-        failures.append(f"size {metrics.size_bytes} B > {gate.max_size_bytes} B")
+        failures.append(GateFailure("size", metrics.size_bytes, gate.max_size_bytes,
+                                    unit=" B"))
     if (gate.max_latency_p99_ms is not None
             and metrics.latency_p99_ms > gate.max_latency_p99_ms):
-        failures.append(f"p99 latency {metrics.latency_p99_ms:.3f} ms > "
-                        f"{gate.max_latency_p99_ms:.3f} ms")
+        failures.append(GateFailure("latency_p99", metrics.latency_p99_ms,
+                                    gate.max_latency_p99_ms, unit=" ms"))
     return failures
+
+
+def _output_failures(metrics, gate: Gate) -> list[GateFailure]:
+    out: list[GateFailure] = []
+    for o in metrics.outputs:
+        if not o.shape_ok:
+            out.append(GateFailure("shape", 0.0, 1.0, o.name))
+            continue
+        if o.exact:
+            if o.agreement is not None and o.agreement < gate.min_agreement:
+                out.append(GateFailure("exact", o.agreement, gate.min_agreement, o.name))
+            continue
+        if o.cosine < gate.min_cosine:
+            out.append(GateFailure("cosine", o.cosine, gate.min_cosine, o.name))
+        if o.agreement is not None and o.agreement < gate.min_agreement:
+            out.append(GateFailure("agreement", o.agreement, gate.min_agreement, o.name))
+        if gate.min_snr_db is not None and o.snr_db < gate.min_snr_db:
+            out.append(GateFailure("snr_db", o.snr_db, gate.min_snr_db, o.name, " dB"))
+    return out

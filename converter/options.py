@@ -5,7 +5,7 @@ Precedence: command-line flag > recipe > device profile > built-in default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ RECIPE_KEYS = {
     "version": "version", "prune_sparsity": "prune_sparsity",
     "prune_channels": "prune_channels", "student": "student",
     "finetune_epochs": "finetune_epochs", "temperature": "temperature", "alpha": "alpha",
+    "task": "task", "latency_budget_ms": "latency_budget_ms", "const_args": "const_arg",
 }
+TABLES = ("model", "data", "preprocess", "gates", "quantize")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Plan:
     threads: int
     gate: Gate
     device: str | None = None
-    skipped: tuple[str, ...] = ()  # variants dropped because the input cannot make them
+    skipped: dict[str, str] = field(default_factory=dict)  # variant -> why it is not made
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -54,7 +56,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{p}: not valid TOML: {e}") from e
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
+        tabled = isinstance(value, dict) and key in TABLES
+        items = value.items() if tabled else [(key, value)]
         for k, v in items:
             if k not in RECIPE_KEYS:
                 raise InputError(f"{p}: unknown recipe key {k!r}"
@@ -75,6 +78,46 @@ def parse_shape(text: str | list | None) -> tuple[int, ...] | None:
     if not shape or any(d < 1 for d in shape):
         raise InputError(f"input shape {text!r} must be positive integers")
     return shape
+
+
+def parse_input_shapes(text: str | list | dict | None) -> dict[str, tuple[int, ...]]:
+    """``name=1,3,320,320`` (several separated by ``;`` or given as a list/table), or
+    plain ``1,3,320,320`` for a model with one input (key ``""``)."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return {str(k): parse_shape(v) for k, v in text.items()}
+    parts = text if isinstance(text, list) and text and isinstance(text[0], str) and \
+        "=" in text[0] else [text] if isinstance(text, list) else str(text).split(";")
+    out: dict[str, tuple[int, ...]] = {}
+    for part in parts:
+        if isinstance(part, str) and "=" in part:
+            name, _, dims = part.rpartition("=")
+            out[name.strip()] = parse_shape(dims.strip())
+        elif part not in ("", None):
+            out[""] = parse_shape(part)
+    return out
+
+
+def parse_const_args(items: list | dict | None) -> dict[str, Any]:
+    """``--const-arg sr=16000`` (repeatable) or a recipe table → keyword arguments; values
+    are read as JSON where they parse (numbers, true/false, lists), else kept as strings."""
+    import json
+
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise InputError(f"--const-arg {item!r} is not NAME=VALUE", key="const_arg")
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            out[name.strip()] = value
+    return out
 
 
 def parse_floats(text: str | list | None, what: str) -> tuple[float, ...] | None:
@@ -100,29 +143,56 @@ def parse_variants(text: str | list | None) -> tuple[str, ...] | None:
         raise InputError(str(e), key="variants") from e
 
 
+NO_TFLITE_FROM_ONNX = "TFLite needs the PyTorch source (litert-torch), not ONNX"
+NO_TFLITE_EXTRA = ("the tflite-convert extra is not installed (pip install "
+                   "'edgeship[tflite-convert]')")
+NO_ONNX_FROM_TFLITE = "ONNX variants cannot be made from a .tflite file"
+
+
+def _unmakeable(source: str, tflite_available: bool) -> dict[str, str]:
+    """Why each kind of variant cannot be made from this source (runtime -> reason)."""
+    if source == "tflite":
+        return {"onnxruntime": NO_ONNX_FROM_TFLITE}
+    if source == "onnx":
+        return {"litert": NO_TFLITE_FROM_ONNX}
+    return {} if tflite_available else {"litert": NO_TFLITE_EXTRA}
+
+
 def plan(*, device: str | None, variants: tuple[str, ...] | None, threads: int | None,
-         gate_overrides: dict[str, Any], has_torch_source: bool) -> Plan:
-    """Variants, threads and gate from the profile, overridden by explicit choices."""
+         gate_overrides: dict[str, Any], source: str = "torch",
+         tflite_available: bool = True) -> Plan:
+    """Variants, threads and gate from the profile, overridden by explicit choices.
+
+    Variants the source cannot make are skipped with a reason when they came from the
+    profile; asked for explicitly, they are an error."""
     profile = _profile(device)
+    reasons = _unmakeable(source, tflite_available)
+    skipped: dict[str, str] = {}
     if variants is None:
         variants = (variants_for_precisions(profile.preferred_precisions, profile.runtimes)
                     if profile else ONNX_VARIANTS)
-        if not has_torch_source:
-            skipped = tuple(v for v in variants if runtime_of(v) == "litert")
-            variants = tuple(v for v in variants if runtime_of(v) != "litert")
-        else:
-            skipped = ()
+        if source == "tflite":
+            variants = _tflite_defaults(profile)
+        skipped = {v: reasons[runtime_of(v)] for v in variants if runtime_of(v) in reasons}
+        variants = tuple(v for v in variants if v not in skipped)
     else:
-        skipped = ()
-        tflite = [v for v in variants if runtime_of(v) == "litert"]
-        if tflite and not has_torch_source:
-            raise InputError(f"{', '.join(tflite)} need the PyTorch source: TFLite is "
-                             "converted from PyTorch with litert-torch, not from ONNX")
+        bad = [v for v in variants if runtime_of(v) in reasons]
+        if bad:
+            raise InputError(f"{', '.join(bad)}: {reasons[runtime_of(bad[0])]}",
+                             key="variants")
     base = _profile_gate(profile) if profile else Gate()
     gate = replace(base, **{k: v for k, v in gate_overrides.items() if v is not None})
     return Plan(tuple(variants), threads or (profile.threads if profile else
                                              DEFAULT_THREADS),
                 gate, profile.name if profile else None, skipped)
+
+
+def _tflite_defaults(profile) -> tuple[str, ...]:
+    """A .tflite source: the TFLite variants of the profile's precisions (and fp32, which
+    an fp32 file is), whatever runtimes the profile lists."""
+    if profile is None:
+        return ("tflite-fp32", "tflite-int8-dynamic", "tflite-int8")
+    return variants_for_precisions(profile.preferred_precisions, ("litert",))
 
 
 def _profile(device: str | None):

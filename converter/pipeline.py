@@ -1,4 +1,9 @@
-"""The conversion loop: export → fp32 + int8 → evaluate → gate → bundle the survivors."""
+"""The conversion loop: source → variants → evaluate every output → gate → bundle.
+
+Each variant is made and measured on its own: one that cannot be made, cannot be run or
+misses its gate is reported with a structured reason and left out; the bundle ships the
+ones that passed. Only when none passed does the conversion fail (and write nothing).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,35 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.manifest import Manifest
 from edgeship.agent.protocol import validate_id
-from edgeship.converter.bundle import VariantArtifact, write_bundle
-from edgeship.converter.errors import NoVariantPassedError
-from edgeship.converter.evaluate import (EvalSettings, VariantMetrics, evaluate_variant, open_session,
-                                run_batched)
+from edgeship.converter.accuracy_aware import FallbackSettings, quantize_with_fallback
+from edgeship.converter.bundle import BundleOptions, VariantArtifact, write_bundle
+from edgeship.converter.compression import zstd_size
+from edgeship.converter.errors import EvaluationError, InputError, VariantSkipped
+from edgeship.converter.evaluate import (EvalSettings, Reference, evaluate, make_reference,
+                                         quick, reference_from)
 from edgeship.converter.export import ExportSettings, export_onnx
 from edgeship.converter.gates import Gate, check_gate
-from edgeship.converter.accuracy_aware import FallbackSettings, quantize_with_fallback
-from edgeship.converter.compression import zstd_size
+from edgeship.converter.graph import compact_names, io_info, looks_like_transformer, normalize
+from edgeship.converter.metrics import TASKS, infer_task
 from edgeship.converter.quantize import QuantizeSettings, quantize_int8_static
-from edgeship.converter.variants import (PRECISION_OF, make_fp16, make_fp32, make_int8_dynamic,
-                                runtime_of)
+from edgeship.converter.results import ConvertResult, VariantReport, measured_on, refuse
+from edgeship.converter.samples import (Outputs, RawData, Samples, TensorInfo, as_raw,
+                                        first_line, synthesize)
+from edgeship.converter.variants import (PRECISION_OF, make_fp16, make_fp32,
+                                         make_int8_dynamic, runtime_of)
 
 logger = logging.getLogger(__name__)
 
 GOLDEN_SAMPLES = 8
-
-
+TRANSFORMER_OPS = ("MatMul", "Gemm")
 DEFAULT_VARIANTS = ("onnx-fp32", "onnx-int8")
 
 
@@ -45,52 +53,14 @@ class ConvertSettings:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     golden_samples: int = GOLDEN_SAMPLES
     overwrite: bool = False
+    task: str | None = None  # None: inferred from the model's signature
+    latency_budget_ms: float | None = None  # the release's own budget (manifest)
+    skipped: Mapping[str, str] | None = None  # variant -> why it is not made at all
 
-
-@dataclass(frozen=True)
-class VariantReport:
-    id: str
-    runtime: str
-    precision: str
-    metrics: VariantMetrics
-    failures: tuple[str, ...] = ()
-    notes: dict = field(default_factory=dict)  # e.g. nodes kept in float by the fallback
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "runtime": self.runtime, "precision": self.precision,
-                "passed": self.passed, "failures": list(self.failures),
-                "metrics": self.metrics.to_dict(), "notes": dict(self.notes)}
-
-
-@dataclass(frozen=True)
-class ConvertResult:
-    bundle_dir: Path
-    manifest: Manifest
-    reports: tuple[VariantReport, ...]
-    reference_accuracy: float | None
-
-    @property
-    def shipped(self) -> tuple[str, ...]:
-        return tuple(v.id for v in self.manifest.variants)
-
-    def to_dict(self) -> dict:
-        return {"bundle_dir": str(self.bundle_dir), "model": self.manifest.model,
-                "version": self.manifest.version, "shipped": list(self.shipped),
-                "reference_accuracy": self.reference_accuracy,
-                "variants": [r.to_dict() for r in self.reports]}
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    id: str
-    precision: str
-    path: Path
-    notes: dict = field(default_factory=dict)
-    runtime: str = "onnxruntime"
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise InputError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}",
+                             key="task")
 
 
 class _Steps:
@@ -121,125 +91,194 @@ class _Steps:
             self._progress.update(self._task, description=description, advance=1)
 
 
-def torch_reference(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The source model's outputs on ``x`` (the reference every variant is held to)."""
+Maker = Callable[[Path], tuple[Path, dict]]  # work dir -> (variant file, notes)
+
+
+@dataclass
+class _Job:
+    """Everything the variant loop needs, whatever the source was."""
+
+    source: Path  # the fp32 ONNX (or .tflite) every variant is made from
+    inputs: tuple[TensorInfo, ...]
+    reference: Reference
+    val: Samples
+    calib: Samples | None
+    makers: dict[str, Maker]
+    work: Path
+    warnings: list[str]
+
+
+# --- sources --------------------------------------------------------------------------------
+
+def torch_outputs(model, samples: Samples, names: Sequence[str],
+                  input_names: Sequence[str]) -> Outputs:
+    """The torch model's outputs on every sample (its tuple/dict outputs flattened)."""
     import torch
 
     model.eval()
+    per = []
     with torch.no_grad():
-        outs = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size],
-                                                            dtype=np.float32))).numpy()
-                for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs, axis=0)
+        for feed in samples.feeds():
+            out = model(*[torch.from_numpy(np.ascontiguousarray(feed[n]))
+                          for n in input_names])
+            per.append(tuple(np.asarray(t.detach().numpy()) for t in _flatten(out)))
+    return Outputs(tuple(names), per)
 
 
-def _gate_fn(val_x, val_y, reference, ref_acc, settings: ConvertSettings):
+def _flatten(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flatten(o)]
+    return [out]
+
+
+def _task(settings: ConvertSettings, inputs, outputs, samples: Samples) -> str:
+    if settings.task is not None:
+        return settings.task
+    task = infer_task(inputs, outputs, samples.y)
+    logger.info("task inferred from the signature: %s (--task to set it)", task)
+    return task
+
+
+def _data(raw, inputs: Sequence[TensorInfo], what: str) -> Samples | None:
+    raw = as_raw(raw, source=what)
+    if raw is None or isinstance(raw, Samples):
+        return raw
+    return raw.match(inputs)
+
+
+def _samples(calib, val, inputs: Sequence[TensorInfo],
+             warnings: list[str]) -> tuple[Samples | None, Samples]:
+    calib_s = _data(calib, inputs, "--calib")
+    val_s = _data(val, inputs, "--val") or calib_s
+    if val_s is None:
+        val_s = synthesize(inputs)
+        warnings.append(f"no data: accuracy not measured; every variant was compared with "
+                        f"the source model on {len(val_s)} synthesized inputs by cosine "
+                        "and SNR only (give --calib/--val to measure it)")
+    return calib_s, val_s
+
+
+def _gate_for(settings: ConvertSettings, val: Samples) -> ConvertSettings:
+    """On synthesized inputs an argmax agreement measures noise, not the model: only the
+    output-closeness gates (cosine, SNR, exact integer outputs) apply."""
+    if not val.synthesized:
+        return settings
+    return replace(settings, gate=replace(settings.gate, min_agreement=0.0))
+
+
+# --- making the variants --------------------------------------------------------------------
+
+def onnx_makers(source: Path, calib: Samples | None, gate_fn, settings: ConvertSettings
+                ) -> dict[str, Maker]:
+    def fp32(work: Path):
+        return make_fp32(source, work / "onnx-fp32.onnx"), {}
+
+    def fp16(work: Path):
+        return make_fp16(source, work / "onnx-fp16.onnx"), {}
+
+    def dynamic(work: Path):
+        dst = make_int8_dynamic(source, work / "onnx-int8-dynamic.onnx")
+        return dst, {"names_compacted_bytes": compact_names(dst)}
+
+    def static(work: Path):
+        if calib is None:
+            raise VariantSkipped("needs calibration data (--calib)")
+        dst = work / "onnx-int8.onnx"
+        quantize = settings.quantize
+        notes: dict = {"calibration": quantize.calibration_method,
+                       "calibration_samples": min(len(calib),
+                                                  quantize.max_calibration_samples)}
+        if quantize.op_types is None and looks_like_transformer(source):
+            quantize = replace(quantize, op_types=TRANSFORMER_OPS)
+            notes["transformer"] = "only MatMul/Gemm quantized"
+        if not settings.fallback.enabled:
+            prepared = quantize_int8_static(source, dst, calib, quantize)
+            notes.update(prepared.notes())
+        else:
+            notes.update(quantize_with_fallback(source, dst, calib, gate_fn, quantize,
+                                                settings.fallback).notes())
+        notes["names_compacted_bytes"] = compact_names(dst)
+        return dst, notes
+
+    return {"onnx-fp32": fp32, "onnx-fp16": fp16, "onnx-int8-dynamic": dynamic,
+            "onnx-int8": static}
+
+
+def _gate_fn(val: Samples, reference: Reference, settings: ConvertSettings):
     """Gate check of an ONNX file, for the accuracy-aware INT8 search (no latency runs)."""
-    quick = replace(settings.evaluate, warmup_runs=0, timed_runs=1)
-
-    def check(path: Path) -> list[str]:
-        metrics, _ = evaluate_variant(path, val_x, reference, val_y, ref_acc, quick)
-        return [f for f in check_gate(metrics, settings.gate) if "latency" not in f]
+    def check(path: Path) -> list:
+        metrics, _ = evaluate(path, val, reference, quick(settings.evaluate), timed=False)
+        return [f for f in check_gate(metrics, settings.gate) if f.gate != "latency_p99"]
     return check
 
 
-def _make_onnx_candidates(fp32_src: Path, calib_x, work: Path, settings: ConvertSettings,
-                          steps: _Steps, gate_fn) -> list[_Candidate]:
-    wanted = [v for v in settings.variants if runtime_of(v) == "onnxruntime"]
-    out = []
-    for vid in wanted:
-        steps.step(f"making {vid}")
-        dst = work / f"{vid}.onnx"
-        notes: dict = {}
-        if vid == "onnx-fp32":
-            make_fp32(fp32_src, dst)
-        elif vid == "onnx-fp16":
-            make_fp16(fp32_src, dst)
-        elif vid == "onnx-int8-dynamic":
-            make_int8_dynamic(fp32_src, dst)
-        elif settings.fallback.enabled:
-            result = quantize_with_fallback(fp32_src, dst, calib_x, gate_fn,
-                                            settings.quantize, settings.fallback)
-            notes = {"nodes_in_float": list(result.excluded), "int8_rounds": result.rounds,
-                     "calibration": settings.quantize.calibration_method}
-        else:
-            quantize_int8_static(fp32_src, dst, calib_x, settings.quantize)
-            notes = {"calibration": settings.quantize.calibration_method}
-        out.append(_Candidate(vid, PRECISION_OF[vid], dst, notes))
-    return out
+def _one_variant(vid: str, job: _Job, settings: ConvertSettings,
+                 steps: _Steps) -> tuple[VariantReport, Path | None]:
+    runtime, precision = runtime_of(vid), PRECISION_OF[vid]
+    steps.step(f"making {vid}")
+    maker = job.makers.get(vid)
+    try:
+        if maker is None:
+            raise VariantSkipped("cannot be made from this source")
+        path, notes = maker(job.work)
+    except VariantSkipped as e:
+        return VariantReport(vid, runtime, precision, error=f"skipped: {e}",
+                             stage="skipped"), None
+    except Exception as e:  # noqa: BLE001 - one variant's failure never sinks the others
+        logger.info("%s could not be made", vid, exc_info=True)
+        return VariantReport(vid, runtime, precision, error=f"could not be made: "
+                             f"{type(e).__name__}: {_text(e, job)}", stage="make"), None
+    steps.step(f"evaluating {vid}")
+    try:
+        metrics, _ = evaluate(path, job.val, job.reference, settings.evaluate)
+    except Exception as e:  # noqa: BLE001
+        logger.info("%s could not be measured", vid, exc_info=True)
+        return VariantReport(vid, runtime, precision, notes=notes, error=f"could not be "
+                             f"run: {_text(e, job)}", stage="evaluate"), None
+    failures = tuple(check_gate(metrics, settings.gate))
+    for f in failures:
+        logger.info("%s fails its gate: %s", vid, f)
+    return VariantReport(vid, runtime, precision, metrics, failures, notes), path
 
 
-def _evaluate_all(candidates: Sequence[_Candidate], val_x, val_y, reference,
-                  reference_accuracy, settings: ConvertSettings,
-                  steps: _Steps) -> list[VariantReport]:
-    from edgeship.converter.evaluate import evaluate_any
-
-    reports = []
-    for c in candidates:
-        steps.step(f"evaluating {c.id}")
-        metrics, _ = evaluate_any(c.path, val_x, reference, val_y, reference_accuracy,
-                                  settings.evaluate)
-        failures = tuple(check_gate(metrics, settings.gate))
-        for reason in failures:
-            logger.info("%s fails its gate: %s", c.id, reason)
-        reports.append(VariantReport(c.id, c.runtime, c.precision, metrics, failures,
-                                     c.notes))
-    return reports
+def _text(e: BaseException, job: _Job) -> str:
+    """The error's text without the scratch directory (which is gone when users read it)."""
+    return first_line(e, 1000).replace(f"{job.work}/", "").replace(str(job.work), "")
 
 
-def _refuse(reports: Sequence[VariantReport]) -> NoVariantPassedError:
-    failures = {r.id: list(r.failures) for r in reports}
-    detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in failures.items())
-    return NoVariantPassedError(f"no variant passed the gate ({detail})", failures=failures,
-                                reports=tuple(reports))
-
-
-def convert(model, example_input, calib_x: np.ndarray, val_x: np.ndarray,
-            val_y: np.ndarray | None, out_dir: str | os.PathLike, name: str, version: int,
-            gate: Gate | None = None, threads: int = 2, *, labels: Sequence[str] = (),
-            settings: ConvertSettings | None = None, progress: bool = False,
-            reference_model=None) -> ConvertResult:
-    """Convert a torch ``model`` into a gated bundle directory at ``out_dir``.
-
-    ``reference_model`` (default ``model``) is what every variant is measured against:
-    pass the original when ``model`` is a pruned or distilled version of it.
-
-    Raises :class:`~converter.errors.GateError` (``NoVariantPassedError``) and writes nothing
-    if no variant passes; :class:`~agent.errors.BundleError` if ``out_dir`` exists.
-    """
-    settings = _settings(settings, gate, threads)
-    _check_out(out_dir, name, settings)
-    reference = torch_reference(reference_model if reference_model is not None else model,
-                                val_x)
-    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
-        steps = _Steps(progress, total=2 * len(settings.variants) + 2)
-        with steps.active():
-            steps.step("exporting fp32 ONNX")
-            fp32 = export_onnx(model, example_input, Path(tmp) / "exported.onnx",
-                               settings.export)
-            extra = _tflite_candidates(model, example_input, calib_x, Path(tmp), settings,
-                                       steps)
-            return _convert_core(fp32, reference, calib_x, val_x, val_y, out_dir, name,
-                                 version, labels, settings, steps, Path(tmp), extra)
-
-
-def convert_onnx(onnx_path: str | os.PathLike, calib_x: np.ndarray, val_x: np.ndarray,
-                 val_y: np.ndarray | None, out_dir: str | os.PathLike, name: str,
-                 version: int, gate: Gate | None = None, threads: int = 2, *,
-                 labels: Sequence[str] = (), settings: ConvertSettings | None = None,
-                 progress: bool = False) -> ConvertResult:
-    """Convert an ONNX file (external data allowed); the reference is the file itself."""
-    from edgeship.converter.sources import load_onnx_model
-
-    settings = _settings(settings, gate, threads)
-    _check_out(out_dir, name, settings)
-    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
-        fp32 = load_onnx_model(onnx_path, Path(tmp) / "source.onnx", val_x[:1])
-        reference = run_batched(open_session(fp32, settings.evaluate.threads), val_x)
-        steps = _Steps(progress, total=2 * len(settings.variants) + 1)
-        with steps.active():
-            return _convert_core(fp32, reference, calib_x, val_x, val_y, out_dir, name,
-                                 version, labels, settings, steps, Path(tmp), [])
+def _convert_core(job: _Job, out_dir, name: str, version: int, labels: Sequence[str],
+                  settings: ConvertSettings, steps: _Steps) -> ConvertResult:
+    reports, paths = [], {}
+    for vid, why in (settings.skipped or {}).items():
+        reports.append(VariantReport(vid, runtime_of(vid), PRECISION_OF[vid],
+                                     error=f"skipped: {why}", stage="skipped"))
+    for vid in settings.variants:
+        report, path = _one_variant(vid, job, settings, steps)
+        reports.append(report)
+        if report.passed:
+            paths[vid] = path
+    if not paths:
+        raise refuse(reports)
+    steps.step("writing bundle")
+    ref = job.reference
+    reference_info = {"samples": float(len(job.val))}
+    if ref.accuracy is not None:
+        reference_info["accuracy"] = ref.accuracy
+    artifacts = [VariantArtifact(r.id, r.runtime, r.precision, paths[r.id],
+                                 {**r.metrics.to_dict(),
+                                  "zstd_size_bytes": float(zstd_size(paths[r.id]))})
+                 for r in reports if r.passed]
+    options = BundleOptions(task=ref.task, reference=reference_info, labels=tuple(labels),
+                            latency_budget_ms=settings.latency_budget_ms,
+                            measured_on=measured_on(settings.evaluate.threads),
+                            golden_samples=settings.golden_samples,
+                            signature_from=job.source)
+    manifest = write_bundle(out_dir, name, version, artifacts, job.val,
+                            overwrite=settings.overwrite, options=options)
+    return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref.accuracy,
+                         ref.task, not job.val.synthesized, tuple(job.warnings))
 
 
 def _settings(settings: ConvertSettings | None, gate: Gate | None,
@@ -256,49 +295,144 @@ def _check_out(out_dir, name: str, settings: ConvertSettings) -> None:
         raise BundleError(f"{out_dir} already exists; choose another directory or version")
 
 
-def _tflite_candidates(model, example_input, calib_x, work: Path,
-                       settings: ConvertSettings, steps: _Steps) -> list[_Candidate]:
-    wanted = [v for v in settings.variants if runtime_of(v) == "litert"]
-    if not wanted:
-        return []
+def _run(job_fn, out_dir, name, version, labels, settings: ConvertSettings,
+         progress: bool) -> ConvertResult:
+    """Make a :class:`_Job` in a scratch directory and run the variant loop on it."""
+    _check_out(out_dir, name, settings)
+    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as tmp:
+        steps = _Steps(progress, total=2 * len(settings.variants) + 2)
+        with steps.active():
+            steps.step("loading the source model")
+            job = job_fn(Path(tmp), settings, steps)
+            return _convert_core(job, out_dir, name, version, labels,
+                                 _gate_for(settings, job.val), steps)
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+def convert_onnx(onnx_path: str | os.PathLike, calib, val, out_dir: str | os.PathLike,
+                 name: str, version: int, gate: Gate | None = None, threads: int = 2, *,
+                 labels: Sequence[str] = (), settings: ConvertSettings | None = None,
+                 progress: bool = False, pins: Mapping[str, Sequence[int]] | None = None,
+                 val_y: np.ndarray | None = None) -> ConvertResult:
+    """Convert an ONNX file (external data allowed; any inputs). ``calib``/``val``:
+    :class:`Samples`, :class:`RawData`, a plain batch for single-input models, or None
+    (no data: the variants that need none, compared on synthesized inputs)."""
+    settings = _settings(settings, gate, threads)
+    shown = str(onnx_path)
+    if not Path(onnx_path).is_file():
+        raise InputError(f"{shown}: no such file")
+
+    def job(work: Path, settings: ConvertSettings, steps: _Steps) -> _Job:
+        source = normalize(onnx_path, work / "source.onnx", shown, pins)
+        inputs, outputs = io_info(source)
+        _check_dtypes(shown, inputs)
+        warnings: list[str] = []
+        calib_s, val_s = _samples(calib, as_raw(val, val_y, "--val"), inputs, warnings)
+        task = _task(settings, inputs, outputs, val_s)
+        reference = _reference(source, val_s, task, settings, shown)
+        makers = onnx_makers(source, calib_s, _gate_fn(val_s, reference, settings), settings)
+        return _Job(source, inputs, reference, val_s, calib_s, makers, work, warnings)
+
+    return _run(job, out_dir, name, version, labels, settings, progress)
+
+
+def _reference(source: Path, val: Samples, task: str, settings: ConvertSettings,
+               shown: str) -> Reference:
+    """The source's outputs on the validation samples; errors name the user's file."""
+    from edgeship.converter.evaluate import open_runner
+
+    try:
+        open_runner(source, settings.evaluate.threads)
+    except EvaluationError as e:
+        raise InputError(f"{shown}: {e}") from e
+    try:
+        return make_reference(source, val, task, settings.evaluate.threads)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{shown}: fails on the {val.source or 'given data'}: "
+                         f"{first_line(e)}") from e
+
+
+def _check_dtypes(shown: str, inputs: Sequence[TensorInfo]) -> None:
+    from edgeship.agent.manifest import DTYPES
+
+    bad = [(i.name, i.dtype) for i in inputs if i.dtype not in DTYPES]
+    if bad:
+        raise InputError(f"{shown}: inputs of types devices cannot take: {bad}")
+
+
+def convert(model, example_input, calib_x, val_x, val_y, out_dir: str | os.PathLike,
+            name: str, version: int, gate: Gate | None = None, threads: int = 2, *,
+            labels: Sequence[str] = (), settings: ConvertSettings | None = None,
+            progress: bool = False, reference_model=None,
+            const_kwargs: Mapping | None = None) -> ConvertResult:
+    """Convert a torch ``model`` (one tensor input: rows of ``calib_x``/``val_x``) into a
+    gated bundle at ``out_dir``. ``reference_model`` (default ``model``) is what every
+    variant is measured against: the original when ``model`` is pruned or distilled.
+    ``const_kwargs`` are passed to every call of ``forward`` (non-tensor arguments)."""
+    from edgeship.converter.export import INPUT_NAME, with_constants
+
+    settings = _settings(settings, gate, threads)
+    model = with_constants(model, const_kwargs)
+    ref_model = with_constants(reference_model, const_kwargs) \
+        if reference_model is not None else model
+
+    def job(work: Path, settings: ConvertSettings, steps: _Steps) -> _Job:
+        fp32 = export_onnx(model, example_input, work / "exported.onnx", settings.export)
+        inputs, outputs = io_info(fp32)
+        val_s = Samples.from_rows(INPUT_NAME, np.asarray(val_x, np.float32), val_y, "--val")
+        calib_s = Samples.from_rows(INPUT_NAME, np.asarray(calib_x, np.float32),
+                                    source="--calib")
+        names = tuple(o.name for o in outputs)
+        task = _task(settings, inputs, outputs, val_s)
+        reference = reference_from(torch_outputs(ref_model, val_s, names, (INPUT_NAME,)),
+                                   val_s, task)
+        makers = onnx_makers(fp32, calib_s, _gate_fn(val_s, reference, settings), settings)
+        makers.update(_tflite_makers(model, example_input, calib_s, settings))
+        return _Job(fp32, inputs, reference, val_s, calib_s, makers, work, [])
+
+    return _run(job, out_dir, name, version, labels, settings, progress)
+
+
+def _tflite_makers(model, example_input, calib: Samples,
+                   settings: ConvertSettings) -> dict[str, Maker]:
     from edgeship.converter.tflite import make_tflite
 
-    out = []
-    for vid in wanted:
-        steps.step(f"making {vid}")
-        path = make_tflite(model, example_input, calib_x, vid, work / f"{vid}.tflite")
-        out.append(_Candidate(vid, PRECISION_OF[vid], path, runtime="litert"))
-    return out
+    def maker(vid: str) -> Maker:
+        def make(work: Path):
+            return make_tflite(model, example_input, calib, vid, work / f"{vid}.tflite"), {}
+        return make
+
+    return {vid: maker(vid) for vid in settings.variants if runtime_of(vid) == "litert"}
 
 
-def _convert_core(fp32: Path, reference, calib_x, val_x, val_y, out_dir, name, version,
-                  labels, settings: ConvertSettings, steps: _Steps, work: Path,
-                  extra: list[_Candidate]) -> ConvertResult:
-    ref_acc = None if val_y is None else float((reference.argmax(axis=1) == val_y).mean())
-    gate_fn = _gate_fn(val_x, val_y, reference, ref_acc, settings)
-    candidates = _make_onnx_candidates(fp32, calib_x, work, settings, steps, gate_fn)
-    candidates += extra
-    reports = _evaluate_all(candidates, val_x, val_y, reference, ref_acc, settings, steps)
-    if not any(r.passed for r in reports):
-        raise _refuse(reports)
-    steps.step("writing bundle")
-    reference_info = {"samples": float(len(val_x))}
-    if ref_acc is not None:
-        reference_info["accuracy"] = ref_acc
-    manifest = write_bundle(out_dir, name, version, _artifacts(candidates, reports),
-                            val_x[:settings.golden_samples], reference=reference_info,
-                            labels=labels, overwrite=settings.overwrite,
-                            signature_from=fp32)
-    return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref_acc)
+def convert_tflite(tflite_path: str | os.PathLike, calib, val, out_dir: str | os.PathLike,
+                   name: str, version: int, gate: Gate | None = None, threads: int = 2, *,
+                   labels: Sequence[str] = (), settings: ConvertSettings | None = None,
+                   progress: bool = False, val_y: np.ndarray | None = None) -> ConvertResult:
+    """Pack an existing ``.tflite``: golden outputs from LiteRT on every input and output;
+    with ai-edge-quantizer installed, quantized TFLite variants of it as well."""
+    from edgeship.converter.tflite import source_makers, tflite_source
 
+    settings = _settings(settings, gate, threads)
+    shown = str(tflite_path)
 
-def _artifacts(candidates: Sequence[_Candidate],
-               reports: Sequence[VariantReport]) -> list[VariantArtifact]:
-    passed = {r.id: r for r in reports if r.passed}
-    return [VariantArtifact(c.id, c.runtime, c.precision, c.path,
-                            {**passed[c.id].metrics.to_dict(),
-                             "zstd_size_bytes": float(zstd_size(c.path))})
-            for c in candidates if c.id in passed]
+    def job(work: Path, settings: ConvertSettings, steps: _Steps) -> _Job:
+        source, precision = tflite_source(tflite_path, work / "source.tflite", shown)
+        from edgeship.converter.evaluate import TFLiteRunner
+
+        runner = TFLiteRunner(source, settings.evaluate.threads)
+        warnings: list[str] = []
+        calib_s, val_s = _samples(calib, as_raw(val, val_y, "--val"), runner.inputs,
+                                  warnings)
+        outputs = tuple(TensorInfo(n, "float32", ()) for n in runner.output_names)
+        task = _task(settings, runner.inputs, outputs, val_s)
+        reference = _reference(source, val_s, task, settings, shown)
+        makers = source_makers(source, precision, calib_s)
+        return _Job(source, runner.inputs, reference, val_s, calib_s, makers, work,
+                    warnings)
+
+    return _run(job, out_dir, name, version, labels, settings, progress)
 
 
 def convert_digits(out_dir: str | os.PathLike, version: int = 1, *, epochs: int = 15,
@@ -310,6 +444,13 @@ def convert_digits(out_dir: str | os.PathLike, version: int = 1, *, epochs: int 
 
     trained = trained or train_digits(epochs=epochs, seed=seed)
     data = trained.data
+    settings = settings or ConvertSettings()
+    if settings.task is None:
+        settings = replace(settings, task="classification")
     return convert(trained.model, data.x_train[:1], calibration_images(data, seed=seed),
                    data.x_test, data.y_test, out_dir, name, version, gate, threads,
                    labels=DIGIT_LABELS, settings=settings, progress=progress)
+
+
+__all__ = ["ConvertResult", "ConvertSettings", "VariantReport", "RawData", "convert",
+           "convert_onnx", "convert_tflite", "convert_digits", "torch_outputs"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeship.converter.errors import InputError
+from edgeship.converter.samples import RawData, first_line, load_npz_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -127,47 +127,6 @@ def _load_weights(model, path: Path) -> None:
         raise InputError(f"{path}: weights do not fit the model: {first}") from e
 
 
-def load_onnx_model(path: str | os.PathLike, dst: Path, probe: np.ndarray) -> Path:
-    """Validate an ONNX file (external data allowed) and save it self-contained at ``dst``.
-
-    ``probe`` (one validation sample) is run once so shape mismatches surface here.
-    """
-    import onnx
-
-    src = Path(path)
-    _require_file(src)
-    try:
-        model = onnx.load(str(src), load_external_data=True)
-    except Exception as e:  # noqa: BLE001 - protobuf errors, missing external data
-        raise InputError(f"{src}: not a readable ONNX model ({type(e).__name__}: "
-                         f"{_first_line(e)})") from e
-    try:
-        onnx.checker.check_model(model)
-        onnx.save_model(model, str(dst), save_as_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{src}: invalid ONNX model: {_first_line(e)}") from e
-    _probe(dst, src, probe)
-    return dst
-
-
-def _probe(path: Path, shown: Path, probe: np.ndarray) -> None:
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - e.g. an operator onnxruntime does not have
-        raise InputError(f"{shown}: onnxruntime cannot load it: {_first_line(e)}") from e
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise InputError(f"{shown}: has {len(inputs)} inputs; the converter handles "
-                         "single-input models")
-    check_shape(tuple(inputs[0].shape), probe.shape, str(shown))
-    try:
-        session.run(None, {inputs[0].name: probe.astype(np.float32)})
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{shown}: fails on the given data: {_first_line(e)}") from e
-
-
 def check_shape(expected: tuple, got: tuple, what: str) -> None:
     """Raise if ``got`` (data shape) cannot feed a model input declared as ``expected``."""
     if len(expected) != len(got) or any(
@@ -175,11 +134,6 @@ def check_shape(expected: tuple, got: tuple, what: str) -> None:
             for e, g in zip(expected[1:], got[1:])):
         raise InputError(f"{what}: input shape {list(expected)} does not match data shape "
                          f"{list(got)}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -201,53 +155,39 @@ class Preprocess:
             raise InputError(f"layout must be NCHW or NHWC, got {self.layout!r}")
 
 
-@dataclass(frozen=True)
-class Dataset:
-    x: np.ndarray
-    y: np.ndarray | None  # labels; None → accuracy is agreement with the source model
-
-
-def load_data(spec: str | os.PathLike, preprocess: Preprocess = Preprocess()) -> Dataset:
-    """``.npy``, ``.npz`` (arrays ``x`` and optional ``y``), an image folder, or
-    ``package.module:callable`` yielding batches (``x`` or ``(x, y)``)."""
+def load_data(spec: str | os.PathLike, preprocess: Preprocess = Preprocess()) -> RawData:
+    """``.npy``, ``.npz`` (one array per input name, or ``x``; optional labels ``y``), an
+    image folder, or ``package.module:callable`` yielding batches (``x`` or ``(x, y)``).
+    Arrays are kept as stored; matching them to a model's inputs happens later."""
     text = str(spec)
     path = Path(text)
     if path.is_dir():
         return load_image_folder(path, preprocess)
     if path.suffix in (".npy", ".npz"):
-        return _load_numpy(path)
+        _require_file(path)
+        arrays, y = load_npz_arrays(path)
+        arrays = {k: v[:MAX_DATA_SAMPLES] for k, v in arrays.items()}
+        return _raw(arrays, y, text)
     if ":" in text and not path.exists():
         return _load_callable(text)
     raise InputError(f"{text}: no such data file or folder (want .npy, .npz, an image "
                      "folder or package.module:callable)")
 
 
-def _load_numpy(path: Path) -> Dataset:
-    _require_file(path)
-    try:
-        if path.suffix == ".npy":
-            return _dataset(np.load(path, allow_pickle=False), None, path)
-        with np.load(path, allow_pickle=False) as npz:
-            if "x" not in npz.files:
-                raise InputError(f"{path}: .npz needs an array named 'x' (has "
-                                 f"{sorted(npz.files)})")
-            return _dataset(npz["x"], npz["y"] if "y" in npz.files else None, path)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: not a readable numpy file ({_first_line(e)})") from e
-
-
-def _dataset(x: np.ndarray, y: np.ndarray | None, source) -> Dataset:
-    if x.ndim < 2 or len(x) == 0:
-        raise InputError(f"{source}: data must be a non-empty batch, got shape {x.shape}")
-    x = np.ascontiguousarray(x[:MAX_DATA_SAMPLES], dtype=np.float32)
+def _raw(arrays: dict[str, np.ndarray], y, source) -> RawData:
+    for name, a in arrays.items():
+        if a.ndim == 0 or len(a) == 0:
+            raise InputError(f"{source}: array {name!r} must hold samples on its first "
+                             f"axis, got shape {list(a.shape)}")
     if y is not None:
-        y = np.asarray(y).astype(np.int64)[:MAX_DATA_SAMPLES]
-        if y.shape != (len(x),):
-            raise InputError(f"{source}: {len(x)} samples but labels of shape {y.shape}")
-    return Dataset(x, y)
+        y = np.asarray(y)[:MAX_DATA_SAMPLES]
+        n = len(next(iter(arrays.values())))
+        if len(y) != n:
+            raise InputError(f"{source}: {n} samples but {len(y)} labels in 'y'")
+    return RawData(arrays, y, str(source))
 
 
-def _load_callable(spec: str) -> Dataset:
+def _load_callable(spec: str) -> RawData:
     fn: Callable = import_object(spec)
     xs, ys = [], []
     for batch in fn():
@@ -258,10 +198,10 @@ def _load_callable(spec: str) -> Dataset:
     if not xs:
         raise InputError(f"{spec}: yielded no batches")
     labels = np.concatenate(ys) if ys and len(ys) == len(xs) else None
-    return _dataset(np.concatenate(xs), labels, spec)
+    return _raw({"x": np.concatenate(xs)[:MAX_DATA_SAMPLES]}, labels, spec)
 
 
-def load_image_folder(root: Path, pre: Preprocess) -> Dataset:
+def load_image_folder(root: Path, pre: Preprocess) -> RawData:
     """Images under ``root`` (or ``root/<label>/``: sub-folder names sorted → label ids)."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -271,7 +211,7 @@ def load_image_folder(root: Path, pre: Preprocess) -> Dataset:
     y = None
     if classes and all(p.parent != root for p in files):
         y = np.array([classes.index(p.parent.name) for p in files[:MAX_DATA_SAMPLES]])
-    return _dataset(x, y, root)
+    return _raw({"x": x}, y, root)
 
 
 def _image(path: Path, pre: Preprocess) -> np.ndarray:
@@ -287,7 +227,7 @@ def _image(path: Path, pre: Preprocess) -> np.ndarray:
                 img = img.resize((pre.size[1], pre.size[0]), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) * pre.scale
     except OSError as e:
-        raise InputError(f"{path}: not a readable image ({_first_line(e)})") from e
+        raise InputError(f"{path}: not a readable image ({first_line(e)})") from e
     arr = arr[..., None] if arr.ndim == 2 else arr
     arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     if pre.layout == "NCHW":

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeship.converter.errors import ExportError, InputError
+from edgeship.converter.errors import ExportError, InputError, VariantSkipped
+from edgeship.converter.samples import Samples, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def export_tflite(model, example_input, out: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - the converter raises anything
         out.unlink(missing_ok=True)
         raise ExportError(f"litert-torch could not convert {type(model).__name__}: "
-                          f"{type(e).__name__}: {str(e).strip()[:300]}") from e
+                          f"{type(e).__name__}: {first_line(e)}") from e
     return out
 
 
@@ -73,16 +74,22 @@ def _recipe(variant_id: str):
             "tflite-int8": recipe.static_wi8_ai8}[variant_id]()
 
 
-def _calibration(src: Path, calib_x: np.ndarray) -> dict:
+def _calibration(src: Path, calib: Samples) -> dict:
+    """The representative dataset per signature input: samples matched by name, else by
+    position (signature names are not the tensor names the samples are keyed by)."""
     from ai_edge_litert.interpreter import Interpreter
 
     key, io_names = next(iter(Interpreter(model_path=str(src)).get_signature_list().items()))
-    name = io_names["inputs"][0]
-    x = np.asarray(calib_x, dtype=np.float32)[:MAX_REPRESENTATIVE_SAMPLES]
-    return {key: [{name: x[i:i + 1]} for i in range(len(x))]}
+    names = io_names["inputs"]
+    if len(names) != len(calib.names):
+        raise ExportError(f"the TFLite model takes {len(names)} inputs, the calibration "
+                          f"data has {len(calib.names)}")
+    keys = [n if n in calib.names else calib.names[i] for i, n in enumerate(names)]
+    data = calib.take(MAX_REPRESENTATIVE_SAMPLES)
+    return {key: [{sig: feed[k] for sig, k in zip(names, keys)} for feed in data.feeds()]}
 
 
-def quantize_tflite(src: Path, variant_id: str, calib_x: np.ndarray, out: Path) -> Path:
+def quantize_tflite(src: Path, variant_id: str, calib: Samples | None, out: Path) -> Path:
     """One quantized .tflite variant of the fp32 file ``src``."""
     from ai_edge_quantizer import qtyping, quantizer
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
@@ -97,17 +104,21 @@ def quantize_tflite(src: Path, variant_id: str, calib_x: np.ndarray, out: Path) 
         qz = quantizer.Quantizer(str(src), _recipe(variant_id))
     try:
         with _quiet():
-            calibration = qz.calibrate(_calibration(src, calib_x)) \
+            if qz.need_calibration and calib is None:
+                raise InputError(f"{variant_id} needs calibration data (--calib)")
+            calibration = qz.calibrate(_calibration(src, calib)) \
                 if qz.need_calibration else None
             qz.quantize(calibration).export_model(str(out), overwrite=True)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001
         out.unlink(missing_ok=True)
         raise ExportError(f"{variant_id}: ai-edge-quantizer failed: {type(e).__name__}: "
-                          f"{str(e).strip()[:300]}") from e
+                          f"{first_line(e)}") from e
     return out
 
 
-def make_tflite(model, example_input, calib_x: np.ndarray, variant_id: str,
+def make_tflite(model, example_input, calib: Samples | None, variant_id: str,
                 out: str | os.PathLike) -> Path:
     """The .tflite file of ``variant_id`` (fp32 is exported once and reused)."""
     out = Path(out)
@@ -116,4 +127,78 @@ def make_tflite(model, example_input, calib_x: np.ndarray, variant_id: str,
         export_tflite(model, example_input, fp32)
     if variant_id == "tflite-fp32":
         return fp32
-    return quantize_tflite(fp32, variant_id, calib_x, out)
+    return quantize_tflite(fp32, variant_id, calib, out)
+
+
+# --- an existing .tflite as the source ----------------------------------------------------
+
+PRECISION_VARIANT = {"fp32": "tflite-fp32", "fp16": "tflite-fp16",
+                     "int8-dynamic": "tflite-int8-dynamic", "int8-static": "tflite-int8"}
+
+
+def detect_precision(path: Path) -> str:
+    """fp32, fp16, int8-dynamic (int8 weights, float activations) or int8-static (integer
+    inputs with quantization parameters) from the tensors LiteRT reports."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    inputs = it.get_input_details()
+    if any(np.dtype(d["dtype"]).kind in "iu" and d.get("quantization", (0, 0))[0]
+           for d in inputs):
+        return "int8-static"
+    kinds = {np.dtype(d["dtype"]) for d in it.get_tensor_details()}
+    if np.dtype(np.int8) in kinds:
+        return "int8-dynamic"
+    if np.dtype(np.float16) in kinds:
+        return "fp16"
+    return "fp32"
+
+
+def tflite_source(path: str | os.PathLike, dst: Path, shown: str) -> tuple[Path, str]:
+    """A checked copy of the user's ``.tflite`` and its precision."""
+    import shutil
+
+    src = Path(path)
+    if not src.is_file():
+        raise InputError(f"{shown}: no such file")
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as e:
+        raise InputError("packing a .tflite needs ai-edge-litert "
+                         "(pip install 'edgeship[tflite]')") from e
+    try:
+        Interpreter(model_path=str(src)).allocate_tensors()
+    except Exception as e:  # noqa: BLE001 - flatbuffer errors, unknown ops
+        raise InputError(f"{shown}: LiteRT cannot load it: {first_line(e)}") from e
+    shutil.copyfile(src, dst)
+    return dst, detect_precision(dst)
+
+
+def source_makers(source: Path, precision: str, calib: Samples | None) -> dict:
+    """The given file as its own variant; from an fp32 file, quantized ones too."""
+    own = PRECISION_VARIANT[precision]
+    makers = {own: lambda work: (source, {"source": "the given .tflite"})}
+    if precision != "fp32":
+        return makers
+
+    def quantized(vid: str):
+        def make(work: Path):
+            if not _quantizer_available():
+                raise VariantSkipped("needs ai-edge-quantizer (pip install "
+                            "'edgeship[tflite-convert]')")
+            if vid == "tflite-int8" and calib is None:
+                raise VariantSkipped("needs calibration data (--calib)")
+            return quantize_tflite(source, vid, calib, work / f"{vid}.tflite"), {}
+        return make
+
+    for vid in ("tflite-fp16", "tflite-int8-dynamic", "tflite-int8"):
+        makers[vid] = quantized(vid)
+    return makers
+
+
+def _quantizer_available() -> bool:
+    try:
+        import ai_edge_quantizer  # noqa: F401
+    except ImportError:
+        return False
+    return True

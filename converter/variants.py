@@ -19,6 +19,8 @@ from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
 from edgeship.converter.errors import QuantizeError
+from edgeship.converter.graph import scratch_cwd
+from edgeship.converter.samples import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ def variants_for_precisions(precisions: tuple[str, ...], runtimes: tuple[str, ..
 class DynamicSettings:
     per_channel: bool = True
     reduce_range: bool = True  # same cross-CPU reasoning as the static variant
+    op_types: tuple[str, ...] = ()  # empty: every operator quantize_dynamic supports
 
 
 def make_fp32(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -78,29 +81,36 @@ def make_fp32(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def make_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """fp16 weights and compute; float32 graph inputs/outputs so callers need no change."""
+    """fp16 weights and compute; the graph's inputs/outputs keep their types."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        with scratch_cwd():
+            model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
         onnx.save_model(model, str(dst))
     except Exception as e:  # noqa: BLE001 - onnx tooling raises anything
         Path(dst).unlink(missing_ok=True)
-        raise QuantizeError(f"fp16 conversion of {src} failed: {type(e).__name__}: {e}") \
-            from e
+        raise QuantizeError(f"fp16 conversion failed: {type(e).__name__}: "
+                            f"{first_line(e)}") from e
     return Path(dst)
 
 
 def make_int8_dynamic(src: str | os.PathLike, dst: str | os.PathLike,
                       settings: DynamicSettings = DynamicSettings()) -> Path:
+    """int8 weights, activations quantized at run time (MatMul/Gemm/Conv/Gather/...)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     try:
-        quantize_dynamic(str(src), str(dst), per_channel=settings.per_channel,
-                         reduce_range=settings.reduce_range, weight_type=QuantType.QInt8)
+        with scratch_cwd():
+            quantize_dynamic(str(src), str(dst), per_channel=settings.per_channel,
+                             reduce_range=settings.reduce_range,
+                             weight_type=QuantType.QInt8,
+                             op_types_to_quantize=list(settings.op_types) or None,
+                             extra_options={"DefaultTensorType": 1})  # FLOAT where unknown
     except Exception as e:  # noqa: BLE001
-        Path(dst).unlink(missing_ok=True)
-        raise QuantizeError(f"dynamic INT8 quantization of {src} failed: "
-                            f"{type(e).__name__}: {e}") from e
-    return Path(dst)
+        dst.unlink(missing_ok=True)
+        raise QuantizeError(f"dynamic INT8 quantization failed: {type(e).__name__}: "
+                            f"{first_line(e)}") from e
+    return dst

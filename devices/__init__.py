@@ -54,6 +54,16 @@ class Profile:
     thermal_limit_c: float
     gates: Gates
     detect: DetectRules
+    latency_scale: float | None = None
+    variant_choice: str | None = None  # None: "profile" with a GPU provider, else "measured"
+
+    @property
+    def uses_measurements(self) -> bool:
+        """Whether the converter's latency measurements steer the choice of variant: by
+        default only on CPU-only boards (host CPU timings say little about a GPU/NPU)."""
+        if self.variant_choice is not None:
+            return self.variant_choice == "measured"
+        return all(p == "CPUExecutionProvider" for p in self.execution_providers)
 
 
 def profile_names() -> list[str]:

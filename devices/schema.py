@@ -43,6 +43,12 @@ TOP_LEVEL: dict[str, Key] = {
     "threads": Key(int, min=1, max=256),
     "model_memory_budget_mb": Key(int, min=1),
     "latency_budget_ms": Key(float, min=0.01, max=60_000),
+    # how many times slower than the converter's machine this board runs a model: a release
+    # without its own latency budget gets (converter p50 x latency_scale x headroom)
+    "latency_scale": Key(float, required=False, min=0.01, max=1000),
+    # "measured": never prefer a variant the converter measured slower than another of the
+    # same runtime; "profile": the preferred_precisions order only (GPU/NPU boards)
+    "variant_choice": Key(str, required=False, choices=("measured", "profile")),
     "thermal_throttle_c": Key(float, min=30, max=125),
     "thermal_limit_c": Key(float, min=30, max=125),
     "gates": Key(dict),

@@ -52,6 +52,24 @@ class LoadedBundle:
     manifest_bytes: bytes
     directory: Path
     files: tuple[BundleFile, ...]  # manifest first, then variants, then golden
+    manifest_path: Path | None = None  # a rewritten manifest.json (release-time changes)
+
+    def source(self, f: BundleFile) -> Path:
+        if f.kind == "manifest" and self.manifest_path is not None:
+            return self.manifest_path
+        return self.directory / f.name
+
+
+def with_manifest(bundle: LoadedBundle, manifest: Manifest, workdir: Path) -> LoadedBundle:
+    """``bundle`` with ``manifest`` in place of its own (written under ``workdir``), e.g. a
+    latency budget set at release time; the other files are unchanged."""
+    data = manifest.to_bytes()
+    Manifest.from_bytes(data)  # the device's parser must accept it
+    path = workdir / MANIFEST_NAME
+    path.write_bytes(data)
+    first = BundleFile(MANIFEST_NAME, "manifest", hashlib.sha256(data).hexdigest(),
+                       len(data))
+    return LoadedBundle(manifest, data, bundle.directory, (first, *bundle.files[1:]), path)
 
 
 @contextlib.contextmanager

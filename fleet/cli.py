@@ -108,6 +108,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     login = mqtt_login(args)
     info = release_bundle(args.bundle, args.repo, args.keys,
                           RepoSettings(deltas=args.deltas,
+                                       latency_budget_ms=args.latency_budget_ms,
                                        memory_budgets=_memory_budgets(args.profile)))
     announced = False
     if args.mqtt:
@@ -230,14 +231,19 @@ def _print_table(devices: list[DeviceRecord]) -> None:
     from rich.table import Table
     now = time.time()
     table = Table(title=f"{len(devices)} device(s)")
-    for col in ("device", "online", "group", "runs", "desired", "last seen", "last event"):
+    for col in ("device", "online", "group", "runs", "desired", "last seen", "last event",
+                "last failure"):
         table.add_column(col)
     for d in devices:
         desired = ", ".join(f"{m}:v{v}" for m, v in sorted(d.desired.items()))
         table.add_row(d.id, "yes" if d.online else "no", d.group or "",
                       _models_text(d.models), desired, _ago(d.last_seen, now),
-                      f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "")
-    Console().print(table)
+                      f"{d.last_event} ({_ago(d.last_event_ts, now)})" if d.last_event else "",
+                      d.failure_text or "")
+    console = Console()
+    if not console.is_terminal:  # piped: one line per device, reasons unwrapped
+        console = Console(width=max(console.width, 240))
+    console.print(table)
 
 
 @_command
@@ -273,6 +279,7 @@ def _bounded(cast: Callable[[str], float], low: float, high: float | None,
 
 
 _positive_int = _bounded(int, 1, None, "a positive integer")
+_positive = _bounded(float, 1e-3, 3_600_000, "a positive number of milliseconds")
 _non_negative_int = _bounded(int, 0, None, "an integer >= 0")
 #: ``--spread-s``: seconds in [0, MAX_SPREAD_S] (what a device accepts)
 _spread_s = _bounded(float, 0, MAX_SPREAD_S, f"seconds in [0, {MAX_SPREAD_S:.0f}]")
@@ -349,6 +356,10 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
                           "it download only what changed)")
+    rel.add_argument("--latency-budget-ms", type=_positive, default=None, metavar="MS",
+                     help="the release's latency budget on devices (replaces the one from "
+                          "convert; default: that one, else derived from the converter's "
+                          "measurement and each board's profile)")
     rel.add_argument("--spread-s", type=_spread_s, default=0.0,
                      help="with --mqtt: devices start fetching at a per-device offset within "
                      "this many seconds (default 0: at once)")

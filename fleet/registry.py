@@ -224,7 +224,8 @@ class Registry(RegistryReads):
         reason = _str_or_none(msg.get("reason"), 64)
         extra: dict[str, Any] = {"last_event": event, "last_event_ts": now}
         if event in FAILURE_EVENTS:
-            extra.update(last_failure=reason or event, last_failure_ts=now)
+            extra.update(last_failure=reason or event, last_failure_ts=now,
+                         last_failure_detail=_str_or_none(msg.get("detail")))
         self._touch(rows, device, now, **extra)
         rows.add(("events",), t.events.insert, {
             "device": device, "ts": now, "event": event, "model": _str_or_none(msg.get("model")),

@@ -35,6 +35,17 @@ class DeviceRecord:
     memory_percent: float | None = None
     temperature_c: float | None = None
     vitals_ts: float | None = None
+    #: what the device said about its last failure, e.g. "47.0 ms > 20.0 ms (the
+    #: release's budget)" for latency_budget_exceeded
+    last_failure_detail: str | None = None
+
+    @property
+    def failure_text(self) -> str | None:
+        """``latency_budget_exceeded: 47.0 ms > 20.0 ms (...)``; None without a failure."""
+        if not self.last_failure:
+            return None
+        return f"{self.last_failure}: {self.last_failure_detail}" \
+            if self.last_failure_detail else self.last_failure
 
     def running(self, model: str) -> int | None:
         """The version of ``model`` the device last said it serves."""
@@ -135,7 +146,7 @@ class DeviceQuery:
 _DEVICE_COLS = ("id", "online", "last_seen", "profile", "agent_version", "models",
                 "last_event", "last_event_ts", "arch", "grp", "last_failure",
                 "last_failure_ts", "cpu_percent", "memory_percent", "temperature_c",
-                "vitals_ts")
+                "vitals_ts", "last_failure_detail")
 
 
 class RegistryReads:

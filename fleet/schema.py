@@ -28,6 +28,7 @@ devices = Table(
     Column("last_failure", Text), Column("last_failure_ts", Float),
     Column("cpu_percent", Float), Column("memory_percent", Float),
     Column("temperature_c", Float), Column("vitals_ts", Float),
+    Column("last_failure_detail", Text),
     Index("devices_profile", "profile"), Index("devices_online", "online"),
 )
 

@@ -26,6 +26,7 @@ removed by the next writer under the lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -46,7 +47,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeship.agent.errors import ConfigError
-from edgeship.fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
+from edgeship.fleet.bundle import (BundleFile, BundleLimits, LoadedBundle, install_file,
+                                   open_bundle, with_manifest)
 from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
 from edgeship.fleet.files import atomic_write, fsync_dir, write_new
 from edgeship.fleet.repo_hygiene import (STAGING_PREFIX, check_signing_time, remove_leftovers,
@@ -70,6 +72,7 @@ class RepoSettings:
     max_bundle_bytes: int = 4 * 1024**3
     max_bundle_files: int = 64
     deltas: bool = False  # release: also publish deltas from the previous version
+    latency_budget_ms: float | None = None  # release: the release's own latency budget
     # release: profile name -> model_memory_budget_mb a language model must fit (refused
     # before signing when no variant fits one of them)
     memory_budgets: tuple[tuple[str, float], ...] = ()
@@ -81,6 +84,10 @@ class RepoSettings:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}", key=key)
+        budget = self.latency_budget_ms
+        if budget is not None and not 0 < budget <= 3_600_000:
+            raise ConfigError(f"latency_budget_ms must be > 0, got {budget!r}",
+                              key="latency_budget_ms")
         if self.root_keys and self.root_keys < self.root_threshold:
             raise ConfigError(f"root_keys ({self.root_keys}) must be >= root_threshold "
                               f"({self.root_threshold})", key="root_keys")
@@ -319,7 +326,7 @@ def _add_targets(dest_dir: Path, bundle: LoadedBundle, targets: Targets) -> tupl
     m = bundle.manifest
     paths = []
     for f in bundle.files:
-        install_file(bundle.directory / f.name, f, dest_dir)
+        install_file(bundle.source(f), f, dest_dir)
         path = f"{m.model}/{m.version}/{f.name}"
         targets.targets[path] = TargetFile(
             length=f.size, hashes={"sha256": f.sha256}, path=path,
@@ -435,7 +442,11 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
         cur = _load_current(repo_dir / "metadata")
         _remove_leftovers(repo_dir, cur)
         _check_signing_time(repo_dir, cur, settings, now)
-        with open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+        with open_bundle(Path(bundle_path), repo_dir, limits) as bundle, \
+                tempfile.TemporaryDirectory(dir=repo_dir, prefix=STAGING_PREFIX + "manifest-") as tmp:
+            if settings.latency_budget_ms is not None:
+                bundle = with_manifest(bundle, dataclasses.replace(
+                    bundle.manifest, latency_budget_ms=settings.latency_budget_ms), Path(tmp))
             m = bundle.manifest
             latest = _latest_versions(cur.targets.signed).get(m.model, 0)
             if m.version <= latest:

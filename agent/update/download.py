@@ -190,7 +190,8 @@ class Downloader:
                     f"{model} v{version}", reason_code=Reason.METADATA_INVALID)
             t = self.traits
             variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch,
-                                     t.memory_budget_mb)
+                                     t.memory_budget_mb,
+                                     use_measurements=t.use_measurements)
             for name in (variant.file, manifest.golden_file):
                 self._fetch_target(updater, f"{model}/{version}/{name}", staging)
             return manifest, variant.id

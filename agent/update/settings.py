@@ -14,8 +14,10 @@ class DeviceTraits:
     preferred_precisions: tuple[str, ...]
     threads: int
     providers: tuple[str, ...]
-    latency_budget_ms: float | None = None
+    latency_budget_ms: float | None = None  # the profile's default budget
     hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
+    latency_scale: float | None = None  # the profile's: derives budgets from measurements
+    use_measurements: bool = False  # skip variants the converter measured slower
     memory_budget_mb: float | None = None  # language models: weights + KV cache must fit
 
 

@@ -9,11 +9,11 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
 
 from edgeship.agent.errors import EdgeshipError, Reason
+from edgeship.agent.budget import LatencyBudget, latency_budget
 from edgeship.agent.health import (HealthLimits, HealthReport, check_health, check_in_subprocess,
-                                   load_golden)
+                                   golden_for)
 from edgeship.agent.protocol import StatusEvent
 from edgeship.agent.runtime import ModelRuntime, load_runtime
 from edgeship.agent.serving import LoadedModel, ModelServer
@@ -48,30 +48,39 @@ class Steps:
         return load_runtime(installed.variant.runtime, installed.model_path,
                             threads=self.traits.threads, providers=self.traits.providers)
 
+    def latency_budget(self, installed: InstalledModel) -> LatencyBudget:
+        """The release's budget, else one derived from the converter's measurement, else
+        the profile's default (``agent.budget``)."""
+        t = self.traits
+        return latency_budget(installed.manifest, installed.variant, t.latency_budget_ms,
+                              t.latency_scale)
+
     def health_check(self, installed: InstalledModel) -> HealthReport:
         t = self.traits
+        budget = self.latency_budget(installed)
         if self.settings.health_in_subprocess:
             limits = self.settings.health
             limits = HealthLimits(timeout_s=limits.timeout_s,
                                   max_memory_mb=limits.max_memory_mb, threads=t.threads,
-                                  providers=t.providers, latency_budget_ms=t.latency_budget_ms)
+                                  providers=t.providers, latency_budget_ms=budget.ms,
+                                  budget_source=budget.source)
             report = check_in_subprocess(installed.directory, installed.variant.id, limits)
         else:
             report = check_health(self.load(installed), installed.manifest,
                                   installed.variant, installed.golden_path,
-                                  latency_budget_ms=t.latency_budget_ms)
+                                  latency_budget_ms=budget.ms, budget_source=budget.source)
         logger.info("%s v%s healthy: max_abs_diff=%.3g latency=%.2f ms", installed.model,
                     installed.version, report.max_abs_diff, report.latency_ms)
         return report
 
     def warm(self, installed: InstalledModel) -> LoadedModel:
-        """Load the runtime in this process and run the golden batch once, off the
+        """Load the runtime in this process and run the golden samples once, off the
         serving path, so the first live request does not pay for initialisation."""
         runtime = self.load(installed)
-        inputs, _ = load_golden(installed.golden_path, installed.variant)
-        spec = installed.manifest.inputs[0]
+        golden = golden_for(installed.manifest, installed.variant, installed.golden_path)
         try:
-            runtime.run({spec.name: np.asarray(inputs, dtype=spec.dtype)})
+            for feed in golden.feeds:
+                runtime.run(feed)
         except Exception as e:
             raise EdgeshipError(f"warm-up failed: {e}",
                                 reason_code=Reason.HEALTH_CHECK_FAILED) from e

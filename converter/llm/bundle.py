@@ -64,7 +64,8 @@ def write_llm_bundle(out_dir: str | Path, name: str, version: int,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        entries = _build_variants(tmp, variants, golden)
+        entries = _build_variants(tmp, variants,
+                                  {k: {"logits": [g]} for k, g in golden.items()})
         _write_file(tmp / GOLDEN_NAME, _npz_bytes({"inputs": ids, **golden}))
         manifest = Manifest(
             model=name, version=version, task=TASK,

@@ -60,6 +60,9 @@ SCHEMAS: dict[str, Any] = {
         "last_event": {"type": ["string", "null"]},
         "last_failure": {"type": ["string", "null"],
                          "description": "reason of the last failed or rejected event"},
+        "last_failure_detail": {"type": ["string", "null"], "description":
+                                "what the device said about it, e.g. 47.0 ms > 20.0 ms "
+                                "(the release's budget)"},
         "cpu_percent": {"type": ["number", "null"]},
         "memory_percent": {"type": ["number", "null"]},
         "temperature_c": {"type": ["number", "null"]}}},

@@ -17,10 +17,15 @@ import torch
 from edgeship.converter.accuracy_aware import (FallbackSettings, nodes_touching, quantize_with_fallback,
                                       rank_tensors, relative_error)
 from edgeship.converter.digits import calibration_images
-from edgeship.converter.evaluate import open_session, run_batched
+from edgeship.converter.evaluate import OnnxRunner
 from edgeship.converter.export import export_onnx
 from edgeship.converter.gates import Gate
 from edgeship.converter.pipeline import ConvertSettings
+from edgeship.converter.samples import Samples
+
+
+def _logits(path, x):
+    return OnnxRunner(path).run({"input": x})[0]
 
 
 def test_relative_error_counts_crushed_small_values_not_just_energy():
@@ -52,7 +57,7 @@ def _drop_gate(data, reference):
     ref_acc = (reference.argmax(1) == data.y_test).mean()
 
     def gate(path):
-        acc = (run_batched(open_session(path), data.x_test).argmax(1) == data.y_test).mean()
+        acc = (_logits(path, data.x_test).argmax(1) == data.y_test).mean()
         drop = (ref_acc - acc) * 100
         return [] if drop <= 1.0 else [f"accuracy drop {drop:.1f} pt"]
     return gate
@@ -61,9 +66,9 @@ def _drop_gate(data, reference):
 def test_fallback_keeps_only_the_outlier_layers_in_float(outlier_model, trained, tmp_path):
     data = trained.data
     fp32 = export_onnx(outlier_model, data.x_train[:1], tmp_path / "fp32.onnx")
-    reference = run_batched(open_session(fp32), data.x_test)
+    reference = _logits(fp32, data.x_test)
     gate = _drop_gate(data, reference)
-    calib = calibration_images(data)
+    calib = Samples.from_rows("input", calibration_images(data))
 
     plain = quantize_with_fallback(fp32, tmp_path / "plain.onnx", calib, gate,
                                    fallback=FallbackSettings(max_rounds=1))

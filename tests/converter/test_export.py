@@ -8,6 +8,7 @@ from edgeship.converter.errors import ExportError, QuantizeError
 from edgeship.converter.evaluate import open_session
 from edgeship.converter.export import ExportSettings, export_onnx
 from edgeship.converter.quantize import quantize_int8_static
+from edgeship.converter.samples import Samples
 
 
 class _Broken(torch.nn.Module):
@@ -33,9 +34,14 @@ def test_unexportable_model_raises_export_error(tmp_path):
         export_onnx(_Broken(), np.zeros((1, 1, 8, 8), np.float32), tmp_path / "m.onnx")
 
 
-def test_quantize_rejects_empty_calibration(trained, tmp_path):
+def test_quantize_that_fails_on_every_fallback_leaves_nothing(trained, tmp_path,
+                                                              monkeypatch):
     fp32 = export_onnx(trained.model, trained.data.x_train[:1], tmp_path / "m.onnx",
                        ExportSettings(prefer_dynamo=False))
-    with pytest.raises(QuantizeError, match="calibration"):
-        quantize_int8_static(fp32, tmp_path / "q.onnx", np.zeros((0, 1, 8, 8)))
-    assert not (tmp_path / "q.onnx").exists()
+    wrong = Samples({"input": np.zeros((2, 1, 3, 5, 5), np.float32)})  # not 1x8x8 images
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QuantizeError, match="static INT8 failed on every fallback") as err:
+        quantize_int8_static(fp32, tmp_path / "q.onnx", wrong)
+    for rung in ("symbolic", "onnx", "fixed-shapes", "none"):
+        assert f"({rung}" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # cwd stays clean

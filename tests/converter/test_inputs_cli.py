@@ -73,7 +73,9 @@ def test_onnx_with_external_data_all_onnx_variants(digits_onnx_external, data_fi
     assert (report / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "onnx-int8-dynamic" in (report / "report.md").read_text()
     rows = json.loads((report / "report.json").read_text())["rows"]
-    assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    measured = [r for r in rows if r["shipped"]]
+    assert len(measured) == 3 and all(r["p99_ms"] >= r["p50_ms"] > 0 for r in measured)
+    assert {r["id"] for r in rows if not r["shipped"]} == set(res["skipped"])
 
 
 def test_torch_factory_with_safetensors_weights_and_fp16_without_labels(
@@ -161,6 +163,7 @@ def _bad_cases(tmp_path, data_files, good_onnx):
     (tmp_path / "trunc.onnx").write_bytes(raw[: len(raw) // 3])
     _unsupported_op_model(tmp_path / "custom.onnx")
     np.save(tmp_path / "wrong.npy", np.zeros((4, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "named.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
     calib = ["--calib", str(data_files / "calib.npz")]
     return {
         "not a model": (["onnx", str(tmp_path / "junk.onnx"), *calib], "junk.onnx"),
@@ -168,16 +171,17 @@ def _bad_cases(tmp_path, data_files, good_onnx):
         "unsupported op": (["onnx", str(tmp_path / "custom.onnx"), *calib],
                            "FrobnicateTensor"),
         "shape mismatch onnx": (["onnx", str(good_onnx), "--calib",
-                                 str(tmp_path / "wrong.npy")], "does not match"),
+                                 str(tmp_path / "wrong.npy")], "but the input is [?, 1, 8, 8]"),
         "shape mismatch torch": (["torch", FACTORY, "--input-shape", "1,1,8,8",
                                   "--calib", str(tmp_path / "wrong.npy")],
                                  "does not match"),
-        "missing calibration": (["onnx", str(good_onnx)], "missing calibration data"),
+        "npz without the input": (["onnx", str(good_onnx), "--calib",
+                                   str(tmp_path / "named.npz")], "no array for model input"),
         "calibration file absent": (["onnx", str(good_onnx), "--calib",
                                      str(tmp_path / "nope.npz")], "no such file"),
         "unknown device": (["digits", "--device", "toaster9000"], "unknown device profile"),
         "tflite from onnx": (["onnx", str(good_onnx), *calib, "--variants",
-                              "tflite-fp32"], "need the PyTorch source"),
+                              "tflite-fp32"], "needs the PyTorch source"),
         "not torchscript": (["torch", str(tmp_path / "junk.onnx"), *calib],
                             "not a TorchScript file"),
         "onnx directory": (["onnx", str(tmp_path), *calib], "is a directory"),
@@ -186,7 +190,7 @@ def _bad_cases(tmp_path, data_files, good_onnx):
 
 @pytest.mark.parametrize("case", ["not a model", "truncated", "unsupported op",
                                   "shape mismatch onnx", "shape mismatch torch",
-                                  "missing calibration", "calibration file absent",
+                                  "npz without the input", "calibration file absent",
                                   "unknown device", "tflite from onnx", "not torchscript",
                                   "onnx directory"])
 def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, data_files,

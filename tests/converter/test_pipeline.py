@@ -8,12 +8,13 @@ import pytest
 from edgeship.converter.errors import GateError
 from edgeship.agent.manifest import GOLDEN_NAME
 from edgeship.converter.bundle import read_bundle_dir
-from edgeship.converter.evaluate import open_session, run_batched
+from edgeship.agent.golden import load_golden
+from edgeship.converter.evaluate import OnnxRunner
 from edgeship.converter.gates import Gate
 from edgeship.converter.pipeline import convert_digits
 
 METRIC_KEYS = {"accuracy", "accuracy_drop", "agreement", "cosine", "max_abs_diff",
-               "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples",
+               "snr_db", "latency_p50_ms", "latency_p99_ms", "size_bytes", "samples",
                "memory_bytes", "zstd_size_bytes"}
 
 
@@ -45,7 +46,8 @@ def test_manifest_carries_metrics_reference_and_labels(converted, trained):
         assert v.metrics["samples"] == 450 and v.metrics["latency_p50_ms"] > 0
     assert m.reference["accuracy"] == pytest.approx(trained.test_accuracy)
     assert m.reference["samples"] == 450
-    assert m.labels == tuple(str(i) for i in range(10))
+    assert m.labels == tuple(str(i) for i in range(10)) and m.task == "classification"
+    assert m.measured_on["arch"] and m.measured_on["threads"] == "2"
     assert m.inputs[0].name == "input" and m.inputs[0].shape == (None, 1, 8, 8)
     assert m.outputs[0].name == "logits" and m.outputs[0].shape == (None, 10)
 
@@ -54,13 +56,16 @@ def test_bundle_round_trips_and_golden_outputs_reproduce(converted):
     manifest = read_bundle_dir(converted.bundle_dir)
     assert manifest == converted.manifest
     with np.load(converted.bundle_dir / GOLDEN_NAME) as golden:
-        inputs = golden["inputs"]
-        assert inputs.shape == (8, 1, 8, 8) and inputs.dtype == np.float32
-        for v in manifest.variants:
-            out = run_batched(open_session(converted.bundle_dir / v.file), inputs)
-            np.testing.assert_allclose(out, golden[v.id], atol=v.golden_atol, rtol=0)
-    assert manifest.variant("onnx-fp32").golden_atol == 1e-4
-    assert manifest.variant("onnx-int8").golden_atol >= 0.05
+        assert golden["in:input"].shape == (8, 1, 1, 8, 8)  # 8 samples of batch 1
+    for v in manifest.variants:
+        g = load_golden(converted.bundle_dir / GOLDEN_NAME, v.id, manifest.inputs,
+                        ["logits"])
+        runner = OnnxRunner(converted.bundle_dir / v.file)
+        for k, feed in enumerate(g.feeds):
+            np.testing.assert_allclose(runner.run(feed)[0], g.expected["logits"][k],
+                                       atol=v.tolerance("logits"), rtol=0)
+    assert manifest.variant("onnx-fp32").tolerance("logits") < 0.01
+    assert manifest.variant("onnx-int8").tolerance("logits") >= 0.05
 
 
 def test_impossible_gate_raises_and_leaves_no_output(trained, tmp_path):
@@ -79,4 +84,8 @@ def test_variant_failing_its_gate_is_left_out_of_the_bundle(trained, tmp_path):
     assert result.shipped == ("onnx-fp32",)
     assert not (result.bundle_dir / "model.int8.onnx").exists()
     failed = [r for r in result.reports if not r.passed]
-    assert [r.id for r in failed] == ["onnx-int8"] and "cosine" in failed[0].failures[0]
+    assert [r.id for r in failed] == ["onnx-int8"]
+    assert failed[0].failures[0].gate == "cosine"
+    assert failed[0].reasons()[0] == {"gate": "cosine", "output": "logits",
+                                      "measured": failed[0].failures[0].measured,
+                                      "limit": 0.99999}

@@ -18,7 +18,6 @@ from edgeship.agent.daemon import Agent
 from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 from edgeship.demo import write_agent_config
-from edgeship.fleet.broker import free_port
 from edgeship.fleet.server import FleetServer, FleetSettings
 from edgeship.fleet.tuf_repo import init_repository, release_bundle
 
@@ -85,10 +84,16 @@ class LoopEnv:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.watcher.session.publish_acked(topic, payload, retain=retain, timeout_s=10)
 
-    def start_agent(self, device: str, profile: str = "generic-x86_64") -> Agent:
-        path = write_agent_config(self.root / "devices" / device, device, self.url, profile,
-                                  free_port(), 0.5, self.repo)
+    def start_agent(self, device: str, profile: str = "generic-x86_64",
+                    **settings: Any) -> Agent:
+        """An in-process agent; ``settings`` are extra ``[agent]`` keys (trial_window_s=1)."""
         from edgeship.agent.config import load_config
+        from tests.support.agent_process import listen_port
+
+        path = write_agent_config(self.root / "devices" / device, device, self.url, profile,
+                                  listen_port(), 0.5, self.repo)
+        with open(path, "a") as f:
+            f.writelines(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         agent = Agent(load_config(path))
         agent.start()
         self.agents.append(agent)
@@ -116,6 +121,16 @@ def predict(agent: Agent, model: str, x) -> dict[str, Any]:
     req = urllib.request.Request(f"{agent.api.url}/v1/models/{model}/predict", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def predict_named(agent: Agent, model: str, feed: dict[str, Any]) -> dict[str, Any]:
+    """POST inputs by name as JSON (any dtype: numbers, booleans, nested lists); the
+    response's outputs come back by name."""
+    body = json.dumps({"inputs": {k: v.tolist() for k, v in feed.items()}}).encode()
+    req = urllib.request.Request(f"{agent.api.url}/v1/models/{model}/predict", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
 
