@@ -176,12 +176,15 @@ class LiteRtModel:
     signature_by_position = True
 
     def signature(self) -> tuple[tuple[IOSpec, ...], tuple[IOSpec, ...]]:
+        """What a caller sees: a full-integer tensor takes and returns float32 (``run``
+        quantizes at the model's edges), outputs in the order ``run`` returns them."""
         def spec(d: dict) -> IOSpec:
             dims = tuple(int(x) if x >= 0 else None
                          for x in d.get("shape_signature", d["shape"]))
-            return IOSpec(d["name"], np.dtype(d["dtype"]).name, dims)
+            dtype = "float32" if tensor_affine(d) is not None else np.dtype(d["dtype"]).name
+            return IOSpec(d["name"], dtype, dims)
         return (tuple(spec(d) for d in self._interp.get_input_details()),
-                tuple(spec(d) for d in self._interp.get_output_details()))
+                tuple(spec(d) for d in ordered_outputs(self._interp)))
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._single and len(inputs) == 1:

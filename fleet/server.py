@@ -180,6 +180,8 @@ class FleetServer:
             self.stop()
             raise EdgeshipError(f"fleet server could not connect to {self.settings.mqtt_url} "
                                 f"within {self.settings.connect_timeout_s}s")
+        if wait:  # started = hears the devices: every SUBACK in (or its timeout logged)
+            self._session.wait_subscribed(self.settings.connect_timeout_s)
         self.rollouts.start()
         if self.settings.http_port is not None:
             from edgeship.fleet.web.server import FleetWebServer, WebSettings

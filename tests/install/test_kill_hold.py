@@ -49,6 +49,12 @@ class HoldDriver(Driver):
         wait_until(lambda: event in self.fleet.chain(self.device, version, since), 90,
                    f"{self.device}: {event} of v{version}")
 
+    def settled_record(self) -> dict:
+        """The record once it rests: the ``failed`` event goes out before the record's
+        step to idle is saved."""
+        return wait_until(lambda: (lambda r: r if r["state"] == "idle" else None)(
+            self.agent.record(self.model)), 30, f"{self.device}: the record back to idle")
+
     def killed_in(self, state: str, version: int) -> dict:
         rc = self.agent.wait_exit(90)
         assert rc == -9, f"agent exited {rc}, not by SIGKILL"
@@ -75,7 +81,7 @@ class HoldDriver(Driver):
                         if e["event"] == "failed"]
             assert failed["hold"] is True and failed["reason"] == INJECTED_REASON, failed
             assert self.fleet.chain(self.device, version, since) == ["failed"]  # quiet
-            rec = self.agent.record(self.model)
+            rec = self.settled_record()
             assert rec["history"][-3:] == ["rolling_back", "failed", "idle"], rec
             assert version in rec["blocked"]
             return self.assert_serving()
@@ -102,7 +108,7 @@ class HoldDriver(Driver):
             self.wait_event("failed", version, since)
             chain = self.fleet.chain(self.device, version, since)
             assert chain == ["rolling_back", "failed"], chain
-            rec = self.agent.record(self.model)
+            rec = self.settled_record()
             assert rec["history"][-5:] == ["held", "commit", "rolling_back", "failed",
                                            "idle"], rec
             assert version in rec["blocked"]
