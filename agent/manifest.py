@@ -82,6 +82,9 @@ class Manifest:
     created_at: str = ""
     labels: tuple[str, ...] = ()
     shadow: ShadowPolicy | None = None
+    #: the reference profile for drift and the label-free estimate (JSON as written by
+    #: converter/profile.py; parsed by agent.quality.profile when the version is served)
+    profile: dict[str, Any] | None = None
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -105,6 +108,7 @@ class Manifest:
             "reference": dict(self.reference),
             "labels": list(self.labels),
             **({"shadow": self.shadow.to_dict()} if self.shadow else {}),
+            **({"profile": self.profile} if self.profile is not None else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -197,7 +201,18 @@ def _parse_manifest(raw: Any) -> Manifest:
         created_at=str(raw.get("created_at", "")),
         labels=tuple(str(x) for x in raw.get("labels", [])),
         shadow=_shadow(raw.get("shadow")),
+        profile=_profile(raw.get("profile")),
     )
+
+
+def _profile(raw: Any) -> dict[str, Any] | None:
+    """Kept as JSON; checked when the version is served (a bad profile turns drift
+    monitoring off for that version and says why, it never blocks the install)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BundleError("manifest field 'profile' must be an object")
+    return raw
 
 
 def _shadow(raw: Any) -> ShadowPolicy | None:

@@ -158,8 +158,13 @@ def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
                  variants: Sequence[VariantArtifact], golden_inputs: np.ndarray, *,
                  reference: dict[str, float] | None = None, labels: Sequence[str] = (),
-                 task: str = "classification", overwrite: bool = False) -> Manifest:
-    """Write a complete bundle directory at ``out_dir`` atomically; returns its manifest."""
+                 task: str = "classification", overwrite: bool = False,
+                 profile_samples: tuple[np.ndarray, np.ndarray | None] | None = None
+                 ) -> Manifest:
+    """Write a complete bundle directory at ``out_dir`` atomically; returns its manifest.
+
+    ``profile_samples``: validation inputs and labels (or None) for the reference profile
+    (``converter.profile``: drift and the label-free estimate on devices)."""
     if not variants:
         raise BundleError("refusing to write a bundle without variants")
     out = Path(out_dir).resolve()
@@ -169,6 +174,7 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
     golden = _golden_outputs(variants, inputs)
     in_specs, out_specs = tensor_specs(variants[0].path)
+    profile = _profile(variants, profile_samples, in_specs, out_specs, task, labels)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the fleet server reads it as another user
     try:
@@ -180,7 +186,8 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
             golden_sha256=sha256_file(tmp / GOLDEN_NAME),
             golden_size=(tmp / GOLDEN_NAME).stat().st_size,
             reference=dict(reference or {}), labels=tuple(labels),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            profile=profile)
         Manifest.from_bytes(manifest.to_bytes())  # the device's parser must accept it
         _write_file(tmp / MANIFEST_NAME, manifest.to_bytes())
         _fsync_dir(tmp)
@@ -191,6 +198,20 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     logger.info("wrote bundle %s v%d to %s (%s)", model_name, version, out,
                 ", ".join(v.id for v in entries))
     return manifest
+
+
+def _profile(variants: Sequence[VariantArtifact],
+             samples: tuple[np.ndarray, np.ndarray | None] | None, in_specs, out_specs,
+             task: str, labels: Sequence[str]) -> dict | None:
+    if samples is None:
+        return None
+    from edgeship.converter.profile import MAX_PROFILE_SAMPLES, bundle_profile
+
+    x, y = samples
+    x = np.ascontiguousarray(x[:MAX_PROFILE_SAMPLES], dtype=np.float32)
+    y = None if y is None else np.asarray(y)[:MAX_PROFILE_SAMPLES]
+    return bundle_profile(_golden_outputs(variants, x), x, y, input_specs=in_specs,
+                          output_specs=out_specs, task=task, labels=labels)
 
 
 def _check_file(path: Path, size: int, sha256: str) -> None:
