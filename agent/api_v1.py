@@ -134,7 +134,9 @@ def _answer(req: Request, outputs: list[np.ndarray], loaded: LoadedModel,
            "outputs": {n: o.tolist() for n, o in zip(names, outputs)}}
     if rid is not None:
         doc["id"] = rid
-    return json_response(200, doc)
+    resp = json_response(200, doc)
+    resp.headers.update(headers)
+    return resp
 
 
 def feedback(server: Any, req: Request) -> Response:

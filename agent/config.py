@@ -58,6 +58,11 @@ class AgentConfig:
     max_update_restarts: int = 3  # restarts during one install before it is stopped
     health_timeout_s: float = 60.0
     health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
+    # --- model quality in the field: feedback, drift, label-free estimate ---
+    quality_enabled: bool = True  # request ids, drift sketches, feedback (agent.quality)
+    quality_window_samples: int = 2048  # live samples a drift window covers (8 blocks)
+    feedback_memory_samples: int = 8192  # predictions waiting in memory for the disk
+    feedback_disk_samples: int = 100_000  # predictions kept on disk for feedback (~60 B each)
 
     @property
     def api_socket_path(self) -> Path | None:
@@ -96,7 +101,8 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
              "api_body_samples", "api_max_connections", "api_idle_timeout_s",
              "spool_max_records", "spool_max_dead_letters",
              "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
-             "max_update_restarts")
+             "max_update_restarts", "quality_window_samples", "feedback_memory_samples",
+             "feedback_disk_samples")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:

@@ -31,6 +31,9 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Any]:
         yield from self._models()
+        if self.server.quality is not None:
+            from edgeship.agent.quality.prom import quality_metrics
+            yield from quality_metrics(self.server)
         yield from self._spool()
         yield from self._device()
 

@@ -2,8 +2,8 @@
 
 ``ModelServer.swap`` asks :meth:`QualityHub.observer` for each served version and calls the
 returned function on every request. Folded predictions wait in memory (at most
-``memory_samples`` samples; past that the oldest are dropped and counted as
-``evicted_memory``) until the flush thread, a feedback request or a telemetry tick writes
+``memory_samples`` samples plus the newest fold; past that the oldest are dropped and
+counted as ``evicted_memory``) until the flush thread, a feedback request or a telemetry tick writes
 them to the store (SQLite, ``disk_samples`` rows).
 """
 
@@ -105,7 +105,8 @@ class QualityHub:
         with self._lock:
             self._waiting.append((model, mq.boot, folded))
             self._waiting_samples += len(folded.samples)
-            while self._waiting_samples > self.settings.memory_samples and self._waiting:
+            while self._waiting_samples > self.settings.memory_samples and \
+                    len(self._waiting) > 1:  # the newest fold stays
                 old_model, _, old = self._waiting.popleft()
                 self._waiting_samples -= len(old.samples)
                 self.store.bump(old_model, {"evicted_memory": len(old.samples)})
@@ -213,11 +214,16 @@ class QualityHub:
 
     # --- reports -----------------------------------------------------------------------
 
-    def telemetry(self, served: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    def telemetry(self, served: dict[str, tuple[int, str]], flush: bool = True
+                  ) -> dict[str, Any]:
         """The ``quality`` section of a telemetry record: per served model (name ->
         (version, variant)) the drift window and estimate, the labelled counts of its
-        latest versions, and the feedback counters."""
-        self.flush()
+        latest versions, and the feedback counters. ``flush`` False (a Prometheus scrape):
+        fold, but write nothing."""
+        if flush:
+            self.flush()
+        else:
+            self.fold_all()
         return {model: self._model_doc(model, version, variant)
                 for model, (version, variant) in served.items()}
 
@@ -252,6 +258,15 @@ class QualityHub:
         with self._lock:
             return sum(t.sketch.window.nbytes for t in self._trackers.values()
                        if t.sketch is not None)
+
+
+def hub_for(state_dir: Path, window_samples: int, memory_samples: int,
+            disk_samples: int) -> QualityHub:
+    """The agent's hub from its config values."""
+    blocks = QualitySettings.window.blocks
+    window = WindowSettings(blocks, max(16, window_samples // blocks))
+    return QualityHub(state_dir, QualitySettings(window=window, memory_samples=memory_samples,
+                                                 disk_samples=max(1000, disk_samples)))
 
 
 def _meta(task: str, plan: ScorePlan | None, labels: tuple[str, ...]) -> VersionMeta:

@@ -1,0 +1,102 @@
+"""The local API's side of quality: request ids on /v1 and v2, the feedback and quality
+routes with their status codes, and the Prometheus families, over real HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import numpy as np
+import pytest
+
+from edgeship.agent.api import InferenceHTTPServer
+from edgeship.agent.metrics import AgentCollector, Metrics
+from edgeship.agent.quality.hub import QualityHub
+from tests.support.shifts import serve_bundle
+from tests.support.synthetic import write_quality_bundle
+
+WIDTH = 16
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    bundle = write_quality_bundle(root / "b", width=WIDTH)
+    hub = QualityHub(root / "state")
+    server = serve_bundle(bundle, quality=hub)
+    metrics = Metrics(AgentCollector(server, None, lambda: {}, {"device": "t"}))
+    http_server = InferenceHTTPServer("127.0.0.1", 0, server, metrics_text=metrics.text)
+    http_server.start()
+    yield http_server
+    http_server.stop()
+    hub.stop()
+
+
+def _call(api, method, path, doc=None):
+    conn = http.client.HTTPConnection(*api.server_address[:2], timeout=30)
+    body = None if doc is None else json.dumps(doc).encode()
+    conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    ctype = resp.getheader("Content-Type") or ""
+    return resp.status, dict(resp.getheaders()), json.loads(data) if "json" in ctype else data
+
+
+def _x(n=1):
+    return np.random.default_rng(n).standard_normal((n, WIDTH)).astype(np.float32).tolist()
+
+
+def test_v1_prediction_carries_an_id_and_feedback_answers_with_the_outcome(api):
+    status, headers, doc = _call(api, "POST", "/v1/models/synq/predict", {"inputs": _x()})
+    assert status == 200 and doc["id"] == headers["X-Edgeship-Request-Id"]
+    label = int(np.argmax(doc["outputs"]["logits"][0]))
+    url = "/v1/models/synq/feedback"
+    assert _call(api, "POST", url, {"id": doc["id"], "label": label})[0] == 200
+    status, _, again = _call(api, "POST", url, {"id": doc["id"], "label": label})
+    assert status == 409 and again["status"] == "duplicate"
+    boot = doc["id"].split("-")[0]
+    assert _call(api, "POST", url, {"id": f"{boot}-99999", "label": 1})[0] == 404
+    fresh = _call(api, "POST", "/v1/models/synq/predict", {"inputs": _x()})[2]["id"]
+    status, _, bad = _call(api, "POST", url, {"id": fresh, "label": 42})
+    assert status == 400 and "0..9" in bad["message"]
+    assert _call(api, "POST", url, {"nothing": 1})[0] == 400
+    status, _, err = _call(api, "POST", "/v1/models/nope/feedback", {"id": doc["id"]})
+    assert status == 404 and "nope" in err["message"]
+
+
+def test_a_batch_of_feedback_gets_one_result_per_item(api):
+    ids = [_call(api, "POST", "/v1/models/synq/predict", {"inputs": _x(2)})[2]["id"]
+           for _ in range(3)]
+    items = [{"id": ids[0], "labels": [1, 2]}, {"id": ids[1], "labels": [3]},
+             {"id": ids[2], "index": 1, "label": "4"}]
+    status, _, doc = _call(api, "POST", "/v1/models/synq/feedback", {"items": items})
+    assert status == 200 and (doc["accepted"], doc["rejected"]) == (2, 1)
+    assert [r["status"] for r in doc["results"]] == ["accepted", "invalid", "accepted"]
+
+
+def test_v2_response_names_the_prediction_in_its_parameters(api):
+    body = {"id": "client-7", "inputs": [{"name": "x", "shape": [1, WIDTH],
+                                         "datatype": "FP32", "data": _x()[0]}]}
+    status, _, doc = _call(api, "POST", "/v2/models/synq/infer", body)
+    assert status == 200 and doc["id"] == "client-7"
+    rid = doc["parameters"]["edgeship_request_id"]
+    status, _, fb = _call(api, "POST", "/v1/models/synq/feedback", {"id": rid, "label": 0})
+    assert status == 200 and fb["status"] == "accepted"
+    del body["id"]
+    assert _call(api, "POST", "/v2/models/synq/infer", body)[2]["id"].count("-") == 1
+
+
+def test_quality_route_and_prometheus_show_the_same_numbers(api):
+    for _ in range(5):
+        _call(api, "POST", "/v1/models/synq/predict", {"inputs": _x(4)})
+    status, _, doc = _call(api, "GET", "/v1/models/synq/quality")
+    assert status == 200 and doc["profile"] == "ok"
+    assert doc["metrics"]["1"]["samples"] >= 4
+    est = doc["drift"]["estimate"]
+    assert est["method"] == "atc" and est["samples"] > 0
+    status, _, text = _call(api, "GET", "/metrics")
+    text = text.decode()
+    assert "edgeship_model_estimated_accuracy{" in text
+    assert 'edgeship_model_drift_js{model="synq",signal="x:mean",version="1"}' in text
+    assert 'edgeship_model_feedback_total{model="synq",outcome="accepted"}' in text
