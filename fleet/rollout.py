@@ -20,6 +20,8 @@ from enum import Enum
 from typing import Any, Mapping
 
 from edgeship.agent.errors import ConfigError
+from edgeship.fleet.quality_gates import QualityLimits, QualityObservation
+from edgeship.fleet.quality_gates import check as quality_check
 
 
 class State(str, Enum):
@@ -87,6 +89,22 @@ class Gates:
     max_latency_ratio: float = 1.5         # new p50 / old p50, median over paired devices
     min_shadow_agreement: float | None = None  # set when the release asks for shadow testing
     min_requests: int = 20                 # served on the new version in the wave to judge
+    # model quality (fleet.quality_gates; None turns one off): input drift as the largest
+    # JS distance of a signal, the label-free estimate's drop, and the drops of accuracy
+    # and macro F1 measured from feedback (lower confidence bound above the margin)
+    max_drift: float | None = 0.25
+    min_drift_samples: int = 200
+    max_estimated_drop: float | None = 0.05
+    min_estimate_samples: int = 200
+    max_accuracy_drop: float | None = 0.005
+    max_f1_drop: float | None = 0.005
+    min_labelled: int = 200
+    quality_confidence: float = 0.95
+
+    def quality_limits(self) -> QualityLimits:
+        return QualityLimits(self.max_drift, self.min_drift_samples, self.max_estimated_drop,
+                             self.min_estimate_samples, self.max_accuracy_drop,
+                             self.max_f1_drop, self.min_labelled, self.quality_confidence)
 
 
 @dataclass(frozen=True)
@@ -199,6 +217,7 @@ class WaveObservation:
     baseline: Mapping[str, DeviceStats]              # old version, same devices, before
     installed_at: float | None = None                # when the last device finished
     shadow: Mapping[str, ShadowResult] = field(default_factory=dict)  # device -> its run
+    quality: QualityObservation | None = None       # drift, estimate, feedback (or None)
 
 
 @dataclass(frozen=True)
@@ -304,6 +323,9 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
         return _fail("latency", f"p50 latency {ratio:.2f}x the previous version on the same "
                      f"{paired} device(s) ({new_p50:.2f} ms; limit "
                      f"{g.max_latency_ratio:.2f}x)", **measured)
+    failure = quality_check(obs.quality, g.quality_limits(), measured)
+    if failure is not None:
+        return _fail(failure.gate, failure.reason, **measured)
     agree = [obs.shadow[d].agreement for d in obs.devices
              if d in obs.shadow and obs.shadow[d].agreement is not None]
     if agree:  # all at or above the threshold (shadow_gate), recorded with the verdict
