@@ -99,7 +99,8 @@ def build_profile(inputs: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray
     classes = max(2, scores.shape[1]) if kind is not None else 0
     specs = output_signals(task if kind is not None or task != "classification"
                            else "generic", name, scores.shape[1] if scores.ndim == 2 else 0)
-    columns, probs = output_columns(scores, specs, kind)
+    probs = class_probabilities(scores, kind) if kind is not None else None
+    columns = output_columns(scores, specs, probs)
     for s, col in zip(specs, columns):
         edges = class_edges(classes) if s.stat == "class" else quantile_edges(col, bins)
         signals.append(_signal_doc(s, col, edges))

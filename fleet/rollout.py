@@ -96,8 +96,8 @@ class Gates:
     min_drift_samples: int = 200
     max_estimated_drop: float | None = 0.05
     min_estimate_samples: int = 200
-    max_accuracy_drop: float | None = 0.005
-    max_f1_drop: float | None = 0.005
+    max_accuracy_drop: float | None = 0.0
+    max_f1_drop: float | None = 0.0
     min_labelled: int = 200
     quality_confidence: float = 0.95
 

@@ -181,11 +181,10 @@ def score_kind(scores: np.ndarray) -> str:
     return "logits"
 
 
-def output_columns(scores: np.ndarray, specs: Sequence[SignalSpec], kind: str | None
-                   ) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Per-sample values for each output spec, and the probabilities when ``kind`` names a
-    classifier score output (None otherwise)."""
-    probs = class_probabilities(scores, kind) if kind is not None else None
+def output_columns(scores: np.ndarray, specs: Sequence[SignalSpec],
+                   probs: np.ndarray | None) -> list[np.ndarray]:
+    """Per-sample values for each output spec; ``probs``: a classifier's class
+    probabilities (:func:`class_probabilities`), None for other tasks."""
     out: list[np.ndarray] = []
     for spec in specs:
         if spec.stat == "confidence":
@@ -199,7 +198,7 @@ def output_columns(scores: np.ndarray, specs: Sequence[SignalSpec], kind: str | 
         else:
             rows = _rows(scores).astype(np.float64)
             out.append(rows.mean(axis=1) if spec.stat == "out_mean" else rows.std(axis=1))
-    return out, probs
+    return out
 
 
 def atc_scores(probs: np.ndarray, score: str) -> np.ndarray:

@@ -57,6 +57,7 @@ class QualityHub:
         self._flush_lock = threading.Lock()  # one writer of waiting → store
         self._feedback_lock = threading.Lock()  # one feedback batch at a time
         self._counts: dict[str, dict[int, Counts]] = {}
+        self._evicted: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,7 +110,7 @@ class QualityHub:
                     len(self._waiting) > 1:  # the newest fold stays
                 old_model, _, old = self._waiting.popleft()
                 self._waiting_samples -= len(old.samples)
-                self.store.bump(old_model, {"evicted_memory": len(old.samples)})
+                self._evicted[old_model] += len(old.samples)  # written at the next flush
 
     # --- flushing ----------------------------------------------------------------------
 
@@ -126,7 +127,10 @@ class QualityHub:
                 chunks = list(self._waiting)
                 self._waiting.clear()
                 self._waiting_samples = 0
+                evicted, self._evicted = self._evicted, collections.Counter()
             self.store.add(chunks)
+            for model, count in evicted.items():
+                self.store.bump(model, {"evicted_memory": count})
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgeship-quality",

@@ -53,6 +53,13 @@ class VersionSketch:
         self.signals = profile.signals
         self.estimator = profile.estimator(variant)
         self.window = SlidingWindow([s.bins for s in self.signals], settings)
+        self.by_input: dict[str, list[int]] = {}
+        for k, ref in enumerate(self.signals):
+            if ref.spec.is_input:
+                self.by_input.setdefault(ref.spec.tensor, []).append(k)
+        self.output_indices = [k for k, r in enumerate(self.signals) if not r.spec.is_input]
+        stats = [r.spec.stat for r in self.signals]
+        self._entropy = stats.index("entropy") if "entropy" in stats else None
         self._lock = threading.Lock()
 
     def add(self, columns: Sequence[np.ndarray], probs: np.ndarray | None) -> None:
@@ -62,7 +69,11 @@ class VersionSketch:
                          for col, ref in zip(columns, self.signals)], axis=1)
         above = None
         if self.estimator is not None and probs is not None:
-            above = atc_scores(probs, self.estimator.score) > self.estimator.threshold
+            if self.estimator.score == "negative_entropy" and self._entropy is not None:
+                score = -columns[self._entropy]  # computed once, for the signal
+            else:
+                score = atc_scores(probs, self.estimator.score)
+            above = score > self.estimator.threshold
         with self._lock:
             self.window.add(bins, above)
 
@@ -113,52 +124,53 @@ class VersionTracker:
         target = self.plan.output if self.plan is not None else None
         self._score_index = names.index(target) if target in names else 0
 
-    def fold(self, items: list[tuple[int, int, Any, list[np.ndarray]]]) -> Folded:
-        """``items``: (first sample id, batch, inputs, outputs) per request."""
+    def fold(self, items: list[tuple[Any, ...]]) -> Folded:
+        """``items``: (first sample id, batch, inputs, outputs, ...) per request."""
         firsts = np.fromiter((i[0] for i in items), dtype=np.int64, count=len(items))
         sizes = np.fromiter((i[1] for i in items), dtype=np.int64, count=len(items))
-        samples = np.concatenate([np.arange(f, f + s) for f, s in zip(firsts, sizes)]) \
-            if sizes.max(initial=0) > 1 else firsts
-        requests = np.repeat(firsts, sizes)
-        scores = _stack([i[3][self._score_index or 0] for i in items])
-        kind = self.plan.kind if self.plan is not None else None
-        if kind is None and self.plan is not None and scores is not None:
-            kind = score_kind(scores)
-        predicted = self._predicted(scores, kind)
-        if self.sketch is not None and scores is not None and \
-                len(predicted) == len(samples):
-            self._sketch(items, scores, kind)
+        if int(sizes.max(initial=0)) > 1:
+            samples = np.concatenate([np.arange(f, f + s) for f, s in zip(firsts, sizes)])
+            requests = np.repeat(firsts, sizes)
+        else:
+            samples = requests = firsts
+        index = self._score_index or 0
+        scores = _stack([i[3][index] for i in items])
+        probs, predicted = self._predicted(scores)
         if len(predicted) != len(samples):  # outputs without one row per sample
-            predicted = np.full(len(samples), np.nan)
+            return Folded(self.version, samples, requests, np.full(len(samples), np.nan))
+        if self.sketch is not None and scores is not None:
+            self._sketch(items, scores, probs)
         return Folded(self.version, samples, requests, predicted)
 
-    def _predicted(self, scores: np.ndarray | None, kind: str | None) -> np.ndarray:
+    def _predicted(self, scores: np.ndarray | None
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(class probabilities of a classifier or None, predicted class or value)."""
         if scores is None:
-            return np.empty(0)
-        if self.task == "classification" and kind is not None:
-            return class_probabilities(scores, kind).argmax(axis=1).astype(np.float64)
+            return None, np.empty(0)
+        if self.task == "classification" and self.plan is not None:
+            kind = self.plan.kind or score_kind(scores)
+            probs = class_probabilities(scores, kind)
+            return probs, probs.argmax(axis=1).astype(np.float64)
         if self.task == "regression":
-            return scores.reshape(scores.shape[0], -1)[:, 0].astype(np.float64)
-        return np.full(scores.shape[0], np.nan)
+            return None, scores.reshape(scores.shape[0], -1)[:, 0].astype(np.float64)
+        return None, np.full(scores.shape[0], np.nan)
 
-    def _sketch(self, items: list, scores: np.ndarray, kind: str | None) -> None:
+    def _sketch(self, items: list, scores: np.ndarray, probs: np.ndarray | None) -> None:
         sketch = self.sketch
         assert sketch is not None
         specs = [s.spec for s in sketch.signals]
         columns: list[np.ndarray | None] = [None] * len(specs)
-        for name in {s.tensor for s in specs if s.is_input}:
+        for name, wanted in sketch.by_input.items():
             batch = _stack([_input(i[2], name, self.input_names) for i in items])
-            wanted = [k for k, s in enumerate(specs) if s.is_input and s.tensor == name]
             if batch is None or batch.shape[0] != scores.shape[0]:
                 return  # inputs without one row per sample: not sketched
             for k, col in zip(wanted, input_columns(batch, [specs[k] for k in wanted])):
                 columns[k] = col
-        out_idx = [k for k, s in enumerate(specs) if not s.is_input]
-        plan_kind = kind if self.task == "classification" else None
-        out_cols, probs = output_columns(scores, [specs[k] for k in out_idx], plan_kind)
+        out_idx = sketch.output_indices
+        out_cols = output_columns(scores, [specs[k] for k in out_idx], probs)
         for k, col in zip(out_idx, out_cols):
             columns[k] = col
-        sketch.add([c for c in columns if c is not None], probs)
+        sketch.add(columns, probs)  # type: ignore[arg-type]
 
 
 def _input(inputs: Any, name: str, names: Sequence[str]) -> np.ndarray | None:
@@ -170,14 +182,13 @@ def _input(inputs: Any, name: str, names: Sequence[str]) -> np.ndarray | None:
 def _stack(arrays: list[np.ndarray | None]) -> np.ndarray | None:
     """The arrays joined along the batch axis; None when one is missing or they differ in
     shape after the batch axis (dynamic shapes: a fold of mixed sizes is not sketched)."""
-    if not arrays or any(a is None or a.ndim == 0 for a in arrays):
-        return None
     if len(arrays) == 1:
-        return arrays[0]
-    tail = arrays[0].shape[1:]
-    if any(a.shape[1:] != tail for a in arrays):  # type: ignore[union-attr]
+        a = arrays[0]
+        return a if a is not None and a.ndim else None
+    try:
+        return np.concatenate(arrays, axis=0)  # type: ignore[arg-type]
+    except (ValueError, TypeError):  # None, 0-d or mixed shapes
         return None
-    return np.concatenate(arrays, axis=0)  # type: ignore[arg-type]
 
 
 class ModelQuality:
@@ -190,7 +201,8 @@ class ModelQuality:
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()
         self._next = 0
-        self._pending: list[tuple[VersionTracker, int, int, Any, list[np.ndarray]]] = []
+        #: (first sample id, batch, inputs, outputs, tracker) per request
+        self._pending: list[tuple[int, int, Any, list[np.ndarray], VersionTracker]] = []
         self.fold_every = FOLD_EVERY
 
     def observe(self, tracker: VersionTracker, inputs: Any, outputs: list[np.ndarray],
@@ -199,7 +211,7 @@ class ModelQuality:
         with self._lock:
             first = self._next
             self._next = first + batch
-            self._pending.append((tracker, first, batch, inputs, outputs))
+            self._pending.append((first, batch, inputs, outputs, tracker))
             full = len(self._pending) >= self.fold_every
         if full:
             self.fold()
@@ -215,16 +227,20 @@ class ModelQuality:
             return
         with self._fold_lock:
             self._adapt(items)
+            first = items[0][4]
+            if all(i[4] is first for i in items):  # the usual case: one served version
+                self._sink(self.model, first.fold(items))
+                return
             by_tracker: dict[int, list] = {}
             for item in items:
-                by_tracker.setdefault(id(item[0]), []).append(item)
+                by_tracker.setdefault(id(item[4]), []).append(item)
             for group in by_tracker.values():
-                tracker = group[0][0]
-                self._sink(self.model, tracker.fold([g[1:] for g in group]))
+                self._sink(self.model, group[0][4].fold(group))
 
     def _adapt(self, items: list) -> None:
-        """Fewer requests per fold when they are large (bounded pending memory)."""
-        biggest = max(_nbytes(i[3]) for i in items)
+        """Fewer requests per fold when they are large (bounded pending memory; judged
+        by the fold's first and last request)."""
+        biggest = max(_nbytes(items[0][2]), _nbytes(items[-1][2]))
         self.fold_every = int(max(1, min(FOLD_EVERY, PENDING_BYTES // max(1, biggest))))
 
 
