@@ -102,7 +102,7 @@ def sketch_cost(setup: Setup, calls: int) -> list[dict[str, Any]]:
             {"what": "ModelServer.predict, quality off", "us": off_us},
             {"what": "ModelServer.predict, quality on", "us": on_us},
             {"what": "quality path alone (id + sketches + predictions, folds amortised)",
-             "us": path_us, "fraction_of_model": path_us / bare_us},
+             "us": path_us, "fraction_of_model": path_us / off_us},
             {"what": "quality path, 1x3x320x320 float input, 1000 classes (no model)",
              "us": image_us}]
 
@@ -224,17 +224,17 @@ def _cases(setup: Setup):
 
 
 def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict[str, float]]:
-    """Per case: true accuracy, the agent's estimate (negative-entropy ATC, the default)
-    and max-probability ATC computed offline with the same reference set."""
-    other = _other_score(setup, variant, "confidence")
+    """Per case: true accuracy, the agent's estimate (max-probability ATC, the default)
+    and negative-entropy ATC computed offline with the same reference set."""
+    other = _other_score(setup, variant, "negative_entropy")
     rows = []
     for kind, level, x, y in _cases(setup):
         logits, est = _run(setup.bundle, x, variant)
         rows.append({"shift": kind, "level": level, "estimate": est,
                      "accuracy": float((logits.argmax(1) == y).mean()),
-                     "estimate_confidence": other(logits)})
+                     "estimate_other": other(logits)})
     mae = {}
-    for key in ("estimate", "estimate_confidence"):
+    for key in ("estimate", "estimate_other"):
         errors = {kind: [abs(r[key] - r["accuracy"]) * 100 for r in rows if r["shift"] == kind]
                   for kind in SHIFTS}
         mae.update({f"{key} {kind}": float(np.mean(v)) for kind, v in errors.items()})
@@ -249,7 +249,7 @@ def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict
 def _print(results: dict[str, Any]) -> None:
     print("\n1. per-request cost (best of 7 rounds; load noted below)")
     for r in results["cost"]:
-        extra = f"  = {r['fraction_of_model']:.1%} of the model's latency" \
+        extra = f"  = {r['fraction_of_model']:.1%} of the served model's latency" \
             if "fraction_of_model" in r else ""
         print(f"   {r['what']:<74} {r['us']:8.2f} us{extra}")
     m = results["memory"]
@@ -263,15 +263,15 @@ def _print(results: dict[str, Any]) -> None:
     for variant, (rows, mae) in results["tracking"].items():
         print(f"\n4. label-free estimate vs true accuracy ({variant}, {len(rows)} runs)")
         print(f"   {'shift':<34}{'level':>7}{'accuracy':>10}{'estimate':>10}{'error':>8}"
-              f"{'max-prob ATC':>14}{'error':>8}")
+              f"{'entropy ATC':>14}{'error':>8}")
         for r in rows:
             err = (r["estimate"] - r["accuracy"]) * 100
-            err2 = (r["estimate_confidence"] - r["accuracy"]) * 100
+            err2 = (r["estimate_other"] - r["accuracy"]) * 100
             print(f"   {r['shift']:<34}{str(r['level']):>7}{r['accuracy']:>10.1%}"
-                  f"{r['estimate']:>10.1%}{err:>+7.1f}{r['estimate_confidence']:>14.1%}"
+                  f"{r['estimate']:>10.1%}{err:>+7.1f}{r['estimate_other']:>14.1%}"
                   f"{err2:>+7.1f}")
-        for key, what in (("estimate", "agent (negative-entropy ATC)"),
-                          ("estimate_confidence", "max-probability ATC")):
+        for key, what in (("estimate", "agent (max-probability ATC)"),
+                          ("estimate_other", "negative-entropy ATC")):
             print(f"   MAE in points, {what}: " + ", ".join(
                 f"{k.split(' ', 1)[1]} {v:.1f}" for k, v in mae.items()
                 if k.split(' ', 1)[0] == key))

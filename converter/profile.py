@@ -31,9 +31,10 @@ from edgeship.agent.quality.profile import PROFILE_FORMAT, parse_profile
 logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 10
-#: the estimate's score: negative entropy tracked accuracy better than max probability
-#: on the digits shifts (scripts/bench-quality prints both)
-DEFAULT_ATC_SCORE = "negative_entropy"
+#: the estimate's score: max probability tracked accuracy better than negative entropy
+#: under covariate shift of the digits (scripts/bench-quality prints both; negative entropy
+#: did better under label shift)
+DEFAULT_ATC_SCORE = "confidence"
 MAX_PROFILE_SAMPLES = 5000
 
 

@@ -59,7 +59,11 @@ class VersionSketch:
                 self.by_input.setdefault(ref.spec.tensor, []).append(k)
         self.output_indices = [k for k, r in enumerate(self.signals) if not r.spec.is_input]
         stats = [r.spec.stat for r in self.signals]
-        self._entropy = stats.index("entropy") if "entropy" in stats else None
+        # the estimate's score is one of the signals: computed once (sign: higher = surer)
+        score = {"confidence": ("confidence", 1.0), "negative_entropy": ("entropy", -1.0)}
+        stat, self._sign = score.get(self.estimator.score if self.estimator else "",
+                                     ("", 1.0))
+        self._score_column = stats.index(stat) if stat in stats else None
         self._lock = threading.Lock()
 
     def add(self, columns: Sequence[np.ndarray], probs: np.ndarray | None) -> None:
@@ -69,8 +73,8 @@ class VersionSketch:
                          for col, ref in zip(columns, self.signals)], axis=1)
         above = None
         if self.estimator is not None and probs is not None:
-            if self.estimator.score == "negative_entropy" and self._entropy is not None:
-                score = -columns[self._entropy]  # computed once, for the signal
+            if self._score_column is not None:
+                score = self._sign * columns[self._score_column]
             else:
                 score = atc_scores(probs, self.estimator.score)
             above = score > self.estimator.threshold
