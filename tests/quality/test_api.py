@@ -100,3 +100,23 @@ def test_quality_route_and_prometheus_show_the_same_numbers(api):
     assert "edgeship_model_estimated_accuracy{" in text
     assert 'edgeship_model_drift_js{model="synq",signal="x:mean",version="1"}' in text
     assert 'edgeship_model_feedback_total{model="synq",outcome="accepted"}' in text
+
+
+def test_labels_collected_offline_go_in_from_a_csv(api, tmp_path, capsys):
+    from edgeship.cli import main
+
+    rows = []
+    for _ in range(3):
+        doc = _call(api, "POST", "/v1/models/synq/predict", {"inputs": _x()})[2]
+        rows.append(f"{doc['id']},{int(np.argmax(doc['outputs']['logits'][0]))}")
+    path = tmp_path / "labels.csv"
+    path.write_text("id,label\n" + "\n".join(rows + ["0badbeef-1,3"]) + "\n")
+    url = f"http://127.0.0.1:{api.server_address[1]}"
+    assert main(["agent", "feedback", "synq", str(path), "--api", url]) == 1
+    out = capsys.readouterr().out
+    assert "4 items: accepted 3, unknown 1" in out and "0badbeef-1: unknown" in out
+    assert main(["agent", "quality", "synq", "--api", url]) == 0
+    assert "estimated accuracy (an ESTIMATE" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("request,truth\nx,1\n")
+    assert main(["agent", "feedback", "synq", str(bad), "--api", url]) == 2
