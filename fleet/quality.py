@@ -236,3 +236,51 @@ def accuracy_of(c: Counts | None) -> tuple[float | None, float | None]:
 
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def model_view(window_reports: Sequence[QualityReport],
+               labelled_reports: Sequence[QualityReport], labels: Sequence[str] = (), *,
+               confidence: float = 0.95, min_labelled: int = MIN_LABELLED
+               ) -> dict[str, Any]:
+    """Every version seen in the reports, each with :func:`summary` (newest first).
+    ``window_reports``: each device's latest window per version; ``labelled_reports``: each
+    device's latest report (its labelled counts cover its latest versions)."""
+    versions = {r.version for r in window_reports}
+    for r in labelled_reports:
+        versions.update(int(v) for v in (r.doc.get("labelled") or {}) if str(v).isdigit())
+    return {"versions": {str(v): summary(version_quality(window_reports, labelled_reports, v),
+                                         labels, confidence=confidence,
+                                         min_labelled=min_labelled)
+                         for v in sorted(versions, reverse=True)},
+            "confidence": confidence, "min_labelled": min_labelled}
+
+
+def table_rows(view: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row per version for a terminal table: numbers with their sample counts and
+    intervals, "too few labels" instead of a number, the estimate marked as one."""
+    rows = []
+    for version, doc in view["versions"].items():
+        lab, est, drift = doc["labelled"], doc["estimate"], doc["drift"]
+        row = {"version": f"v{version}", "devices": str(doc["devices"]),
+               "labels": str(lab["samples"])}
+        if "accuracy" in lab and lab.get("accuracy") is not None:
+            lo, hi = lab["accuracy_ci"]
+            row["accuracy"] = f"{lab['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]"
+            row["precision"] = _pct(lab.get("precision_macro"))
+            row["recall"] = _pct(lab.get("recall_macro"))
+            f1, ci = lab.get("f1_macro"), lab.get("f1_macro_ci")
+            row["f1"] = "-" if f1 is None else f"{f1:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        elif "mae" in lab and lab.get("mae") is not None:
+            row["accuracy"] = f"MAE {lab['mae']:.4g}, RMSE {lab['rmse']:.4g}"
+        else:
+            row["accuracy"] = lab.get("note", "-")
+        row["estimated accuracy"] = "-" if est["accuracy"] is None else \
+            f"~{est['accuracy']:.1%} (estimate, n={est['samples']})"
+        row["drift (JS)"] = "-" if drift["js"] is None else \
+            f"{drift['js']:.3f} {drift['worst_signal']} (chance {drift['chance'] or 0:.3f})"
+        rows.append(row)
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"

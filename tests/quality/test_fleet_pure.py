@@ -112,3 +112,18 @@ def test_a_wave_fails_on_drift_after_the_other_gates_pass():
     assert "Jensen-Shannon" in verdict.reason and verdict.measured["drift_samples"] == 800
     off = Policy(soak_s=0, gates=Gates(max_drift=None))
     assert evaluate_wave(obs, off, now=10.0).decision == "pass"
+
+
+def test_view_and_table_say_too_few_labels_and_mark_the_estimate():
+    from edgeship.fleet.quality import model_view, table_rows
+
+    windows = [_report("a", 2, [50, 50, 50, 50], above=150),
+               _report("b", 1, [50, 50, 50, 50])]
+    latest = [_report("a", 2, [1], labelled={"1": _counts(0.9, 300), "2": _counts(0.8, 20)})]
+    view = model_view(windows, latest, ("a", "b", "c", "d"))
+    assert list(view["versions"]) == ["2", "1"]
+    rows = {r["version"]: r for r in table_rows(view)}
+    assert rows["v2"]["accuracy"].startswith("too few labels (20")
+    assert rows["v2"]["estimated accuracy"] == "~75.0% (estimate, n=200)"
+    assert rows["v1"]["accuracy"].startswith("9") and "[" in rows["v1"]["accuracy"]
+    assert rows["v1"]["labels"] == "300" and rows["v1"]["f1"].count("[") == 1
