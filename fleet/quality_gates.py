@@ -1,7 +1,8 @@
 """Rollout gates on model quality, pure: drift, the label-free estimate, and accuracy and
 macro F1 measured from feedback, each compared in a way that says how sure it is.
 
-Checked with the other gates once a wave has soaked (``fleet.rollout.evaluate_wave``):
+Checked with the other gates once a wave has soaked (``fleet.rollout.evaluate_wave``);
+the drift gate on every tick from the moment the wave's devices serve:
 
 - **drift**: the wave's pooled live histograms against the release's reference profile;
   halt when the Jensen–Shannon distance of any signal exceeds ``max_drift`` with at least
@@ -62,6 +63,13 @@ def check(obs: QualityObservation | None, g: QualityLimits,
         if failure is not None:
             return failure
     return None
+
+
+def check_drift(obs: QualityObservation | None, g: QualityLimits,
+                measured: dict[str, Any]) -> QualityFailure | None:
+    """The drift gate alone: a fixed threshold with a minimum sample count, so the runner
+    may check it on every tick, during the soak too (the others wait for the soak)."""
+    return None if obs is None else _drift(obs, g, measured)
 
 
 def _drift(obs: QualityObservation, g: QualityLimits, m: dict[str, Any]

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from edgeship.agent.errors import ConfigError
 from edgeship.fleet.quality_gates import QualityLimits, QualityObservation
 from edgeship.fleet.quality_gates import check as quality_check
+from edgeship.fleet.quality_gates import check_drift as quality_drift
 
 
 class State(str, Enum):
@@ -303,6 +304,10 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
     requests = sum(s.requests for s in stats)
     errors = sum(s.errors for s in stats)
     timed_out = now - obs.started_at > policy.wave_timeout_s
+    seen: dict[str, Any] = {}
+    drifted = quality_drift(obs.quality, g.quality_limits(), seen)  # need not soak first
+    if drifted is not None:
+        return _fail(drifted.gate, drifted.reason, requests=requests, **seen)
     if requests < g.min_requests or now - since < policy.soak_s:
         if timed_out:
             return _fail("traffic", f"only {requests} requests served on the new version "

@@ -112,6 +112,10 @@ def test_a_wave_fails_on_drift_after_the_other_gates_pass():
     assert "Jensen-Shannon" in verdict.reason and verdict.measured["drift_samples"] == 800
     off = Policy(soak_s=0, gates=Gates(max_drift=None))
     assert evaluate_wave(obs, off, now=10.0).decision == "pass"
+    soaking = evaluate_wave(obs, Policy(soak_s=600), now=10.0)  # drift need not wait
+    assert soaking.decision == "fail" and soaking.gate == "drift"
+    calm = WaveObservation(**{**obs.__dict__, "quality": _obs()})
+    assert evaluate_wave(calm, Policy(soak_s=600), now=10.0).decision == "wait"
 
 
 def test_view_and_table_say_too_few_labels_and_mark_the_estimate():
