@@ -66,3 +66,66 @@ def serve_bundle(bundle_dir: Path, variant_id: str = "onnx-fp32", *, quality: An
     runtime = load_runtime(variant.runtime, bundle_dir / variant.file, threads=1)
     server.swap(LoadedModel(inst, runtime))
     return server
+
+
+def renumber_bundle(src: Path, dst: Path, version: int) -> Path:
+    """A copy of a bundle as another version of the same model (same files)."""
+    import json
+    import shutil
+
+    from edgeship.agent.manifest import MANIFEST_NAME
+
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / MANIFEST_NAME).read_text())
+    doc["version"] = version
+    (dst / MANIFEST_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return dst
+
+
+class Traffic:
+    """Inference on in-process agents (``agent.server``, what their local API calls) until
+    stopped. ``source(i)`` gives agent i's next (input batch, true labels or None); with
+    labels, the ids and labels go back as feedback over the agent's local API in batches
+    of ``feedback_batch``. ``pause_s`` between rounds over all agents."""
+
+    def __init__(self, agents: list, model: str, source, *, pause_s: float = 0.002,
+                 feedback_batch: int = 50) -> None:
+        import threading
+
+        self.agents, self.model, self.source = agents, model, source
+        self.pause_s, self.feedback_batch = pause_s, feedback_batch
+        self.sent = [0] * len(agents)
+        self.labelled = [0] * len(agents)
+        self._pending: list[list[dict]] = [[] for _ in agents]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from edgeship.agent.errors import EdgeshipError
+
+        while not self._stop.wait(self.pause_s):
+            for i, agent in enumerate(self.agents):
+                x, y = self.source(i)
+                try:
+                    _, _, rid = agent.server.predict_tracked(self.model, x)
+                except EdgeshipError:
+                    continue  # not serving yet
+                self.sent[i] += 1
+                if y is not None and rid is not None:
+                    self._label(i, agent, rid, y)
+
+    def _label(self, i: int, agent: Any, rid: str, y: np.ndarray) -> None:
+        from edgeship.agent.client import AgentClient
+
+        self._pending[i].append({"id": rid, "labels": [int(v) for v in y]})
+        if len(self._pending[i]) < self.feedback_batch or agent.api is None:
+            return
+        items, self._pending[i] = self._pending[i], []
+        with AgentClient(agent.api.url) as client:
+            doc = client.feedback(self.model, items)
+        self.labelled[i] += doc["accepted"]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
