@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgeship.fleet.db import open_backend
+from edgeship.fleet.quality_store import SCHEMA as QUALITY_SCHEMA
+from edgeship.fleet.quality_store import QualityStore
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +191,9 @@ class Registry:
         self._inserts = 0
         self._db = open_backend(target, settings.busy_timeout_s)
         self._db.script(_SCHEMA)
+        self._db.script(QUALITY_SCHEMA)
         self._migrate()
+        self.quality = QualityStore(self._db)
 
     def _migrate(self) -> None:
         """Columns added after a registry was first created (same on both backends)."""
@@ -272,6 +276,7 @@ class Registry:
                     "INSERT INTO model_stats (device, ts, model, version, requests, errors, "
                     "p50_ms, p95_ms, agreement) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (device, now, *row))
+            self.quality.add(device, now, msg)
         self._maybe_prune()
 
     def add_release(self, model: str, version: int, released_at: float,
@@ -290,6 +295,8 @@ class Registry:
                             ("model_stats", self.settings.max_telemetry_rows)):
             self._write(f"DELETE FROM {table} WHERE id <= "
                         f"(SELECT MAX(id) FROM {table}) - ?", (keep,))
+        with self._db.transaction():
+            self.quality.prune(self.settings.max_telemetry_rows)
 
     # --- inventory: tags and groups --------------------------------------------------------
 

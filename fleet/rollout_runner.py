@@ -302,7 +302,11 @@ class RolloutRunner:
             new_stats={d: DeviceStats(s.requests, s.errors, s.p50_ms, s.agreement)
                        for d, s in stats.items() if d in wave},
             baseline={d: DeviceStats(**b) for d, b in r.baseline.items()},
-            installed_at=r.wave_installed_at, shadow=self._shadow_results(r, wave))
+            installed_at=r.wave_installed_at, shadow=self._shadow_results(r, wave),
+            quality=self.registry.quality.observation(
+                r.model, r.to_version, r.from_version, wave,
+                r.wave_started_at or r.created_at,
+                self.registry.now() - r.policy.baseline_window_s))
 
     def _shadow_results(self, r: Rollout, wave: tuple[str, ...]) -> dict[str, ShadowResult]:
         return {d: ShadowResult.from_report(doc) for d, doc in self.registry

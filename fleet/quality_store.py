@@ -1,0 +1,146 @@
+"""The registry's quality reports: one row per device, model and telemetry record, written
+with the telemetry; the reads the rollout gates, the dashboard, the CLI and ``/metrics``
+use. Pooling and judging are pure (``fleet.quality``, ``fleet.quality_gates``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Mapping
+
+from edgeship.fleet.quality import (QualityReport, drift_max, model_view,
+                                    reports_from_telemetry, version_quality)
+from edgeship.fleet.quality_gates import QualityObservation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS quality_reports (
+    id {serial}, device TEXT NOT NULL, ts {real} NOT NULL, model TEXT NOT NULL,
+    version INTEGER NOT NULL, samples INTEGER NOT NULL, drift_js {real}, drift_signal TEXT,
+    est_n INTEGER NOT NULL, est_above INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS quality_model_version_ts ON quality_reports (model, version, ts);
+CREATE INDEX IF NOT EXISTS quality_model_device ON quality_reports (model, device, id);
+"""
+
+MAX_DOC_CHARS = 48_000  # the telemetry record is capped at 64 KB as a whole
+_COLUMNS = "id, device, ts, model, version, doc"
+
+
+def rows_of(device: str, ts: float, msg: Mapping[str, Any]) -> list[tuple]:
+    """Rows for ``quality_reports`` from one telemetry record (malformed parts skipped)."""
+    out = []
+    for r in reports_from_telemetry(device, ts, msg):
+        doc = json.dumps(r.doc)
+        if len(doc) > MAX_DOC_CHARS:
+            continue
+        js, signal = drift_max(r.doc)
+        est = (r.drift or {}).get("estimate") or {}
+        n, above = est.get("samples"), est.get("above")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n, above))
+        out.append((device, ts, r.model, r.version, r.samples,
+                    js if js is not None and math.isfinite(js) else None, signal,
+                    n if ok else 0, above if ok else 0, doc))
+    return out
+
+
+class QualityStore:
+    """Reads and writes over the registry's backend (``fleet.db``)."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+
+    def add(self, device: str, ts: float, msg: Mapping[str, Any]) -> None:
+        """Inside the registry's telemetry transaction."""
+        for row in rows_of(device, ts, msg):
+            self._db.execute("INSERT INTO quality_reports (device, ts, model, version, "
+                             "samples, drift_js, drift_signal, est_n, est_above, doc) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def _reports(self, sql: str, params: tuple) -> list[QualityReport]:
+        rows = self._db.execute(sql, params)
+        return [QualityReport(d, ts, m, v, json.loads(doc)) for _, d, ts, m, v, doc in rows]
+
+    def windows(self, model: str, version: int, since: float,
+                devices: Iterable[str] | None = None) -> list[QualityReport]:
+        """Each device's latest report of ``version`` since ``since`` (its window)."""
+        found = self._reports(
+            f"SELECT {_COLUMNS} FROM quality_reports WHERE id IN (SELECT MAX(id) FROM "
+            "quality_reports WHERE model = ? AND version = ? AND ts >= ? GROUP BY device)",
+            (model, version, since))
+        return _only(found, devices)
+
+    def latest(self, model: str, devices: Iterable[str] | None = None
+               ) -> list[QualityReport]:
+        """Each device's latest report of ``model`` (its cumulative labelled counts)."""
+        found = self._reports(
+            f"SELECT {_COLUMNS} FROM quality_reports WHERE id IN (SELECT MAX(id) FROM "
+            "quality_reports WHERE model = ? GROUP BY device)", (model,))
+        return _only(found, devices)
+
+    def series(self, model: str, since: float, bucket_s: float = 10.0,
+               devices: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Per version and time bucket: the sample-weighted mean of the largest drift per
+        report, and the pooled estimate (for the dashboard's drift over time)."""
+        rows = self._db.execute(
+            "SELECT device, version, ts, samples, drift_js, est_n, est_above FROM "
+            "quality_reports WHERE model = ? AND ts >= ? ORDER BY ts", (model, since))
+        wanted = None if devices is None else set(devices)
+        buckets: dict[tuple[int, int], list[float]] = {}
+        for device, version, ts, samples, js, n, above in rows:
+            if wanted is not None and device not in wanted:
+                continue
+            b = buckets.setdefault((version, int(ts // bucket_s)), [0.0, 0.0, 0, 0])
+            if js is not None and samples:
+                b[0] += js * samples
+                b[1] += samples
+            b[2] += n
+            b[3] += above
+        return [{"version": v, "ts": k * bucket_s,
+                 "drift_js": s / w if w else None,
+                 "estimated_accuracy": above / n if n else None, "estimate_samples": n}
+                for (v, k), (s, w, n, above) in sorted(buckets.items(), key=lambda i: i[0][::-1])]
+
+    def prune(self, keep: int) -> None:
+        self._db.execute("DELETE FROM quality_reports WHERE id <= "
+                         "(SELECT MAX(id) FROM quality_reports) - ?", (keep,))
+
+    # --- what the runner and the views need ------------------------------------------------
+
+    def observation(self, model: str, new_version: int, old_version: int | None,
+                    wave: Iterable[str], since: float, baseline_since: float
+                    ) -> QualityObservation | None:
+        """The wave's new version (its devices, since ``since``) beside the previous
+        version (every device's window since ``baseline_since``; labelled counts from all
+        devices); None when nothing was reported."""
+        wave = list(wave)
+        latest = self.latest(model)
+        new = version_quality(self.windows(model, new_version, since, wave),
+                              [r for r in latest if r.device in set(wave)], new_version)
+        if not new.devices and new.labelled is None:
+            return None
+        old = None if old_version is None else version_quality(
+            self.windows(model, old_version, baseline_since), latest, old_version)
+        return QualityObservation(new, old)
+
+    def view(self, model: str, since: float, labels: tuple[str, ...] = (),
+             devices: Iterable[str] | None = None, **options: Any) -> dict[str, Any]:
+        """Per version: labelled metrics, drift and the estimate (``fleet.quality``)."""
+        devices = None if devices is None else list(devices)
+        windows = []
+        for version in self.versions(model):
+            windows += self.windows(model, version, since, devices)
+        return model_view(windows, self.latest(model, devices), labels, **options)
+
+    def versions(self, model: str) -> list[int]:
+        return [int(r[0]) for r in self._db.execute(
+            "SELECT DISTINCT version FROM quality_reports WHERE model = ?", (model,))]
+
+    def models(self) -> list[str]:
+        return [str(r[0]) for r in self._db.execute(
+            "SELECT DISTINCT model FROM quality_reports")]
+
+
+def _only(reports: list[QualityReport], devices: Iterable[str] | None) -> list[QualityReport]:
+    if devices is None:
+        return reports
+    wanted = set(devices)
+    return [r for r in reports if r.device in wanted]
