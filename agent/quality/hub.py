@@ -246,6 +246,9 @@ class QualityHub:
             labelled[str(v)] = d
         doc["labelled"] = labelled
         doc["feedback"] = self.store.counters(model)
+        meta = self.store.versions(model).get(version)
+        if meta is not None and 0 < len(meta.labels) <= MAX_REPORTED_CLASSES:
+            doc["labels"] = list(meta.labels)
         return doc
 
     def local_report(self, model: str, version: int, variant: str,

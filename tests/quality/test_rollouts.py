@@ -112,3 +112,30 @@ def test_lower_f1_from_feedback_than_the_previous_version_halts(loop_env, tmp_pa
     assert m["labelled_new"] >= 100 and m["labelled_old"] >= 300
     assert m["f1_new"] < m["f1_old"] - 0.3
     assert sorted(halted.sent) == list(rollout.waves[0])
+    _fleet_quality_shows_both_versions(loop_env)
+
+
+def _fleet_quality_shows_both_versions(loop_env):
+    """``edgeship fleet quality`` on the same registry: v1 with metrics and intervals from
+    its labels, v2 (one canary) with its own labelled numbers, both with an estimate."""
+    import contextlib
+    import io
+    import json
+
+    from edgeship.cli import main
+
+    db = str(loop_env.root / "fleet.db")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["fleet", "quality", "synq", "--db", db, "--group", "lab", "--json",
+                     "--min-labels", "100"]) == 0
+    doc = json.loads(out.getvalue())
+    v1, v2 = doc["versions"]["1"], doc["versions"]["2"]
+    assert v1["labelled"]["samples"] >= 300 and v1["labelled"]["accuracy_ci"][0] > 0.8
+    assert v2["labelled"]["f1_macro"] < v1["labelled"]["f1_macro"]
+    assert v1["estimate"]["is_estimate"] and v1["estimate"]["accuracy"] > 0.5
+    assert doc["series"] and {s["version"] for s in doc["series"]} >= {1, 2}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["fleet", "quality", "synq", "--db", db, "--min-labels", "100000"]) == 0
+    assert "too few labels" in out.getvalue() and "estimate" in out.getvalue()

@@ -1,0 +1,83 @@
+"""``edgeship fleet quality``: per version of a model, accuracy, precision, recall and F1
+from feedback (with sample counts and 95 % intervals, or "too few labels"), the drift of
+the inputs and outputs (Jensen–Shannon distance with its chance level) and the label-free
+accuracy estimate (marked as one), pooled over the devices of a cohort (group, tag,
+profile). Reads the registry directly, like ``fleet status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from edgeship.fleet.cli import EXIT_OK, _command
+from edgeship.fleet.cli_rollout import open_registry
+from edgeship.fleet.quality import MIN_LABELLED, table_rows
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quality", help="model quality per version: metrics from feedback, "
+                                       "drift, estimated accuracy")
+    q.add_argument("model")
+    q.add_argument("--db", required=True, help="registry: SQLite file or postgresql:// URL")
+    q.add_argument("--group", help="only devices of this group")
+    q.add_argument("--tag", help="only devices with this tag")
+    q.add_argument("--profile", help="only devices of this board profile")
+    q.add_argument("--since-s", type=float, default=3600.0,
+                   help="drift windows reported in the last this many seconds (3600)")
+    q.add_argument("--min-labels", type=int, default=MIN_LABELLED,
+                   help=f"fewer labels than this: no metric is shown ({MIN_LABELLED})")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_quality)
+
+
+def cohort(registry: Any, group: str | None, tag: str | None,
+           profile: str | None) -> list[str] | None:
+    """Device ids of the cohort; None: every device."""
+    if group is None and tag is None and profile is None:
+        return None
+    return [d.id for d in registry.devices(group=group, tag=tag)
+            if profile is None or d.profile == profile]
+
+
+def quality_doc(registry: Any, model: str, *, group: str | None = None,
+                tag: str | None = None, profile: str | None = None, since_s: float = 3600,
+                min_labelled: int = MIN_LABELLED) -> dict[str, Any]:
+    devices = cohort(registry, group, tag, profile)
+    now = registry.now()
+    store = registry.quality
+    latest = store.latest(model, devices)
+    labels = next((tuple(r.doc["labels"]) for r in latest
+                   if isinstance(r.doc.get("labels"), list)), ())
+    doc = store.view(model, now - since_s, labels, devices, min_labelled=min_labelled)
+    doc.update(model=model, cohort={"group": group, "tag": tag, "profile": profile},
+               series=store.series(model, now - since_s, max(10.0, since_s / 60), devices))
+    return doc
+
+
+@_command
+def cmd_quality(args: argparse.Namespace) -> int:
+    registry = open_registry(args.db)
+    try:
+        doc = quality_doc(registry, args.model, group=args.group, tag=args.tag,
+                          profile=args.profile, since_s=args.since_s,
+                          min_labelled=args.min_labels)
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    rows = table_rows(doc)
+    if not rows:
+        print(f"no quality reports for {args.model}")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.model}: quality per version")
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+    return EXIT_OK
