@@ -5,7 +5,8 @@ directory and local API) and a real fleet server over a real Mosquitto.
   25 % / 100 %); once the canary serves v2 its inputs turn into rotated digits; measured:
   seconds from that moment to the rollout's halt, which gate, whether only the canary moved;
 - false halts: N rollouts in a row (v3, v4, ...; the same weights) with unshifted traffic
-  only, each to the end; a halt is a false halt.
+  only, each to the end; a halt is a false halt. The latency gate is off in both (a 50 us
+  model's p50 moves 1.5x on this shared machine); every quality gate is on, with defaults.
 """
 
 from __future__ import annotations
@@ -82,12 +83,15 @@ def _scenarios(setup: Any, env: Any, root: Path, runs: int) -> dict[str, Any]:
 
 
 def _rollout(env: Any, registry: Any, bundle: Path, version: int, soak_s: float):
-    from edgeship.fleet.rollout import Policy
+    """Default gates, except latency: a 50 us model's p50 moves 1.5x on this shared
+    2-core machine, which would halt runs for reasons that are not quality."""
+    from edgeship.fleet.rollout import Gates, Policy
     from edgeship.fleet.rollout_runner import start_rollout
 
     info = env.release(bundle, announce=False)
     registry.add_release("digits", info.version, info.released_at, "bench")
-    policy = Policy(waves=(0.25, 1.0), soak_s=soak_s, jitter_s=0.2, wave_timeout_s=300)
+    policy = Policy(waves=(0.25, 1.0), soak_s=soak_s, jitter_s=0.2, wave_timeout_s=300,
+                    gates=Gates(max_latency_ratio=100.0))
     return start_rollout(registry, model="digits", version=version, policy=policy,
                          actor="bench", group="lab")
 
