@@ -19,149 +19,32 @@ instead of a reset).
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import socket
 import socketserver
 import threading
 import time
-import urllib.parse
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 from edgeship.agent.api_limits import ApiLimits
+from edgeship.agent.api_routes import (JSON_TYPE, HttpError, Request, Response, Route, Router,
+                                       json_response, v1_error)
 from edgeship.agent.api_reject import Rejector, busy_response
 from edgeship.agent.serving import ModelServer
 
 logger = logging.getLogger(__name__)
 
-JSON_TYPE = "application/json"
 REQUEST_TIMEOUT_S = 30.0
 _SMALL_WRITE = 64 * 1024
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def v1_error(status: int, message: str) -> bytes:
-    return json.dumps({"error": HTTPStatus(status).phrase, "message": message}).encode()
-
-
-@dataclass
-class Response:
-    status: int
-    content_type: str
-    chunks: list[bytes]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def json_response(status: int, doc: Any) -> Response:
-    return Response(status, JSON_TYPE, [json.dumps(doc).encode()])
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    pattern: str  # "/v2/models/{model}/infer": each {name} matches one path segment
-    handler: Callable[[Any, Any], Response | None]
-    errors: Callable[[int, str], bytes] = v1_error  # the error body of this API
-    #: True: ``handler(server, http_handler)`` gets the connection's handler and writes
-    #: its own answer (streaming, e.g. server-sent events); it may use ``_read_body``,
-    #: ``_json`` and ``_error`` below
-    raw: bool = False
-
-    @functools.cached_property
-    def segments(self) -> tuple[str, ...]:
-        return tuple(self.pattern.strip("/").split("/"))
-
-
-class Router:
-    def __init__(self, routes: list[Route]) -> None:
-        self._by_length: dict[int, list[Route]] = {}
-        for route in routes:
-            self._by_length.setdefault(len(route.segments), []).append(route)
-
-    def match(self, method: str, parts: list[str]) -> tuple[Route | None, dict[str, str],
-                                                             bool]:
-        """(route, path parameters, whether the path exists for another method)."""
-        other_method = False
-        for route in self._by_length.get(len(parts), ()):
-            params = _bind(route.segments, parts)
-            if params is None:
-                continue
-            if route.method == method:
-                return route, params, False
-            other_method = True
-        return None, {}, other_method
-
-
-def _bind(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
-    params = {}
-    for want, got in zip(pattern, parts):
-        if want.startswith("{"):
-            if not got:
-                return None
-            params[want[1:-1]] = urllib.parse.unquote(got)
-        elif want != got:
-            return None
-    return params
 
 
 def default_routes() -> list[Route]:
     from edgeship.agent import api_v1, api_v2
     return api_v1.ROUTES + api_v2.ROUTES
-
-
-class Request:
-    """One request as a handler sees it; the body is read only through :meth:`body`."""
-
-    def __init__(self, handler: "_Handler", params: dict[str, str], query: str) -> None:
-        self._handler = handler
-        self.headers = handler.headers
-        self.params = params
-        self.query = query
-        self.body_read = False
-        self.drain_bytes = 0
-
-    @property
-    def content_type(self) -> str:
-        return (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-
-    def content_length(self) -> int:
-        value = self.headers.get("Content-Length")
-        if value is None:
-            raise HttpError(411, "Content-Length required")
-        if not value.strip().isdigit() or len(value) > 18:
-            raise HttpError(400, f"bad Content-Length {value[:30]!r}")
-        return int(value)
-
-    def body(self, max_bytes: int, what: str = "body") -> bytes:
-        """The body, or HttpError 413 (nothing read) when it is longer than ``max_bytes``."""
-        length = self.content_length()
-        self.body_read = True
-        h = self._handler
-        if length > max_bytes:
-            if not h.expect_continue:
-                self.drain_bytes = length  # read and dropped after the 413 is written
-            raise HttpError(413, f"{what} of {length} bytes exceeds the {max_bytes}-byte cap "
-                                 "of this endpoint (send binary data, or raise "
-                                 "max_request_bytes in the agent's config)")
-        if h.expect_continue:
-            h.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            h.expect_continue = False
-        data = h.rfile.read(length)
-        if len(data) != length:
-            h.close_connection = True
-            raise HttpError(400, f"body ended after {len(data)} of {length} bytes")
-        return data
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -233,6 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             logger.exception("api: unexpected error in %s %s", self.command, route.pattern)
             resp = Response(500, JSON_TYPE, [route.errors(500, "internal error")])
+        assert resp is not None  # only raw routes (above) answer by themselves
         if not req.body_read and self.headers.get("Content-Length", "0") != "0":
             self.close_connection = True  # unread body: this connection is done
         if req.drain_bytes or resp.status == 413:
@@ -350,7 +234,7 @@ class _ApiMixin:
         try:
             self.finish_request(request, client_address)  # type: ignore[attr-defined]
         except Exception:
-            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+            self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)  # type: ignore[attr-defined]
             with self._active_lock:
@@ -393,7 +277,7 @@ class InferenceHTTPServer(_ApiMixin, HTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
 
 class InferenceUnixServer(_ApiMixin, socketserver.UnixStreamServer):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeship.agent.api import HttpError, Request, Response, Route, json_response
+from edgeship.agent.api_routes import HttpError, Request, Response, Route, json_response
 from edgeship.agent.api_limits import body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.jsonarray import JsonTensorError, as_array, loads
@@ -80,6 +80,8 @@ def predict(server: Any, req: Request) -> Response:
     try:
         raw = read_inputs(server, req, loaded)
         outputs, loaded, rid = server.models.predict_tracked(name, raw, check_values=True)
+    except HttpError:
+        raise
     except ModelNotFoundError as e:
         raise HttpError(404, str(e)) from e
     except JsonTensorError as e:

@@ -20,7 +20,7 @@ import zlib
 from typing import Any
 
 from edgeship.agent import oip
-from edgeship.agent.api import HttpError, Request, Response, Route, json_response
+from edgeship.agent.api_routes import HttpError, Request, Response, Route, json_response
 from edgeship.agent.api_limits import body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.serving import ModelNotFoundError
@@ -83,6 +83,8 @@ def infer(server: Any, req: Request) -> Response:
             oip.select_outputs(names, outputs, request.outputs), rid)
     except oip.OipError as e:
         raise HttpError(e.status, str(e)) from e
+    except HttpError:
+        raise
     except ModelNotFoundError as e:
         raise HttpError(404, str(e)) from e
     except InferenceInputError as e:

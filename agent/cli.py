@@ -10,7 +10,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgeship.agent.config import AgentConfig
+    from edgeship.agent.update.observer import InstallObserver
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +73,20 @@ def configure_logging(level: str, *, journal: bool | None = None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgeship.agent.config import load_config
-    from edgeship.agent.daemon import Agent
 
     cfg = load_config(args.config)  # a bad key fails here, before anything starts
     if not getattr(args, "verbose", False):
         configure_logging(cfg.log_level)
-    agent = Agent(cfg)
+    return run_agent(cfg)
+
+
+def run_agent(cfg: AgentConfig, observer: InstallObserver | None = None) -> int:
+    """Run the agent until SIGTERM or SIGINT. ``observer``: see
+    ``agent.update.observer`` (tests plug their fault plans in; the product passes none)."""
+    from edgeship.agent.daemon import Agent
+    from edgeship.agent.update.observer import NO_OBSERVER
+
+    agent = Agent(cfg, observer=observer or NO_OBSERVER)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -175,7 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from edgeship.agent.config import load_config
-    from edgeship.agent.lifecycle import RecordStore
+    from edgeship.agent.update.records import RecordStore
     from edgeship.agent.store import ModelStore
 
     cfg = load_config(args.config)

@@ -24,7 +24,7 @@ import select
 import socket
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class AgentClient:
 
     def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
         parsed = urllib.parse.urlparse(url)
+        self._factory: Callable[[], http.client.HTTPConnection]
         if parsed.scheme == "unix":
             self._factory = lambda: _UnixConnection(parsed.path, timeout_s)
         elif parsed.scheme == "http" and parsed.hostname:
@@ -96,7 +97,8 @@ class AgentClient:
     def predict_all(self, name: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Send every input by name (.npz) and get every output back by name."""
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in inputs.items()})
+        named: dict[str, Any] = {k: np.asarray(v) for k, v in inputs.items()}
+        np.savez(buf, **named)
         status, _, body = self._request(
             "POST", f"/v1/models/{urllib.parse.quote(name)}/predict", buf.getvalue(),
             {"Content-Type": NPZ_TYPE, "Accept": NPZ_TYPE})

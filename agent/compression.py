@@ -12,12 +12,13 @@ unpack a tar. It lives in ``agent`` (no torch, no fleet imports) so both sides c
 
 from __future__ import annotations
 
+
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.fsutil import atomic_output
+from edgeship.common.fsutil import atomic_output
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK_BYTES = 256 * 1024
@@ -61,8 +62,8 @@ def decompress_stream(src: BinaryIO, dst: BinaryIO, max_output_bytes: int,
     if expected is not None and expected > max_output_bytes:
         raise BundleError(f"zstd frame declares {expected} bytes, over the cap of "
                           f"{max_output_bytes} bytes (decompression bomb or wrong file)")
-    reader = zstandard.ZstdDecompressor().stream_reader(_Prefixed(head, src),
-                                                        closefd=False)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        cast(BinaryIO, _Prefixed(head, src)), closefd=False)  # it only calls read()
     written = 0
     try:
         while True:

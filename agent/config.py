@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeship.agent.errors import ConfigError
+from edgeship.agent.health import HealthLimits
+from edgeship.agent.spool import SpoolSettings
+from edgeship.agent.telemetry import TelemetrySettings
+from edgeship.agent.update.settings import InstallSettings
+from edgeship.agent.update.transfer import TransferSettings
+from edgeship.common.config import read_toml, typed_values
+from edgeship.common.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
+
+_INSTALL = InstallSettings()
 
 
 @dataclass(frozen=True)
@@ -22,9 +29,9 @@ class AgentConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 8470
     api_enabled: bool = True  # false: no TCP API (e.g. many simulated agents per process)
-    telemetry_interval_s: float = 60.0
+    telemetry_interval_s: float = TelemetrySettings.interval_s
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    transfer_timeout_s: float = 10.0
+    transfer_timeout_s: float = TransferSettings.request_timeout_s
     max_model_bytes: int = 512 * 1024 * 1024
     max_request_bytes: int = 0  # API body cap for every model; 0 = from each model's inputs
     transfer_max_bytes_per_s: int = 0  # per-device download rate cap; 0 = unlimited
@@ -34,10 +41,10 @@ class AgentConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
-    # --- agent runtime (issue 5) ---
+    # --- agent runtime ---
     api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
-    # --- local API bounds and gRPC (issues 18, 19) ---
+    # --- local API bounds and gRPC ---
     api_body_samples: int = 8  # derived body cap: this many samples of the model's inputs
     api_max_connections: int = 32  # per listener; past it: 503 (the other listener serves)
     api_idle_timeout_s: float = 10.0  # a kept-alive connection with no request is closed
@@ -45,18 +52,18 @@ class AgentConfig:
     grpc_socket: str | None = None  # None = <state_dir>/grpc.sock, "" = no socket
     grpc_port: int = 0  # gRPC on grpc_host:grpc_port too; 0 = off
     grpc_host: str = "127.0.0.1"
-    spool_max_records: int = 10_000  # telemetry records kept while offline (oldest evicted)
-    spool_max_dead_letters: int = 1_000
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
+    spool_max_records: int = SpoolSettings.max_records  # kept offline (oldest evicted)
+    spool_max_dead_letters: int = SpoolSettings.max_dead_letters
+    reconnect_min_s: float = RECONNECT_MIN_S
+    reconnect_max_s: float = RECONNECT_MAX_S
     log_level: str = "info"
-    # --- safe install (issue 4) ---
-    trial_window_s: float = 30.0  # live-traffic trial after the health check; 0 = none
-    trial_min_requests: int = 20
-    trial_max_error_rate: float = 0.05
-    trial_max_crashes: int = 2  # agent restarts during one trial before it is reverted
-    max_update_restarts: int = 3  # restarts during one install before it is stopped
-    health_timeout_s: float = 60.0
+    # --- safe install (defaults: agent.update.settings, defined there once) ---
+    trial_window_s: float = _INSTALL.trial_window_s  # live-traffic trial; 0 = none
+    trial_min_requests: int = _INSTALL.trial_min_requests
+    trial_max_error_rate: float = _INSTALL.trial_max_error_rate
+    trial_max_crashes: int = _INSTALL.trial_max_crashes  # restarts in one trial: reverted
+    max_update_restarts: int = _INSTALL.max_update_restarts  # in one install: stopped
+    health_timeout_s: float = HealthLimits.timeout_s
     health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
     # --- model quality in the field: feedback, drift, label-free estimate ---
     quality_enabled: bool = True  # request ids, drift sketches, feedback (agent.quality)
@@ -106,16 +113,7 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
-    fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}", key=unknown[0])
-    for key in ("device_id", "state_dir"):
-        if key not in raw:
-            raise ConfigError(f"{source}: missing required key {key!r}", key=key)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        values[key] = _coerce(key, value, fields[key].type, source)
+    values = typed_values(AgentConfig, raw, source, required=("device_id", "state_dir"))
     try:
         validate_id(values["device_id"])
     except Exception as e:
@@ -161,42 +159,11 @@ def _check_runtime_keys(values: dict[str, Any], source: str) -> None:
     if values.get("max_request_bytes", 0) < 0:
         raise ConfigError(f"{source}: key 'max_request_bytes' must be >= 0 (0: derived from "
                           "each model's input size)", key="max_request_bytes")
-    if values.get("reconnect_min_s", 0.5) > values.get("reconnect_max_s", 60.0):
+    if values.get("reconnect_min_s", RECONNECT_MIN_S) > values.get("reconnect_max_s",
+                                                                   RECONNECT_MAX_S):
         raise ConfigError(f"{source}: key 'reconnect_min_s' must be <= reconnect_max_s",
                           key="reconnect_min_s")
 
 
-def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
-    t = str(typ)
-    try:
-        if "Path" in t:
-            return Path(str(value))
-        if t.startswith("float"):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if t.startswith("bool"):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if t.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-            return value
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: key {key!r} has a bad value {value!r} "
-                          f"(expected {t})", key=key) from None
-
-
 def load_config(path: Path) -> AgentConfig:
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    agent_section = raw.get("agent", raw)
-    return config_from_dict(dict(agent_section), source=str(path))
+    return config_from_dict(read_toml(path, "agent"), source=str(path))

@@ -17,23 +17,28 @@ from typing import Any
 from edgeship.agent import __version__, protocol
 from edgeship.agent.capabilities import Capabilities, Plan, detect, plan
 from edgeship.agent.config import AgentConfig
-from edgeship.agent.desired import DesiredTracker, HeldVersions, reactivate_kept
 from edgeship.agent.errors import EdgeshipError, ProtocolError, Reason
-from edgeship.agent.lifecycle import RecordStore
+from edgeship.agent.health import HealthLimits
 from edgeship.agent.local_api import LocalApi
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
-from edgeship.agent.protocol import Topics
 from edgeship.agent.metrics import AgentCollector, Metrics
+from edgeship.agent.protocol import StatusEvent, Topics
 from edgeship.agent.sdnotify import SdNotifier
 from edgeship.agent.serving import ModelServer
-from edgeship.agent.store import ModelStore
 from edgeship.agent.spool import SpoolSettings
+from edgeship.agent.store import ModelStore
 from edgeship.agent.telemetry import TelemetryService, TelemetrySettings
-from edgeship.agent.transfer import MqttFetcher, TransferClient, TransferSettings
-from edgeship.agent import faults
-from edgeship.agent.health import HealthLimits
-from edgeship.agent.install import InstallSettings
-from edgeship.agent.updater import DeviceTraits, UpdateManager
+from edgeship.agent.update.desired import DesiredTracker
+from edgeship.agent.update.download import Downloader
+from edgeship.agent.update.driver import UpdateDriver
+from edgeship.agent.update.fetcher_base import FetcherInterface
+from edgeship.agent.update.observer import NO_OBSERVER, InstallObserver
+from edgeship.agent.update.planner import Planner
+from edgeship.agent.update.records import RecordStore
+from edgeship.agent.update.settings import DeviceTraits, InstallSettings
+from edgeship.agent.update.steps import Steps
+from edgeship.agent.update.transfer import MqttFetcher, TransferClient, TransferSettings
+from edgeship.agent.update.worker import UpdateWorker
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +68,7 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
 
 
 def install_settings(cfg: AgentConfig) -> InstallSettings:
-    """Issue 4: trial window, loop breakers and health-check limits from the config."""
+    """Trial window, loop breakers and health-check limits from the config."""
     from edgeship import devices
     memory_mb = cfg.health_max_memory_mb or devices.load_profile(cfg.profile) \
         .model_memory_budget_mb
@@ -85,9 +90,11 @@ def quality_hub(cfg: AgentConfig) -> Any:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, *, mqtt_loop: SharedLoop | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, *, mqtt_loop: SharedLoop | None = None,
+                 observer: InstallObserver = NO_OBSERVER) -> None:
         """``mqtt_loop``: drive this agent's MQTT socket from a loop shared with other
-        agents in the process (the fleet bench); None: paho's own network thread."""
+        agents in the process (the fleet bench); None: paho's own network thread.
+        ``observer``: sees each point of each install state (tests plug fault plans in)."""
         self.cfg = cfg
         self.device = cfg.device_id
         self.traits = device_traits(cfg)
@@ -96,10 +103,7 @@ class Agent:
         self.server.quality = quality_hub(cfg)
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
-        self._wanted: dict[str, int] = {}  # model -> newest announced version
-        self._not_before: dict[str, float] = {}  # model -> monotonic start (announce spread)
-        self._wanted_cv = threading.Condition()
-        self.desired = DesiredTracker(cfg.state_dir)  # issue 6: per-device desired state
+        self.desired = DesiredTracker(cfg.state_dir)
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
@@ -109,24 +113,32 @@ class Agent:
         self.transfers = TransferClient(self.device, self.session.publish, TransferSettings(
             chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s,
             max_bytes_per_s=cfg.transfer_max_bytes_per_s))
-        self.updates = UpdateManager(
-            tuf_dir=cfg.tuf_dir, downloads_dir=cfg.downloads_dir, store=self.store,
-            records=RecordStore(cfg.updates_dir), server=self.server,
-            fetcher=self._fetcher(),
-            base_url=cfg.http_base_url if cfg.transport == "http" else MqttFetcher.PREFIX,
-            traits=self.traits, report=self.report,
-            max_model_bytes=cfg.max_model_bytes, settings=install_settings(cfg),
-            faults=faults.from_env(), superseded=self._superseded)
-        self.held = HeldVersions(self.updates)  # issue 6: all-or-none staging
+        self.updates = self._update_driver(observer)
+        self.worker = UpdateWorker(self.updates, Planner(self.device, self.desired),
+                                   self.desired, self._stop)
         self._init_runtime_services()
         self._threads: list[threading.Thread] = []
 
-    def _fetcher(self) -> Any:
-        """Issue 3: the update transport from the config: MQTT (the fleet server, the
-        default) or HTTP(S) from ``http_base_url`` (a CDN or any static file server)."""
+    def _update_driver(self, observer: InstallObserver) -> UpdateDriver:
+        cfg = self.cfg
+        settings = install_settings(cfg)
+        downloader = Downloader(
+            tuf_dir=cfg.tuf_dir, downloads_dir=cfg.downloads_dir, store=self.store,
+            fetcher=self._fetcher(), traits=self.traits, report=self.report,
+            max_model_bytes=cfg.max_model_bytes,
+            base_url=cfg.http_base_url if cfg.transport == "http" else MqttFetcher.PREFIX)
+        steps = Steps(server=self.server, traits=self.traits, settings=settings,
+                      report=self.report, stopping=threading.Event())
+        return UpdateDriver(store=self.store, records=RecordStore(cfg.updates_dir),
+                            server=self.server, downloader=downloader, steps=steps,
+                            report=self.report, settings=settings, observer=observer)
+
+    def _fetcher(self) -> FetcherInterface:
+        """The update transport from the config: MQTT (the fleet server, the default) or
+        HTTP(S) from ``http_base_url`` (a CDN or any static file server)."""
         cfg = self.cfg
         if cfg.transport == "http":
-            from edgeship.agent.http_fetch import HttpFetcher  # urllib3 only when configured
+            from edgeship.agent.update.http_fetch import HttpFetcher  # urllib3 only when configured
             return HttpFetcher(cfg.downloads_dir, timeout_s=cfg.transfer_timeout_s,
                                max_bytes_per_s=cfg.transfer_max_bytes_per_s)
         return MqttFetcher(self.transfers, resume_dir=cfg.downloads_dir)
@@ -173,7 +185,7 @@ class Agent:
                                 "provision the device first", reason_code=Reason.CONFIG_INVALID)
         self.updates.recover()
         for model, version in self.desired.items():  # finish what the fleet last asked
-            self._want(model, version)
+            self.worker.want(model, version)
         self.local_api.start()  # answers "not ready" until the models below are loaded
         for m in self.updates.load_active():
             logger.info("serving %s v%s (%s) from disk", m.model, m.version, m.variant.id)
@@ -186,7 +198,7 @@ class Agent:
         self.telemetry.start()
         if self.server.quality is not None:
             self.server.quality.start()
-        loops = [(self._dispatch_loop, "dispatch"), (self._update_loop, "update")]
+        loops = [(self._dispatch_loop, "dispatch"), (self.worker.run, "update")]
         if self.notifier.watchdog_s:
             loops.append((self._watchdog_loop, "watchdog"))
         for target, name in loops:
@@ -199,8 +211,7 @@ class Agent:
         self._stop.set()
         self.updates.stop()
         self.updates.fetcher.stop()  # HttpFetcher: end a download now
-        with self._wanted_cv:
-            self._wanted_cv.notify_all()
+        self.worker.wake()
         self._hand_over("stop")
         self.notifier.stopping()
         self.local_api.stop()
@@ -250,100 +261,22 @@ class Agent:
         try:
             kind = protocol.parse_topic(item.topic).kind
             if kind == "release":
-                ann = protocol.ReleaseAnnouncement.from_bytes(item.payload)
-                if not self.desired.governs(ann.model):  # else the rollout decides
-                    self._spread(ann)
-                    self._want(ann.model, ann.version)
+                self.worker.announced(protocol.ReleaseAnnouncement.from_bytes(item.payload))
             elif kind == "desired":
-                self._on_desired(protocol.DesiredState.from_bytes(item.payload))
+                self.worker.desired_state(protocol.DesiredState.from_bytes(item.payload))
         except ProtocolError as e:
             self.rejected_messages += 1
             logger.warning("rejected message on %s: %s", item.topic, e)
-            self.report("rejected", reason=e.reason_code.value, detail=str(e)[:300],
+            self.report(StatusEvent.REJECTED, reason=e.reason_code.value, detail=str(e)[:300],
                         topic=item.topic)
-
-    # --- updates --------------------------------------------------------------------------
-
-    def _on_desired(self, desired: protocol.DesiredState) -> None:
-        if not self.desired.accept(desired):  # redelivered or older: keep the newest
-            logger.info("ignoring desired %s v%s (seq %s): not newer", desired.model,
-                        desired.version, desired.seq)
-            return
-        self._want(desired.model, desired.version, exact=True)
-
-    def _want(self, model: str, version: int, exact: bool = False) -> None:
-        with self._wanted_cv:
-            if exact or self.desired.governs(model) or version > self._wanted.get(model, 0):
-                self._wanted[model] = version
-                self._wanted_cv.notify()
-
-    def _superseded(self, model: str, version: int) -> bool:
-        """Another version of ``model`` is waiting (ends its running trial early): a newer
-        one, or any other the fleet asked for (a rollout's rollback)."""
-        with self._wanted_cv:
-            wanted = self._wanted.get(model)
-        return wanted is not None and (wanted > version or (
-            wanted != version and self.desired.governs(model)))
-
-    def _update_loop(self) -> None:
-        self.updates.resume_pending()  # issue 4: finish updates a restart interrupted
-        while not self._stop.is_set():
-            with self._wanted_cv:
-                while not self._wanted and not self._stop.is_set():
-                    self._wanted_cv.wait(30.0)  # _want and stop notify; a safety net only
-                if self._stop.is_set():
-                    return
-                model, version = self._wanted.popitem()
-            if not self.desired.governs(model) and self._wait_spread(model, version):
-                continue
-            if self.desired.governs(model):
-                self._apply_desired(model, self.desired.version(model) or version)
-            else:
-                self.updates.handle_announcement(model, version)
-
-    def _spread(self, ann: protocol.ReleaseAnnouncement) -> None:
-        """Issue 3: an announcement with ``spread_s`` starts this device's fetch at its own
-        offset in the window (protocol.spread_delay_s)."""
-        delay_s = protocol.spread_delay_s(self.device, ann.model, ann.version, ann.spread_s,
-                                          ann.released_at, time.time())
-        with self._wanted_cv:
-            self._not_before[ann.model] = time.monotonic() + delay_s
-
-    def _wait_spread(self, model: str, version: int) -> bool:
-        """Wait out the announcement spread; True: skip this version (the agent stops, a
-        newer version was announced, or a rollout took the model over meanwhile)."""
-        with self._wanted_cv:
-            delay_s = self._not_before.pop(model, 0.0) - time.monotonic()
-        if delay_s <= 0:
-            return False
-        logger.info("announcement spread: fetching %s v%d in %.1fs", model, version, delay_s)
-        if self._stop.wait(delay_s):
-            return True
-        with self._wanted_cv:
-            return self._wanted.get(model, 0) > version or self.desired.governs(model)
-
-    def _apply_desired(self, model: str, version: int) -> None:
-        if self.desired.holds(model):  # all-or-none: stage, report held, wait for commit
-            self.held.stage(model, version)
-            return
-        held = self.held.take(model, version)  # the commit (or a discard)
-        active = self.store.active(model)
-        if active is not None and active.version == version:
-            return
-        if active is not None and version < active.version and reactivate_kept(
-                self.store, self.server, model=model, version=version,
-                threads=self.traits.threads, providers=self.traits.providers,
-                report=self.report):
-            return
-        self.updates.install(model, version, held=held)
 
     # --- outbound -------------------------------------------------------------------------
 
-    def report(self, event: str, **fields: Any) -> None:
+    def report(self, event: StatusEvent, **fields: Any) -> None:
         """Publish a status event (QoS 1; paho queues it while offline)."""
         payload = protocol.status_event(self.device, event, ts=time.time(), **fields)
         self.session.publish(Topics.status(self.device), payload)
-        if event in ("serving",):
+        if event == StatusEvent.SERVING:
             self.session.publish(Topics.presence(self.device), self._presence(True),
                                  retain=True)
 

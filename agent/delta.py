@@ -25,7 +25,7 @@ from typing import BinaryIO
 import zstandard
 
 from edgeship.agent.errors import EdgeshipError, Reason
-from edgeship.agent.fsutil import sha256_file
+from edgeship.common.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,6 @@ class Reason(StrEnum):
     RESTART_LOOP = "restart_loop"
     SHADOW_DISAGREEMENT = "shadow_disagreement"
     VERSION_BLOCKED = "version_blocked"
-    FAULT_INJECTED = "fault_injected"
     # secure delivery (issue 3)
     HARDWARE_MISMATCH = "hardware_mismatch"
     RELEASE_STOPPED = "release_stopped"
@@ -124,7 +123,6 @@ class ConfigError(EdgeshipError):
         self.key = key
 
 
-class GateError(EdgeshipError):
-    """A converted variant failed its accuracy/size/latency gate (host side)."""
-
-    reason_code = Reason.BUNDLE_INVALID
+class TransitionError(ConfigError):
+    """An event that does not apply in the current state of a state machine (a device's
+    update, a fleet's rollout): the sender's mistake, or a damaged record."""

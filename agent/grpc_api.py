@@ -21,11 +21,13 @@ import grpc
 import numpy as np
 
 from edgeship.agent import oip
-from edgeship.agent import oip_pb2 as pb
+from edgeship.agent import oip_pb2
 from edgeship.agent.api_limits import ApiLimits, body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.jsonarray import JsonTensorError, as_array
 from edgeship.agent.serving import ModelNotFoundError, ModelServer
+
+pb: Any = oip_pb2  # protoc builds its message classes at import time: no static types
 
 logger = logging.getLogger(__name__)
 

@@ -6,17 +6,11 @@ Sets its own RLIMIT_AS / RLIMIT_CPU before importing the runtime, loads the inst
 version, runs ``check_health`` and prints one JSON line: ``{"ok": true, ...}`` or
 ``{"ok": false, "reason": ..., "message": ...}``. A crash or a limit ends the process; the
 parent maps the signal to a reason code.
-
-Test hook (only for the bad-model tests, through this real process boundary):
-``EDGESHIP_HEALTH_FAULT=segfault@<sha256 prefix>`` makes this process die of a real
-SIGSEGV right after loading a model whose file hash starts with that prefix, the way a
-model that crashes the runtime would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from pathlib import Path
@@ -26,14 +20,6 @@ def _limit(request: dict) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (request["address_space_bytes"],) * 2)
     cpu = int(request["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
-
-
-def _maybe_crash(sha256: str) -> None:
-    fault = os.environ.get("EDGESHIP_HEALTH_FAULT", "")
-    kind, _, prefix = fault.partition("@")
-    if kind == "segfault" and prefix and sha256.startswith(prefix):
-        import ctypes
-        ctypes.string_at(0)  # dereference NULL: a real SIGSEGV
 
 
 def _check(request: dict) -> dict:
@@ -49,7 +35,6 @@ def _check(request: dict) -> dict:
         runtime = load_runtime(installed.variant.runtime, installed.model_path,
                                threads=request["threads"],
                                providers=request["providers"] or None)
-        _maybe_crash(installed.variant.sha256)
         report = check_health(runtime, installed.manifest, installed.variant,
                               installed.golden_path,
                               latency_budget_ms=request["latency_budget_ms"])

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeship.agent.errors import InferenceInputError
+
 #: bodies up to this size go to ``json.loads`` whole (fast; bounded amplification)
 SMALL_BODY_BYTES = 256 * 1024
 #: arrays of numbers at least this long (in characters) are cut out of larger bodies
@@ -51,7 +53,7 @@ _TO_CLASS = bytes(_CLASS)  # for bytes.translate: each byte to its class
 _BLOCK = 1 << 20
 
 
-class JsonTensorError(ValueError):
+class JsonTensorError(InferenceInputError, ValueError):
     """The body is not JSON, or an array in it is not a regular array of numbers.
     ``too_large``: the JSON besides the arrays of numbers exceeds ``MAX_SKELETON_BYTES``."""
 
@@ -105,7 +107,9 @@ def loads(body: bytes | memoryview) -> Any:
     if len(data) <= SMALL_BODY_BYTES:
         return _json(data)
     kinds = data.translate(_TO_CLASS)
-    pieces, lifted, pos, scan = [], [], 0, 0
+    pieces: list[Any] = []
+    lifted: list[Any] = []
+    pos, scan = 0, 0
     nonce = os.urandom(8).hex()  # a fresh key per body: a client cannot send it
     text, classes = memoryview(data), memoryview(kinds)
     while (m := _START.search(data, scan)) is not None:
@@ -292,7 +296,7 @@ def _check_int64_range(text: bytes) -> None:
             raise ValueError(f"{token.group()[:30].decode()}… is outside int64")
 
 
-def as_array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
+def as_array(value: Any, dtype: np.dtype | str, what: str) -> np.ndarray:
     """A JSON value (a :class:`NumberArray`, a nested list, or a scalar) as an array of
     ``dtype``, with the same rules for both: integers for integer dtypes, true/false or
     0/1 for bool, no strings."""

@@ -103,7 +103,8 @@ class AgentCollector:
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:
     """Per-bucket counts → Prometheus' cumulative ``le`` buckets, in seconds."""
-    out, running = [], 0
+    out: list[tuple[str, float]] = []
+    running = 0
     for bound_ms, n in zip(LATENCY_BUCKETS_MS, counts):
         running += n
         out.append((repr(bound_ms / 1000), running))

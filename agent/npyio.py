@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -74,5 +75,6 @@ def dump_npy(arr: np.ndarray) -> bytes:
 
 def dump_npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
+    named: dict[str, Any] = {name: np.asarray(a) for name, a in arrays.items()}
+    np.savez(buf, **named)
     return buf.getvalue()

@@ -13,7 +13,7 @@ import math
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def _rest_input(raw: Any, i: int, binary: memoryview) -> tuple[str, np.ndarray, 
     name = raw["name"]
     what = f"input {name[:100]!r}"
     shape = _shape(raw.get("shape"), what)
-    datatype = raw.get("datatype")
+    datatype = cast(str, raw.get("datatype"))  # dtype_of refuses anything else
     dtype = dtype_of(datatype, what)
     size = _params(raw.get("parameters"), what).get("binary_data_size")
     if size is not None:
@@ -267,7 +267,7 @@ def tensor_view(arr: np.ndarray) -> bytes | memoryview:
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return memoryview(arr).cast("B") if arr.size else b""
+    return arr.data.cast("B") if arr.size else b""
 
 
 def select_outputs(names: Sequence[str], values: Sequence[np.ndarray],

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from edgeship.agent.errors import ProtocolError, Reason
@@ -312,11 +313,37 @@ def safe_repo_path(path: str) -> str:
     return path
 
 
-def status_event(device: str, event: str, *, model: str | None = None,
+class StatusEvent(StrEnum):
+    """The ``event`` of a device's status message. Never rename one: the fleet and devices
+    already in the field match these strings."""
+
+    # one update, in order (see docs/safe-install.md)
+    RECOVERING = "recovering"  # the agent restarted mid-update (from_state, restarts)
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    HEALTH_CHECK = "health_check"
+    SHADOW = "shadow"
+    SHADOW_RESULT = "shadow_result"  # the shadow run's summary (the fleet's shadow gate)
+    TRIAL = "trial"
+    SERVING = "serving"  # a version serves (also after a revert: reverted_from/reverted)
+    COMMITTED = "committed"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"  # reason, detail
+    # all-or-none rollouts
+    HELD = "held"  # staged, checked and warm; waiting for the commit
+    DISCARDED = "discarded"  # a held copy was dropped (the rollout rolled back)
+    # not acted on
+    REJECTED = "rejected"  # a message or an announced version refused (reason)
+    METADATA_STALE = "metadata_stale"  # the repository's signed metadata expired
+    DELTA_REJECTED = "delta_rejected"  # a delta did not rebuild the file: full download
+
+
+def status_event(device: str, event: StatusEvent, *, model: str | None = None,
                  version: int | None = None, reason: str | None = None,
                  detail: str | None = None, **extra: Any) -> bytes:
     """Device → fleet status event (QoS 1, not retained): a lifecycle step or a rejection."""
-    body: dict[str, Any] = {"device": device, "event": event, **extra}
+    body: dict[str, Any] = {"device": device, "event": str(event), **extra}
     for key, value in (("model", model), ("version", version), ("reason", reason),
                        ("detail", detail)):
         if value is not None:

@@ -113,7 +113,7 @@ def _interpreter_class() -> Any:
         from ai_edge_litert.interpreter import Interpreter
         return Interpreter
     if backend == "tflite_runtime":
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+        from tflite_runtime.interpreter import Interpreter
         return Interpreter
     if importlib.util.find_spec("tflite_runtime") is not None:
         raise RuntimeLoadError(

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -178,19 +178,24 @@ class _Serving:
     def __init__(self, loaded: LoadedModel, stats: ModelStats, quality: Any = None) -> None:
         self.loaded, self.stats = loaded, stats
         # quality monitoring (agent.quality.hub): observe(inputs, outputs, batch) -> id
-        self.observe, self.ids = quality.observer(loaded) if quality is not None \
-            else (None, None)
+        self.observe: Callable[..., int] | None = None
+        self.ids: Callable[[int], str] = str  # the request id from the first sample id
+        if quality is not None:
+            self.observe, self.ids = quality.observer(loaded)
         self.run = loaded.runtime.run
         self.record_ns = stats.record_ns
         self.specs = loaded.installed.manifest.inputs
         spec = self.specs[0] if len(self.specs) == 1 else None
         fast = spec is not None and len(spec.shape) >= 1 and \
             all(d is not None for d in spec.shape[1:])
-        # ``input_name`` None: every request takes the general, explaining path
-        self.input_name = spec.name if fast else None
-        self.dtype = np.dtype(spec.dtype) if fast else None
-        self.rank = len(spec.shape) if fast else -1
-        self.tail = tuple(spec.shape[1:]) if fast else ()
+        # no fast path (input_name None): every request takes the general, explaining one
+        self.input_name: str | None = None
+        self.dtype: np.dtype | None = None
+        self.rank = -1
+        self.tail: tuple[int | None, ...] = ()
+        if spec is not None and fast:
+            self.input_name, self.dtype = spec.name, np.dtype(spec.dtype)
+            self.rank, self.tail = len(spec.shape), tuple(spec.shape[1:])
         self.finite = self.dtype is not None and self.dtype.kind == "f"
 
     def accepts(self, x: np.ndarray, check_values: bool) -> bool:
@@ -305,7 +310,9 @@ class ModelServer:
             raise ModelNotFoundError(f"no model named {name!r} is being served")
         if version is not None and version != entry.loaded.installed.version:
             return self._predict_other(name, version, raw_inputs, check_values)
-        if type(raw_inputs) is np.ndarray and entry.accepts(raw_inputs, check_values):
+        inputs: dict[str, np.ndarray]
+        if type(raw_inputs) is np.ndarray and entry.input_name is not None and \
+                entry.accepts(raw_inputs, check_values):
             inputs, batch = {entry.input_name: raw_inputs}, raw_inputs.shape[0]
         else:
             inputs, batch = _checked(entry, raw_inputs, check_values)

@@ -103,7 +103,8 @@ class TelemetrySpool:
         with self._lock, self._tx() as db:
             cur = db.execute("INSERT INTO queue (created_s, payload) VALUES (?, x'')",
                              (time.time(),))
-            seq = int(cur.lastrowid)
+            assert cur.lastrowid is not None  # an INSERT always sets it
+            seq = cur.lastrowid
             payload = make_payload(seq)
             if len(payload) > self.settings.max_record_bytes:
                 raise SpoolError(f"telemetry record of {len(payload)} bytes exceeds "

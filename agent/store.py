@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
+from edgeship.common.fsutil import atomic_symlink, atomic_write, fsync_dir, sha256_file
 from edgeship.agent.manifest import MANIFEST_NAME, Manifest, Variant
 from edgeship.agent.protocol import validate_id
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.agent.errors import Reason, VerificationError
-from edgeship.agent.fsutil import atomic_write
+from edgeship.common.fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 

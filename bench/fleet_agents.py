@@ -18,7 +18,7 @@ from pathlib import Path
 from edgeship.agent.config import AgentConfig
 from edgeship.agent.daemon import Agent
 from edgeship.agent.errors import EdgeshipError
-from edgeship.agent.mqtt import SharedLoop
+from edgeship.common.mqtt import SharedLoop
 from tests.support.synthetic import sample_inputs
 
 
@@ -36,15 +36,14 @@ def make_agent(root: Path, device: str, url: str, repo: Path, telemetry_s: float
     # the forwarder is woken by every new record and every reconnect; its 1 s idle poll is
     # free on a board but, x250 agents per process, a queue of threads waiting for one GIL
     agent.telemetry.forwarder.idle_wait_s = max(1.0, telemetry_s)
-    settings = getattr(agent.updates, "settings", None)
-    if settings is not None and hasattr(settings, "health_in_subprocess"):
-        # one Python child per install x 1,000 simulated devices on 2 cores would measure
-        # process start-up, not the fleet: the same check runs in-process instead
-        agent.updates.settings = dataclasses.replace(settings, health_in_subprocess=False)
+    steps = agent.updates.steps
+    # one Python child per install x 1,000 simulated devices on 2 cores would measure
+    # process start-up, not the fleet: the same check runs in-process instead
+    steps.settings = dataclasses.replace(steps.settings, health_in_subprocess=False)
     # the profile's per-inference latency budget is a property of one board; 1,000 simulated
     # boards sharing 2 cores would miss it for reasons that are not the model's
-    agent.traits = agent.updates.traits = dataclasses.replace(agent.traits,
-                                                              latency_budget_ms=None)
+    agent.traits = steps.traits = agent.updates.downloader.traits = dataclasses.replace(
+        agent.traits, latency_budget_ms=None)
     return agent
 
 
@@ -52,12 +51,12 @@ def gate_installs(agent: Agent, slots: threading.Semaphore) -> None:
     """Run this agent's installs on one of the process's ``slots`` (a shared pool of N
     update workers): hundreds of update threads that all want one GIL at once spend their
     time handing it over (futex storms, starved MQTT keepalives), not installing."""
-    install = agent.updates.install
+    do = agent.worker.do
 
     def gated(*args, **kwargs):
         with slots:
-            return install(*args, **kwargs)
-    agent.updates.install = gated
+            return do(*args, **kwargs)
+    agent.worker.do = gated
 
 
 class Traffic:

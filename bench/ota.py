@@ -41,7 +41,7 @@ def _load() -> str:
 
 _RAW_PUB = """
 import os, sys, time
-from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings
 url, chunk, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pub = MqttSession(SessionSettings(url=url, client_id="bench-raw-pub", clean_start=True,
                                   session_expiry_s=0), lambda m: None)
@@ -76,9 +76,9 @@ def _fleet_process(broker_url: str, repo: Path, tmp: Path) -> subprocess.Popen:
 
 
 def _device(broker_url: str, chunk: int, name: str):
-    from edgeship.agent.mqtt import MqttSession, SessionSettings
+    from edgeship.common.mqtt import MqttSession, SessionSettings
     from edgeship.agent.protocol import Topics
-    from edgeship.agent.transfer import MqttFetcher, TransferClient, TransferSettings
+    from edgeship.agent.update.transfer import MqttFetcher, TransferClient, TransferSettings
     holder = {}
     session = MqttSession(SessionSettings(url=broker_url, client_id=f"bench-{name}"),
                           on_message=lambda m: holder["c"].on_response(m))
@@ -124,7 +124,7 @@ class RawPaho:
     """The same bytes published raw by paho (another process) to a subscriber here."""
 
     def __init__(self, broker, chunk: int) -> None:
-        from edgeship.agent.mqtt import MqttSession, SessionSettings
+        from edgeship.common.mqtt import MqttSession, SessionSettings
         self._done, self._got = threading.Event(), 0
         self.sub = MqttSession(SessionSettings(url=broker.url, client_id="bench-raw-sub",
                                                clean_start=True, session_expiry_s=0),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeship.agent.fsutil import atomic_output
+from edgeship.common.fsutil import atomic_output
 
 ZSTD_LEVEL = 19  # converter runs once on a host; devices only decompress (fast at any level)
 CHUNK_BYTES = 1 << 20

@@ -6,7 +6,7 @@ they subclass the agent's classes so callers can catch ``EdgeshipError`` everywh
 
 from __future__ import annotations
 
-from edgeship.agent.errors import ConfigError, EdgeshipError, GateError
+from edgeship.agent.errors import ConfigError, EdgeshipError, Reason
 
 
 class ExportError(EdgeshipError):
@@ -19,6 +19,12 @@ class QuantizeError(EdgeshipError):
 
 class EvaluationError(EdgeshipError):
     """A variant could not be loaded or run, or the evaluation inputs are inconsistent."""
+
+
+class GateError(EdgeshipError):
+    """A converted variant failed its accuracy/size/latency gate (host only)."""
+
+    reason_code = Reason.BUNDLE_INVALID
 
 
 class NoVariantPassedError(GateError):

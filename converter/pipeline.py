@@ -204,7 +204,7 @@ def convert(model, example_input, calib_x: np.ndarray, val_x: np.ndarray,
     ``reference_model`` (default ``model``) is what every variant is measured against:
     pass the original when ``model`` is a pruned or distilled version of it.
 
-    Raises :class:`~agent.errors.GateError` (``NoVariantPassedError``) and writes nothing
+    Raises :class:`~converter.errors.GateError` (``NoVariantPassedError``) and writes nothing
     if no variant passes; :class:`~agent.errors.BundleError` if ``out_dir`` exists.
     """
     settings = _settings(settings, gate, threads)

@@ -99,5 +99,5 @@ def parse_profile(raw: dict, source: str = "<profile>") -> Profile:
     tuples = {k: tuple(v[k]) for k in ("cpu_features", "runtimes", "execution_providers",
                                        "preferred_precisions")}
     return Profile(**{**v, **tuples, "gates": Gates(**gates),
-                      "detect": DetectRules(**{k: tuple(x) if isinstance(x, list) else x
+                      "detect": DetectRules(**{k: tuple(x) if isinstance(x, list) else x  # type: ignore[arg-type]
                                                for k, x in detect.items()})})

@@ -95,11 +95,11 @@ def _check_value(value: Any, key: Key, source: str, name: str) -> Any:
         value = float(value)
     if not isinstance(value, key.typ) or (isinstance(value, bool) and key.typ is not bool):
         raise bad(f"must be a {_TYPE_NAMES.get(key.typ, key.typ.__name__)}")
-    if key.min is not None and value < key.min:
+    if key.min is not None and isinstance(value, (int, float)) and value < key.min:
         raise bad(f"must be >= {key.min:g}")
-    if key.max is not None and value > key.max:
+    if key.max is not None and isinstance(value, (int, float)) and value > key.max:
         raise bad(f"must be <= {key.max:g}")
-    if key.typ is list:
+    if isinstance(value, list):
         if not all(isinstance(v, str) for v in value):
             raise bad("must be a list of strings")
         if len(set(value)) != len(value):

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeship.agent import protocol
 from edgeship.agent.errors import EdgeshipError
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 
 DEMO_PROFILES = ("rpi4", "jetson-orin-nano", "generic-x86_64")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
-from edgeship.agent.fsutil import atomic_write
+from edgeship.common.fsutil import atomic_write
 from edgeship.agent.protocol import SHARED_GROUP, TOPIC_ROOT
 from edgeship.fleet.pki import FLEET_PREFIX, OPERATOR_PREFIX, CertificateAuthority
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeship.agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
-from edgeship.agent.mqtt import MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings, TlsSettings
 from edgeship.agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
 from edgeship.fleet.db import is_url
 from edgeship.fleet.errors import ReleaseRejectedError

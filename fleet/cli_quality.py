@@ -2,7 +2,8 @@
 from feedback (with sample counts and 95 % intervals, or "too few labels"), the drift of
 the inputs and outputs (Jensen–Shannon distance with its chance level) and the label-free
 accuracy estimate (marked as one), pooled over the devices of a cohort (group, tag,
-profile). Reads the registry directly, like ``fleet status``."""
+profile). Reads the registry directly, like ``fleet status``; errors reach the top-level
+handler (one line, exit 2 for bad input)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import argparse
 import json
 from typing import Any
 
-from edgeship.fleet.cli import EXIT_OK, _command
-from edgeship.fleet.cli_rollout import open_registry
+from pathlib import Path
+
+from edgeship.agent.errors import ConfigError
+from edgeship.fleet.db import is_url
 from edgeship.fleet.quality import MIN_LABELLED, table_rows
+from edgeship.fleet.registry import Registry
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -55,9 +59,10 @@ def quality_doc(registry: Any, model: str, *, group: str | None = None,
     return doc
 
 
-@_command
 def cmd_quality(args: argparse.Namespace) -> int:
-    registry = open_registry(args.db)
+    if not is_url(args.db) and not Path(args.db).is_file():
+        raise ConfigError(f"no registry at {args.db}", key="db")
+    registry = Registry(args.db if is_url(args.db) else Path(args.db))
     try:
         doc = quality_doc(registry, args.model, group=args.group, tag=args.tag,
                           profile=args.profile, since_s=args.since_s,
@@ -66,11 +71,11 @@ def cmd_quality(args: argparse.Namespace) -> int:
         registry.close()
     if args.json:
         print(json.dumps(doc, indent=2))
-        return EXIT_OK
+        return 0
     rows = table_rows(doc)
     if not rows:
         print(f"no quality reports for {args.model}")
-        return EXIT_OK
+        return 0
     from rich.console import Console
     from rich.table import Table
 
@@ -80,4 +85,4 @@ def cmd_quality(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*row.values())
     Console().print(table)
-    return EXIT_OK
+    return 0

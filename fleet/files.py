@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeship.agent.fsutil import atomic_write, fsync_dir  # one implementation, shared with the agent
+from edgeship.common.fsutil import atomic_write, fsync_dir  # one implementation, shared with the agent
 
 __all__ = ["atomic_write", "fsync_dir", "write_new"]
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeship.agent.errors import ConfigError
-from edgeship.agent.fsutil import atomic_write
+from edgeship.common.fsutil import atomic_write
 from edgeship.agent.protocol import validate_id
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from pathlib import Path
 from edgeship import devices
 from edgeship.agent.config import load_config
 from edgeship.agent.errors import ConfigError, EdgeshipError
-from edgeship.agent.fsutil import atomic_write
+from edgeship.common.fsutil import atomic_write
 from edgeship.agent.protocol import validate_id
 from edgeship.fleet.pki import CertificateAuthority
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from edgeship.agent.protocol import StatusEvent
 from edgeship.fleet.db import open_backend
 from edgeship.fleet.quality_store import SCHEMA as QUALITY_SCHEMA
 from edgeship.fleet.quality_store import QualityStore
@@ -252,7 +253,7 @@ class Registry:
                  _str_or_none(msg.get("model")), _int_or_none(msg.get("version")),
                  _str_or_none(msg.get("reason"), 64), _str_or_none(msg.get("detail")),
                  json.dumps(msg)))
-            if msg.get("event") == "serving" and isinstance(msg.get("model"), str):
+            if msg.get("event") == StatusEvent.SERVING and isinstance(msg.get("model"), str):
                 self._note_serving(device, msg)
         self._maybe_prune()
 
@@ -452,11 +453,12 @@ class Registry:
         return [EventRecord(*r[:7], raw=json.loads(r[7])) for r in rows]
 
     def install_outcomes(self, model: str, version: int, since: float,
-                         events: tuple[str, ...] = ("serving", "failed"),
+                         events: tuple[StatusEvent, ...] = (StatusEvent.SERVING,
+                                                            StatusEvent.FAILED),
                          ) -> dict[str, tuple[str, str | None]]:
         """device -> (last of ``events``, reason) for one model version; all-or-none
-        staging asks for ``("held", "failed")``."""
-        clause, names = _in(events)
+        staging asks for ``(HELD, FAILED)``."""
+        clause, names = _in(str(e) for e in events)  # plain text for any SQL driver
         rows = self._query("SELECT device, event, reason FROM events WHERE model = ? AND "
                            f"version = ? AND ts >= ? AND event IN {clause} "
                            "ORDER BY id", (model, version, since, *names))
@@ -468,8 +470,8 @@ class Registry:
         one model version: exactly what the agent's shadow run reported
         (``agent.shadow.ShadowRun.summary``)."""
         rows = self._query("SELECT device, raw FROM events WHERE model = ? AND version = ? "
-                           "AND ts >= ? AND event = 'shadow_result' ORDER BY id",
-                           (model, version, since))
+                           "AND ts >= ? AND event = ? ORDER BY id",
+                           (model, version, since, StatusEvent.SHADOW_RESULT.value))
         results = {}
         for device, raw in rows:
             shadow = json.loads(raw).get("shadow")

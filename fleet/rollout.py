@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
-from edgeship.agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError, TransitionError  # bad input: exit 2
+from edgeship.agent.protocol import StatusEvent
 from edgeship.fleet.quality_gates import QualityLimits, QualityObservation
 from edgeship.fleet.quality_gates import check as quality_check
 from edgeship.fleet.quality_gates import check_drift as quality_drift
@@ -68,10 +69,6 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 ACTIVE = (S.RUNNING, S.ROLLING_BACK)
 FINAL = (S.ROLLED_BACK, S.ABORTED, S.DONE)
-
-
-class TransitionError(ConfigError):
-    """A command that does not apply in the rollout's current state (bad input: exit 2)."""
 
 
 def transition(state: State, event: Event) -> State:
@@ -213,7 +210,7 @@ class ShadowResult:
 class WaveObservation:
     devices: tuple[str, ...]
     started_at: float
-    outcomes: Mapping[str, tuple[str, str | None]]   # device -> ("serving"|"failed", reason)
+    outcomes: Mapping[str, tuple[str, str | None]]   # device -> (SERVING|FAILED, reason)
     new_stats: Mapping[str, DeviceStats]             # new version, since the wave started
     baseline: Mapping[str, DeviceStats]              # old version, same devices, before
     installed_at: float | None = None                # when the last device finished
@@ -241,9 +238,10 @@ def install_gate(obs: WaveObservation, gates: Gates, now: float,
                  timeout_s: float) -> Verdict | None:
     """None once enough devices serve the new version; otherwise wait or fail."""
     n = len(obs.devices)
-    serving = sum(1 for d in obs.devices if obs.outcomes.get(d, ("",))[0] == "serving")
+    serving = sum(1 for d in obs.devices
+                  if obs.outcomes.get(d, ("",))[0] == StatusEvent.SERVING)
     failed = {d: obs.outcomes[d][1] for d in obs.devices
-              if obs.outcomes.get(d, ("",))[0] == "failed"}
+              if obs.outcomes.get(d, ("",))[0] == StatusEvent.FAILED}
     allowed_failures = n - math.ceil(gates.min_install_success * n - 1e-9)
     measured = {"devices": n, "serving": serving, "failed": len(failed)}
     if len(failed) > allowed_failures:
@@ -347,8 +345,9 @@ def staging_verdict(devices: tuple[str, ...], outcomes: Mapping[str, tuple[str, 
                     started_at: float, now: float, timeout_s: float) -> Verdict:
     """All-or-none, before the switch: "pass" (commit) once every device reported
     ``held``; "fail" (discard everywhere) as soon as one failed or the deadline passed."""
-    held = [d for d in devices if outcomes.get(d, ("",))[0] == "held"]
-    failed = {d: outcomes[d][1] for d in devices if outcomes.get(d, ("",))[0] == "failed"}
+    held = [d for d in devices if outcomes.get(d, ("",))[0] == StatusEvent.HELD]
+    failed = {d: outcomes[d][1] for d in devices
+              if outcomes.get(d, ("",))[0] == StatusEvent.FAILED}
     measured = {"devices": len(devices), "held": len(held), "failed": len(failed)}
     if failed:
         why = ", ".join(f"{d}: {r or 'unknown'}" for d, r in sorted(failed.items()))

@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Callable
 
 from edgeship.agent.errors import ConfigError
-from edgeship.agent.protocol import DesiredState
+from edgeship.agent.protocol import DesiredState, StatusEvent
 from edgeship.fleet.registry import Registry
 from edgeship.fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult, State,
                            WaveObservation, evaluate_wave, failure_event, install_gate,
@@ -241,7 +241,7 @@ class RolloutRunner:
     def _dispatch(self, r: Rollout, now: float, hold: bool = False) -> Rollout:
         """Publish desired state to due devices of the wave, at most max_concurrent
         devices downloading (sent, no outcome yet) at once."""
-        events = ("held", "failed") if hold else ("serving", "failed")
+        events = (StatusEvent.HELD if hold else StatusEvent.SERVING, StatusEvent.FAILED)
         outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at,
                                                   events)
         in_flight = sum(1 for d in r.sent if d not in outcomes)
@@ -272,7 +272,7 @@ class RolloutRunner:
         r = self._dispatch(r, now, hold=True)
         wave = r.waves[r.wave]
         outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at,
-                                                  ("held", "failed"))
+                                                  (StatusEvent.HELD, StatusEvent.FAILED))
         shadow = WaveObservation(wave, r.created_at, outcomes, {}, {},
                                  shadow=self._shadow_results(r, wave))
         verdict = shadow_gate(shadow, r.policy.gates) or \
@@ -331,7 +331,8 @@ class RolloutRunner:
         go back to wanting the old version (those already serving it stay: rollback)."""
         self._kill_transfers(r)
         outcomes = self.registry.install_outcomes(r.model, r.to_version, r.created_at)
-        unfinished = [d for d in r.moved if outcomes.get(d, ("",))[0] != "serving"]
+        unfinished = [d for d in r.moved
+                      if outcomes.get(d, ("",))[0] != StatusEvent.SERVING]
         if r.from_version is not None:
             for device in unfinished:
                 self._desire(r, device, r.from_version)
@@ -368,7 +369,8 @@ def progress(registry: Registry, rollout: Rollout) -> dict:
     outcomes = registry.install_outcomes(rollout.model, rollout.to_version,
                                          rollout.created_at)
     held = {} if not rollout.policy.all_or_none else registry.install_outcomes(
-        rollout.model, rollout.to_version, rollout.created_at, ("held", "failed"))
+        rollout.model, rollout.to_version, rollout.created_at,
+        (StatusEvent.HELD, StatusEvent.FAILED))
     verdicts = {v["wave"]: v for v in rollout.verdicts}
     waves = []
     for i, devices in enumerate(rollout.waves):
@@ -379,8 +381,10 @@ def progress(registry: Registry, rollout: Rollout) -> dict:
                   "stopped" if i == rollout.wave else "pending")
         waves.append({"wave": i + 1, "devices": len(devices),
                       "sent": sum(1 for d in devices if d in rollout.sent),
-                      "serving": states.count("serving"), "failed": states.count("failed"),
-                      "held": sum(1 for d in devices if held.get(d, ("",))[0] == "held"),
+                      "serving": states.count(StatusEvent.SERVING),
+                      "failed": states.count(StatusEvent.FAILED),
+                      "held": sum(1 for d in devices
+                                  if held.get(d, ("",))[0] == StatusEvent.HELD),
                       "status": status, "verdict": verdicts.get(i)})
     doc = rollout.to_dict()
     doc.pop("baseline", None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from edgeship.agent.errors import EdgeshipError, ProtocolError
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
 from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
 from edgeship.fleet.registry import Registry

@@ -68,10 +68,11 @@ def parse_body(doc: Any) -> list[Item]:
 def parse_item(raw: Any) -> Item:
     if not isinstance(raw, dict):
         return Item("", error="an item must be an object")
-    rid = raw.get("id")
-    m = _ID_RE.match(rid) if isinstance(rid, str) else None
+    raw_id = raw.get("id")
+    m = _ID_RE.match(raw_id) if isinstance(raw_id, str) else None
     if m is None:
-        return Item(str(rid)[:80], error='"id" must be a request id as the agent returned it')
+        return Item(str(raw_id)[:80], error='"id" must be a request id as the agent returned it')
+    rid = m.group(0)
     base = Item(rid, boot=m.group(1), first=int(m.group(2)))
     single = [k for k in ("label", "value") if k in raw]
     multi = [k for k in ("labels", "values") if k in raw]

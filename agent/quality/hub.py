@@ -197,8 +197,11 @@ class QualityHub:
             for s, truth in zip(samples, truths):
                 row = rows[s]
                 c = counts.setdefault(row.version, _empty(metas[row.version]))
-                c.add(int(row.predicted) if isinstance(c, ClassCounts) else row.predicted,
-                      truth)  # type: ignore[arg-type]
+                predicted = float(row.predicted or 0.0)  # never None here (check_rows)
+                if isinstance(c, ClassCounts):
+                    c.add(int(predicted), int(truth))
+                else:
+                    c.add(predicted, float(truth))
                 rows[s] = fb.Row(s, row.request, row.version, row.predicted, True)
                 touched.add(row.version)
             labelled += samples

@@ -16,7 +16,7 @@ MAE and RMSE normal intervals from the sample moments.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Mapping, Sequence
 
@@ -40,19 +40,16 @@ def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | No
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-@dataclass
 class ClassCounts:
     """Labelled outcomes of a classifier: per class tp/fp/fn, and n."""
 
-    classes: int
-    tp: np.ndarray = field(default=None)  # type: ignore[assignment]
-    fp: np.ndarray = field(default=None)  # type: ignore[assignment]
-    fn: np.ndarray = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "fp", "fn"):
-            if getattr(self, name) is None:
-                setattr(self, name, np.zeros(self.classes, dtype=np.int64))
+    def __init__(self, classes: int, tp: np.ndarray | None = None,
+                 fp: np.ndarray | None = None, fn: np.ndarray | None = None) -> None:
+        self.classes = classes
+        zeros = np.zeros(classes, dtype=np.int64)
+        self.tp = zeros.copy() if tp is None else tp
+        self.fp = zeros.copy() if fp is None else fp
+        self.fn = zeros.copy() if fn is None else fn
 
     @property
     def n(self) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from edgeship.agent.errors import ConfigError, EdgeshipError
+from edgeship.agent.errors import ConfigError, EdgeshipError, Reason
 from edgeship.fleet import metrics
 from edgeship.fleet.rollout import Policy
 from edgeship.fleet.rollout_runner import control, load, progress, start_rollout
@@ -30,7 +30,11 @@ MAX_BODY_BYTES = 64 * 1024
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
 
-class ApiError(Exception):
+class ApiError(EdgeshipError):
+    """An error answer of the fleet's HTTP API: its status and a one-line message."""
+
+    reason_code = Reason.BAD_REQUEST
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -134,6 +138,8 @@ class Api:
                 body = _body(handler) if method == "POST" else {}
                 try:
                     return fn(match, query, body)
+                except ApiError:
+                    raise
                 except ConfigError as e:
                     raise ApiError(404 if e.key == "rollout" else 400, str(e)) from e
                 except EdgeshipError as e:

@@ -6,7 +6,7 @@ import sys
 
 def test_importing_the_agent_pulls_in_no_torch_converter_or_fleet():
     code = ("import sys, edgeship.agent, edgeship.agent.daemon, edgeship.agent.cli,"
-            " edgeship.agent.api, edgeship.agent.updater\n"
+            " edgeship.agent.api, edgeship.agent.update.download\n"
             "bad = [m for m in ('torch', 'edgeship.converter', 'edgeship.fleet', 'sklearn', 'onnx')"
             " if m in sys.modules]\n"
             "print(','.join(bad))")

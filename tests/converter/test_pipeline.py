@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeship.agent.errors import GateError
+from edgeship.converter.errors import GateError
 from edgeship.agent.manifest import GOLDEN_NAME
 from edgeship.converter.bundle import read_bundle_dir
 from edgeship.converter.evaluate import open_session, run_batched

@@ -14,10 +14,10 @@ from tuf.api.metadata import Snapshot, Targets, Timestamp
 
 from edgeship.agent.config import load_config
 from edgeship.agent.daemon import Agent
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import (SCHEMA_VERSION, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
                             TRANSFER_TOTAL, TOPIC_ROOT, TransferRequest)
-from edgeship.agent.transfer import RESUME_SUFFIX
+from edgeship.agent.update.transfer import RESUME_SUFFIX
 from edgeship.demo import write_agent_config
 from edgeship.fleet import tuf_repo
 from edgeship.fleet.broker import free_port

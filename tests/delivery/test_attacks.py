@@ -117,7 +117,7 @@ def test_rollback_of_model_version_after_agent_restart_is_rejected(loop_env, ser
     assert_untouched(agent, 2, before, x)
     # the floor is persisted on its own: it survives another restart
     agent = restart(loop_env, agent)
-    assert agent.updates.version_floor.get("digits") == 2
+    assert agent.updates.downloader.version_floor.get("digits") == 2
 
 
 # --- freeze -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import urllib3
 from tuf.ngclient import Updater
 
 from edgeship.agent.daemon import Agent
-from edgeship.agent.http_fetch import HttpFetcher
+from edgeship.agent.update.http_fetch import HttpFetcher
 from edgeship.fleet.tuf_repo import init_repository, release_bundle
 from tests.delivery.helpers import release_full, resume_files, start_agent, variant_target
 from tests.support import wait_until

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeship.agent.transfer import RateLimiter
+from edgeship.agent.update.transfer import RateLimiter
 from edgeship.fleet.server import FleetServer, FleetSettings
 from tests.delivery.helpers import (assert_untouched, release_full, resume_files,
                                     start_agent, variant_target, wait_event)

@@ -10,9 +10,9 @@ import pytest
 
 from edgeship.agent import protocol
 from edgeship.agent.errors import ProtocolError, Reason, TransferError
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics, TransferRequest, transfer_props
-from edgeship.agent.transfer import parse_chunk
+from edgeship.agent.update.transfer import parse_chunk
 from edgeship.fleet.server import FleetServer, FleetSettings
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings
 from edgeship.agent.protocol import ReleaseAnnouncement, Topics, encode
 from edgeship.fleet.cli import add_parsers
 from edgeship.fleet.registry import Registry

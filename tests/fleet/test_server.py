@@ -8,7 +8,7 @@ import queue
 
 import pytest
 
-from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings
 from edgeship.agent.protocol import (TRANSFER_ERROR, TRANSFER_OFFSET, TRANSFER_SCHEMA, TRANSFER_STATUS,
                             TRANSFER_TOTAL, ReleaseAnnouncement, Topics, TransferRequest,
                             encode, status_event)

@@ -43,7 +43,8 @@ def test_one_device_that_cannot_stage_means_none_switches(loop_env, synth_bundle
     names = ["cell-a", "cell-b", "cell-c"]
     agents, registry = _fleet_on_v1(loop_env, synth_bundles, names)
     # cell-b cannot meet its latency budget: its health check of the new version fails
-    agents[1].updates.traits = replace(agents[1].updates.traits, latency_budget_ms=1e-6)
+    steps = agents[1].updates.steps
+    steps.traits = replace(steps.traits, latency_budget_ms=1e-6)
     rollout = start_rollout(registry, model="synth", version=3, policy=POLICY, actor="test",
                             group="line-3")
     done = wait_until(lambda: (r := load(registry, rollout.id)).state in

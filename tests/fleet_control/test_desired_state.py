@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from edgeship.agent.desired import DesiredTracker
+from edgeship.agent.update.desired import DesiredTracker
 from edgeship.agent.errors import ProtocolError
 from edgeship.agent.protocol import DesiredState
 

@@ -221,7 +221,7 @@ def test_all_or_none_commits_only_when_every_device_held_and_fails_on_any_failur
 
 
 def test_hold_commit_and_discard_on_the_wire_and_across_restarts(tmp_path):
-    from edgeship.agent.desired import DesiredTracker
+    from edgeship.agent.update.desired import DesiredTracker
     from edgeship.agent.protocol import DesiredState
     hold = DesiredState("m", 3, 7, "r-1", hold=True)
     assert DesiredState.from_bytes(hold.to_bytes()) == hold

@@ -127,7 +127,7 @@ def test_lease_must_outlast_two_ticks(tmp_path):
 def test_two_fleet_servers_on_one_registry_only_one_drives_the_rollout(broker, tmp_path):
     """The same with two FleetServers (their own registry connection and MQTT session, as
     two processes would have) publishing real desired state through Mosquitto."""
-    from edgeship.agent.mqtt import MqttSession, SessionSettings
+    from edgeship.common.mqtt import MqttSession, SessionSettings
     from edgeship.agent.protocol import DesiredState, TOPIC_ROOT
     from edgeship.fleet.server import FleetServer, FleetSettings
     from edgeship.fleet.tuf_repo import init_repository

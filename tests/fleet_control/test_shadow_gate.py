@@ -67,7 +67,8 @@ def test_shadow_gate_advances_an_agreeing_candidate_and_halts_a_permuted_one(
     names = ["sh-0", "sh-1"]
     agents = [loop_env.start_agent(n) for n in names]
     for agent in agents:
-        agent.updates.settings = replace(agent.updates.settings, trial_window_s=0.5)
+        agent.updates.steps.settings = replace(agent.updates.steps.settings,
+                                               trial_window_s=0.5)
     loop_env.release(v1)
     for n in names:
         loop_env.wait_serving(n, 1)

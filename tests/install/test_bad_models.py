@@ -5,6 +5,8 @@ the reverted version is remembered and never installed again."""
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,9 +75,13 @@ def test_bad_model_is_reverted_with_its_reason_and_never_retried(fleet, agent, c
     version = next(_versions)
     onnx_model = build(version)
     if case == "segfaults_on_load":
-        # the worker dies of a real SIGSEGV after loading this model (see its docstring)
+        # the health-check child dies of a real SIGSEGV after loading this model: a
+        # sitecustomize of the tests' own, on its PYTHONPATH (see crashing_worker/)
         sha = models.sha256(onnx_model.SerializeToString())
-        monkeypatch.setenv("EDGESHIP_HEALTH_FAULT", f"segfault@{sha[:16]}")
+        monkeypatch.setenv("EDGESHIP_TEST_SEGFAULT_SHA", sha[:16])
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            [str(Path(__file__).with_name("crashing_worker"))] +
+            [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     fleet.release(MODEL, version, onnx_model)
     ev = fleet.env.wait_failed(DEVICE, version, timeout_s=90)
     assert ev["reason"] == reason, ev

@@ -42,9 +42,13 @@ def test_a_model_that_needs_more_memory_than_the_limit_fails_as_out_of_memory(tm
 def test_a_damaged_active_version_is_not_served_after_a_restart(tmp_path):
     """Bit rot or a torn write: on start the agent falls back to a kept version whose
     files still match their manifest."""
-    from edgeship.agent.lifecycle import RecordStore
+    import threading
+
     from edgeship.agent.serving import ModelServer
-    from edgeship.agent.updater import DeviceTraits, UpdateManager
+    from edgeship.agent.update.driver import UpdateDriver
+    from edgeship.agent.update.records import RecordStore
+    from edgeship.agent.update.settings import DeviceTraits, InstallSettings
+    from edgeship.agent.update.steps import Steps
 
     old = _installed(tmp_path, models.good(1), version=1)
     store = ModelStore(tmp_path / "models")
@@ -55,12 +59,14 @@ def test_a_damaged_active_version_is_not_served_after_a_restart(tmp_path):
     data[len(data) // 2] ^= 0xFF
     (store.root / "tiny" / "2" / models.MODEL_FILE).write_bytes(bytes(data))
     events = []
-    updates = UpdateManager(
-        tuf_dir=tmp_path / "tuf", downloads_dir=tmp_path / "dl", store=store,
-        records=RecordStore(tmp_path / "updates"), server=ModelServer(), fetcher=None,
-        traits=DeviceTraits("x86_64", ("onnxruntime",), ("fp32",), 1,
-                            ("CPUExecutionProvider",)),
-        report=lambda ev, **kw: events.append((ev, kw)), max_model_bytes=1 << 30)
+    report = lambda ev, **kw: events.append((ev, kw))  # noqa: E731
+    steps = Steps(server=ModelServer(), settings=InstallSettings(), report=report,
+                  traits=DeviceTraits("x86_64", ("onnxruntime",), ("fp32",), 1,
+                                      ("CPUExecutionProvider",)),
+                  stopping=threading.Event())
+    updates = UpdateDriver(store=store, records=RecordStore(tmp_path / "updates"),
+                           server=steps.server, downloader=None, steps=steps, report=report,
+                           settings=steps.settings)  # no download: serves what is on disk
     assert [m.version for m in updates.load_active()] == [old.version]
     assert store.active_version("tiny") == 1
     assert events[0][0] == "serving" and events[0][1]["reason"] == "hash_mismatch"

@@ -4,10 +4,11 @@ per state. After every restart it must serve a complete, verified model (the old
 one, as the table says), its persisted history and its status events must show the expected
 state chain, and no temporary file may remain.
 
-How the kill lands: the agent gets ``EDGESHIP_FAULT="version=V;seed=S;<state>:kill:P"``; the
-updater calls the fault hook at several points inside each state and the rule fires at each
-with probability P, and always at the state's last point, so the SIGKILL (a real one, sent by
-the process to itself: no clean-up runs) lands at a random point of that state. Each state has
+How the kill lands: the agent process gets the fault plan ``"version=V;seed=S;<state>:kill:P"``
+(tests/install/faults.py, plugged into the install driver's observer by agent_main.py); the
+driver passes several points inside each state and the rule fires at each with probability
+P, and always at the state's last point, so the SIGKILL (a real one, sent by the process to
+itself: no clean-up runs) lands at a random point of that state. Each state has
 its own device, broker and fleet, and the states run side by side (threads driving agent
 processes) to keep the table inside the test-time budget. ``EDGESHIP_KILL_ROUNDS`` sets the
 rounds per state (default 20, as the issue asks).
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from edgeship.fleet.broker import Mosquitto
+from tests.install.faults import INJECTED_REASON
 from tests.support import models
 from tests.support.loop_env import Fleet
 from tests.support import wait_until
@@ -133,7 +135,7 @@ class Driver:
             self.active = version
         else:
             failed, rejected = self.fleet.events(self.device, version, since=since)[-2:]
-            assert failed["reason"] == "fault_injected", failed
+            assert failed["reason"] == INJECTED_REASON, failed
             assert rejected["reason"] == "version_blocked", rejected
         self.assert_serving()
 
@@ -167,7 +169,7 @@ class Driver:
         full = list(_upto(err)[1:]) + ["rolling_back", "failed"]
         assert chain == full, (chain, full)
         ev = self.fleet.events(self.device, version, since=since)[-1]
-        assert ev["reason"] == "fault_injected"
+        assert ev["reason"] == INJECTED_REASON and ev["detail"].startswith("fault injected")
         rec = self.agent.record(self.model)
         assert tuple(rec["history"]) == _upto(err) + ("rolling_back", "failed", "idle")
         assert version in rec["blocked"]  # reverted: never tried again

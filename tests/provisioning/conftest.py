@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
 from edgeship.fleet.broker import Mosquitto, free_port
 from edgeship.fleet.broker_config import write_broker_config
 from edgeship.fleet.pki import CertificateAuthority

@@ -11,7 +11,7 @@ import urllib.request
 
 import numpy as np
 
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 from tests.support.loop_env import predict
 from tests.support.synthetic import write_quality_bundle

@@ -146,7 +146,7 @@ def test_wilson_interval_known_values_and_regression_report():
 
 def test_f1_interval_covers_the_truth_about_as_often_as_it_says():
     rng = np.random.default_rng(9)
-    true_f1, covered = [], 0
+    covered = 0
     big = metrics.ClassCounts(3)
     for _ in range(20_000):
         t = int(rng.integers(0, 3))

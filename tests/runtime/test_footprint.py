@@ -12,7 +12,7 @@ import pytest
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface as TufFetcherInterface
 
-from edgeship.agent.fetcher_base import FetcherInterface
+from edgeship.agent.update.fetcher_base import FetcherInterface
 
 # loaded when first needed: an update, a delta, a scrape
 ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cryptography",
@@ -20,8 +20,8 @@ ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cry
 
 
 def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus():
-    code = ("import sys, edgeship.agent.daemon, edgeship.agent.transfer, edgeship.agent.updater,"
-            " edgeship.agent.http_fetch\n"
+    code = ("import sys, edgeship.agent.daemon, edgeship.agent.update.transfer,"
+            " edgeship.agent.update.http_fetch\n"
             f"print(sorted(m for m in {ON_DEMAND!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

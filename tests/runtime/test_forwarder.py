@@ -8,7 +8,7 @@ import queue
 
 import pytest
 
-from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 from edgeship.agent.spool import SpoolSettings, TelemetrySpool
 from edgeship.agent.telemetry import TelemetryForwarder

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeship.agent.errors import ConfigError
-from edgeship.agent.mqtt import Backoff, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt import Backoff, MqttSession, SessionSettings, TlsSettings
 from edgeship.fleet.broker import Mosquitto, free_port
 
 
@@ -159,3 +159,47 @@ def test_mqtts_url_without_tls_settings_is_a_config_error():
     with pytest.raises(ConfigError):
         MqttSession(SessionSettings(url="mqtts://127.0.0.1:8883", client_id="x"),
                     on_message=lambda m: None)
+
+
+class _Flooded:
+    """paho's handle of one publish, whose wait returns only after ``count`` PUBACKs of
+    other messages (fire-and-forget ones nobody collects) reached the session: the
+    interleaving of paho's network thread, forced to happen every time."""
+
+    def __init__(self, info, session: MqttSession, count: int) -> None:
+        self._info, self._session, self._count = info, session, count
+        self.mid, self.rc = info.mid, info.rc
+
+    def wait_for_publish(self, timeout_s: float) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.reasoncodes import ReasonCode
+
+        self._info.wait_for_publish(timeout_s)
+        ok = ReasonCode(PacketTypes.PUBACK, identifier=0)
+        for i in range(self._count):
+            mid = (self.mid + 1 + i) % 65535 + 1
+            if mid != self.mid:
+                self._session._handle_publish(None, None, mid, ok, None)
+
+    def is_published(self) -> bool:
+        return self._info.is_published()
+
+
+def test_a_publish_acked_gets_its_own_puback_code_however_many_other_acks_arrive(broker):
+    """The broker answers a QoS 1 publish nobody subscribed to with reason 0x10 (no
+    matching subscribers). Ten thousand PUBACKs of other messages arriving before the
+    waiter reads its code must neither lose it nor turn it into 0 (success)."""
+    s = MqttSession(SessionSettings(url=broker.url, client_id="t-acks", clean_start=True),
+                    on_message=lambda m: None)
+    s.start()
+    try:
+        assert s.wait_connected(10)
+        assert s.publish_acked("nobody/listens", b"x", timeout_s=10) == 0x10
+        publish = s._client.publish
+        s._client.publish = lambda *a, **kw: _Flooded(publish(*a, **kw), s, 10_001)
+        assert s.publish_acked("nobody/listens", b"x", timeout_s=10) == 0x10
+        s._client.publish = publish
+        assert not s._ack_waiters  # every waiter is removed, success or not
+        assert len(s._early_acks) <= 1024  # acks nobody waits for stay bounded
+    finally:
+        s.stop()

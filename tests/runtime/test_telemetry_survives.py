@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeship.agent.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt import MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 from edgeship.agent.spool import SpoolSettings, TelemetrySpool
 from edgeship.fleet.broker import Mosquitto, free_port

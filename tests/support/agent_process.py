@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -22,12 +24,32 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMP_MARKERS = (".tmp", ".part", ".staging-", ".removing")
 
 
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range: the local end of an outgoing
+    connection (this machine makes many) can never take it between choosing it here and
+    the agent binding it, as it can take one ``free_port()`` chose."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return free_port()
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def write_config(state_dir: Path, device: str, url: str, repo: Path, **overrides: Any
                  ) -> Path:
     (state_dir / "tuf").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(repo / "metadata" / "1.root.json", state_dir / "tuf" / "root.json")
     values = {"device_id": device, "state_dir": str(state_dir), "mqtt_url": url,
-              "profile": "generic-x86_64", "api_port": free_port(), "api_socket": "",
+              "profile": "generic-x86_64", "api_port": listen_port(), "api_socket": "",
               "telemetry_interval_s": 60.0, "trial_window_s": 0.3, "trial_min_requests": 5,
               "health_timeout_s": 30.0, "threads": 1}
     values.update(overrides)
@@ -49,12 +71,14 @@ class AgentProcess:
         self.log = self.state_dir / "agent.log"
 
     def start(self, fault: str = "") -> "AgentProcess":
-        env = dict(os.environ, EDGESHIP_FAULT=fault, PYTHONPATH=str(ROOT))
+        """``fault``: the test's fault plan (tests/install/faults.py), handed to the
+        install observer of this process only."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.log, "ab") as log:
-            log.write(f"--- start, EDGESHIP_FAULT={fault!r}\n".encode())
+            log.write(f"--- start, fault plan {fault!r}\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.install.agent_main", str(self.config)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "tests.install.agent_main", str(self.config),
+                 "--fault", fault], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def wait_exit(self, timeout_s: float = 60) -> int:

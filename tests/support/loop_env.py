@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from edgeship.agent import protocol
 from edgeship.agent.daemon import Agent
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 from edgeship.demo import write_agent_config
 from edgeship.fleet.broker import free_port

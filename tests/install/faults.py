@@ -1,14 +1,15 @@
-"""Fault injection for the table-driven kill tests (off unless ``EDGESHIP_FAULT`` is set).
+"""The kill tests' fault plan, plugged into the agent's install observer
+(``edgeship.agent.update.observer.InstallObserver``); nothing of it ships in the product.
 
-    EDGESHIP_FAULT="version=7;seed=3;health_check:kill;rolling_back:error:0.5"
+    --fault "version=7;seed=3;health_check:kill;rolling_back:error:0.5"
 
 Rules are ``<state>:<action>[:<probability>]``; ``action`` is ``kill`` (a real SIGKILL of
 this process: no clean-up, no atexit, like a power cut) or ``error`` (raise
-:class:`FaultInjectedError`). The updater calls :meth:`FaultPlan.point` at several points
-inside each state; at each one a matching rule fires with its probability, and at the
-state's last point it always fires, so faults land at random points inside the state.
-Each rule fires at most once per update (version) and process; ``version=N`` restricts
-the plan to the update to version N, ``min_version=N`` to versions from N on.
+:class:`FaultInjectedError`). The install driver passes several points inside each state;
+at each one a matching rule fires with its probability, and at the state's last point it
+always fires, so faults land at random points inside the state. Each rule fires at most
+once per update (version) and process; ``version=N`` restricts the plan to the update to
+version N, ``min_version=N`` to versions from N on.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from dataclasses import dataclass, field
 
 from edgeship.agent.errors import EdgeshipError, Reason
 
-ENV = "EDGESHIP_FAULT"
 ACTIONS = ("kill", "error")
+#: An injected error stands for "this update broke": a reason that is the model's fault,
+#: so the driver blocks the version like a real failure of that kind.
+INJECTED_REASON = Reason.HEALTH_CHECK_FAILED
 
 
 class FaultInjectedError(EdgeshipError):
-    reason_code = Reason.FAULT_INJECTED
+    reason_code = INJECTED_REASON
 
 
 @dataclass
@@ -39,11 +42,8 @@ class FaultPlan:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.rules)
-
     def point(self, state: str, version: int, label: str = "", *, last: bool = False) -> None:
+        state = str(state)
         rule = self.rules.get(state)
         if rule is None or (state, version) in self.fired:
             return
@@ -71,11 +71,7 @@ def parse_fault_plan(spec: str) -> FaultPlan:
         else:
             state, action, *rest = part.split(":")
             if action not in ACTIONS:
-                raise ValueError(f"{ENV}: unknown action {action!r} in {part!r}")
+                raise ValueError(f"fault plan: unknown action {action!r} in {part!r}")
             plan.rules[state] = (action, float(rest[0]) if rest else 0.5)
     plan.__post_init__()
     return plan
-
-
-def from_env() -> FaultPlan:
-    return parse_fault_plan(os.environ.get(ENV, ""))

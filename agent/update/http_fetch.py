@@ -17,8 +17,8 @@ from urllib.parse import quote
 import urllib3
 from tuf.api import exceptions as tuf_exc
 
-from edgeship.agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
-from edgeship.agent.transfer import RESUME_SUFFIX, RateLimiter, discard_resume
+from edgeship.agent.update.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
+from edgeship.agent.update.transfer import RESUME_SUFFIX, RateLimiter, discard_resume
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class HttpFetcher(FetcherInterface):
         out = open(part, "ab") if part is not None else None
         keep = False
         try:
-            if offset:
+            if offset and part is not None:
                 with open(part, "rb") as f:
                     data = f.read(offset)
                 self.bytes_resumed += len(data)

@@ -1,58 +1,41 @@
-"""Model updates: TUF-verified download over MQTT, staging, health check, commit.
-
-Drives the lifecycle in ``agent.lifecycle``; every step is persisted before it runs and
-reported on the status topic. Any error rolls back: the staging area is removed and the
-active model and the one being served stay exactly as they were.
-"""
+"""The download side of an update: TUF-verified download into staging, then checks of the
+staged files against the signed manifest. The install driver (``agent.update.driver``)
+calls it in its ``downloading`` and ``verifying`` states; any error it raises rolls back."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuf.api import exceptions as tuf_exc
 
 from edgeship.agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
-from edgeship.agent.faults import FaultPlan
-from edgeship.agent.fsutil import sha256_file
-from edgeship.agent.install import InstallLifecycle, InstallSettings
-from edgeship.agent.lifecycle import RecordStore
-from edgeship.agent.manifest import MANIFEST_NAME, Manifest
-from edgeship.agent.runtime import load_runtime
+from edgeship.agent.manifest import MANIFEST_NAME, Manifest, Variant
+from edgeship.agent.protocol import StatusEvent
 from edgeship.agent.selection import select_variant
-from edgeship.agent.transfer import RESUME_SUFFIX, discard_all_resume
+from edgeship.agent.store import ModelStore
 from edgeship.agent.trust import VersionFloor, check_target
-from edgeship.agent.serving import ModelServer
-from edgeship.agent.store import InstalledModel, ModelStore
+from edgeship.agent.update.settings import DeviceTraits
+from edgeship.agent.update.transfer import RESUME_SUFFIX, discard_all_resume
+from edgeship.common.fsutil import sha256_file
 
 if TYPE_CHECKING:  # tuf.ngclient (+ securesystemslib signers, cryptography: ~11 MB of RSS)
+    from tuf.api.metadata import TargetFile
     from tuf.ngclient import Updater  # is imported when an update runs (_new_updater)
 
-    from edgeship.agent.fetcher_base import FetcherInterface
+    from edgeship.agent.update.fetcher_base import FetcherInterface
 
 logger = logging.getLogger(__name__)
 
 MQTT_BASE_URL = "mqtt://fleet/"  # the fleet server over MQTT (agent/transfer.py)
 METADATA_URL = MQTT_BASE_URL + "metadata/"
 TARGETS_URL = MQTT_BASE_URL + "targets/"
-MAX_ATTEMPTS_PER_VERSION = 3
-
-Report = Callable[..., None]  # report(event, *, model, version, reason=None, **extra)
 
 
-@dataclass(frozen=True)
-class DeviceTraits:
-    arch: str
-    runtimes: tuple[str, ...]
-    preferred_precisions: tuple[str, ...]
-    threads: int
-    providers: tuple[str, ...]
-    latency_budget_ms: float | None = None
-    hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
+class Report(Protocol):
+    def __call__(self, event: StatusEvent, **fields: Any) -> None: ...
 
 
 def tuf_reason(e: Exception) -> Reason:
@@ -76,45 +59,27 @@ def tuf_reason(e: Exception) -> Reason:
     return Reason.TRANSFER_FAILED
 
 
-class UpdateManager(InstallLifecycle):
-    """One update at a time per agent. The lifecycle (recover, install, health check,
-    trial, rollback) lives in ``agent.install``; this class adds the download side."""
-
-    max_attempts_per_version = MAX_ATTEMPTS_PER_VERSION
+class Downloader:
+    """The download side of an update: TUF-verified metadata and targets (over MQTT or
+    HTTP, resumable, by delta when one is signed), the anti-rollback floor, and checks of
+    the staged files against the manifest. Raises; never touches the update record."""
 
     def __init__(self, *, tuf_dir: Path, downloads_dir: Path, store: ModelStore,
-                 records: RecordStore, server: ModelServer, fetcher: FetcherInterface,
-                 traits: DeviceTraits, report: Report, max_model_bytes: int,
-                 settings: InstallSettings | None = None, faults: FaultPlan | None = None,
-                 superseded: Callable[[str, int], bool] | None = None,
-                 base_url: str = MQTT_BASE_URL) -> None:
+                 fetcher: FetcherInterface, traits: DeviceTraits, report: Report,
+                 max_model_bytes: int, base_url: str = MQTT_BASE_URL) -> None:
         self.tuf_dir = tuf_dir
-        self.base_url = base_url.rstrip("/") + "/"  # issue 3: mqtt://fleet/ or http(s)://
+        self.base_url = base_url.rstrip("/") + "/"  # mqtt://fleet/ or http(s)://
         self.downloads_dir = downloads_dir
         self.store = store
-        self.records = records
-        self.server = server
         self.fetcher = fetcher
         self.traits = traits
         self.report = report
         self.max_model_bytes = max_model_bytes
-        self._attempts: dict[tuple[str, int], int] = {}
-        self.settings = settings or InstallSettings()
-        self.faults = faults or FaultPlan()
-        self.superseded = superseded or (lambda model, version: False)
-        self._pending = []
-        self._stopping = threading.Event()
-
-    def stop(self) -> None:
-        """Interrupt a trial window (the record stays in TRIAL and resumes on start)."""
-        self._stopping.set()
-
-    # --- start-up -----------------------------------------------------------------------
 
     def clean_downloads(self) -> None:
         """Scratch files of the download side (called on start and after a rollback)."""
-        # issue 3: partial target files (*.resume) survive a restart so the download
-        # resumes where it stopped; everything else in downloads_dir is scratch.
+        # partial target files (*.resume) survive a restart so the download resumes
+        # where it stopped; everything else in downloads_dir is scratch.
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         for path in self.downloads_dir.iterdir():
             if not path.name.endswith(RESUME_SUFFIX):
@@ -124,10 +89,11 @@ class UpdateManager(InstallLifecycle):
         from tuf.ngclient import Updater  # lazily: see the imports
         return Updater(metadata_dir=str(self.tuf_dir),
                        metadata_base_url=self.base_url + "metadata/",
-                       target_base_url=self.base_url + "targets/", fetcher=self.fetcher,
+                       target_base_url=self.base_url + "targets/",
+                       fetcher=self.fetcher,  # type: ignore[arg-type]  # same contract
                        bootstrap=None)
 
-    # --- download side (issue 3: trust checks, resume, deltas, stale metadata) ----------
+    # --- trust checks, resume, deltas, stale metadata -----------------------------------
 
     @property
     def version_floor(self) -> VersionFloor:
@@ -149,7 +115,7 @@ class UpdateManager(InstallLifecycle):
         try:
             updater.refresh()
         except tuf_exc.ExpiredMetadataError as e:
-            self.report("metadata_stale", model=model, version=version,
+            self.report(StatusEvent.METADATA_STALE, model=model, version=version,
                         reason=Reason.METADATA_EXPIRED.value, detail=str(e)[:300])
             raise
         return updater
@@ -198,7 +164,7 @@ class UpdateManager(InstallLifecycle):
         tmp.replace(dest)
         return dest
 
-    def _fetch_by_delta(self, updater: Updater, info, model: str, version: int,
+    def _fetch_by_delta(self, updater: Updater, info: TargetFile, model: str, version: int,
                         dest: Path) -> bool:
         """Rebuild ``dest`` from the installed model and a signed delta; False (after
         reporting why, when a delta was tried) means: download the full file."""
@@ -223,7 +189,7 @@ class UpdateManager(InstallLifecycle):
             reason = e.reason_code if isinstance(e, EdgeshipError) else Reason.DELTA_MISMATCH
             logger.warning("delta for %s rejected (%s): %s; downloading the full file",
                            info.path, reason, e)
-            self.report("delta_rejected", model=model, version=version,
+            self.report(StatusEvent.DELTA_REJECTED, model=model, version=version,
                         reason=reason.value, detail=str(e)[:300])
             rebuilt.unlink(missing_ok=True)
             return False
@@ -234,7 +200,7 @@ class UpdateManager(InstallLifecycle):
                     delta_info.length)
         return True
 
-    def verify_staged(self, manifest: Manifest, variant_id: str, staging: Path):
+    def verify_staged(self, manifest: Manifest, variant_id: str, staging: Path) -> Variant:
         variant = manifest.variant(variant_id)
         for name, size, sha in ((variant.file, variant.size, variant.sha256),
                                 (manifest.golden_file, manifest.golden_size,
@@ -247,7 +213,3 @@ class UpdateManager(InstallLifecycle):
                 raise BundleError(f"{name}: sha256 differs from the manifest",
                                   reason_code=Reason.HASH_MISMATCH)
         return variant
-
-    def _load(self, installed: InstalledModel):
-        return load_runtime(installed.variant.runtime, installed.model_path,
-                            threads=self.traits.threads, providers=self.traits.providers)

@@ -28,9 +28,9 @@ from urllib.parse import quote
 from tuf.api import exceptions as tuf_exc
 
 from edgeship.agent import protocol
-from edgeship.agent.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
+from edgeship.agent.update.fetcher_base import FetcherInterface  # not tuf.ngclient: ~11 MB until an update
 from edgeship.agent.errors import Reason, TransferError
-from edgeship.agent.mqtt import Message
+from edgeship.common.mqtt import Message
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class MqttFetcher(FetcherInterface):
         complete = False
         window: collections.deque[Pending] = collections.deque()  # requests in flight
         try:
-            if offset:
+            if offset and part is not None:
                 yield from self._replay(part, offset)
             chunk = first
             size = self._client.settings.chunk_bytes

@@ -2,7 +2,8 @@
 
 paho's callbacks run on paho's network thread. They never block and never take an
 application lock: they hand each message to the owner's ``on_message`` (which must be
-just as quick, e.g. ``queue.put_nowait``) and record PUBACK reason codes.
+just as quick, e.g. ``queue.put_nowait``) and hand PUBACK reason codes to the waiter
+registered for that message id (a lock held only for a dict operation guards the table).
 Subscriptions are re-made on every (re)connect.
 
 By default each session runs paho's own network thread. A :class:`SharedLoop` instead
@@ -23,7 +24,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -36,6 +37,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgeship.agent.errors import ConfigError, TransferError, Reason
 
 logger = logging.getLogger(__name__)
+
+#: Reconnect backoff bounds: the one definition (the agent's config defaults to these too).
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 60.0
+#: PUBACKs that arrived before ``publish_acked`` registered its waiter (a fast broker), kept
+#: for it; far fewer than the 65,535 message ids, so an entry never outlives its id's reuse.
+MAX_EARLY_ACKS = 1024
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,8 @@ class SessionSettings:
     clean_start: bool = False
     session_expiry_s: int = 24 * 3600
     keepalive_s: int = 30
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_min_s: float = RECONNECT_MIN_S
+    reconnect_max_s: float = RECONNECT_MAX_S
     tls: TlsSettings | None = None
     will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
 
@@ -125,7 +133,9 @@ class MqttSession:
         self._subscriptions: list[tuple[str, int]] = []
         self._connected = threading.Event()
         self._subscribed = threading.Event()
-        self._acks: dict[int, int] = {}  # mid -> MQTT 5 reason code value
+        self._ack_lock = threading.Lock()  # guards the two tables below, never held long
+        self._ack_waiters: dict[int, _Ack] = {}  # mid -> its publish_acked waiter
+        self._early_acks: OrderedDict[int, int] = OrderedDict()  # mid -> reason code
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.reconnects = 0
         self._stopping = False
@@ -141,7 +151,7 @@ class MqttSession:
                              protocol=paho.MQTTv5)
         # paho waits min(2 * previous, max) between attempts, without jitter: before each
         # wait we set both bounds to our next jittered delay (see _schedule_retry).
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_min_s)
+        _set_delay(client, s.reconnect_min_s)
         client.max_queued_messages_set(10_000)
         if s.tls is not None or self._address.tls:
             if s.tls is None:
@@ -237,14 +247,27 @@ class MqttSession:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise TransferError(f"publish to {topic} not sent (rc={info.rc})",
                                 reason_code=Reason.TRANSFER_FAILED)
+        ack = _Ack()
+        with self._ack_lock:  # the PUBACK may have come already: then it waits in _early
+            ack.code = self._early_acks.pop(info.mid, None)
+            if ack.code is None:
+                self._ack_waiters[info.mid] = ack
         try:
-            info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError) as e:
-            raise TransferError(f"publish to {topic} failed: {e}") from e
-        if not info.is_published():
-            raise TransferError(f"no PUBACK for {topic} within {timeout_s}s",
-                                reason_code=Reason.TRANSFER_TIMEOUT)
-        return self._acks.pop(info.mid, 0)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError) as e:
+                raise TransferError(f"publish to {topic} failed: {e}") from e
+            if not info.is_published():
+                raise TransferError(f"no PUBACK for {topic} within {timeout_s}s",
+                                    reason_code=Reason.TRANSFER_TIMEOUT)
+            with self._ack_lock:  # paho calls on_publish before it marks the info published
+                code = ack.code
+            if code is None:
+                raise TransferError(f"the PUBACK for {topic} carried no reason code")
+            return code
+        finally:
+            with self._ack_lock:
+                self._ack_waiters.pop(info.mid, None)
 
     # --- paho callbacks (paho's thread: hand over, never block) ----------------------
 
@@ -256,8 +279,7 @@ class MqttSession:
                     self.settings.client_id)
         _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
         self.backoff.reset()
-        self._client.reconnect_delay_set(self.settings.reconnect_min_s,
-                                         self.settings.reconnect_min_s)
+        _set_delay(self._client, self.settings.reconnect_min_s)
         self._subscribed.clear()
         if self._subscriptions:
             opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
@@ -285,7 +307,7 @@ class MqttSession:
         if self._loop is not None:
             self._loop.call_later(delay_s, self._connect_on_loop)
         else:
-            self._client.reconnect_delay_set(delay_s, delay_s)  # a lock and two floats
+            _set_delay(self._client, delay_s)  # a lock and two floats
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [rc for rc in reason_codes if rc.is_failure]
@@ -294,9 +316,14 @@ class MqttSession:
         self._subscribed.set()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._acks[mid] = reason_code.value
-        if len(self._acks) > 10_000:  # nobody collected these: bound the table
-            self._acks.clear()
+        with self._ack_lock:
+            ack = self._ack_waiters.get(mid)
+            if ack is not None:
+                ack.code = reason_code.value
+                return
+            self._early_acks[mid] = reason_code.value  # nobody waits (yet): bounded
+            while len(self._early_acks) > MAX_EARLY_ACKS:
+                self._early_acks.popitem(last=False)
 
     def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         props = msg.properties
@@ -309,6 +336,20 @@ class MqttSession:
         self._on_message_cb(Message(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos,
                                     retain=bool(msg.retain), response_topic=response_topic,
                                     correlation_data=correlation, user_properties=user))
+
+
+def _set_delay(client: paho.Client, delay_s: float) -> None:
+    """paho's next reconnect waits exactly ``delay_s`` (paho annotates int; it takes float)."""
+    client.reconnect_delay_set(delay_s, delay_s)  # type: ignore[arg-type]
+
+
+class _Ack:
+    """One ``publish_acked`` waiting for the PUBACK of its message id."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code: int | None = None
 
 
 def _set_nodelay(sock) -> None:

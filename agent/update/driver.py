@@ -1,0 +1,509 @@
+"""The install driver: one action per state of ``agent.update.table``, run one after another
+until the update rests (``idle``, or ``held`` waiting for a commit).
+
+- Every state is persisted (``RecordStore``, fsynced) before its action runs and reported
+  on the status topic (a hold reports only ``held``, ``failed``, ``discarded`` and
+  ``shadow_result``).
+- The health check runs in a child process with memory/CPU limits and a timeout.
+- SHADOW (only when the release's manifest has a ``shadow`` policy and a version is being
+  served): the candidate runs beside it on a sample of live requests.
+- TRIAL: the new version is loaded and warmed, the ``current`` symlink is switched, then the
+  serving reference is swapped. A rise of the error rate during the window reverts; a crash
+  of the agent counts as a restart of the trial and ``trial_max_crashes`` of them revert.
+- Any error rolls back from the state last persisted; after a restart, ``recover`` resumes
+  or rolls back from the record; an update that keeps restarting the agent is stopped
+  (``max_update_restarts``). A version reverted for a reason that is the model's fault is
+  blocked for good (kept in the record).
+
+The download side is composed in (``Downloader``), the runtime work too (``Steps``); an
+:class:`~agent.update.observer.InstallObserver` sees each point inside each state.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeship.agent.errors import EdgeshipError, Reason
+from edgeship.agent.manifest import Manifest
+from edgeship.agent.protocol import StatusEvent
+from edgeship.agent.serving import LoadedModel, ModelServer
+from edgeship.agent.store import InstalledModel, ModelStore
+from edgeship.agent.update.download import Downloader, Report
+from edgeship.agent.update.observer import NO_OBSERVER, InstallObserver
+from edgeship.agent.update.records import RecordStore
+from edgeship.agent.update.settings import InstallSettings
+from edgeship.agent.update.steps import Steps, StoppingError
+from edgeship.agent.update.table import (BEFORE_ACTIVATION, IN_FLIGHT, RESTING, TRANSITIONS,
+                                         Event, State, UpdateRecord)
+
+logger = logging.getLogger(__name__)
+
+ROLLBACK_ATTEMPTS = 3
+
+#: Reverted for one of these and the version is never tried again on this device.
+MODEL_FAULTS = frozenset({
+    Reason.HEALTH_CHECK_FAILED, Reason.HEALTH_CHECK_CRASHED, Reason.HEALTH_CHECK_TIMEOUT,
+    Reason.HEALTH_CHECK_OUT_OF_MEMORY, Reason.NONFINITE_OUTPUT,
+    Reason.OUTPUT_SHAPE_MISMATCH, Reason.GOLDEN_MISMATCH, Reason.LATENCY_BUDGET_EXCEEDED,
+    Reason.TRIAL_ERROR_RATE, Reason.CRASH_LOOP, Reason.RESTART_LOOP,
+    Reason.SHADOW_DISAGREEMENT})
+
+#: Entering these states is reported with the state's name as the event.
+REPORTED = frozenset({State.VERIFYING, State.STAGED, State.HEALTH_CHECK, State.SHADOW,
+                      State.TRIAL, State.COMMITTED})
+#: What an all-or-none hold reports before its commit (the fleet waits for these).
+HOLD_EVENTS = frozenset({StatusEvent.HELD, StatusEvent.FAILED, StatusEvent.DISCARDED,
+                         StatusEvent.SHADOW_RESULT})
+#: States an error rolls back from.
+ROLLBACK_FROM = frozenset(s for (s, e) in TRANSITIONS if e == Event.ERROR)
+
+
+@dataclass
+class Work:
+    """What one update carries from action to action in memory (the record is on disk)."""
+
+    staging: Path | None = None
+    manifest: Manifest | None = None
+    variant_id: str | None = None
+    installed: InstalledModel | None = None
+    loaded: LoadedModel | None = None
+    health: dict[str, Any] = field(default_factory=dict)
+    switched: bool = False  # a resumed trial: the new version serves already
+    detail: str = ""  # why it is rolling back
+
+
+Action = Callable[[UpdateRecord, Work], UpdateRecord]
+
+
+class UpdateDriver:
+    def __init__(self, *, store: ModelStore, records: RecordStore, server: ModelServer,
+                 downloader: Downloader, steps: Steps, report: Report,
+                 settings: InstallSettings, observer: InstallObserver = NO_OBSERVER,
+                 superseded: Callable[[str, int], bool] | None = None) -> None:
+        self.store = store
+        self.records = records
+        self.server = server
+        self.downloader = downloader
+        self.steps = steps
+        self.report = report
+        self.settings = settings
+        self.observer = observer
+        self.superseded = superseded or (lambda model, version: False)
+        self._pending: list[tuple[UpdateRecord, Work]] = []
+        self._held: dict[str, LoadedModel] = {}  # model -> the warm copy a hold staged
+        self._stopping = steps.stopping
+        self._actions: dict[State, Action] = {
+            State.DOWNLOADING: self._downloading, State.VERIFYING: self._verifying,
+            State.STAGED: self._staged, State.HEALTH_CHECK: self._health_check,
+            State.SHADOW: self._shadow, State.COMMIT: self._commit, State.TRIAL: self._trial,
+            State.COMMITTED: self._committed, State.DISCARD: self._discard,
+            State.REVERT: self._revert, State.ROLLING_BACK: self._rolling_back,
+            State.FAILED: self._failed}
+
+    @property
+    def fetcher(self) -> Any:
+        return self.downloader.fetcher
+
+    def stop(self) -> None:
+        """Interrupt a shadow run or a trial window (the record stays; it resumes on start)."""
+        self._stopping.set()
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a restart: clean leftovers, then resume or roll back every update that was
+        in flight. Resumptions that need the network run later, in ``resume_pending``."""
+        for path in self.store.clean_leftovers() + self.records.clean_temp():
+            logger.info("removed leftover %s", path)
+        self.downloader.clean_downloads()
+        self._pending = []
+        for record in self.records.all():
+            if record.state == State.COMMITTED:
+                self._report(record, StatusEvent.RECOVERING, from_state=record.state.value,
+                             restarts=record.restarts)
+                self.records.save(record.advance(Event.DONE))
+            elif record.state in IN_FLIGHT:
+                self._recover_one(record)
+
+    def _recover_one(self, record: UpdateRecord) -> None:
+        prior = record.state
+        record = self.records.save(record.resumed())
+        self._report(record, StatusEvent.RECOVERING, from_state=prior.value,
+                     restarts=record.restarts)
+        detail = f"agent restarted {record.restarts}x during the update (last in {prior})"
+        if record.state == State.ROLLING_BACK:
+            self._guarded(record, Work(detail=detail))
+        elif record.state == State.TRIAL:
+            if record.restarts >= self.settings.trial_max_crashes:
+                self._rollback(record, Reason.CRASH_LOOP, detail)
+            elif record.version not in self.store.versions(record.model):
+                self._rollback(record, Reason.INTERRUPTED, "trial version is gone")
+            else:
+                self.store.activate(record.model, record.version)
+                self._pending.append((record, Work(switched=True)))
+        elif record.restarts > self.settings.max_update_restarts:
+            self._rollback(record, Reason.RESTART_LOOP, detail)
+        else:
+            if record.state in BEFORE_ACTIVATION and prior != State.HELD:
+                self.remove_inactive(record.model, record.version)  # a half-done install
+            self._pending.append((record, Work(detail=detail)))
+
+    def resume_pending(self) -> None:
+        """Continue what ``recover`` found in flight (called by the update worker)."""
+        pending, self._pending = self._pending, []
+        for record, work in pending:
+            if record.state == State.TRIAL:
+                work.installed = self.store.active(record.model)
+                work.loaded = self.server.find(record.model)
+            elif record.state == State.DOWNLOADING:
+                self._report(record, StatusEvent.DOWNLOADING, resumed=True,
+                             restarts=record.restarts)
+            self._guarded(record, work)
+
+    def load_active(self) -> list[InstalledModel]:
+        """Serve every active model from disk: works with no network at all."""
+        loaded = []
+        for name in self.store.models():
+            try:
+                installed = self._verified_active(name)
+                if installed is None:
+                    continue
+                self.server.swap(LoadedModel(installed, self.steps.load(installed)))
+                loaded.append(installed)
+            except EdgeshipError as e:
+                logger.error("cannot serve committed model %s: %s", name, e)
+        return loaded
+
+    def _verified_active(self, model: str) -> InstalledModel | None:
+        """The active version if its files still match its manifest; else the newest other
+        kept version that does (made active), so a damaged file is never served."""
+        active = self.store.active(model)
+        if active is None or self.store.verify(active):
+            return active
+        logger.error("%s v%s is damaged on disk (hash mismatch)", model, active.version)
+        blocked = self.records.load(model).blocked
+        for version in sorted(self.store.versions(model), reverse=True):
+            if version == active.version or version in blocked:
+                continue
+            candidate = self.store.load(model, version)
+            if self.store.verify(candidate):
+                self.store.activate(model, version)
+                self.report(StatusEvent.SERVING, model=model, version=version,
+                            variant=candidate.variant.id, reason=Reason.HASH_MISMATCH.value,
+                            detail=f"v{active.version} is damaged on disk")
+                return candidate
+        return None
+
+    # --- commands (the update worker's thread) ----------------------------------------------
+
+    def install(self, model: str, version: int) -> bool:
+        record = self._begin(model, version)
+        self._report(record, StatusEvent.DOWNLOADING)
+        return self._guarded(record, Work())
+
+    def stage(self, model: str, version: int) -> bool:
+        """All-or-none: download, verify, check and warm ``version`` without switching;
+        report ``held``. Idempotent: a version already held (or served) is reported again."""
+        record = self.records.load(model)
+        if (record.state == State.HELD and record.version == version) or \
+                self.store.active_version(model) == version:
+            self.report(StatusEvent.HELD, model=model, version=version, hold=True)
+            return True
+        self.discard(model)
+        if record.is_blocked(version):
+            self.report(StatusEvent.FAILED, model=model, version=version, hold=True,
+                        reason=Reason.VERSION_BLOCKED.value,
+                        detail="this version was reverted on this device before")
+            return False
+        return self._guarded(self._begin(model, version, hold=True), Work())
+
+    def held_version(self, model: str) -> int | None:
+        record = self.records.load(model)
+        return record.version if record.state == State.HELD else None
+
+    def commit(self, model: str, version: int) -> bool:
+        """The fleet's commit of the held ``version``: switch from the warm copy."""
+        record = self.records.save(self.records.load(model).advance(Event.COMMIT))
+        loaded = self._held.pop(model, None)
+        work = Work(loaded=loaded if loaded and loaded.installed.version == version else None,
+                    health={"held": True})
+        return self._guarded(record, work)
+
+    def discard(self, model: str) -> None:
+        """Drop what is held for ``model`` (nothing when nothing is held)."""
+        record = self.records.load(model)
+        if record.state == State.HELD:
+            self._guarded(self.records.save(record.advance(Event.DISCARD)), Work())
+
+    def revert(self, model: str, version: int) -> bool:
+        """Serve the kept copy of an older ``version`` again; False when none is kept."""
+        if version not in self.store.versions(model):
+            return False
+        try:
+            installed = self.store.load(model, version)
+            loaded = LoadedModel(installed, self.steps.load(installed))
+        except EdgeshipError as e:
+            logger.warning("kept %s v%s cannot be loaded: %s", model, version, e)
+            return False
+        record = self._begin(model, version, event=Event.REVERT)
+        return self._guarded(record, Work(installed=installed, loaded=loaded))
+
+    def _begin(self, model: str, version: int, *, hold: bool = False,
+               event: Event = Event.START) -> UpdateRecord:
+        self.discard(model)  # whatever else was held for this model
+        record = self.records.load(model)
+        if record.state in (State.COMMITTED, State.FAILED):
+            record = self.records.save(record.advance(Event.DONE))
+        active = self.store.active_version(model)
+        return self.records.save(record.begin(version, active, hold=hold, event=event))
+
+    # --- the drive --------------------------------------------------------------------------
+
+    def _guarded(self, record: UpdateRecord, work: Work) -> bool:
+        """Run the actions until the update rests; any error rolls back from the state
+        last persisted."""
+        try:
+            while record.state not in RESTING:
+                record = self._actions[record.state](record, work)
+            return True
+        except StoppingError:
+            return False
+        except EdgeshipError as e:
+            if record.hold and self._stopping.is_set():
+                return False  # the agent is stopping: the hold stages again on start
+            reason, detail = e.reason_code, str(e)
+        except Exception as e:  # a bug must not leave a half-installed model behind
+            logger.exception("unexpected error during update")
+            reason, detail = Reason.INTERNAL, f"{type(e).__name__}: {e}"
+        try:
+            self._rollback(self.records.load(record.model), reason, detail)
+        except Exception:
+            logger.exception("rollback of %s v%s failed; it runs again on the next start",
+                             record.model, record.version)
+        return False
+
+    def _rollback(self, record: UpdateRecord, reason: Reason, detail: str) -> None:
+        logger.warning("update %s v%s failed (%s): %s", record.model, record.version,
+                       reason, detail)
+        if record.state != State.ROLLING_BACK:
+            if record.state not in ROLLBACK_FROM:  # committed already: nothing to undo
+                return
+            record = self.records.save(record.advance(Event.ERROR, reason=reason.value))
+        if reason in MODEL_FAULTS:
+            record = self.records.save(record.block(record.version))
+        self._report(record, StatusEvent.ROLLING_BACK, reason=reason.value)
+        work = Work(detail=detail)
+        while record.state not in RESTING:
+            record = self._actions[record.state](record, work)
+
+    def _step(self, record: UpdateRecord, event: Event, **extra: Any) -> UpdateRecord:
+        new = self.records.save(record.advance(event))
+        if new.state in REPORTED:
+            self._report(new, StatusEvent(new.state.value), **extra)
+        return new
+
+    def _report(self, record: UpdateRecord, event: StatusEvent, **extra: Any) -> None:
+        if record.hold and event not in HOLD_EVENTS:
+            return
+        self.report(event, model=record.model, version=record.version, **extra)
+
+    def _point(self, record: UpdateRecord, label: str, last: bool = False) -> None:
+        self.observer.point(record.state, record.version, label, last=last)
+
+    def _watching(self, record: UpdateRecord) -> Callable[[], None]:
+        return lambda: self._point(record, "watching")
+
+    # --- one action per state ---------------------------------------------------------------
+
+    def _downloading(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "started")
+        kept = self._kept(record) if record.hold else None
+        if kept is not None:  # staged before this restart and still whole
+            work.installed = kept
+        else:
+            work.staging = self.store.staging_dir(record.model, record.version)
+            work.manifest, work.variant_id = self.downloader.download(
+                record.model, record.version, work.staging)
+        self._point(record, "downloaded", last=True)
+        return self._step(record, Event.DOWNLOADED)
+
+    def _verifying(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        if work.installed is None:
+            assert work.manifest is not None and work.variant_id and work.staging
+            self.downloader.verify_staged(work.manifest, work.variant_id, work.staging)
+        self._point(record, "verified", last=True)
+        return self._step(record, Event.VERIFIED)
+
+    def _staged(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        if work.installed is None:
+            assert work.manifest is not None and work.variant_id and work.staging
+            work.installed = self.store.finalize(
+                record.model, record.version, work.staging, work.manifest,
+                work.manifest.variant(work.variant_id))
+        self._point(record, "finalized", last=True)
+        return self._step(record, Event.CHECK)
+
+    def _health_check(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        installed = self._installed(work)
+        report = self.steps.health_check(installed)
+        self._point(record, "checked", last=True)
+        work.health = {"max_abs_diff": report.max_abs_diff,
+                       "latency_ms": round(report.latency_ms, 3)}
+        if self.steps.wants_shadow(installed):
+            return self._step(record, Event.SHADOW, **work.health)
+        if record.hold:
+            work.loaded = self.steps.warm(installed)
+            return self._held_now(record, work)
+        return self._step(record, Event.HEALTHY, **work.health)
+
+    def _shadow(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        work.loaded, agreement = self.steps.shadow_run(self._installed(work),
+                                                       self._watching(record))
+        self._point(record, "compared", last=True)
+        if record.hold:
+            return self._held_now(record, work)
+        return self._step(record, Event.AGREED, agreement=round(agreement, 4))
+
+    def _held_now(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        record = self._step(record, Event.HOLD)
+        assert work.loaded is not None
+        self._held[record.model] = work.loaded
+        self._report(record, StatusEvent.HELD, variant=self._installed(work).variant.id,
+                     hold=True, **work.health)
+        return record
+
+    def _commit(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        if work.loaded is None:  # restarted since the hold: load the kept copy again
+            kept = self._kept(record)
+            if kept is None:
+                raise EdgeshipError("the held version is gone",
+                                    reason_code=Reason.INTERRUPTED)
+            work.loaded = self.steps.warm(kept)
+        work.installed = work.loaded.installed
+        self._point(record, "loaded", last=True)
+        return self._step(record, Event.SWITCH, **work.health)
+
+    def _trial(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        if not work.switched:
+            installed = self._installed(work)
+            work.loaded = work.loaded or self.steps.warm(installed)
+            self._point(record, "warmed")
+            self.store.activate(record.model, record.version)
+            self._point(record, "activated")
+            self.server.swap(work.loaded, keep_previous=True)  # by version in the trial
+            v = installed.variant
+            self._report(record, StatusEvent.SERVING, variant=v.id, precision=v.precision)
+        current, loaded = work.installed, work.loaded
+        if current is None or loaded is None or current.version != record.version:
+            raise EdgeshipError("the version on trial is not the one being served",
+                                reason_code=Reason.INTERRUPTED)
+        self.steps.watch_trial(record.model, record.version, self.superseded,
+                               self._watching(record))
+        self._point(record, "watched", last=True)
+        return self._step(record, Event.PASSED)
+
+    def _committed(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self.server.drop_kept(record.model)
+        self.store.prune(record.model)
+        self._point(record, "committed", last=True)
+        return self.records.save(record.advance(Event.DONE))
+
+    def _discard(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        self._held.pop(record.model, None)
+        if self.store.active_version(record.model) != record.version:
+            self.remove_inactive(record.model, record.version)
+        logger.info("discarded held %s v%s", record.model, record.version)
+        self._point(record, "removed", last=True)
+        self._report(record, StatusEvent.DISCARDED)
+        return self.records.save(record.advance(Event.DONE))
+
+    def _revert(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        self._point(record, "entered")
+        installed = work.installed or self._kept(record)  # restarted: the kept copy again
+        if installed is None:
+            raise EdgeshipError("the kept version is gone", reason_code=Reason.INTERRUPTED)
+        loaded = work.loaded or LoadedModel(installed, self.steps.load(installed))
+        self.store.activate(record.model, record.version)
+        self.server.swap(loaded)
+        logger.info("reverted %s to kept v%s as desired", record.model, record.version)
+        self._report(record, StatusEvent.SERVING, variant=installed.variant.id,
+                     precision=installed.variant.precision, reverted=True)
+        self._point(record, "switched", last=True)
+        return self.records.save(record.advance(Event.DONE))
+
+    def _rolling_back(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        """Idempotent: a rollback interrupted by a crash is simply done again."""
+        for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
+            try:
+                self._point(record, f"attempt {attempt}", last=attempt == ROLLBACK_ATTEMPTS)
+                self._undo(record)
+                self._point(record, "undone", last=True)
+                break
+            except (EdgeshipError, OSError) as e:
+                logger.error("rollback of %s v%s, attempt %d: %s", record.model,
+                             record.version, attempt, e)
+                if attempt == ROLLBACK_ATTEMPTS:
+                    raise
+        return self.records.save(record.advance(Event.ROLLED_BACK))
+
+    def _failed(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        extra = {"hold": True} if record.hold else {}
+        self._report(record, StatusEvent.FAILED, reason=record.reason or Reason.INTERNAL.value,
+                     detail=work.detail[:500], **extra)
+        record = self.records.save(record.advance(Event.DONE))
+        active = self.store.active(record.model)
+        if active is not None:
+            logger.info("serving %s v%s", active.model, active.version)
+        return record
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _installed(work: Work) -> InstalledModel:
+        if work.installed is None:
+            raise EdgeshipError("no installed copy to work on", reason_code=Reason.INTERNAL)
+        return work.installed
+
+    def _kept(self, record: UpdateRecord) -> InstalledModel | None:
+        """The finalized copy of the record's version, if its files still match."""
+        if record.version not in self.store.versions(record.model):
+            return None
+        kept = self.store.load(record.model, record.version)
+        return kept if self.store.verify(kept) else None
+
+    def _undo(self, record: UpdateRecord) -> None:
+        model, version = record.model, record.version
+        self._held.pop(model, None)
+        if self.store.active_version(model) == version:
+            previous = record.previous_version
+            if previous is not None and previous in self.store.versions(model):
+                installed = self.store.load(model, previous)
+                serving, kept = self.server.find(model), self.server.kept(model)
+                loaded = None if serving is None else kept if kept is not None and \
+                    kept.installed.version == previous else self.steps.warm(installed)
+                self.store.activate(model, previous)
+                if loaded is not None:
+                    self.server.swap(loaded)
+                self.report(StatusEvent.SERVING, model=model, version=previous,
+                            variant=installed.variant.id, reverted_from=version)
+            else:
+                self.store.deactivate(model)
+                self.server.remove(model)
+        self.remove_inactive(model, version)
+        self.downloader.clean_downloads()
+
+    def remove_inactive(self, model: str, version: int) -> None:
+        if self.store.active_version(model) != version:
+            self.store.remove_version(model, version)
+        shutil.rmtree(self.store.root / model / f".staging-{version}", ignore_errors=True)
