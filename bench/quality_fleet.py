@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.support import shifts
+from tests.support import shifts, wait_until
 
 DEVICES = 4
 SHIFT = ("rotation", 25)
@@ -30,16 +30,6 @@ def _env(tmp: Path):
 
     broker = Mosquitto().start()
     return broker, LoopEnv(broker.url, tmp)
-
-
-def _wait(pred, timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(poll_s)
-    raise TimeoutError(f"no {what} within {timeout_s:.0f} s")
 
 
 def fleet_rows(setup: Any, runs: int) -> dict[str, Any]:
@@ -108,8 +98,8 @@ def _time_to_halt(setup: Any, env: Any, registry: Any, root: Path, mode: dict
     time.sleep(2.0)  # the canary serves v2 on unshifted inputs for a moment
     start = time.monotonic()
     mode["shifted"].add(canary)
-    stopped = _wait(lambda: (r := load(registry, rollout.id)).state != State.RUNNING and r,
-                    120, "halt")
+    stopped = wait_until(lambda: (r := load(registry, rollout.id)).state != State.RUNNING
+                         and r, 120, "halt", tick_s=0.1)
     seconds = time.monotonic() - start
     verdict = stopped.verdicts[-1] if stopped.verdicts else {}
     moved = [d for d in stopped.sent]
@@ -131,8 +121,9 @@ def _false_halts(setup: Any, env: Any, registry: Any, root: Path, runs: int,
         bundle = shifts.renumber_bundle(setup.bundle, root / f"v{version}", version)
         t0 = time.monotonic()
         rollout = _rollout(env, registry, bundle, version, soak_s=5)
-        done = _wait(lambda: (r := load(registry, rollout.id)).state in
-                     (State.DONE, State.HALTED, State.ROLLED_BACK) and r, 300, "the end")
+        done = wait_until(lambda: (r := load(registry, rollout.id)).state in
+                          (State.DONE, State.HALTED, State.ROLLED_BACK) and r, 300,
+                          "the end", tick_s=0.1)
         durations.append(time.monotonic() - t0)
         js = [(v.get("measured") or {}).get("drift_js") for v in done.verdicts]
         worst.append(max((x for x in js if x is not None), default=None))
