@@ -28,6 +28,8 @@ from edgeship.agent.quality.metrics import (ClassCounts, Counts, RegressionCount
                                             wilson)
 
 MIN_LABELLED = 200
+#: above this JS distance the estimate is flagged: under strong shift it can be far off
+ESTIMATE_DRIFT_WARNING = 0.25
 
 
 @dataclass(frozen=True)
@@ -213,9 +215,17 @@ def summary(vq: VersionQuality, labels: Sequence[str] = (), *, confidence: float
                        "accuracy": est, "samples": vq.estimate_n,
                        "ci": list(interval) if interval else None,
                        "reference_accuracy": vq.reference_accuracy,
-                       "note": None if est is not None else "no estimate (no reference "
-                       "profile with labels, or no traffic)"}
+                       "note": _estimate_note(est, name, js)}
     return doc
+
+
+def _estimate_note(est: float | None, signal: str | None, js: float | None) -> str | None:
+    if est is None:
+        return "no estimate (no reference profile with labels, or no traffic)"
+    if js is not None and js > ESTIMATE_DRIFT_WARNING:
+        return (f"inputs drifted ({signal} JS {js:.2f}): under strong shift the estimate "
+                "can be far off; confirm with labels")
+    return None
 
 
 def _n(c: Counts | None) -> int:
@@ -275,7 +285,8 @@ def table_rows(view: Mapping[str, Any]) -> list[dict[str, str]]:
         else:
             row["accuracy"] = lab.get("note", "-")
         row["estimated accuracy"] = "-" if est["accuracy"] is None else \
-            f"~{est['accuracy']:.1%} (estimate, n={est['samples']})"
+            f"~{est['accuracy']:.1%} (estimate, n={est['samples']})" + \
+            (" unreliable: inputs drifted" if est.get("note") else "")
         row["drift (JS)"] = "-" if drift["js"] is None else \
             f"{drift['js']:.3f} {drift['worst_signal']} (chance {drift['chance'] or 0:.3f})"
         rows.append(row)

@@ -131,3 +131,5 @@ def test_view_and_table_say_too_few_labels_and_mark_the_estimate():
     assert rows["v2"]["estimated accuracy"] == "~75.0% (estimate, n=200)"
     assert rows["v1"]["accuracy"].endswith("%]") and "[" in rows["v1"]["accuracy"]
     assert rows["v1"]["labels"] == "300" and rows["v1"]["f1"].count("[") == 1
+    drifted = summary(pool_windows([_report("a", 2, [400, 0, 0, 0], above=380)]))
+    assert "far off" in drifted["estimate"]["note"] and drifted["estimate"]["accuracy"] == 0.95
