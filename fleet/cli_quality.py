@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
 from edgeship.fleet.db import is_url
 from edgeship.fleet.quality import MIN_LABELLED, table_rows
+from edgeship.fleet.quality_store import quality_doc
 from edgeship.fleet.registry import Registry
 
 
@@ -33,30 +32,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"fewer labels than this: no metric is shown ({MIN_LABELLED})")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_quality)
-
-
-def cohort(registry: Any, group: str | None, tag: str | None,
-           profile: str | None) -> list[str] | None:
-    """Device ids of the cohort; None: every device."""
-    if group is None and tag is None and profile is None:
-        return None
-    return [d.id for d in registry.devices(group=group, tag=tag)
-            if profile is None or d.profile == profile]
-
-
-def quality_doc(registry: Any, model: str, *, group: str | None = None,
-                tag: str | None = None, profile: str | None = None, since_s: float = 3600,
-                min_labelled: int = MIN_LABELLED) -> dict[str, Any]:
-    devices = cohort(registry, group, tag, profile)
-    now = registry.now()
-    store = registry.quality
-    latest = store.latest(model, devices)
-    labels = next((tuple(r.doc["labels"]) for r in latest
-                   if isinstance(r.doc.get("labels"), list)), ())
-    doc = store.view(model, now - since_s, labels, devices, min_labelled=min_labelled)
-    doc.update(model=model, cohort={"group": group, "tag": tag, "profile": profile},
-               series=store.series(model, now - since_s, max(10.0, since_s / 60), devices))
-    return doc
 
 
 def cmd_quality(args: argparse.Namespace) -> int:

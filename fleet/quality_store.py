@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any, Iterable, Mapping
 
-from edgeship.fleet.quality import (QualityReport, drift_max, model_view,
+from edgeship.fleet.quality import (MIN_LABELLED, QualityReport, drift_max, model_view,
                                     reports_from_telemetry, version_quality)
 from edgeship.fleet.quality_gates import QualityObservation
 
@@ -144,3 +144,27 @@ def _only(reports: list[QualityReport], devices: Iterable[str] | None) -> list[Q
         return reports
     wanted = set(devices)
     return [r for r in reports if r.device in wanted]
+
+
+def cohort(registry: Any, group: str | None, tag: str | None,
+           profile: str | None) -> list[str] | None:
+    """Device ids of the cohort; None: every device."""
+    if group is None and tag is None and profile is None:
+        return None
+    return [d.id for d in registry.devices(group=group, tag=tag)
+            if profile is None or d.profile == profile]
+
+
+def quality_doc(registry: Any, model: str, *, group: str | None = None,
+                tag: str | None = None, profile: str | None = None, since_s: float = 3600,
+                min_labelled: int = MIN_LABELLED) -> dict[str, Any]:
+    devices = cohort(registry, group, tag, profile)
+    now = registry.now()
+    store = registry.quality
+    latest = store.latest(model, devices)
+    labels = next((tuple(r.doc["labels"]) for r in latest
+                   if isinstance(r.doc.get("labels"), list)), ())
+    doc = store.view(model, now - since_s, labels, devices, min_labelled=min_labelled)
+    doc.update(model=model, cohort={"group": group, "tag": tag, "profile": profile},
+               series=store.series(model, now - since_s, max(10.0, since_s / 60), devices))
+    return doc

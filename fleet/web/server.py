@@ -71,6 +71,8 @@ class Api:
             ("GET", re.compile(r"/api/v1/telemetry/([^/]+)"), self.telemetry),
             ("GET", re.compile(r"/api/v1/audit"), self.audit),
         ]
+        from edgeship.fleet.web import quality_api
+        self.routes += quality_api.routes(self)
 
     @property
     def registry(self):
