@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeship.fleet.auth import Role, TokenStore
 from edgeship.fleet.broker import Mosquitto, free_port
 from edgeship.fleet.registry import Registry
 from edgeship.fleet.tuf_repo import init_repository
@@ -222,11 +223,16 @@ def run_rollout(fleet: Fleet, bundle: Path, traffic_rps: float, soak_s: float,
               "moved": doc["moved"], "devices": doc["devices"],
               "seconds": time.monotonic() - t0,
               "cli": fleet.cli("rollout", "status", rid, "--db", str(fleet.db))}
-    result["dashboard"] = dashboard_reason(fleet.http, rid, out_dir)
+    reg = fleet.registry()
+    try:
+        token = TokenStore(reg).create("bench-fleet", Role.READ)[1]
+    finally:
+        reg.close()
+    result["dashboard"] = dashboard_reason(fleet.http, rid, out_dir, token)
     return result
 
 
-def dashboard_reason(url: str, rid: str, out_dir: Path) -> str:
+def dashboard_reason(url: str, rid: str, out_dir: Path, token: str) -> str:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -239,6 +245,8 @@ def dashboard_reason(url: str, rid: str, out_dir: Path) -> str:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
+        page.fill("#token", token)
+        page.click("#signin-form button")
         el = page.wait_for_selector(f"[data-rollout-id='{rid}'] [data-reason]", timeout=30_000)
         text = el.inner_text()
         page.screenshot(path=str(out_dir / "bench-fleet-dashboard.png"), full_page=True)

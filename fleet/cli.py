@@ -8,7 +8,6 @@ Each command function takes the parsed args and returns an exit code: 0 ok, 1 fa
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import secrets
@@ -19,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgeship.agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
+from edgeship.agent.errors import ConfigError, EdgeshipError
 from edgeship.common.mqtt import MqttSession, SessionSettings, TlsSettings
 from edgeship.agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
+from edgeship.fleet.cli_base import EXIT_BAD_INPUT, EXIT_OK, _command, _models_text
 from edgeship.fleet.db import is_url
-from edgeship.fleet.errors import ReleaseRejectedError
 from edgeship.fleet.registry import DeviceRecord, Registry
 from edgeship.fleet.server import FleetServer, FleetSettings
 from edgeship.fleet.transfer import stop_release
@@ -32,28 +31,7 @@ from edgeship.fleet.tuf_repo import (ReleaseInfo, RepoSettings, init_repository,
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-_BAD_INPUT = (BundleError, ReleaseRejectedError, ConfigError, ProtocolError)
 ANNOUNCE_TIMEOUT_S = 10.0
-
-
-def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn expected errors into one stderr line and an exit code."""
-    @functools.wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except _BAD_INPUT as e:
-            return _fail(e, EXIT_BAD_INPUT)
-        except (EdgeshipError, OSError) as e:
-            return _fail(e, EXIT_FAILURE)
-    return wrapper
-
-
-def _fail(e: Exception, code: int) -> int:
-    logger.debug("command failed", exc_info=e)
-    print(f"error: {e}", file=sys.stderr)
-    return code
 
 
 def _help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -135,7 +113,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             raise EdgeshipError(f"released {info.model} v{info.version} but the announcement "
                                 f"failed: {e}") from e
     if args.db:
-        registry = Registry(args.db)
+        registry = Registry(args.db if is_url(args.db) else Path(args.db))
         try:
             registry.add_release(info.model, info.version, info.released_at, "cli")
         finally:
@@ -163,6 +141,7 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     server = FleetServer(FleetSettings(mqtt_url=args.mqtt, repo_dir=Path(args.repo),
                                        db_path=args.db if is_url(args.db) else Path(args.db),
                                        http_port=args.http_port, http_host=args.http_host,
+                                       http=_web_settings(args),
                                        workers=args.workers,
                                        max_transfers=args.max_transfers,
                                        max_device_bytes_per_s=args.max_device_bytes_per_s,
@@ -175,14 +154,20 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _models_text(models: object) -> str:
-    if isinstance(models, dict):
-        return ", ".join(f"{k}:v{v.get('version', '?')}" if isinstance(v, dict) else f"{k}:v{v}"
-                         for k, v in sorted(models.items()))
-    if isinstance(models, list):
-        return ", ".join(json.dumps(m, sort_keys=True) if not isinstance(m, str) else m
-                         for m in models)
-    return "" if models is None else str(models)
+def _web_settings(args: argparse.Namespace):
+    from edgeship.fleet.web.server import WebSettings
+    if (args.http_tls_cert is None) != (args.http_tls_key is None):
+        raise ConfigError("--http-tls-cert and --http-tls-key go together",
+                          key="http_tls_cert")
+    if args.http_client_ca is not None and args.http_tls_cert is None:
+        raise ConfigError("--http-client-ca needs --http-tls-cert/--http-tls-key",
+                          key="http_client_ca")
+    for key in ("http_tls_cert", "http_tls_key", "http_client_ca"):
+        path = getattr(args, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--{key.replace('_', '-')} {path}: no such file", key=key)
+    return WebSettings(allowed_hosts=tuple(args.http_allowed_host), tls_cert=args.http_tls_cert,
+                       tls_key=args.http_tls_key, client_ca=args.http_client_ca)
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -303,7 +288,8 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--repo", required=True, type=Path, help="repository directory")
     rel.add_argument("--keys", required=True, type=Path, help="directory of private keys")
     rel.add_argument("--mqtt", help="broker URL: publish the retained release announcement")
-    rel.add_argument("--db", type=Path, help="fleet registry to record the release in")
+    rel.add_argument("--db", help="fleet registry to record the release in (SQLite file "
+                     "or postgresql:// URL)")
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
@@ -327,6 +313,16 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--http-port", type=int,
                        help="serve the dashboard, REST API and /metrics on this port")
     serve.add_argument("--http-host", default="127.0.0.1", help="address for --http-port")
+    serve.add_argument("--http-allowed-host", action="append", default=[], metavar="NAME",
+                       help="a name clients use for this server (Host header); loopback "
+                       "names and --http-host are always allowed; anything else is refused "
+                       "(DNS rebinding)")
+    serve.add_argument("--http-tls-cert", type=Path,
+                       help="serve the dashboard and API over HTTPS with this certificate")
+    serve.add_argument("--http-tls-key", type=Path, help="its private key")
+    serve.add_argument("--http-client-ca", type=Path,
+                       help="also require a client certificate signed by this CA (the fleet "
+                       "CA: edgeship broker ca-init/issue) — mutual TLS, on top of tokens")
     serve.add_argument("--keys", type=Path,
                        help="keys directory: re-sign the timestamp periodically")
     serve.add_argument("--workers", type=_positive_int, default=4, help="worker threads")
@@ -346,6 +342,8 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     kill.add_argument("--resume", action="store_true", help="lift the stop instead")
     kill.add_argument("--json", action="store_true", help="print JSON")
     kill.set_defaults(func=cmd_fleet_stop_release)
+    from edgeship.fleet import cli_tokens
+    cli_tokens.add_parsers(sub)
     status = sub.add_parser("status", help="show devices from the registry")
     status.add_argument("--db", required=True,
                         help="registry: SQLite file or postgresql:// URL")

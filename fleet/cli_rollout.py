@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeship.fleet.cli import EXIT_OK, _command, _models_text
+from edgeship.fleet.cli_base import EXIT_OK, _command, _models_text
 from edgeship.fleet.db import is_url
 from edgeship.fleet.registry import Registry
-from edgeship.fleet.rollout import Gates, Policy, parse_waves
+from edgeship.fleet.rollout import Gates, Policy, parse_waves, version_text
 from edgeship.fleet.rollout_runner import LEASE_NAME, control, load, progress, start_rollout
 
 from edgeship.agent.errors import ConfigError
@@ -61,7 +61,8 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     waves = (1.0,) if args.all_or_none else parse_waves(args.waves)
     return Policy(waves=waves, on_failure=args.on_failure, soak_s=args.soak_s,
                   wave_timeout_s=args.wave_timeout_s, max_concurrent=args.max_concurrent,
-                  jitter_s=args.jitter_s, all_or_none=args.all_or_none, gates=gates)
+                  jitter_s=args.jitter_s, all_or_none=args.all_or_none, offline=args.offline,
+                  offline_grace_s=args.offline_grace_s, gates=gates)
 
 
 @_command
@@ -78,15 +79,17 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        print(f"rollout {r.id}: {r.model} v{r.from_version} -> v{r.to_version}, waves of "
+        print(f"rollout {r.id}: {r.model} {version_text(r.from_version)} -> "
+              f"{version_text(r.to_version)}, waves of "
               f"{[len(w) for w in r.waves]} devices; the fleet server carries it out")
     return EXIT_OK
 
 
 def _print_rollout(doc: dict[str, Any]) -> None:
-    print(f"rollout {doc['id']}: {doc['model']} v{doc['from_version']} -> "
-          f"v{doc['to_version']}  state={doc['state']}  wave {doc['wave']}/"
-          f"{len(doc['waves'])}  moved {doc['moved']}/{doc['devices']}  by {doc['created_by']}")
+    print(f"rollout {doc['id']}: {doc['model']} {doc['from_text']} -> {doc['to_text']}  "
+          f"state={doc['state']}  wave {doc['wave']}/{len(doc['waves'])}  told "
+          f"{doc['moved']}/{doc['devices']}  serving {doc['serving']}/{doc['devices']}  "
+          f"by {doc['created_by']}")
     if doc.get("phase"):
         print(f"all-or-none: {doc['phase']} ({sum(w['held'] for w in doc['waves'])}/"
               f"{doc['devices']} held; nothing switches before the commit)")
@@ -95,6 +98,16 @@ def _print_rollout(doc: dict[str, Any]) -> None:
               f"{time.strftime('%H:%M:%S', time.localtime(doc['runner']['expires_at']))})")
     if doc["reason"]:
         print(f"reason: {doc['reason']}")
+    for w in doc["waves"]:
+        if w["waiting"]:
+            print(f"wave {w['wave']} waits: {w['waiting']}")
+        for o in w["offline_devices"]:
+            print(f"  {o['device']} offline since "
+                  f"{time.strftime('%H:%M:%S', time.localtime(o['last_seen']))}, deadline "
+                  f"{time.strftime('%H:%M:%S', time.localtime(o['deadline']))}")
+        if w["failed_devices"]:
+            print(f"wave {w['wave']} failed on: " + ", ".join(
+                f"{d} ({r})" for d, r in w["failed_devices"].items()))
     _table("waves", ["wave", "devices", "sent", "held", "serving", "failed", "status",
                      "verdict"],
            [[str(w["wave"]), str(w["devices"]), str(w["sent"]), str(w["held"]),
@@ -126,8 +139,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         _table(f"{len(docs)} rollout(s)", ["id", "model", "versions", "state", "wave",
                                             "moved", "reason"],
-               [[d["id"], d["model"], f"v{d['from_version']} -> v{d['to_version']}",
-                 d["state"], f"{d['wave']}/{len(d['waves'])}", f"{d['moved']}/{d['devices']}",
+               [[d["id"], d["model"], f"{d['from_text']} -> {d['to_text']}",
+                 d["state"], f"{d['wave']}/{len(d['waves'])}",
+                 f"{d['moved']} told, {d['serving']} serving / {d['devices']}",
                  d["reason"]] for d in docs])
     return EXIT_OK
 
@@ -182,6 +196,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                        "runs (default: the threshold of the release's own shadow policy, "
                        "when it asks for shadow testing)")
     start.add_argument("--min-requests", type=int, default=20)
+    start.add_argument("--offline", choices=("wait", "skip", "fail"), default="wait",
+                       help="a device of the wave that is offline past its deadline: wait "
+                       "for it (until --wave-timeout-s), skip it, or count it as failed "
+                       "(default wait)")
+    start.add_argument("--offline-grace-s", type=float, default=300.0,
+                       help="an offline device's deadline: the later of the wave's start "
+                       "and when it was last seen, plus this (default 300)")
     start.set_defaults(func=cmd_start)
     status = sub.add_parser("status", help="rollouts, or one rollout by wave with its log")
     status.add_argument("rollout", nargs="?")

@@ -38,7 +38,9 @@ class FleetCollector:
                                 ("requests_served", "Transfer chunks served"),
                                 ("transfer_errors", "Transfer requests answered with an error"),
                                 ("records", "Device reports stored"),
-                                ("dropped", "Messages dropped (queue full)")):
+                                ("dropped", "Messages dropped (queue full)"),
+                                ("reports_dropped", "Device reports dropped (registry "
+                                 "writer behind)")):
             c = CounterMetricFamily(f"edgeship_fleet_{name}", help_text)
             c.add_metric([], stats.get(name, 0))
             yield c

@@ -1,6 +1,7 @@
-"""The registry's quality reports: one row per device, model and telemetry record, written
-with the telemetry; the reads the rollout gates, the dashboard, the CLI and ``/metrics``
-use. Pooling and judging are pure (``fleet.quality``, ``fleet.quality_gates``)."""
+"""The registry's quality reports (table ``quality_reports``, migration 0003): one row per
+device, model and telemetry record, written with the telemetry; the reads the rollout
+gates, the dashboard, the CLI and ``/metrics`` use. Pooling and judging are pure
+(``fleet.quality``, ``fleet.quality_gates``)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,17 @@ import json
 import math
 from typing import Any, Iterable, Mapping
 
+from sqlalchemy import func, select
+
+from edgeship.fleet import schema as t
 from edgeship.fleet.quality import (MIN_LABELLED, QualityReport, drift_max, model_view,
                                     reports_from_telemetry, version_quality)
 from edgeship.fleet.quality_gates import QualityObservation
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS quality_reports (
-    id {serial}, device TEXT NOT NULL, ts {real} NOT NULL, model TEXT NOT NULL,
-    version INTEGER NOT NULL, samples INTEGER NOT NULL, drift_js {real}, drift_signal TEXT,
-    est_n INTEGER NOT NULL, est_above INTEGER NOT NULL, doc TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS quality_model_version_ts ON quality_reports (model, version, ts);
-CREATE INDEX IF NOT EXISTS quality_model_device ON quality_reports (model, device, id);
-"""
-
 MAX_DOC_CHARS = 48_000  # the telemetry record is capped at 64 KB as a whole
-_COLUMNS = "id, device, ts, model, version, doc"
 
 
-def rows_of(device: str, ts: float, msg: Mapping[str, Any]) -> list[tuple]:
+def rows_of(device: str, ts: float, msg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows for ``quality_reports`` from one telemetry record (malformed parts skipped)."""
     out = []
     for r in reports_from_telemetry(device, ts, msg):
@@ -35,54 +29,57 @@ def rows_of(device: str, ts: float, msg: Mapping[str, Any]) -> list[tuple]:
         js, signal = drift_max(r.doc)
         est = (r.drift or {}).get("estimate") or {}
         n, above = est.get("samples"), est.get("above")
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n, above))
-        out.append((device, ts, r.model, r.version, r.samples,
-                    js if js is not None and math.isfinite(js) else None, signal,
-                    n if ok else 0, above if ok else 0, doc))
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+                 for v in (n, above))
+        out.append({"device": device, "ts": ts, "model": r.model, "version": r.version,
+                    "samples": min(r.samples, 2**31 - 1),
+                    "drift_js": js if js is not None and math.isfinite(js) else None,
+                    "drift_signal": signal, "est_n": n if ok else 0,
+                    "est_above": above if ok else 0, "doc": doc})
     return out
 
 
 class QualityStore:
-    """Reads and writes over the registry's backend (``fleet.db``)."""
+    """Reads over the registry's database (``fleet.db.Database``); the registry writes
+    the rows with the telemetry (:func:`rows_of`)."""
 
     def __init__(self, db: Any) -> None:
-        self._db = db
+        self.db = db
 
-    def add(self, device: str, ts: float, msg: Mapping[str, Any]) -> None:
-        """Inside the registry's telemetry transaction."""
-        for row in rows_of(device, ts, msg):
-            self._db.execute("INSERT INTO quality_reports (device, ts, model, version, "
-                             "samples, drift_js, drift_signal, est_n, est_above, doc) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    def _reports(self, stmt: Any) -> list[QualityReport]:
+        with self.db.read() as conn:
+            rows = conn.execute(stmt).all()
+        return [QualityReport(d, ts, m, v, json.loads(doc)) for d, ts, m, v, doc in rows]
 
-    def _reports(self, sql: str, params: tuple) -> list[QualityReport]:
-        rows = self._db.execute(sql, params)
-        return [QualityReport(d, ts, m, v, json.loads(doc)) for _, d, ts, m, v, doc in rows]
+    def _latest_per_device(self, *where: Any) -> list[QualityReport]:
+        c = t.quality_reports.c
+        newest = select(func.max(c.id)).where(*where).group_by(c.device)
+        return self._reports(select(c.device, c.ts, c.model, c.version, c.doc)
+                             .where(c.id.in_(newest)))
 
     def windows(self, model: str, version: int, since: float,
                 devices: Iterable[str] | None = None) -> list[QualityReport]:
         """Each device's latest report of ``version`` since ``since`` (its window)."""
-        found = self._reports(
-            f"SELECT {_COLUMNS} FROM quality_reports WHERE id IN (SELECT MAX(id) FROM "
-            "quality_reports WHERE model = ? AND version = ? AND ts >= ? GROUP BY device)",
-            (model, version, since))
+        c = t.quality_reports.c
+        found = self._latest_per_device(c.model == model, c.version == version,
+                                        c.ts >= since)
         return _only(found, devices)
 
     def latest(self, model: str, devices: Iterable[str] | None = None
                ) -> list[QualityReport]:
         """Each device's latest report of ``model`` (its cumulative labelled counts)."""
-        found = self._reports(
-            f"SELECT {_COLUMNS} FROM quality_reports WHERE id IN (SELECT MAX(id) FROM "
-            "quality_reports WHERE model = ? GROUP BY device)", (model,))
+        found = self._latest_per_device(t.quality_reports.c.model == model)
         return _only(found, devices)
 
     def series(self, model: str, since: float, bucket_s: float = 10.0,
                devices: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Per version and time bucket: the sample-weighted mean of the largest drift per
         report, and the pooled estimate (for the dashboard's drift over time)."""
-        rows = self._db.execute(
-            "SELECT device, version, ts, samples, drift_js, est_n, est_above FROM "
-            "quality_reports WHERE model = ? AND ts >= ? ORDER BY ts", (model, since))
+        c = t.quality_reports.c
+        with self.db.read() as conn:
+            rows = conn.execute(select(c.device, c.version, c.ts, c.samples, c.drift_js,
+                                       c.est_n, c.est_above)
+                                .where(c.model == model, c.ts >= since)).all()
         wanted = None if devices is None else set(devices)
         buckets: dict[tuple[int, int], list[float]] = {}
         for device, version, ts, samples, js, n, above in rows:
@@ -98,10 +95,6 @@ class QualityStore:
                  "drift_js": s / w if w else None,
                  "estimated_accuracy": above / n if n else None, "estimate_samples": n}
                 for (v, k), (s, w, n, above) in sorted(buckets.items(), key=lambda i: i[0][::-1])]
-
-    def prune(self, keep: int) -> None:
-        self._db.execute("DELETE FROM quality_reports WHERE id <= "
-                         "(SELECT MAX(id) FROM quality_reports) - ?", (keep,))
 
     # --- what the runner and the views need ------------------------------------------------
 
@@ -131,12 +124,15 @@ class QualityStore:
         return model_view(windows, self.latest(model, devices), labels, **options)
 
     def versions(self, model: str) -> list[int]:
-        return [int(r[0]) for r in self._db.execute(
-            "SELECT DISTINCT version FROM quality_reports WHERE model = ?", (model,))]
+        c = t.quality_reports.c
+        with self.db.read() as conn:
+            return [int(v) for v in conn.execute(
+                select(c.version).where(c.model == model).distinct()).scalars()]
 
     def models(self) -> list[str]:
-        return [str(r[0]) for r in self._db.execute(
-            "SELECT DISTINCT model FROM quality_reports")]
+        c = t.quality_reports.c
+        with self.db.read() as conn:
+            return [str(m) for m in conn.execute(select(c.model).distinct()).scalars()]
 
 
 def _only(reports: list[QualityReport], devices: Iterable[str] | None) -> list[QualityReport]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Mapping
 
@@ -104,6 +104,40 @@ class Gates:
                              self.min_estimate_samples, self.max_accuracy_drop,
                              self.max_f1_drop, self.min_labelled, self.quality_confidence)
 
+    def __post_init__(self) -> None:
+        _check_numbers(self, "gates")
+        if not 0.5 <= self.quality_confidence < 1 or min(
+                self.min_drift_samples, self.min_estimate_samples, self.min_labelled) < 0:
+            raise ConfigError("gates: quality_confidence in [0.5, 1), min_* >= 0",
+                              key="quality_confidence")
+        for name in ("min_install_success", "max_error_rate", "min_shadow_agreement"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"gates.{name} {value}: a fraction in [0, 1]", key=name)
+        if self.max_latency_ratio <= 0 or self.min_requests < 0:
+            raise ConfigError("gates: max_latency_ratio > 0, min_requests >= 0",
+                              key="gates")
+
+
+def _check_numbers(obj: Any, where: str) -> None:
+    """Every numeric field a finite number of its declared kind (JSON may say NaN, "3"
+    or true where a number belongs; none of them may reach the gates)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        kind = str(f.type)
+        if "float" not in kind and "int" not in kind or "tuple" in kind or "Gates" in kind:
+            continue
+        if value is None and "None" in kind:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or ("float" not in kind and
+                                                       not isinstance(value, int)):
+            raise ConfigError(f"{where}.{f.name} {value!r}: a finite "
+                              f"{'number' if 'float' in kind else 'integer'}", key=f.name)
+
+
+OFFLINE_POLICIES = ("wait", "skip", "fail")
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -116,10 +150,29 @@ class Policy:
     baseline_window_s: float = 600.0        # old-version telemetry used as the baseline
     all_or_none: bool = False               # one wave: all stage, then one commit switches
     #                                         all; any failure: all discard (see docs/rollouts.md)
+    offline: str = "wait"                   # a wave's device offline past its deadline:
+    #                                         "wait" (until wave_timeout_s), "skip" it, or
+    #                                         count it as "fail"ed (reason "offline")
+    offline_grace_s: float = 300.0          # deadline = max(wave start, last seen) + this
     gates: Gates = Gates()
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "policy")
         w = self.waves
+        if not isinstance(w, tuple) or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) for f in w):
+            raise ConfigError(f"waves {w!r}: numbers", key="waves")
+        if self.offline not in OFFLINE_POLICIES:
+            raise ConfigError(f"offline {self.offline!r}: one of "
+                              f"{', '.join(OFFLINE_POLICIES)}", key="offline")
+        if self.wave_timeout_s <= 0 or self.offline_grace_s < 0 or \
+                self.baseline_window_s < 0:
+            raise ConfigError("wave_timeout_s > 0, offline_grace_s >= 0, "
+                              "baseline_window_s >= 0", key="policy")
+        if not isinstance(self.all_or_none, bool) or self.on_failure not in (
+                "pause", "rollback"):
+            raise ConfigError("on_failure must be 'pause' or 'rollback'; all_or_none a "
+                              "boolean", key="on_failure")
         if not w or any(not 0 < f <= 1 for f in w) or list(w) != sorted(w) or w[-1] != 1:
             raise ConfigError(f"waves {list(w)}: increasing fractions in (0, 1] ending at 1",
                               key="waves")
@@ -133,12 +186,21 @@ class Policy:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Policy":
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("gates", {}), Mapping) \
+                or not isinstance(raw.get("waves", ()), (list, tuple)):
+            raise ConfigError("policy: an object (gates an object, waves a list)",
+                              key="policy")
         raw = dict(raw)
         gates = Gates(**raw.pop("gates", {}))
         raw["waves"] = tuple(raw.get("waves", cls.waves))
         if raw.get("all_or_none"):
             raw["waves"] = (1.0,)
         return cls(gates=gates, **raw)
+
+
+def version_text(version: int | None) -> str:
+    """``v3``; a rollout from devices that run nothing yet says so (never ``vNone``)."""
+    return "nothing installed" if version is None else f"v{version}"
 
 
 def parse_waves(text: str) -> tuple[float, ...]:
@@ -215,6 +277,7 @@ class WaveObservation:
     baseline: Mapping[str, DeviceStats]              # old version, same devices, before
     installed_at: float | None = None                # when the last device finished
     shadow: Mapping[str, ShadowResult] = field(default_factory=dict)  # device -> its run
+    offline_since: Mapping[str, float] = field(default_factory=dict)  # offline -> last seen
     quality: QualityObservation | None = None       # drift, estimate, feedback (or None)
 
 
@@ -234,30 +297,59 @@ def _fail(gate: str, reason: str, **measured: Any) -> Verdict:
     return Verdict("fail", reason, gate, measured)
 
 
-def install_gate(obs: WaveObservation, gates: Gates, now: float,
-                 timeout_s: float) -> Verdict | None:
-    """None once enough devices serve the new version; otherwise wait or fail."""
-    n = len(obs.devices)
-    serving = sum(1 for d in obs.devices
-                  if obs.outcomes.get(d, ("",))[0] == StatusEvent.SERVING)
-    failed = {d: obs.outcomes[d][1] for d in obs.devices
-              if obs.outcomes.get(d, ("",))[0] == StatusEvent.FAILED}
+def offline_deadlines(obs: WaveObservation, policy: "Policy") -> dict[str, float]:
+    """Offline devices of the wave that have not reported an outcome -> their own
+    deadline: the later of the wave's start and when each was last seen, plus
+    ``offline_grace_s``."""
+    return {d: max(obs.started_at, obs.offline_since[d]) + policy.offline_grace_s
+            for d in obs.devices if d in obs.offline_since and d not in obs.outcomes}
+
+
+def _names(devices: Any, limit: int = 10) -> str:
+    devices = sorted(devices)
+    more = f" and {len(devices) - limit} more" if len(devices) > limit else ""
+    return ", ".join(devices[:limit]) + more
+
+
+def install_gate(obs: WaveObservation, policy: "Policy", now: float) -> Verdict | None:
+    """None once enough devices serve the new version; otherwise wait or fail. Offline
+    devices past their deadline are waited for, skipped or failed (``policy.offline``)."""
+    gates, timeout_s = policy.gates, policy.wave_timeout_s
+    deadlines = offline_deadlines(obs, policy)
+    expired = {d for d, at in deadlines.items() if now >= at}
+    devices = [d for d in obs.devices if not (policy.offline == "skip" and d in expired)]
+    outcomes = dict(obs.outcomes)
+    if policy.offline == "fail":
+        outcomes.update({d: (StatusEvent.FAILED, "offline") for d in expired})
+    n = len(devices)
+    serving = sum(1 for d in devices if outcomes.get(d, ("",))[0] == StatusEvent.SERVING)
+    failed = {d: outcomes[d][1] for d in devices
+              if outcomes.get(d, ("",))[0] == StatusEvent.FAILED}
     allowed_failures = n - math.ceil(gates.min_install_success * n - 1e-9)
-    measured = {"devices": n, "serving": serving, "failed": len(failed)}
+    measured = {"devices": n, "serving": serving, "failed": len(failed),
+                "skipped": len(obs.devices) - n}
     if len(failed) > allowed_failures:
         reasons = sorted({r or "unknown" for r in failed.values()})
         return _fail("install_success",
                      f"install success {serving}/{n} below {gates.min_install_success:.0%} "
-                     f"(failed: {', '.join(reasons)})", **measured)
-    if serving + len(failed) < n:
-        if now - obs.started_at > timeout_s:
-            missing = n - serving - len(failed)
-            if len(failed) + missing > allowed_failures:
-                return _fail("install_success", f"{missing} of {n} devices did not install "
-                             f"within {timeout_s:.0f}s", **measured)
-            return None
-        return _wait(f"installing: {serving + len(failed)}/{n} reported", **measured)
-    return None
+                     f"(failed: {', '.join(reasons)}; {_names(failed)})", **measured)
+    missing = [d for d in devices if d not in outcomes]
+    if not missing:
+        return None
+    if now - obs.started_at > timeout_s:
+        if len(failed) + len(missing) > allowed_failures:
+            return _fail("install_success", f"{len(missing)} of {n} devices did not "
+                         f"install within {timeout_s:.0f}s: {_names(missing)}", **measured)
+        return None
+    offline = [d for d in missing if d in deadlines]
+    text = f"installing: {serving + len(failed)}/{n} reported; waiting on {_names(missing)}"
+    if offline:
+        soonest = min(deadlines[d] for d in offline)
+        then = {"wait": "then waits until the wave's timeout", "skip": "then skipped",
+                "fail": "then counted as failed"}[policy.offline]
+        text += (f" ({len(offline)} offline: {_names(offline, 5)}; deadline in "
+                 f"{max(0.0, soonest - now):.0f}s, {then})")
+    return _wait(text, waiting_on=missing[:50], offline=offline[:50], **measured)
 
 
 def shadow_gate(obs: WaveObservation, gates: Gates) -> Verdict | None:
@@ -294,7 +386,7 @@ def latency_ratio(new: Mapping[str, DeviceStats],
 
 def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
     g = policy.gates
-    verdict = shadow_gate(obs, g) or install_gate(obs, g, now, policy.wave_timeout_s)
+    verdict = shadow_gate(obs, g) or install_gate(obs, policy, now)
     if verdict is not None:
         return verdict
     since = obs.installed_at if obs.installed_at is not None else obs.started_at
@@ -392,6 +484,7 @@ class Rollout:
     sent: dict[str, float] = field(default_factory=dict)  # device -> desired published at
     reason: str = ""                  # why it stopped (or finished)
     verdicts: tuple[dict[str, Any], ...] = ()  # per finished wave
+    waiting: dict[str, Any] = field(default_factory=dict)  # the current wave's last "wait"
 
     def apply(self, event: Event, reason: str = "") -> "Rollout":
         return replace(self, state=transition(self.state, event),

@@ -23,9 +23,10 @@ from typing import Callable
 from edgeship.agent.errors import ConfigError
 from edgeship.agent.protocol import DesiredState, StatusEvent
 from edgeship.fleet.registry import Registry
-from edgeship.fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult, State,
-                           WaveObservation, evaluate_wave, failure_event, install_gate,
-                           jitter_offset_s, plan_waves, shadow_gate, staging_verdict)
+from edgeship.fleet.rollout import (FINAL, DeviceStats, Event, Policy, Rollout, ShadowResult,
+                                    State, WaveObservation, evaluate_wave, failure_event,
+                                    install_gate, jitter_offset_s, offline_deadlines,
+                                    plan_waves, shadow_gate, staging_verdict, version_text)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ _COMMANDS = {"pause": Event.PAUSE, "resume": Event.RESUME, "abort": Event.ABORT,
 
 def start_rollout(registry: Registry, *, model: str, version: int, policy: Policy,
                   actor: str, group: str | None = None, tag: str | None = None,
-                  from_version: int | None = None, now: float | None = None) -> Rollout:
+                  from_version: int | None = None, now: float | None = None,
+                  token: str | None = None) -> Rollout:
     now = registry.now() if now is None else now
     devices = registry.devices(group=group, tag=tag)
     if not devices:
@@ -64,7 +66,7 @@ def start_rollout(registry: Registry, *, model: str, version: int, policy: Polic
                       waves=tuple(tuple(w) for w in waves), created_by=actor,
                       created_at=now)
     registry.save_rollout(rid, model, rollout.state.value, rollout.to_dict())
-    registry.audit(actor, "rollout.start", rid, model=model, version=version,
+    registry.audit(actor, "rollout.start", rid, token=token, model=model, version=version,
                    from_version=from_version, target=rollout.target,
                    waves=[len(w) for w in waves], policy=policy.to_dict())
     return rollout
@@ -78,13 +80,13 @@ def load(registry: Registry, rollout_id: str) -> Rollout:
 
 
 def control(registry: Registry, rollout_id: str, command: str, actor: str,
-            reason: str = "") -> Rollout:
+            reason: str = "", token: str | None = None) -> Rollout:
     """pause | resume | abort | rollback: valid in the current state or TransitionError."""
     rollout = load(registry, rollout_id)
     why = reason or f"{command} by {actor}"
     new = rollout.apply(_COMMANDS[command], why)
     registry.save_rollout(new.id, new.model, new.state.value, new.to_dict())
-    registry.audit(actor, f"rollout.{command}", new.id, reason=why,
+    registry.audit(actor, f"rollout.{command}", new.id, token=token, reason=why,
                    state=new.state.value)
     return new
 
@@ -151,7 +153,11 @@ class RolloutRunner:
         for doc in self.registry.rollouts():
             if doc["state"] in [s.value for s in FINAL] and doc.get("acted") == doc["state"]:
                 continue
-            rollout = Rollout.from_dict(doc)
+            try:
+                rollout = Rollout.from_dict(doc)
+            except (ConfigError, KeyError, TypeError, ValueError) as e:  # one bad record
+                logger.error("rollout %s: unreadable record, skipped: %s", doc.get("id"), e)
+                continue
             new = self.step(rollout)
             if new != rollout:
                 self._save(rollout, new)
@@ -208,13 +214,14 @@ class RolloutRunner:
             return self._stage_all(r, now)
         r = self._dispatch(r, now)
         obs = self._observe(r)
-        if r.wave_installed_at is None and install_gate(
-                obs, r.policy.gates, now, r.policy.wave_timeout_s) is None:
+        if r.wave_installed_at is None and install_gate(obs, r.policy, now) is None:
             r = replace(r, wave_installed_at=now)
             obs = replace(obs, installed_at=now)
         verdict = evaluate_wave(obs, r.policy, now)
         if verdict.decision == "wait":
-            return r
+            return replace(r, waiting={"wave": r.wave, "reason": verdict.reason,
+                                       **verdict.measured})
+        r = replace(r, waiting={})
         record = {"wave": r.wave, "devices": len(r.waves[r.wave]), "at": now,
                   "decision": verdict.decision, "gate": verdict.gate,
                   "reason": verdict.reason, "measured": verdict.measured}
@@ -303,6 +310,7 @@ class RolloutRunner:
                        for d, s in stats.items() if d in wave},
             baseline={d: DeviceStats(**b) for d, b in r.baseline.items()},
             installed_at=r.wave_installed_at, shadow=self._shadow_results(r, wave),
+            offline_since=self.registry.offline_since(wave),
             quality=self.registry.quality.observation(
                 r.model, r.to_version, r.from_version, wave,
                 r.wave_started_at or r.created_at,
@@ -364,32 +372,58 @@ class RolloutRunner:
 
 # --- views (CLI, REST API, dashboard) --------------------------------------------------------
 
+LISTED = 50  # device names listed per wave and kind (the counts are always complete)
+
+
+def _wave_doc(i: int, devices: tuple[str, ...], rollout: Rollout, outcomes: dict,
+              held: dict, verdict: dict | None, offline: dict[str, float]) -> dict:
+    states = {d: outcomes.get(d, ("",))[0] for d in devices}
+    active = i == rollout.wave and rollout.state == State.RUNNING
+    status = ("passed" if (verdict or {}).get("decision") == "pass" else
+              "failed" if verdict else "active" if active else
+              "stopped" if i == rollout.wave else "pending")
+    pending = sorted(d for d in devices if d in rollout.sent and not states[d])
+    obs = WaveObservation(devices, rollout.wave_started_at or rollout.created_at,
+                          {d: o for d, o in outcomes.items() if o[0]}, {}, {},
+                          offline_since=offline)
+    deadlines = offline_deadlines(obs, rollout.policy) if i == rollout.wave else {}
+    failed = {d: outcomes[d][1] or "unknown" for d in devices if states[d] == StatusEvent.FAILED}
+    return {"wave": i + 1, "devices": len(devices),
+            "sent": sum(1 for d in devices if d in rollout.sent),
+            "serving": sum(1 for s in states.values() if s == StatusEvent.SERVING),
+            "failed": len(failed),
+            "held": sum(1 for d in devices if held.get(d, ("",))[0] == StatusEvent.HELD),
+            "status": status, "verdict": verdict,
+            "pending_devices": pending[:LISTED],
+            "failed_devices": dict(sorted(failed.items())[:LISTED]),
+            "offline_devices": [{"device": d, "last_seen": offline[d], "deadline": at}
+                                for d, at in sorted(deadlines.items())[:LISTED]],
+            "waiting": rollout.waiting.get("reason") if active and
+            rollout.waiting.get("wave") == i else None}
+
+
 def progress(registry: Registry, rollout: Rollout) -> dict:
-    """The rollout as a document, with per-wave device counts from what devices reported."""
+    """The rollout as a document: per wave, device counts from what devices reported,
+    which devices it waits on (offline ones with their deadline) and which failed, why.
+    ``moved``: devices told to run the new version; ``serving``: those that say they do."""
     outcomes = registry.install_outcomes(rollout.model, rollout.to_version,
                                          rollout.created_at)
     held = {} if not rollout.policy.all_or_none else registry.install_outcomes(
         rollout.model, rollout.to_version, rollout.created_at,
         (StatusEvent.HELD, StatusEvent.FAILED))
     verdicts = {v["wave"]: v for v in rollout.verdicts}
-    waves = []
-    for i, devices in enumerate(rollout.waves):
-        states = [outcomes.get(d, ("",))[0] for d in devices]
-        status = ("passed" if verdicts.get(i, {}).get("decision") == "pass" else
-                  "failed" if i in verdicts else
-                  "active" if i == rollout.wave and rollout.state == State.RUNNING else
-                  "stopped" if i == rollout.wave else "pending")
-        waves.append({"wave": i + 1, "devices": len(devices),
-                      "sent": sum(1 for d in devices if d in rollout.sent),
-                      "serving": states.count(StatusEvent.SERVING),
-                      "failed": states.count(StatusEvent.FAILED),
-                      "held": sum(1 for d in devices
-                                  if held.get(d, ("",))[0] == StatusEvent.HELD),
-                      "status": status, "verdict": verdicts.get(i)})
+    current = rollout.waves[rollout.wave] if rollout.waves else ()
+    offline = registry.offline_since(current)
+    waves = [_wave_doc(i, devices, rollout, outcomes, held, verdicts.get(i), offline)
+             for i, devices in enumerate(rollout.waves)]
     doc = rollout.to_dict()
     doc.pop("baseline", None)
+    doc.pop("sent", None)
     phase = None if not rollout.policy.all_or_none else \
         "committed" if rollout.committed_at is not None else "staging"
     doc.update(waves=waves, wave=rollout.wave + 1, devices=sum(len(w) for w in rollout.waves),
-               moved=len(rollout.sent), phase=phase)
+               moved=len(rollout.sent), serving=sum(w["serving"] for w in waves),
+               failed=sum(w["failed"] for w in waves), phase=phase,
+               from_text=version_text(rollout.from_version),
+               to_text=version_text(rollout.to_version))
     return doc

@@ -1,14 +1,16 @@
 """The fleet server: answers transfer requests and records what devices report.
 
-paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into a
-bounded queue (a full queue drops the message and counts it). A few worker threads do the
-work: transfer requests are answered with raw chunk bytes on the request's ResponseTopic;
-presence/status/telemetry go to the SQLite registry. A malformed message is counted and
-logged, never fatal.
+paho's thread only calls :meth:`FleetServer._on_message`, which does ``put_nowait`` into one
+of two bounded queues (a full queue drops the message and counts it). A few worker threads
+answer transfer requests with raw chunk bytes on the request's ResponseTopic; one writer
+thread stores presence/status/telemetry in the registry, a batch per transaction, so a
+slow database never holds up transfers. A malformed message is counted and logged, never
+fatal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import secrets
@@ -16,10 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from edgeship.agent.errors import EdgeshipError, ProtocolError
 from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, DesiredState, ReleaseAnnouncement, Topics,
+from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, TOPIC_ROOT, DesiredState, ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
 from edgeship.fleet.registry import Registry
 from edgeship.fleet.rollout_runner import RolloutRunner
@@ -32,6 +35,8 @@ from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_DEVICE_TOPICS = f"{TOPIC_ROOT}/dev/"  # .../dev/<id>/presence|status|telemetry
+_REPORT_SUFFIXES = ("/presence", "/status", "/telemetry")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,8 @@ class FleetSettings:
     db_path: Path
     client_id: str = ""  # empty: edgeship-fleet-<random>
     workers: int = 4
-    queue_max: int = 1000
+    queue_max: int = 20_000  # messages waiting for a worker; more are dropped (counted)
+    report_batch_max: int = 500  # device reports written in one registry transaction
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
     tls: TlsSettings | None = None
@@ -56,6 +62,7 @@ class FleetSettings:
     rollout_tick_s: float = 1.0  # issue 6: how often the rollout runner looks at the fleet
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
     http_host: str = "127.0.0.1"
+    http: Any = None  # fleet.web.server.WebSettings (TLS, allowed hosts, caps); host/port above
 
 
 @dataclass
@@ -68,6 +75,7 @@ class FleetStats:
     no_response_topic: int = 0
     malformed: int = 0
     dropped: int = 0  # queue full
+    reports_dropped: int = 0  # the registry writer's queue stayed full
     records: int = 0  # presence/status/telemetry stored
     busy: int = 0  # answered 503 (concurrent-transfer cap)
     stopped: int = 0  # answered 410 (kill switch)
@@ -107,6 +115,8 @@ class FleetServer:
                                       tick_s=settings.rollout_tick_s)
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
+        # presence/status/telemetry for the one writer thread, which stores them in batches
+        self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
         self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
@@ -124,6 +134,7 @@ class FleetServer:
     def start(self, *, wait: bool = True) -> None:
         for i in range(self.settings.workers):
             self._spawn(self._worker, f"fleet-worker-{i}")
+        self._spawn(self._report_writer, "fleet-reports")
         self.pacer.start()
         if self.settings.keys_dir is not None:
             self._spawn(self._refresher, "fleet-timestamp")
@@ -137,8 +148,11 @@ class FleetServer:
                                 f"within {self.settings.connect_timeout_s}s")
         self.rollouts.start()
         if self.settings.http_port is not None:
-            from edgeship.fleet.web.server import FleetWebServer
-            self.web = FleetWebServer(self, self.settings.http_host, self.settings.http_port)
+            from edgeship.fleet.web.server import FleetWebServer, WebSettings
+            web = dataclasses.replace(self.settings.http or WebSettings(),
+                                      host=self.settings.http_host,
+                                      port=self.settings.http_port)
+            self.web = FleetWebServer(self, web)
             self.web.start()
 
     def _spawn(self, target, name: str) -> None:
@@ -158,6 +172,9 @@ class FleetServer:
         self._session.stop()
         for _ in range(self.settings.workers):
             self._queue.put(_STOP)  # workers drain what is queued, then stop
+        for thread in self._threads[:self.settings.workers]:
+            thread.join(timeout=10)
+        self._reports.put(_STOP)  # then the writer stores what they handed it
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
@@ -196,10 +213,14 @@ class FleetServer:
     # --- paho's thread -----------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
+        report = msg.topic.startswith(_DEVICE_TOPICS) and msg.topic.endswith(_REPORT_SUFFIXES)
         try:
-            self._queue.put_nowait(msg)
-        except queue.Full:
-            self.stats.dropped += 1  # only this thread writes it
+            (self._reports if report else self._queue).put_nowait(msg)
+        except queue.Full:  # only this thread writes these two counters
+            if report:
+                self.stats.reports_dropped += 1
+            else:
+                self.stats.dropped += 1
 
     # --- workers -----------------------------------------------------------------------
 
@@ -223,8 +244,6 @@ class FleetServer:
             return
         if parsed.kind == "transfer_req":
             self._handle_transfer(msg)
-        elif parsed.kind in ("presence", "status", "telemetry"):
-            self._handle_report(parsed.kind, parsed.device, msg)
 
     def _handle_transfer(self, msg: Message) -> None:
         if not msg.response_topic or not response_topic_allowed(msg.topic, msg.response_topic):
@@ -279,30 +298,51 @@ class FleetServer:
     def _respond(self, msg: Message, result: ChunkResult, *, compact: bool = False) -> None:
         props = transfer_props(result.status, result.offset, result.total, result.error,
                                compact=compact)
-        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
-                              retain=False, correlation_data=msg.correlation_data,
-                              user_properties=props)
-        if result.status == 200:
+        if result.status == 200:  # counted before the device can see the answer
             self.stats.bump(requests_served=1, bytes_sent=len(result.data))
         else:
             self.stats.bump(transfer_errors=1)
+        self._session.publish(msg.response_topic, result.data, qos=QOS_AT_LEAST_ONCE,
+                              retain=False, correlation_data=msg.correlation_data,
+                              user_properties=props)
 
-    def _handle_report(self, kind: str, device: str, msg: Message) -> None:
-        if not msg.payload:  # a cleared retained message
-            return
+    def _report(self, msg: Message) -> tuple[str, str, dict] | None:
+        """(kind, device, body) of a presence/status/telemetry message; None for a
+        cleared retained message or a malformed one (counted)."""
         try:
-            body = decode(msg.payload)
+            parsed = parse_topic(msg.topic)
+            if parsed.kind not in ("presence", "status", "telemetry") or not msg.payload:
+                return None
+            return parsed.kind, parsed.device, decode(msg.payload)
         except ProtocolError as e:
             self.stats.bump(malformed=1)
-            logger.warning("malformed %s from %s: %s", kind, device, e)
-            return
-        if kind == "presence":
-            self.registry.upsert_presence(device, body)
-        elif kind == "status":
-            self.registry.add_event(device, body)
-        else:
-            self.registry.add_telemetry(device, body)
-        self.stats.bump(records=1)
+            logger.warning("malformed report on %s: %s", msg.topic, e)
+            return None
+
+    def _report_writer(self) -> None:
+        """The one thread that stores device reports: whatever queued up while it wrote
+        the last batch goes into the next transaction (up to ``report_batch_max``)."""
+        while True:
+            item = self._reports.get()
+            batch, stop = [], item is _STOP
+            while not stop:
+                report = self._report(item)
+                if report is not None:
+                    batch.append(report)
+                if len(batch) >= self.settings.report_batch_max:
+                    break
+                try:
+                    item = self._reports.get_nowait()
+                except queue.Empty:
+                    break
+                stop = item is _STOP
+            if batch:
+                try:
+                    self.stats.bump(records=self.registry.add_reports(batch))
+                except Exception:  # the database is gone: count it, keep going
+                    logger.exception("could not store %d device reports", len(batch))
+            if stop:
+                return
 
     def _refresher(self) -> None:
         while not self._stopping.wait(self.settings.timestamp_refresh_s):

@@ -1,4 +1,4 @@
-"""The REST API's quality routes (added to ``fleet.web.server.Api``'s table):
+"""The REST API's quality routes (read role; added to ``fleet.web.api.Api``):
 
     GET /api/v1/quality                  models with quality reports
     GET /api/v1/quality/<model>          per version: metrics from feedback (or "too few
@@ -13,26 +13,29 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import Any
 
-from edgeship.agent.errors import ConfigError
+from edgeship.fleet.auth import Role
 from edgeship.fleet.quality import MIN_LABELLED
 from edgeship.fleet.quality_store import quality_doc
+from edgeship.fleet.web.api import Api, Request, Route
+from edgeship.fleet.web.security import RequestError
 
 
-def routes(api: Any) -> list[tuple[str, re.Pattern, Callable]]:
-    def models(m: Any, q: dict[str, str], body: Any) -> dict[str, Any]:
+def register(api: Api) -> None:
+    def models(r: Request) -> dict[str, Any]:
         return {"models": sorted(api.registry.quality.models())}
 
-    def model(m: Any, q: dict[str, str], body: Any) -> dict[str, Any]:
+    def model(r: Request) -> dict[str, Any]:
+        q = r.query
         since_s = _number(q, "since_s", 3600.0)
         min_labels = int(_number(q, "min_labels", MIN_LABELLED))
-        return quality_doc(api.registry, m.group(1), group=q.get("group") or None,
+        return quality_doc(api.registry, r.match.group(1), group=q.get("group") or None,
                            tag=q.get("tag") or None, profile=q.get("profile") or None,
                            since_s=since_s, min_labelled=max(1, min_labels))
 
-    return [("GET", re.compile(r"/api/v1/quality"), models),
-            ("GET", re.compile(r"/api/v1/quality/([^/]+)"), model)]
+    api.add(Route("GET", re.compile(r"/api/v1/quality"), Role.READ, models))
+    api.add(Route("GET", re.compile(r"/api/v1/quality/([^/]+)"), Role.READ, model))
 
 
 def _number(q: dict[str, str], key: str, default: float) -> float:
@@ -40,8 +43,8 @@ def _number(q: dict[str, str], key: str, default: float) -> float:
         value = float(q.get(key, default))
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"query {key}={q.get(key)!r}: a positive number", key=key)
+    if not math.isfinite(value) or value <= 0 or value > 1e9:
+        raise RequestError(400, f"{key}: a positive number")
     return value
 
 

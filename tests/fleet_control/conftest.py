@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
@@ -16,62 +10,17 @@ from edgeship.fleet.broker import free_port
 from tests.fleet_control.helpers import WIDTH
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-    if found:
-        return Path(found[-1]).parent
-    which = shutil.which("postgres")
-    return Path(which).parent if which else None
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """initdb/postgres refuse to run as root: run them as the ``postgres`` system user."""
-    if os.geteuid() != 0:
-        return cmd
-    if shutil.which("runuser") is None:
-        pytest.skip("running as root and runuser is missing: cannot start PostgreSQL")
-    return ["runuser", "-u", "postgres", "--", *cmd]
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
     """A real PostgreSQL server (initdb into a temp dir, free port); its URL."""
-    pytest.importorskip("psycopg")
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed")
-    root = Path(tempfile.mkdtemp(prefix="edgeship-pg-"))
-    root.chmod(0o777)
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    sock.chmod(0o777)
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "edgeship",
-                                 "--auth=trust", "-E", "UTF8"]),
-                   check=True, capture_output=True, timeout=120)
-    port = free_port()
-    proc = subprocess.Popen(_as_postgres([str(bindir / "postgres"), "-D", str(data), "-p",
-                                          str(port), "-k", str(sock), "-h", "127.0.0.1",
-                                          "-c", "fsync=off"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"postgresql://edgeship@127.0.0.1:{port}/postgres"
-    import psycopg
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            psycopg.connect(url, connect_timeout=2).close()
-            break
-        except psycopg.OperationalError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("PostgreSQL did not start")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
+    from tests.support.postgres import PostgresUnavailable, running_postgres
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    shutil.rmtree(root, ignore_errors=True)
+        server = running_postgres()
+        url = server.__enter__()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    yield url
+    server.__exit__(None, None, None)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -79,12 +28,9 @@ def registry_target(request, tmp_path):
     """Both backends: a SQLite file, or a fresh database on the shared PostgreSQL."""
     if request.param == "sqlite":
         return tmp_path / "fleet.db"
-    url = request.getfixturevalue("postgres_url")
-    import psycopg
-    name = f"t{os.getpid()}_{free_port()}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return url.rsplit("/", 1)[0] + f"/{name}"
+    from tests.support.postgres import fresh_database
+    return fresh_database(request.getfixturevalue("postgres_url"),
+                          f"t{os.getpid()}_{free_port()}")
 
 
 @pytest.fixture(scope="session")

@@ -113,17 +113,25 @@ def test_rollouts_and_audit_log(registry_target):
     reg.close()
 
 
-def test_a_registry_created_before_hold_existed_gains_the_column(registry_target):
-    from edgeship.fleet.db import open_backend
-    old = open_backend(registry_target)
-    old.execute("CREATE TABLE desired (device TEXT NOT NULL, model TEXT NOT NULL, "
-                "version INTEGER NOT NULL, seq INTEGER NOT NULL, rollout TEXT, "
-                "updated_at REAL NOT NULL, PRIMARY KEY (device, model))")
-    old.execute("INSERT INTO desired VALUES ('pi-1', 'digits', 1, 4, NULL, 5.0)")
-    old.close()
+def test_reports_are_stored_in_batches_and_a_bad_one_loses_only_itself(registry_target):
     reg = _reg(registry_target)
-    [kept] = reg.desired()
-    assert (kept.version, kept.seq, kept.hold) == (1, 4, False)
-    held, changed = reg.set_desired("pi-1", "digits", 2, hold=True)
-    assert changed and held.hold and held.seq == 5
+    batch = [("presence", "pi-1", {"online": True, "profile": "rpi4",
+                                   "models": {"digits": {"version": 1}}}),
+             ("status", "pi-1", {"event": "failed", "model": "digits", "version": 2,
+                                 "reason": "disk_full"}),
+             ("telemetry", "pi-1", {"system": {"cpu_percent": 40.0, "temperature_c": 61.5,
+                                               "memory": {"used_percent": 33.0}}}),
+             ("status", "pi-2", {"event": "serving", "model": "digits", "version": 2})]
+    assert reg.add_reports(batch) == 4
+    pi1, pi2 = reg.devices()
+    assert (pi1.profile, pi1.last_failure, pi1.cpu_percent, pi1.temperature_c,
+            pi1.memory_percent) == ("rpi4", "disk_full", 40.0, 61.5, 33.0)
+    assert pi2.running("digits") == 2
+    bad = [("status", "pi-3", {"event": "serving", "model": "digits", "version": 3}),
+           ("status", "pi-4", {"event": "x", "version": 2 ** 70}),  # stored, version None
+           ("gossip", "pi-6", {}),  # not a report kind: the batch is retried one by one
+           ("presence", "pi-5", {"online": True})]
+    assert reg.add_reports(bad) == 3
+    assert [d.id for d in reg.devices()] == ["pi-1", "pi-2", "pi-3", "pi-4", "pi-5"]
+    assert reg.events("pi-4")[0].version is None
     reg.close()

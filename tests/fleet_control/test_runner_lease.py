@@ -14,6 +14,7 @@ from edgeship.agent.errors import ConfigError
 from edgeship.fleet.registry import Registry
 from edgeship.fleet.rollout import Gates, Policy
 from edgeship.fleet.rollout_runner import LEASE_NAME, RolloutRunner, load, start_rollout
+from tests.support import wait_until
 
 
 class Published:
@@ -85,7 +86,9 @@ def test_only_the_lease_holder_publishes_and_the_other_takes_over(registry_targe
         assert len(later) == 1, out.calls
         seqs = {(d, s) for _, d, _, s in out.calls}
         assert len({d for d, _ in seqs}) == len(seqs) == 3  # one seq per device, ever
-        assert set(load(regs[1], rid).sent) == {"pi-0", "pi-1", "pi-2"}
+        # the runner saves the rollout after it publishes: wait for that save
+        wait_until(lambda: set(load(regs[1], rid).sent) == {"pi-0", "pi-1", "pi-2"},
+                   timeout_s=10, what="b to record what it sent")
         log = [e for e in regs[1].audit_log() if e["action"] == "runner.lead"]
         assert [e["holder"] for e in log] == ["a", "b"]
     finally:

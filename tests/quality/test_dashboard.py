@@ -7,34 +7,24 @@ entry and the Prometheus families behind it. The screenshot goes to
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgeship.fleet.web.server import FleetWebServer
+from edgeship.fleet.auth import Role, TokenStore
+from edgeship.fleet.web.server import FleetWebServer, WebSettings
 from tests.support import wait_until
+from tests.support.browser import ARGS, CHROMIUM, needs_chromium, screenshot_dir, sign_in
 from tests.support.shifts import Traffic, noise, rotate
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-
-
-def screenshot_dir() -> Path:
-    out = Path(os.environ.get("EDGESHIP_TEST_OUTPUT", "test-output")) / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as resp:
+def _json(url: str, token: str):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+@needs_chromium
 def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
     playwright = pytest.importorskip("playwright.sync_api")
     data = digits_bundles["trained"].data
@@ -53,18 +43,19 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
         k = int(rng.integers(0, len(x)))
         return (x[k:k + 1], y[k:k + 1]) if i == 0 else (shifted[k:k + 1], None)
 
-    web = FleetWebServer(loop_env.fleet, "127.0.0.1", 0)
+    web = FleetWebServer(loop_env.fleet, WebSettings())
     web.start()
+    token = TokenStore(registry).create("viewer", Role.READ)[1]
     traffic = Traffic(agents, "digits", source, feedback_batch=25)
     try:
         wait_until(lambda: traffic.labelled[0] >= 250, timeout_s=60, what="labels")
-        wait_until(lambda: (_json(f"{web.url}/api/v1/quality/digits")["versions"]
+        wait_until(lambda: (_json(f"{web.url}/api/v1/quality/digits", token)["versions"]
                             .get("1", {}).get("labelled", {}).get("samples", 0) >= 250),
                    timeout_s=30, what="labels in the registry")
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(web.url)
+            sign_in(page, web.url, token)
             row = "[data-quality-version='1']"
             page.wait_for_selector(f"{row} [data-accuracy]:has-text('%')", timeout=30_000)
             page.wait_for_selector("#q-drift svg circle", timeout=30_000)
@@ -78,10 +69,13 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
             page.screenshot(path=str(screenshot_dir() / "dashboard-quality-south.png"),
                             full_page=True)
             browser.close()
-        south_doc = _json(f"{web.url}/api/v1/quality/digits?group=south")["versions"]["1"]
-        north_doc = _json(f"{web.url}/api/v1/quality/digits?group=north")["versions"]["1"]
-        spec = _json(f"{web.url}/openapi.json")
-        with urllib.request.urlopen(f"{web.url}/metrics", timeout=10) as resp:
+        api = f"{web.url}/api/v1/quality/digits"
+        south_doc = _json(f"{api}?group=south", token)["versions"]["1"]
+        north_doc = _json(f"{api}?group=north", token)["versions"]["1"]
+        spec = _json(f"{web.url}/openapi.json", token)
+        req = urllib.request.Request(f"{web.url}/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
             metrics = resp.read().decode()
     finally:
         traffic.stop()
@@ -94,6 +88,7 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
     lo, hi = north_doc["labelled"]["accuracy_ci"]
     assert lo < north_doc["labelled"]["accuracy"] < hi and north_doc["estimate"]["is_estimate"]
     assert "/api/v1/quality/{model}" in spec["paths"]
+    assert spec["paths"]["/api/v1/quality/{model}"]["get"]["x-required-role"] == "read"
     assert 'edgeship_fleet_quality_accuracy{group="north",model="digits",version="1"}' \
         in metrics
     assert 'edgeship_fleet_quality_estimated_accuracy{group="",model="digits",version="1"}' \
