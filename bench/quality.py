@@ -153,6 +153,44 @@ def memory(setup: Setup, requests: int = 20_000) -> dict[str, float]:
             "peak_traced_bytes": peak, "requests": requests}
 
 
+_RSS_CHILD = """
+import sys, tempfile, time, numpy as np
+from pathlib import Path
+from edgeship.agent.quality.hub import QualityHub
+from edgeship.agent import spool  # the agent has SQLite loaded anyway (telemetry spool)
+from tests.support.shifts import serve_bundle
+hub = QualityHub(Path(tempfile.mkdtemp())) if sys.argv[2] == "on" else None
+if hub is not None:
+    hub.start()  # flushes every 2 s, as in the agent
+server = serve_bundle(Path(sys.argv[1]), quality=hub)
+x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+for i in range(20000):
+    server.predict("digits", x)
+    if i % 1000 == 0:
+        time.sleep(0.1)  # traffic over a few seconds, not one burst
+if hub is not None:
+    hub.stop()
+print(int(open("/proc/self/statm").read().split()[1]) * 4096)
+"""
+
+
+def rss_delta(setup: Setup) -> dict[str, float]:
+    """Resident memory of a fresh process serving the digits CNN after 20,000 requests,
+    with and without the quality hub (its SQLite connection, flush thread, sketches);
+    both load SQLite, as an agent does for its telemetry spool."""
+    import subprocess
+    import sys
+
+    out = {}
+    for mode in ("off", "on"):
+        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(setup.bundle), mode],
+                              capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        out[mode] = int(proc.stdout.split()[-1]) / 2**20
+    return {"rss_off_mb": out["off"], "rss_on_mb": out["on"],
+            "delta_mb": out["on"] - out["off"]}
+
+
 # --- 3. samples to detect a drop ------------------------------------------------------------
 
 def samples_needed(p_old: float = 0.98, drop: float = 0.02, margin: float = 0.005,
@@ -256,6 +294,9 @@ def _print(results: dict[str, Any]) -> None:
     print(f"\n2. memory per model: window {m['window_bytes'] / 1024:.0f} KiB; held after "
           f"{m['requests']} requests {m['held_after_bytes'] / 1024:.0f} KiB; traced peak "
           f"{m['peak_traced_bytes'] / 2**20:.2f} MiB")
+    print(f"   a fresh process after 20,000 requests: RSS {m['rss_off_mb']:.1f} MiB without "
+          f"quality, {m['rss_on_mb']:.1f} MiB with it ({m['delta_mb']:+.1f} MiB: SQLite, the "
+          "flush thread, sketches)")
     print("\n3. labelled samples to detect 98 % -> 96 % (one-sided 95 %, 80 % power)")
     for r in results["samples"]:
         print(f"   {r['case']:<52} {r['samples']:6d} samples  simulated power "
@@ -292,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {"load": os.getloadavg()[0]}
         results["cost"] = sketch_cost(setup, args.calls)
         results["memory"] = memory(setup)
+        results["memory"].update(rss_delta(setup))
         results["samples"] = samples_needed()
         results["tracking"] = {v: tracking(setup, v) for v in ("onnx-fp32", "onnx-int8")}
         if args.fleet:

@@ -69,6 +69,7 @@ class FeedbackStore:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA cache_size=-256")  # KiB: SQLite's default is 2 MiB
         self._db.executescript(_SCHEMA)
         self.rows = int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
@@ -87,17 +88,20 @@ class FeedbackStore:
     def add(self, chunks: Iterable[tuple[str, str, Any]]) -> None:
         """``chunks``: (model, boot, Folded); one transaction, then eviction."""
         now = time.time()
-        rows = [(model, boot, int(s), int(r), folded.version,
+        chunks = list(chunks)
+        count = sum(len(folded.samples) for _, _, folded in chunks)
+        if not count:
+            return
+        rows = ((model, boot, int(s), int(r), folded.version,
                  None if math.isnan(p) else float(p), now)
                 for model, boot, folded in chunks
-                for s, r, p in zip(folded.samples, folded.requests, folded.predicted)]
-        if not rows:
-            return
+                for s, r, p in zip(folded.samples.tolist(), folded.requests.tolist(),
+                                   folded.predicted.tolist()))
         with self._lock, self._txn():
             self._db.executemany("INSERT OR IGNORE INTO predictions (model, boot, sample, "
                                  "request, version, predicted, ts) VALUES (?,?,?,?,?,?,?)",
                                  rows)
-            self.rows += len(rows)
+            self.rows += count
             self._evict()
 
     def _evict(self) -> None:
