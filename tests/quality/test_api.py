@@ -120,3 +120,38 @@ def test_labels_collected_offline_go_in_from_a_csv(api, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("request,truth\nx,1\n")
     assert main(["agent", "feedback", "synq", str(bad), "--api", url]) == 2
+
+
+def test_triton_clients_get_the_request_id_over_grpc_and_binary_http(api, tmp_path):
+    """The Open Inference Protocol carries the id in the response parameters (gRPC: the
+    ModelInferResponse's ``parameters`` map), readable with Triton's own clients."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    httpclient = pytest.importorskip("tritonclient.http")
+    pytest.importorskip("grpc")
+    from edgeship.agent.api_limits import ApiLimits
+    from edgeship.agent.grpc_api import GrpcInferenceServer
+
+    server = GrpcInferenceServer(api.models, ApiLimits(), socket_path=tmp_path / "grpc.sock")
+    server.start()
+    try:
+        x = np.asarray(_x(), dtype=np.float32)
+        g = grpcclient.InferenceServerClient(f"unix://{tmp_path / 'grpc.sock'}")
+        t = grpcclient.InferInput("x", list(x.shape), "FP32")
+        t.set_data_from_numpy(x)
+        response = g.infer("synq", [t]).get_response()
+        rid = response.parameters["edgeship_request_id"].string_param
+        assert response.id == rid and rid.count("-") == 1
+        g.close()
+        h = httpclient.InferenceServerClient(f"127.0.0.1:{api.server_address[1]}")
+        t = httpclient.InferInput("x", list(x.shape), "FP32")
+        t.set_data_from_numpy(x, binary_data=True)
+        result = h.infer("synq", [t], request_id="client-1").get_response()
+        assert result["id"] == "client-1"
+        http_rid = result["parameters"]["edgeship_request_id"]
+        h.close()
+    finally:
+        server.stop()
+    for request_id in (rid, http_rid):
+        status, _, doc = _call(api, "POST", "/v1/models/synq/feedback",
+                               {"id": request_id, "label": 1})
+        assert status == 200 and doc["status"] == "accepted"
