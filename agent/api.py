@@ -44,7 +44,8 @@ _SMALL_WRITE = 64 * 1024
 
 def default_routes() -> list[Route]:
     from edgeship.agent import api_v1, api_v2
-    return api_v1.ROUTES + api_v2.ROUTES
+    from edgeship.agent.llm import http as llm_http  # OpenAI-compatible text generation
+    return api_v1.ROUTES + api_v2.ROUTES + llm_http.ROUTES
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -64,7 +64,8 @@ def device_traits(cfg: AgentConfig, caps: Capabilities | None = None) -> DeviceT
                         preferred_precisions=chosen.precisions,
                         threads=chosen.threads, providers=chosen.providers,
                         latency_budget_ms=profile.latency_budget_ms,
-                        hardware_classes=(profile.arch, profile.name))
+                        hardware_classes=(profile.arch, profile.name),
+                        memory_budget_mb=profile.model_memory_budget_mb)
 
 
 def install_settings(cfg: AgentConfig) -> InstallSettings:

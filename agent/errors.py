@@ -50,6 +50,9 @@ class Reason(StrEnum):
     HARDWARE_MISMATCH = "hardware_mismatch"
     RELEASE_STOPPED = "release_stopped"
     DELTA_MISMATCH = "delta_mismatch"
+    # language models
+    MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
+    TOKEN_MISMATCH = "token_mismatch"
 
 
 class EdgeshipError(Exception):
@@ -105,6 +108,12 @@ class HealthCheckError(EdgeshipError):
                  reason_code: Reason | None = None) -> None:
         super().__init__(message, reason_code=reason_code)
         self.max_abs_diff = max_abs_diff
+
+
+class RuntimeLoadError(EdgeshipError):
+    """A runtime could not load a model file (``agent.runtime.load_runtime``)."""
+
+    reason_code = Reason.HEALTH_CHECK_FAILED
 
 
 class InferenceInputError(EdgeshipError):

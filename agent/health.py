@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeship.agent.errors import HealthCheckError, Reason
+from edgeship.agent.llm.spec import check_top_k
 from edgeship.agent.manifest import Manifest, Variant
 from edgeship.agent.runtime import ModelRuntime
 
@@ -92,7 +93,10 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
     if not np.all(np.isfinite(got)):
         raise HealthCheckError("model produced NaN or infinite outputs",
                                reason_code=Reason.NONFINITE_OUTPUT)
-    diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+    if manifest.llm is not None:  # language model: next-token top-k ids and their logits
+        diff = check_top_k(got, expected, manifest.llm.golden_top_k, variant.golden_atol)
+    else:
+        diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
     if diff > variant.golden_atol:
         raise HealthCheckError(f"golden outputs differ by {diff:.3g} > atol "
                                f"{variant.golden_atol:.3g}", max_abs_diff=diff,

@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeship.agent.errors import BundleError
+from edgeship.agent.llm.spec import LlmSpec
 from edgeship.agent.protocol import SCHEMA_VERSION, validate_id
 
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"
 MAX_MANIFEST_BYTES = 1024 * 1024
 
-RUNTIMES = ("onnxruntime", "litert")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static")
+RUNTIMES = ("onnxruntime", "litert", "onnxruntime-genai")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static", "int4")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
           "uint32", "int64", "uint64", "bool")
 
@@ -82,6 +83,7 @@ class Manifest:
     created_at: str = ""
     labels: tuple[str, ...] = ()
     shadow: ShadowPolicy | None = None
+    llm: LlmSpec | None = None  # language models: context, KV-cache shape, tokens
     #: the reference profile for drift and the label-free estimate (JSON as written by
     #: converter/profile.py; parsed by agent.quality.profile when the version is served)
     profile: dict[str, Any] | None = None
@@ -108,6 +110,7 @@ class Manifest:
             "reference": dict(self.reference),
             "labels": list(self.labels),
             **({"shadow": self.shadow.to_dict()} if self.shadow else {}),
+            **({"llm": self.llm.to_dict()} if self.llm else {}),
             **({"profile": self.profile} if self.profile is not None else {}),
         }
 
@@ -201,6 +204,7 @@ def _parse_manifest(raw: Any) -> Manifest:
         created_at=str(raw.get("created_at", "")),
         labels=tuple(str(x) for x in raw.get("labels", [])),
         shadow=_shadow(raw.get("shadow")),
+        llm=LlmSpec.from_dict(raw["llm"]) if raw.get("llm") is not None else None,
         profile=_profile(raw.get("profile")),
     )
 

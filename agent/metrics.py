@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterator
 
+from edgeship.agent.llm.stats import lm_metric_families
 from edgeship.agent.serving import LATENCY_BUCKETS_MS, ModelServer
 from edgeship.agent.spool import TelemetrySpool
 
@@ -31,6 +32,7 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Any]:
         yield from self._models()
+        yield from lm_metric_families(self.server)
         if self.server.quality is not None:
             from edgeship.agent.quality.prom import quality_metrics
             yield from quality_metrics(self.server)

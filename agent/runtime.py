@@ -10,7 +10,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
+from edgeship.agent.errors import InferenceInputError, Reason, RuntimeLoadError
 from edgeship.agent.manifest import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -20,10 +20,6 @@ class ModelRuntime(Protocol):
     """What the agent needs from an inference engine."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-
-class RuntimeLoadError(EdgeshipError):
-    reason_code = Reason.HEALTH_CHECK_FAILED
 
 
 #: Execution providers we know how to use, fastest first (a Jetson has all three).
@@ -253,6 +249,9 @@ def load_runtime(runtime: str, path: Path, *, threads: int = 0,
         return OnnxModel(path, threads=threads, providers=providers)
     if runtime == "litert":
         return LiteRtModel(path, threads=threads)
+    if runtime == "onnxruntime-genai":
+        from edgeship.agent.llm.runtime import load_genai
+        return load_genai(path, threads=threads, providers=providers)
     raise RuntimeLoadError(f"runtime {runtime!r} is not available on this agent",
                            reason_code=Reason.NO_COMPATIBLE_VARIANT)
 
@@ -264,6 +263,8 @@ def available_runtimes() -> tuple[str, ...]:
         found.append("onnxruntime")
     if litert_backend() is not None:
         found.append("litert")
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        found.append("onnxruntime-genai")
     return tuple(found)
 
 

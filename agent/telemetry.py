@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 from edgeship.agent import protocol
 from edgeship.agent.errors import TransferError
+from edgeship.agent.llm.stats import lm_window
 from edgeship.agent.serving import ModelServer
 from edgeship.agent.spool import SpoolSettings, TelemetrySpool
 
@@ -165,6 +166,9 @@ def build_batch(device: str, server: ModelServer, system: dict[str, Any],
         models[name] = {"version": loaded.installed.version,
                         "variant": loaded.installed.variant.id,
                         "runtime": loaded.installed.variant.runtime, **snap}
+        llm = lm_window(server, name)
+        if llm is not None:  # language models: TTFT, prefill/decode tokens/s, tokens
+            models[name]["llm"] = llm
     batch = {"device": device, "ts": time.time(), "models": models, "system": system,
              **extra}
     if server.quality is not None and models:

@@ -155,6 +155,14 @@ def _install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finish_bundle(tmp: Path, out: Path, manifest: Manifest, overwrite: bool) -> None:
+    """Write ``manifest`` into the assembled ``tmp`` and move it into place as ``out``."""
+    Manifest.from_bytes(manifest.to_bytes())  # the device's parser must accept it
+    _write_file(tmp / MANIFEST_NAME, manifest.to_bytes())
+    _fsync_dir(tmp)
+    _install_dir(tmp, out, overwrite)
+
+
 def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
                  variants: Sequence[VariantArtifact], golden_inputs: np.ndarray, *,
                  reference: dict[str, float] | None = None, labels: Sequence[str] = (),
@@ -188,10 +196,7 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
             reference=dict(reference or {}), labels=tuple(labels),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             profile=profile)
-        Manifest.from_bytes(manifest.to_bytes())  # the device's parser must accept it
-        _write_file(tmp / MANIFEST_NAME, manifest.to_bytes())
-        _fsync_dir(tmp)
-        _install_dir(tmp, out, overwrite)
+        finish_bundle(tmp, out, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ from edgeship.agent.protocol import validate_id
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("digits", "onnx", "torch")
+SOURCES = ("digits", "onnx", "torch", "llm")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,15 +35,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                "  edgeship convert onnx model.onnx --calib calib.npz --val val.npz\n"
                "  edgeship convert torch pkg.mod:make_model --weights w.safetensors "
                "--input-shape 1,3,32,32 --calib imgs/ --val val.npz\n"
-               "  edgeship convert torch model.pt2 --recipe recipe.toml",
+               "  edgeship convert torch model.pt2 --recipe recipe.toml\n"
+               "  edgeship convert llm ./my-llama --heldout valid.txt --device rpi5",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=SOURCES,
                    help="'digits' trains the demo CNN; 'onnx' takes an ONNX file; 'torch' "
-                        "takes package.module:factory, a TorchScript file or a .pt2")
+                        "takes package.module:factory, a TorchScript file or a .pt2; 'llm' "
+                        "takes a Hugging Face checkpoint directory or module:factory "
+                        "returning (model, tokenizer)")
     p.add_argument("model", nargs="?", default=None,
                    help="the model (onnx/torch sources)")
     _add_io_options(p)
     _add_gate_options(p)
+    from edgeship.converter.llm.cli import add_llm_options
+    add_llm_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -197,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         _apply_recipe(args)
         name, bundle_dir = _validate(args)
+        if args.source == "llm":  # decoder-only language model: converter/llm
+            from edgeship.converter.llm.cli import run as run_llm
+            _quiet_foreign_noise()
+            return run_llm(args, name, bundle_dir)
         the_plan = _plan(args)
         settings = _settings(args, the_plan)
     except EdgeshipError as e:

@@ -103,7 +103,8 @@ def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
 def cmd_release(args: argparse.Namespace) -> int:
     tls = _tls(args)  # bad flags are refused before anything is signed
     info = release_bundle(args.bundle, args.repo, args.keys,
-                          RepoSettings(deltas=args.deltas))
+                          RepoSettings(deltas=args.deltas,
+                                       memory_budgets=_memory_budgets(args.profile)))
     announced = False
     if args.mqtt:
         try:
@@ -126,6 +127,13 @@ def cmd_release(args: argparse.Namespace) -> int:
         print(f"released {info.model} v{info.version} ({len(info.targets)} targets)"
               + (f"; announced on {Topics.release(info.model)}" if announced else ""))
     return EXIT_OK
+
+
+def _memory_budgets(profiles: list[str] | None) -> tuple[tuple[str, float], ...]:
+    from edgeship import devices
+
+    loaded = [devices.load_profile(p) for p in profiles or ()]
+    return tuple((p.name, float(p.model_memory_budget_mb)) for p in loaded)
 
 
 # --- fleet serve / status --------------------------------------------------------------------
@@ -291,6 +299,10 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--db", help="fleet registry to record the release in (SQLite file "
                      "or postgresql:// URL)")
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
+    rel.add_argument("--profile", action="append", metavar="NAME",
+                     help="language models: refuse the release unless a variant's weights + "
+                          "KV cache fit this board profile's model_memory_budget_mb "
+                          "(repeatable)")
     rel.add_argument("--deltas", action="store_true",
                      help="also publish deltas from the previous version (devices holding "
                           "it download only what changed)")

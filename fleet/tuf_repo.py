@@ -60,6 +60,9 @@ class RepoSettings:
     max_bundle_bytes: int = 4 * 1024**3
     max_bundle_files: int = 64
     deltas: bool = False  # release: also publish deltas from the previous version
+    # release: profile name -> model_memory_budget_mb a language model must fit (refused
+    # before signing when no variant fits one of them)
+    memory_budgets: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("root_threshold", "root_expiry_days", "targets_expiry_days",
@@ -367,6 +370,9 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
             raise ReleaseRejectedError(
                 f"{m.model} v{m.version} is not newer than released v{latest}",
                 model=m.model, version=m.version, latest=latest)
+        if m.llm is not None and settings.memory_budgets:
+            from edgeship.fleet.llm_release import check_release
+            check_release(m, dict(settings.memory_budgets))
         signers = load_signers(Path(keys_dir), cur.root.signed,
                                (Targets.type, Snapshot.type, Timestamp.type))
         paths = _add_targets(repo_dir, bundle, cur.targets.signed)

@@ -131,7 +131,8 @@ class Downloader:
                     f"manifest says {manifest.model} v{manifest.version}, expected "
                     f"{model} v{version}", reason_code=Reason.METADATA_INVALID)
             t = self.traits
-            variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch)
+            variant = select_variant(manifest, t.preferred_precisions, t.runtimes, t.arch,
+                                     t.memory_budget_mb)
             for name in (variant.file, manifest.golden_file):
                 self._fetch_target(updater, f"{model}/{version}/{name}", staging)
             return manifest, variant.id

@@ -16,6 +16,7 @@ class DeviceTraits:
     providers: tuple[str, ...]
     latency_budget_ms: float | None = None
     hardware_classes: tuple[str, ...] = ()  # e.g. ("aarch64", "rpi4"); empty: (arch,)
+    memory_budget_mb: float | None = None  # language models: weights + KV cache must fit
 
 
 @dataclass(frozen=True)
