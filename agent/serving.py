@@ -292,11 +292,11 @@ class ModelServer:
                 version: int | None = None) -> tuple[list[np.ndarray], LoadedModel]:
         """:meth:`predict_tracked` without the request id."""
         outputs, loaded, _ = self.predict_tracked(name, raw_inputs, check_values=check_values,
-                                                  version=version)
+                                                  version=version, with_id=False)
         return outputs, loaded
 
     def predict_tracked(self, name: str, raw_inputs: Any, *, check_values: bool = False,
-                        version: int | None = None
+                        version: int | None = None, with_id: bool = True
                         ) -> tuple[list[np.ndarray], LoadedModel, str | None]:
         """Check ``raw_inputs`` against the served model's signature, run it, record it.
         A single-input model takes the array itself; otherwise a dict name → array.
@@ -330,7 +330,8 @@ class ModelServer:
         observe = entry.observe
         if observe is None:
             return outputs, entry.loaded, None
-        return outputs, entry.loaded, entry.ids(observe(inputs, outputs, batch))
+        first = observe(inputs, outputs, batch)
+        return outputs, entry.loaded, entry.ids(first) if with_id else None
 
 
     def _predict_other(self, name: str, version: int, raw_inputs: Any,

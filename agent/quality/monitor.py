@@ -2,7 +2,7 @@
 
 Per request (``ModelQuality.observe``, on the serving thread): take the next request id and
 keep a reference to the request's input and output arrays in a short list — a lock, a
-counter, a list append. Every ``fold_every`` requests (at most 64, fewer for large inputs
+counter, a list append. Every ``fold_every`` requests (at most 256, fewer for large inputs
 so the list never holds more than about ``PENDING_BYTES``), or when feedback, telemetry or
 the flush thread asks, the list is *folded*: the arrays are stacked and every signal, the
 estimate's score and the predicted class or value are computed for the whole batch at
@@ -29,7 +29,7 @@ from edgeship.agent.quality.features import (atc_scores, class_probabilities, in
                                              output_columns, score_kind)
 from edgeship.agent.quality.profile import Profile, ScorePlan
 
-FOLD_EVERY = 64
+FOLD_EVERY = 256
 PENDING_BYTES = 1 << 20
 #: signals sent in one telemetry record (largest drift first); the rest are counted
 MAX_REPORTED_SIGNALS = 24
