@@ -81,14 +81,7 @@ def build_profile(inputs: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray
     threshold; ``variant_outputs``: each variant's score output on the same inputs (its
     own threshold)."""
     n = len(next(iter(inputs.values())))
-    signals: list[dict[str, Any]] = []
-    for spec in input_specs:
-        if spec.name not in inputs:
-            continue
-        batch = np.asarray(inputs[spec.name])
-        specs = input_signals(spec.name, str(batch.dtype), batch.shape[1:])
-        for s, col in zip(specs, input_columns(batch, specs)):
-            signals.append(_signal_doc(s, col, quantile_edges(col, bins)))
+    signals = _input_signal_docs(inputs, input_specs, bins)
     idx = _score_output(task, outputs, labels)
     scores = np.asarray(outputs[idx])
     name = output_specs[idx].name if idx < len(output_specs) else f"output{idx}"
@@ -110,6 +103,19 @@ def build_profile(inputs: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray
         doc["estimate"] = _estimate(probs, np.asarray(y), kind, atc_score, variant_outputs)
     parse_profile(doc)  # the device's parser must accept it
     return doc
+
+
+def _input_signal_docs(inputs: Mapping[str, np.ndarray], input_specs: Sequence[TensorSpec],
+                       bins: int) -> list[dict[str, Any]]:
+    docs = []
+    for spec in input_specs:
+        if spec.name not in inputs:
+            continue
+        batch = np.asarray(inputs[spec.name])
+        specs = input_signals(spec.name, str(batch.dtype), batch.shape[1:])
+        for s, col in zip(specs, input_columns(batch, specs)):
+            docs.append(_signal_doc(s, col, quantile_edges(col, bins)))
+    return docs
 
 
 def atc_threshold(scores: np.ndarray, correct: np.ndarray) -> tuple[float, float]:

@@ -182,19 +182,11 @@ class QualityHub:
         counts = {v: counts_from_dict(c.to_dict()) for v, c in self._load_counts(model).items()}
         results, labelled, touched = [], [], set()
         for item in items:
-            why = fb.check_rows(item, rows)
-            samples = item.samples
-            if why is None:
-                meta = metas.get(rows[samples[0]].version)
-                truths = [fb.truth_of(t, meta) if meta else "invalid: unknown version"
-                          for t in item.truths]
-                bad = next((t for t in truths if isinstance(t, str)), None)
-                why = None if bad is None else bad if bad.startswith("invalid") \
-                    else f"invalid: {bad}"
+            why, truths = _judge(item, rows, metas)
             if why is not None:
                 results.append(_result(item, why))
                 continue
-            for s, truth in zip(samples, truths):
+            for s, truth in zip(item.samples, truths):
                 row = rows[s]
                 c = counts.setdefault(row.version, _empty(metas[row.version]))
                 predicted = float(row.predicted or 0.0)  # never None here (check_rows)
@@ -204,7 +196,7 @@ class QualityHub:
                     c.add(predicted, float(truth))
                 rows[s] = fb.Row(s, row.request, row.version, row.predicted, True)
                 touched.add(row.version)
-            labelled += samples
+            labelled += item.samples
             results.append(_result(item, "accepted"))
         accepted = sum(1 for r in results if r["status"] == "accepted")
         self.store.label(model, boot, labelled,
@@ -290,6 +282,20 @@ def _empty(meta: VersionMeta) -> Counts:
     if meta.task == "classification":
         return ClassCounts(max(1, meta.classes))
     return RegressionCounts()
+
+
+def _judge(item: fb.Item, rows: dict[int, Any], metas: dict[int, VersionMeta]
+           ) -> tuple[str | None, list[Any]]:
+    """(why the item cannot be applied or None, its truths as class indexes or values)."""
+    why = fb.check_rows(item, rows)
+    if why is not None:
+        return why, []
+    meta = metas.get(rows[item.samples[0]].version)
+    if meta is None:
+        return "invalid: the prediction's version is unknown here", []
+    truths = [fb.truth_of(t, meta) for t in item.truths]
+    bad = next((t for t in truths if isinstance(t, str)), None)
+    return (None if bad is None else f"invalid: {bad}"), truths
 
 
 def _result(item: fb.Item, status: str) -> dict[str, Any]:
