@@ -195,6 +195,9 @@ class _ApiMixin:
     limits: ApiLimits
     router: Router
     metrics_text: Callable[[], bytes] | None
+    #: set by the agent (``agent.local_api``): extra /healthz fields; the install hand-over
+    health_info: Callable[[], dict[str, Any]] | None
+    install_archive: Callable[[Path], dict[str, Any]] | None
     _thread: threading.Thread | None
     request_queue_size = 128
 
@@ -204,6 +207,8 @@ class _ApiMixin:
         self.models = models
         self.limits = limits
         self.metrics_text = metrics_text
+        self.health_info = None
+        self.install_archive = None
         self.router = Router(routes if routes is not None else default_routes())
         self._thread = None
         self._active = 0

@@ -1,6 +1,9 @@
 """The edgeship API on the local server (``agent.api``):
 
-    GET  /healthz                      liveness and the number of models served
+    GET  /healthz                      liveness, the number of models served, and (the
+                                       agent's) MQTT state with its last contact
+    POST /v1/admin/install             {"archive": "/path.tar"}: install a signed release
+                                       archive (Unix socket only; ``agent install FILE``)
     GET  /metrics                      Prometheus text (same numbers as telemetry)
     GET  /v1/models                    every model with its signature and body caps
     GET  /v1/models/<name>             one model
@@ -27,6 +30,7 @@ unexpected is a 500 and the server keeps going.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +54,29 @@ def describe(server: Any, loaded: LoadedModel) -> dict[str, Any]:
 
 
 def healthz(server: Any, req: Request) -> Response:
-    return json_response(200, {"status": "ok", "models": len(server.models.models())})
+    doc = {"status": "ok", "models": len(server.models.models())}
+    if server.health_info is not None:  # the agent's: MQTT state and last contact
+        doc.update(server.health_info())
+    return json_response(200, doc)
+
+
+def install_archive(server: Any, req: Request) -> Response:
+    """``edgeship agent install FILE`` hands a signed release archive to the running agent
+    (the Unix socket only: the agent's user and group)."""
+    if server.install_archive is None:
+        raise HttpError(404, "no such endpoint on this listener (the agent's Unix socket "
+                             "has it)")
+    try:
+        path = json.loads(req.body(4096, "install request"))["archive"]
+    except (ValueError, KeyError, TypeError):
+        raise HttpError(400, 'the body must be {"archive": "/absolute/path.tar"}') from None
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise HttpError(400, "archive must be an absolute path")
+    try:
+        doc = server.install_archive(Path(path))
+    except EdgeshipError as e:  # not an archive, unreadable
+        raise HttpError(400, str(e)) from e
+    return json_response(200, doc)
 
 
 def metrics(server: Any, req: Request) -> Response:
@@ -182,4 +208,5 @@ ROUTES = [
     Route("POST", "/v1/models/{model}/predict", predict),
     Route("POST", "/v1/models/{model}/feedback", feedback),
     Route("GET", "/v1/models/{model}/quality", quality),
+    Route("POST", "/v1/admin/install", install_archive),
 ]

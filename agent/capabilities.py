@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -136,6 +137,15 @@ def _read(path: str) -> str:
         return ""
 
 
+def machine() -> str:
+    """The architecture of this Python's userland. 32-bit Raspberry Pi OS on a 64-bit kernel
+    says ``aarch64`` in ``uname -m`` but runs armv7l programs (and wheels)."""
+    arch = platform.machine()
+    if arch in ("aarch64", "arm64", "armv8l") and struct.calcsize("P") == 4:
+        return "armv7l"
+    return arch
+
+
 def detect_gpu() -> str | None:
     if Path("/etc/nv_tegra_release").exists() or \
             "tegra" in _read("/proc/device-tree/compatible").lower():
@@ -156,7 +166,7 @@ def detect() -> Capabilities:
     except ImportError:
         providers = ()
     return Capabilities(
-        arch=platform.machine(), cores=cores, ram_mb=parse_meminfo_mb(_read("/proc/meminfo")),
+        arch=machine(), cores=cores, ram_mb=parse_meminfo_mb(_read("/proc/meminfo")),
         cpu_model=model, cpu_features=tuple(f for f in REPORTED_FEATURES if f in flags),
         gpu=detect_gpu(), onnx_providers=providers, runtimes=available_runtimes(),
         litert_backend=litert_backend(), numpy_version=np.__version__)

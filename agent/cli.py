@@ -45,6 +45,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(func=cmd_status)
     from edgeship.agent.quality.cli import add_parsers as add_quality_parsers
     add_quality_parsers(asub)
+    from edgeship.agent.cli_install import add_install_parser
+    add_install_parser(asub)
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -144,8 +146,9 @@ def _bundle_pick(bundle: Path, chosen: Any, arch: str) -> dict[str, Any]:
 
 
 def _default_profile() -> str:
-    import platform
-    return "generic-arm64" if platform.machine() in ("aarch64", "arm64") else "generic-x86_64"
+    from edgeship.agent.capabilities import machine
+    return {"aarch64": "generic-arm64", "arm64": "generic-arm64",
+            "armv7l": "generic-armv7l"}.get(machine(), "generic-x86_64")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -186,6 +189,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --- status ----------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from edgeship.agent.client import live_status
     from edgeship.agent.config import load_config
     from edgeship.agent.update.records import RecordStore
     from edgeship.agent.store import ModelStore
@@ -200,7 +204,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     records = {r.model: {"state": r.state.value, "version": r.version, "reason": r.reason}
                for r in RecordStore(cfg.updates_dir).all()}
     doc = {"device": cfg.device_id, "models": models, "updates": records,
-           "telemetry": _spool_status(cfg), "live": _live_status(cfg)}
+           "telemetry": _spool_status(cfg), "live": live_status(cfg)}
     _emit(doc, args.json)
     return 0
 
@@ -217,22 +221,61 @@ def _spool_status(cfg: Any) -> dict[str, Any] | None:
         spool.close()
 
 
-def _live_status(cfg: Any) -> dict[str, Any] | None:
-    from edgeship.agent.client import AgentClient
-
-    url = f"unix://{cfg.api_socket_path}" if cfg.api_socket_path and \
-        cfg.api_socket_path.exists() else f"http://{cfg.api_host}:{cfg.api_port}"
-    try:
-        with AgentClient(url, timeout_s=2.0) as c:
-            return {"url": url, "health": c.health(),
-                    "serving": {m["model"]: m["version"] for m in c.models()}}
-    except (OSError, ValueError):
-        return None
-
-
 def _emit(doc: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    for key, value in doc.items():
-        print(f"{key:24} {value}")
+    for key, value in status_rows(doc):
+        print(f"{key:12} {value}")
+
+
+def status_rows(doc: dict[str, Any], now: float | None = None) -> list[tuple[str, str]]:
+    """``agent status`` as label/value rows a person reads (``--json`` has everything)."""
+    import time
+
+    now = time.time() if now is None else now
+    live = doc.get("live")
+    rows = [("device", doc["device"])]
+    if live is None:
+        rows.append(("agent", "not running (no answer on its local API)"))
+    else:
+        health = live.get("health") or {}
+        rows.append(("agent", f"running, {health.get('status', '?')}, API {live['url']}"))
+        rows.append(("mqtt", _mqtt_text(health.get("mqtt"), now)))
+    serving = (live or {}).get("serving") or {}
+    for name, m in sorted(doc["models"].items()):
+        state = "serving" if serving.get(name) == m["version"] else "installed"
+        rows.append(("model", f"{name} v{m['version']} {m['variant']} ({state})"))
+    if not doc["models"]:
+        rows.append(("model", "none installed"))
+    for name, r in sorted(doc["updates"].items()):
+        reason = f": {r['reason']}" if r.get("reason") else ""
+        rows.append(("update", f"{name} v{r['version']} {r['state']}{reason}"))
+    t = doc.get("telemetry")
+    rows.append(("telemetry", "no spool yet" if t is None else
+                 f"{t['queued']} queued, {t['dead_letters']} dead letters, "
+                 f"{t['evicted']} evicted, {t['acked']} sent"))
+    return rows
+
+
+def _mqtt_text(mqtt: dict[str, Any] | None, now: float) -> str:
+    """``{"state", "url", "last_contact", "next_retry_at", "error"}`` from /healthz."""
+    if not mqtt:
+        return "unknown (this agent does not report it)"
+    text = f"{mqtt.get('state', '?')} ({mqtt.get('url', '?')})"
+    last = mqtt.get("last_contact")
+    text += "; never reached" if last is None else f"; last contact {_ago(now - last)} ago"
+    if mqtt.get("error"):
+        text += f"; last error: {mqtt['error']}"
+    if mqtt.get("next_retry_at"):
+        text += f"; next try in {max(0.0, mqtt['next_retry_at'] - now):.0f} s"
+    return text
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -80,6 +80,11 @@ class AgentClient:
     def models(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/models")["models"]
 
+
+    def install_archive(self, path: str) -> dict[str, Any]:
+        """Hand a signed release archive to the agent (its Unix socket only)."""
+        return self._json("POST", "/v1/admin/install",
+                          json.dumps({"archive": str(path)}).encode())
     def model(self, name: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/models/{urllib.parse.quote(name)}")
 
@@ -210,3 +215,20 @@ def _message(body: bytes) -> str:
         return str(json.loads(body).get("message", body[:200]))
     except (ValueError, AttributeError):
         return body[:200].decode(errors="replace")
+
+
+def live_status(cfg: Any) -> dict[str, Any] | None:
+    """The running agent of config ``cfg`` (its Unix socket, else its TCP port): URL,
+    /healthz and what it serves; None when nothing answers."""
+    if cfg.api_socket_path and cfg.api_socket_path.exists():
+        url = f"unix://{cfg.api_socket_path}"
+    elif cfg.api_enabled:
+        url = f"http://{cfg.api_host}:{cfg.api_port}"
+    else:
+        return None
+    try:
+        with AgentClient(url, timeout_s=2.0) as c:
+            return {"url": url, "health": c.health(),
+                    "serving": {m["model"]: m["version"] for m in c.models()}}
+    except (OSError, ValueError):
+        return None

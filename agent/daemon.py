@@ -8,14 +8,15 @@ and a telemetry ticker. Serving never waits on the network.
 from __future__ import annotations
 
 import logging
-import platform
 import queue
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from edgeship.agent import __version__, protocol
-from edgeship.agent.capabilities import Capabilities, Plan, detect, plan
+from edgeship.agent.archive import ReleaseArchive
+from edgeship.agent.capabilities import Capabilities, Plan, detect, machine, plan
 from edgeship.agent.config import AgentConfig
 from edgeship.agent.errors import EdgeshipError, ProtocolError, Reason
 from edgeship.agent.health import HealthLimits
@@ -32,7 +33,7 @@ from edgeship.agent.update.download import Downloader
 from edgeship.agent.update.driver import UpdateDriver
 from edgeship.agent.update.fetcher_base import FetcherInterface
 from edgeship.agent.update.observer import NO_OBSERVER, InstallObserver
-from edgeship.agent.update.planner import Planner
+from edgeship.agent.update.planner import Do, Planner
 from edgeship.agent.update.records import RecordStore
 from edgeship.agent.update.settings import DeviceTraits, InstallSettings
 from edgeship.agent.update.steps import Steps
@@ -108,6 +109,8 @@ class Agent:
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
+        #: also told each status event (``agent install`` prints them as they happen)
+        self.report_hooks: list[Callable[[StatusEvent, dict[str, Any]], None]] = []
         self.session = MqttSession(self._session_settings(), on_message=self._on_message,
                                    on_connect=lambda: self._hand_over("connected"),
                                    loop=mqtt_loop)
@@ -157,7 +160,9 @@ class Agent:
         self.metrics = Metrics(AgentCollector(
             self.server, self.spool, lambda: self.telemetry.last_system,
             {"device": self.device, "agent_version": __version__, "profile": cfg.profile}))
-        self.local_api = LocalApi(cfg, self.server, self.metrics.text)
+        self.local_api = LocalApi(cfg, self.server, self.metrics.text,
+                                  health_info=lambda: {"mqtt": self.session.state()},
+                                  install_archive=self.install_archive)
         self.notifier = SdNotifier()
 
     @property
@@ -280,6 +285,53 @@ class Agent:
         if event == StatusEvent.SERVING:
             self.session.publish(Topics.presence(self.device), self._presence(True),
                                  retain=True)
+        for hook in self.report_hooks:
+            hook(event, fields)
+
+    # --- air-gapped updates ----------------------------------------------------------------
+
+    def install_archive(self, path: Path, *, remove_after: bool = False) -> dict[str, Any]:
+        """A signed release archive (``edgeship agent install FILE``): its version goes to
+        the update worker like an announcement, and its download reads the archive through
+        the same TUF client, checks, lifecycle, health check and rollback. What the planner
+        refuses (an older version, a blocked one) is refused here at once, reported as the
+        worker would, with the same reason code."""
+        archive = ReleaseArchive(path)  # BundleError: not a release archive
+        # the copy `agent install` left in the agent's inbox goes once it is read
+        remove_after = remove_after or path.parent == self.cfg.state_dir / "inbox"
+        model, version = archive.index.model, archive.index.version
+        steps = Planner(self.device, self.desired).plan(model, version,
+                                                        self.worker.device_view(model))
+        doc: dict[str, Any] = {"model": model, "version": version,
+                               "steps": [s.do.value for s in steps]}
+        logger.info("release archive %s: %s v%d, plan %s", path, model, version, doc["steps"])
+        if steps and steps[0].do != Do.REJECT:
+            self.updates.downloader.offer(archive, remove_after=remove_after)
+            self.worker.want(model, version)
+            return doc
+        archive.close()
+        if remove_after:
+            path.unlink(missing_ok=True)
+        if steps:  # a refusal: the worker's own report of it
+            self.worker.do(model, steps[0])
+            doc.update(reason=str(steps[0].reason), detail=steps[0].detail)
+        return doc
+
+    def install_archive_now(self, path: Path) -> tuple[str, int]:
+        """The same with no agent running (and no broker): recover, load what is installed,
+        and carry out the plan for the archive's version on this thread."""
+        if not (self.cfg.tuf_dir / "root.json").exists():
+            raise EdgeshipError(f"no pinned TUF root at {self.cfg.tuf_dir / 'root.json'}: "
+                                "provision the device first", reason_code=Reason.CONFIG_INVALID)
+        self.updates.recover()
+        self.updates.load_active()
+        archive = ReleaseArchive(path)
+        self.updates.downloader.offer(archive)
+        model, version = archive.index.model, archive.index.version
+        for step in self.worker.plan_now(model, version):
+            self.worker.do(model, step)
+        archive.close()  # (already closed when a download read it)
+        return model, version
 
     def _presence(self, online: bool) -> bytes:
         models = {}
@@ -290,7 +342,9 @@ class Agent:
         return protocol.encode("presence", {
             "device": self.device, "online": online, "ts": time.time(),
             "agent_version": __version__, "profile": self.cfg.profile,
-            "arch": platform.machine(), "api": self.api.url if online and self.api else None,
+            "arch": machine(), "api": self.api.url if online and self.api else None,
+            # what this device really has (a Jetson without NVIDIA's build: CPU only)
+            "runtimes": list(self.traits.runtimes), "providers": list(self.traits.providers),
             "models": models})
 
     def _telemetry_extra(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ Every error that can reach the fleet carries a stable ``reason_code`` (see
 
 from __future__ import annotations
 
-from enum import StrEnum
+from typing import Iterable
+
+from edgeship.common.compat import StrEnum
 
 
 class Reason(StrEnum):
@@ -135,3 +137,11 @@ class ConfigError(EdgeshipError):
 class TransitionError(ConfigError):
     """An event that does not apply in the current state of a state machine (a device's
     update, a fleet's rollout): the sender's mistake, or a damaged record."""
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -257,12 +258,23 @@ def parse_numbers(text: bytes, dtype: np.dtype) -> np.ndarray:
         return np.empty(0, dtype)
     try:
         if dtype.kind == "f":
-            values = np.fromstring(text, dtype=np.float64, sep=" ")  # noqa: NPY201
+            values = _fromstring(text, np.float64)
         else:
             values = _parse_integers(text, dtype)
     except ValueError as e:
         raise JsonTensorError(f"not a list of {dtype} numbers: {e}") from e
     return values
+
+
+def _fromstring(text: bytes, dtype: Any) -> np.ndarray:
+    """``np.fromstring(sep=" ")`` that refuses text it cannot read to its end: NumPy < 2.1
+    (Debian's 1.24, the last for Python 3.9) only warns and returns what it read so far."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            return np.fromstring(text, dtype=dtype, sep=" ")  # noqa: NPY201
+        except DeprecationWarning as e:
+            raise ValueError(str(e)) from None
 
 
 def _parse_integers(text: bytes, dtype: np.dtype) -> np.ndarray:
@@ -271,7 +283,7 @@ def _parse_integers(text: bytes, dtype: np.dtype) -> np.ndarray:
     if re.search(rb"[.eE]", text):
         raise ValueError("a number with a fraction or exponent where integers are expected")
     wide = np.uint64 if dtype == np.uint64 else np.int64
-    values = np.fromstring(text, dtype=wide, sep=" ")  # noqa: NPY201
+    values = _fromstring(text, wide)
     if wide is np.int64 and values.size and (
             values.max() == _INT64_MAX or values.min() == -_INT64_MAX - 1):
         _check_int64_range(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 from edgeship.agent.api import InferenceHTTPServer, InferenceUnixServer
@@ -36,10 +37,16 @@ def grpc_available() -> bool:
 
 class LocalApi:
     def __init__(self, cfg: AgentConfig, models: ModelServer,
-                 metrics_text: Callable[[], bytes] | None) -> None:
+                 metrics_text: Callable[[], bytes] | None, *,
+                 health_info: Callable[[], dict[str, Any]] | None = None,
+                 install_archive: Callable[[Path], dict[str, Any]] | None = None) -> None:
+        """``health_info``: extra /healthz fields (both listeners); ``install_archive``:
+        the release-archive hand-over (the Unix socket only: the agent's user and group)."""
         self.cfg = cfg
         self.models = models
         self.metrics_text = metrics_text
+        self.health_info = health_info
+        self.install_archive = install_archive
         self.limits = api_limits(cfg)
         self.tcp: InferenceHTTPServer | None = None
         self.unix: InferenceUnixServer | None = None
@@ -51,6 +58,8 @@ class LocalApi:
         if cfg.api_socket_path is not None:
             self.unix = InferenceUnixServer(cfg.api_socket_path, self.models,
                                             metrics_text=self.metrics_text, limits=self.limits)
+            self.unix.health_info = self.health_info
+            self.unix.install_archive = self.install_archive
             self.unix.start()
             logger.info("local API on %s", self.unix.url)
         if cfg.api_enabled:
@@ -66,6 +75,7 @@ class LocalApi:
             self._taken(f"{cfg.api_host}:{cfg.api_port}", e, "HTTP API",
                         self.unix.url if self.unix else None)
             return None
+        server.health_info = self.health_info
         server.start()
         logger.info("local API on %s", server.url)
         return server

@@ -20,6 +20,11 @@ GOLDEN_NAME = "golden.npz"
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 RUNTIMES = ("onnxruntime", "litert", "onnxruntime-genai")
+#: where each runtime has a build: onnxruntime (and onnxruntime-genai) have no armv7l
+#: (32-bit Arm) wheel at all; TFLite runs there through tflite-runtime
+RUNTIME_HARDWARE = {"onnxruntime": ("x86_64", "aarch64"),
+                    "onnxruntime-genai": ("x86_64", "aarch64"),
+                    "litert": ("x86_64", "aarch64", "armv7l")}
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int8-static", "int4")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
           "uint32", "int64", "uint64", "bool")

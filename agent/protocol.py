@@ -11,10 +11,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from edgeship.agent.errors import ProtocolError, Reason
+from edgeship.common.compat import StrEnum
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgeship/v1"

@@ -143,12 +143,19 @@ class LiteRtModel:
         self._fixed_batch_1 = all(sig and sig[0] == 1 for sig in signatures)
         outputs = self._interp.get_output_details()
         self._outputs = [d["index"] for d in outputs]
+        # full-integer models (converter variant tflite-int8) take and give int8/uint8
+        # tensors: float requests are quantized with the tensor's scale and zero point, and
+        # the outputs dequantized back to float32 (what the manifest and the golden say)
+        self._qin = [_quantization(d) for d in details]
+        self._qout = [_quantization(d) for d in outputs]
+        self._quantized = any(self._qin) or any(self._qout)
         c_level = getattr(self._interp, "_interpreter", None)
         # another wrapper version: use the public methods
         self._c_level = all(hasattr(c_level, m) for m in ("SetTensor", "Invoke", "GetTensor"))
         # one input, one output, C-level calls: a request at the allocated shape takes
         # ``_run_single`` (the common case: a batch of 1, or the size last resized to)
-        self._single = self._c_level and len(self._slots) == 1 and len(self._outputs) == 1
+        self._single = self._c_level and len(self._slots) == 1 and len(self._outputs) == 1 \
+            and not self._quantized
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
 
@@ -158,12 +165,18 @@ class LiteRtModel:
             if outputs is not None:
                 return outputs
         arrays = self._match(inputs)
+        if self._quantized:
+            arrays = [_quantize(a, q) for a, q in zip(arrays, self._qin)]
         first = arrays[0] if arrays else None
         batch = first.shape[0] if first is not None and first.ndim else 1
         with self._lock:
             if self._fixed_batch_1 and batch != 1:
-                return self._rows(arrays, batch)
-            return self._invoke(arrays)
+                outputs = self._rows(arrays, batch)
+            else:
+                outputs = self._invoke(arrays)
+        if self._quantized:
+            outputs = [_dequantize(o, q) for o, q in zip(outputs, self._qout)]
+        return outputs
 
     def _run_single(self, arr: np.ndarray) -> list[np.ndarray] | None:
         """set, invoke, get when ``arr`` fits the allocated input as it is; else None."""
@@ -241,6 +254,29 @@ class LiteRtModel:
         if all(n in inputs for n in self._names):
             return [inputs[n] for n in self._names]
         return list(inputs.values())  # names differ after conversion: by position
+
+
+def _quantization(detail: dict[str, Any]) -> tuple[float, int, Any] | None:
+    """(scale, zero point, dtype) of an int8/uint8 tensor with quantization, else None."""
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if detail["dtype"] in (np.int8, np.uint8) and scale:
+        return float(scale), int(zero), detail["dtype"]
+    return None
+
+
+def _quantize(arr: np.ndarray, q: tuple[float, int, Any] | None) -> np.ndarray:
+    if q is None or arr.dtype.kind != "f":
+        return arr
+    scale, zero, dtype = q
+    info = np.iinfo(dtype)
+    return np.clip(np.round(arr / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantize(arr: np.ndarray, q: tuple[float, int, Any] | None) -> np.ndarray:
+    if q is None:
+        return arr
+    scale, zero, _ = q
+    return (arr.astype(np.float32) - zero) * np.float32(scale)
 
 
 def load_runtime(runtime: str, path: Path, *, threads: int = 0,

@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from edgeship.agent.errors import BundleError
-from edgeship.agent.manifest import GOLDEN_NAME, MANIFEST_NAME, Manifest, TensorSpec, Variant
+from edgeship.agent.manifest import (GOLDEN_NAME, MANIFEST_NAME, RUNTIME_HARDWARE, Manifest,
+                                     TensorSpec, Variant)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _build_variants(tmp: Path, variants: Sequence[VariantArtifact],
         out.append(Variant(id=v.id, runtime=v.runtime, precision=v.precision,
                            file=v.file_name, sha256=sha256_file(dst),
                            size=dst.stat().st_size, metrics=dict(v.metrics),
-                           golden_atol=float(atol)))
+                           golden_atol=float(atol), hardware=RUNTIME_HARDWARE[v.runtime]))
     return tuple(out)
 
 
@@ -167,9 +168,13 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
                  variants: Sequence[VariantArtifact], golden_inputs: np.ndarray, *,
                  reference: dict[str, float] | None = None, labels: Sequence[str] = (),
                  task: str = "classification", overwrite: bool = False,
+                 signature_from: str | os.PathLike | None = None,
                  profile_samples: tuple[np.ndarray, np.ndarray | None] | None = None
                  ) -> Manifest:
     """Write a complete bundle directory at ``out_dir`` atomically; returns its manifest.
+    The input/output signature is read from ``signature_from`` (an ONNX file: the
+    converter's fp32 export), else from the first ONNX variant — a bundle of TFLite variants
+    only (a 32-bit Pi) has none.
 
     ``profile_samples``: validation inputs and labels (or None) for the reference profile
     (``converter.profile``: drift and the label-free estimate on devices)."""
@@ -181,7 +186,11 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
         raise BundleError(f"{out} already exists; choose another directory or version")
     inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
     golden = _golden_outputs(variants, inputs)
-    in_specs, out_specs = tensor_specs(variants[0].path)
+    onnx_files = [v.path for v in variants if v.runtime == "onnxruntime"]
+    if signature_from is None and not onnx_files:
+        raise BundleError("the input/output signature comes from an ONNX file: give "
+                          "signature_from (the fp32 export) for a bundle without ONNX variants")
+    in_specs, out_specs = tensor_specs(signature_from or onnx_files[0])
     profile = _profile(variants, profile_samples, in_specs, out_specs, task, labels)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the fleet server reads it as another user

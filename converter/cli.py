@@ -16,58 +16,112 @@ from typing import Sequence
 
 from edgeship.agent.errors import ConfigError, EdgeshipError
 from edgeship.agent.protocol import validate_id
+from edgeship.cliutil import error_line
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("digits", "onnx", "torch", "llm")
+#: what each source's parser lacks gets these values, so the pipeline sees one namespace
+_DEFAULTS = {"model": None, "weights": None, "input_shape": None, "calib": None, "val": None,
+             "resize": None, "layout": None, "mean": None, "std": None, "grayscale": None,
+             "prune_sparsity": None, "prune_channels": None, "student": None,
+             "finetune_epochs": None, "temperature": None, "alpha": None, "epochs": 15,
+             "seed": 0}
+_SOURCE_HELP = {
+    "digits": ("train the demo CNN on scikit-learn's digits, then convert it",
+               "  edgeship convert digits --device rpi4"),
+    "onnx": ("an ONNX file (external data next to it is fine): ONNX variants only",
+             "  edgeship convert onnx model.onnx --calib calib.npz --val val.npz"),
+    "torch": ("package.module:factory (+ --weights), a TorchScript file or a .pt2: ONNX "
+              "and TFLite variants, pruning, distillation",
+              "  edgeship convert torch pkg.mod:make_model --weights w.safetensors "
+              "--input-shape 1,3,32,32 --calib imgs/ --val val.npz\n"
+              "  edgeship convert torch model.pt2 --recipe recipe.toml"),
+    "llm": ("a decoder-only language model: a Hugging Face checkpoint directory or "
+            "module:factory returning (model, tokenizer); int4/int8 for onnxruntime-genai",
+            "  edgeship convert llm ./my-llama --heldout valid.txt --device rpi5"),
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``convert`` subcommand on an ``argparse`` subparsers object."""
+    """Register ``convert {digits,onnx,torch,llm}`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "convert", help="convert a model into gated variants (ONNX fp32/fp16/int8, TFLite)",
         description="Make ONNX (fp32 optimized, fp16, int8 dynamic, int8 static with "
                     "accuracy-aware fallback) and, from PyTorch, TFLite variants; measure "
                     "each against the source model; drop variants that fail the gate; write "
                     "DIR/{name}-v{version} (bundle), .tar, .tar.zst and .report/ "
-                    "(JSON, Markdown, PNG).",
-        epilog="examples:\n  edgeship convert digits --device rpi4\n"
-               "  edgeship convert onnx model.onnx --calib calib.npz --val val.npz\n"
-               "  edgeship convert torch pkg.mod:make_model --weights w.safetensors "
-               "--input-shape 1,3,32,32 --calib imgs/ --val val.npz\n"
-               "  edgeship convert torch model.pt2 --recipe recipe.toml\n"
-               "  edgeship convert llm ./my-llama --heldout valid.txt --device rpi5",
+                    "(JSON, Markdown, PNG). 'edgeship convert SOURCE --help' for each source.",
+        epilog="examples:\n" + "\n".join(ex for _, ex in _SOURCE_HELP.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", choices=SOURCES,
-                   help="'digits' trains the demo CNN; 'onnx' takes an ONNX file; 'torch' "
-                        "takes package.module:factory, a TorchScript file or a .pt2; 'llm' "
-                        "takes a Hugging Face checkpoint directory or module:factory "
-                        "returning (model, tokenizer)")
-    p.add_argument("model", nargs="?", default=None,
-                   help="the model (onnx/torch sources)")
-    _add_io_options(p)
-    _add_gate_options(p)
-    from edgeship.converter.llm.cli import add_llm_options
-    add_llm_options(p)
-    p.set_defaults(func=run)
+    sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    common, data, shrink = _common_options(), _data_options(), _shrink_options()
+    parents = {"digits": [common, shrink], "onnx": [common, data],
+               "torch": [common, data, shrink], "llm": [common]}
+    for source, (help_text, example) in _SOURCE_HELP.items():
+        s = sources.add_parser(source, parents=parents[source], help=help_text,
+                               description=help_text, epilog="example:\n" + example,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        _source_options(s, source)
+        own = {a.dest for a in s._actions}
+        s.set_defaults(func=run, **{k: v for k, v in _DEFAULTS.items() if k not in own})
     return p
 
 
-def _add_io_options(p: argparse.ArgumentParser) -> None:
+def _source_options(s: argparse.ArgumentParser, source: str) -> None:
+    if source == "digits":
+        s.add_argument("--epochs", type=int, default=15, help="training epochs")
+        s.add_argument("--seed", type=int, default=0, help="training/split seed")
+    elif source == "onnx":
+        s.add_argument("model", metavar="MODEL.onnx", help="the ONNX file")
+    elif source == "llm":
+        s.add_argument("model", metavar="MODEL",
+                       help="a Hugging Face checkpoint directory or module:factory")
+        from edgeship.converter.llm.cli import add_llm_options
+        add_llm_options(s)
+    else:
+        s.add_argument("model", metavar="MODEL",
+                       help="package.module:factory, a TorchScript file or a .pt2")
+        s.add_argument("--weights", default=None, help="state_dict (.pt) or .safetensors")
+        s.add_argument("--input-shape", default=None, metavar="N,C,H,W",
+                       help="example input shape")
+
+
+def _data_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--calib", default=None, metavar="DATA",
+                   help=".npy/.npz (x[, y]), an image folder or package.module:callable")
+    g.add_argument("--val", default=None, metavar="DATA",
+                   help="validation data (same forms; labels y optional)")
+    g.add_argument("--resize", default=None, metavar="H,W", help="image folders: resize")
+    g.add_argument("--layout", default=None, choices=("NCHW", "NHWC"))
+    g.add_argument("--mean", default=None, help="image folders: per-channel mean, 0..1")
+    g.add_argument("--std", default=None, help="image folders: per-channel std, 0..1")
+    g.add_argument("--grayscale", action="store_true", default=None)
+    return p
+
+
+def _shrink_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("pruning and distillation (PyTorch)")
+    g.add_argument("--prune-sparsity", type=float, default=None, metavar="S",
+                   help="unstructured magnitude pruning to sparsity S (0..1) before export")
+    g.add_argument("--prune-channels", type=float, default=None, metavar="R",
+                   help="remove fraction R of channels (torch-pruning) before export")
+    g.add_argument("--student", default=None, metavar="PKG.MOD:FACTORY",
+                   help="distil this smaller model from the source and convert it")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of fine-tune/distillation on --calib data (default: 3)")
+    g.add_argument("--temperature", type=float, default=None, help="distillation T")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="distillation weight of the teacher's soft targets (0..1)")
+    return p
+
+
+def _common_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--recipe", type=Path, default=None, metavar="TOML",
                    help="options from a TOML recipe (flags given here win)")
-    p.add_argument("--weights", default=None, help="state_dict (.pt) or .safetensors")
-    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
-                   help="example input shape (torch source)")
-    p.add_argument("--calib", default=None, metavar="DATA",
-                   help=".npy/.npz (x[, y]), an image folder or package.module:callable")
-    p.add_argument("--val", default=None, metavar="DATA",
-                   help="validation data (same forms; labels y optional)")
-    p.add_argument("--resize", default=None, metavar="H,W", help="image folders: resize")
-    p.add_argument("--layout", default=None, choices=("NCHW", "NHWC"))
-    p.add_argument("--mean", default=None, help="image folders: per-channel mean, 0..1")
-    p.add_argument("--std", default=None, help="image folders: per-channel std, 0..1")
-    p.add_argument("--grayscale", action="store_true", default=None)
     p.add_argument("--device", default=None, metavar="PROFILE",
                    help="board profile (e.g. rpi4): picks variants, threads and gates")
     p.add_argument("--variants", default=None,
@@ -77,34 +131,23 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
                    "percentile")
     p.add_argument("--no-fallback", dest="fallback", action="store_false", default=None,
                    help="no accuracy-aware INT8 fallback")
-    p.add_argument("--prune-sparsity", type=float, default=None, metavar="S",
-                   help="unstructured magnitude pruning to sparsity S (0..1) before export")
-    p.add_argument("--prune-channels", type=float, default=None, metavar="R",
-                   help="remove fraction R of channels (torch-pruning) before export")
-    p.add_argument("--student", default=None, metavar="PKG.MOD:FACTORY",
-                   help="distil this smaller model from the source and convert it")
-    p.add_argument("--finetune-epochs", type=int, default=None,
-                   help="epochs of fine-tune/distillation on --calib data (default: 3)")
-    p.add_argument("--temperature", type=float, default=None, help="distillation T")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="distillation weight of the teacher's soft targets (0..1)")
     p.add_argument("--out", type=Path, default=Path("bundles"), metavar="DIR",
                    help="parent directory of the outputs (default: %(default)s)")
     p.add_argument("--version", type=int, default=None, metavar="N",
                    help="model version, an integer >= 1 (default: 1)")
     p.add_argument("--name", default=None, help="model name (default: from the source)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (digits)")
-    p.add_argument("--seed", type=int, default=0, help="training/split seed (digits)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for latency (default: the profile's, else 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-tar", action="store_true", help="no .tar / .tar.zst")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--verbose", action="store_true", help="show error details")
+    _add_gate_options(p)
+    return p
 
 
-def _add_gate_options(p: argparse.ArgumentParser) -> None:
+def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("gates")
     p.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
                    help="gate: largest accuracy drop in points (default: profile or 1.0)")
     p.add_argument("--min-agreement", type=float, default=None,
@@ -128,6 +171,11 @@ def _apply_recipe(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace) -> tuple[str, Path]:
     if args.source != "digits" and not args.model:
         raise ConfigError(f"'convert {args.source}' needs a model argument", key="model")
+    if args.source in ("onnx", "torch") and Path(args.model).is_dir():
+        wanted = "the .onnx file" if args.source == "onnx" else \
+            "the TorchScript or .pt2 file (or package.module:factory)"
+        raise ConfigError(f"{args.model} is a directory: give {wanted} inside it",
+                          key="model")
     args.version = 1 if args.version is None else args.version
     name = validate_id(args.name or _default_name(args), "model name")
     if args.version < 1:
@@ -278,8 +326,8 @@ def _fail(args: argparse.Namespace, error: EdgeshipError, code: int) -> int:
             payload["failures"] = error.failures
         print(json.dumps(payload, indent=2))
     else:
-        print(f"edgeship convert: error: {error}", file=sys.stderr)
-    if args.verbose:
+        error_line(error)
+    if getattr(args, "verbose", False):
         logger.error("convert failed", exc_info=error)
     return code
 
@@ -351,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False)
+                        else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

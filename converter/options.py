@@ -5,11 +5,12 @@ Precedence: command-line flag > recipe > device profile > built-in default.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edgeship.agent.errors import did_you_mean
+from edgeship.common.compat import tomllib
 from edgeship.converter.errors import InputError
 from edgeship.converter.gates import Gate
 from edgeship.converter.quantize import CALIBRATION_METHODS
@@ -56,7 +57,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         items = value.items() if isinstance(value, dict) else [(key, value)]
         for k, v in items:
             if k not in RECIPE_KEYS:
-                raise InputError(f"{p}: unknown recipe key {k!r}; known: "
+                raise InputError(f"{p}: unknown recipe key {k!r}"
+                                 f"{did_you_mean(k, RECIPE_KEYS)}; known: "
                                  f"{', '.join(sorted(RECIPE_KEYS))}", key=k)
             flat[RECIPE_KEYS[k]] = v
     return flat

@@ -288,7 +288,7 @@ def _convert_core(fp32: Path, reference, calib_x, val_x, val_y, out_dir, name, v
     manifest = write_bundle(out_dir, name, version, _artifacts(candidates, reports),
                             val_x[:settings.golden_samples], reference=reference_info,
                             labels=labels, overwrite=settings.overwrite,
-                            profile_samples=(val_x, val_y))
+                            signature_from=fp32, profile_samples=(val_x, val_y))
     return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref_acc)
 
 

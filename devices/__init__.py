@@ -6,12 +6,12 @@ The agent imports this to pick a variant and a thread count; the converter to pi
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
+from edgeship.common.compat import tomllib
 from edgeship.devices.schema import DETECT, GATES, TOP_LEVEL, check_consistency, check_table
 
 

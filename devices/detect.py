@@ -12,12 +12,12 @@ features never change the answer; they are reported as warnings.
 from __future__ import annotations
 
 import os
-import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from edgeship.agent.capabilities import machine
 from edgeship.devices import Profile
 
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "armv8l": "aarch64"}
@@ -64,7 +64,7 @@ def _read(path: Path, limit_bytes: int = 256 * 1024) -> str | None:
 
 def read_host_facts(root: Path = Path("/"), arch: str | None = None) -> HostFacts:
     """Gather the facts; ``arch`` defaults to ``root/arch`` (fixtures) or ``uname -m``."""
-    arch = arch or (_read(root / "arch") or "").strip() or platform.machine()
+    arch = arch or (_read(root / "arch") or "").strip() or machine()
     arch = _ARCH_ALIASES.get(arch, arch)
     cpuinfo = _read(root / "proc/cpuinfo") or ""
     model, source = None, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgeship.agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError, did_you_mean
 from edgeship.agent.manifest import PRECISIONS, RUNTIMES
 
 ARCHES = ("x86_64", "aarch64", "armv7l")
@@ -74,7 +74,8 @@ def check_table(raw: Any, schema: dict[str, Key], source: str, prefix: str = "")
                           key=prefix.rstrip(".") or "profile")
     unknown = sorted(set(raw) - set(schema))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix + unknown[0]!r} (known: "
+        raise ConfigError(f"{source}: unknown key {prefix + unknown[0]!r}"
+                          f"{did_you_mean(unknown[0], schema)} (known: "
                           f"{', '.join(sorted(schema))})", key=prefix + unknown[0])
     out = {}
     for name, key in schema.items():

@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 
 from edgeship.agent import protocol
-from edgeship.agent.errors import EdgeshipError
+from edgeship.agent.errors import ConfigError, EdgeshipError
 from edgeship.common.mqtt import Message, MqttSession, SessionSettings
 from edgeship.agent.protocol import Topics
 
 DEMO_PROFILES = ("rpi4", "jetson-orin-nano", "generic-x86_64")
+#: written into the work directory the demo creates: only such a directory is wiped again
+WORK_MARKER = ".edgeship-demo-work-dir"
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.agents < 1:
-        print("edgeship demo: --agents must be >= 1", file=sys.stderr)
-        return 2
+        raise ConfigError("--agents must be >= 1", key="agents")
+    check_work_dir(args.work_dir)
     settings = DemoSettings(work_dir=args.work_dir.resolve(), agents=args.agents,
                             epochs=args.epochs, mqtt_url=os.environ.get("EDGESHIP_MQTT_URL"))
     result = Demo(settings, quiet=args.json).run()
@@ -64,6 +66,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         result.print_table()
     return 0 if result.ok else 1
+
+
+def check_work_dir(work: Path) -> None:
+    """The demo wipes its work directory at start: only one it made itself (the marker is
+    there), or a new or empty one — never a directory of the user's."""
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"--work-dir {work} is a file, not a directory", key="work_dir")
+    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARKER).exists():
+        raise ConfigError(f"--work-dir {work} is not empty and was not made by 'edgeship "
+                          "demo': refusing to delete it (give a new or empty directory)",
+                          key="work_dir")
 
 
 # --- observing the fleet over MQTT --------------------------------------------------------
@@ -203,8 +216,10 @@ class Demo:
 
     def _run(self) -> None:
         work = self.s.work_dir
+        check_work_dir(work)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        (work / WORK_MARKER).write_text("made by 'edgeship demo'; deleted by the next run\n")
         self.say(f"training the digits CNN ({self.s.epochs} epochs)")
         trained = self._timed("train", self._train)
         self.say(f"torch held-out accuracy {trained.test_accuracy * 100:.2f}%; converting")

@@ -119,13 +119,42 @@ def cmd_release(args: argparse.Namespace) -> int:
             registry.add_release(info.model, info.version, info.released_at, "cli")
         finally:
             registry.close()
+    exported = _export(args, info.model, info.version) if args.export else None
     if args.json:
         print(json.dumps({"model": info.model, "version": info.version,
                           "targets": list(info.targets), "released_at": info.released_at,
-                          "announced": announced}))
+                          "announced": announced,
+                          "export": _export_doc(exported) if exported else None}))
     else:
         print(f"released {info.model} v{info.version} ({len(info.targets)} targets)"
               + (f"; announced on {Topics.release(info.model)}" if announced else ""))
+        if exported:
+            print(_export_text(exported))
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace, model: str, version: int):
+    from edgeship.fleet.export import export_release
+
+    return export_release(args.repo, args.keys, model, version, args.export,
+                          valid_days=args.valid_days)
+
+
+def _export_doc(e) -> dict:
+    return {"path": str(e.path), "bytes": e.size, "expires": e.expires.isoformat(),
+            "targets": list(e.targets)}
+
+
+def _export_text(e) -> str:
+    return (f"exported {e.model} v{e.version} to {e.path} ({e.size / 1024:.1f} KiB, valid "
+            f"until {e.expires:%Y-%m-%d %H:%M} UTC): on a device, edgeship agent install "
+            f"{e.path.name} --config /etc/edgeship/agent.toml")
+
+
+@_command
+def cmd_fleet_export(args: argparse.Namespace) -> int:
+    exported = _export(args, args.model, args.version)
+    print(json.dumps(_export_doc(exported)) if args.json else _export_text(exported))
     return EXIT_OK
 
 
@@ -143,6 +172,8 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     if not (Path(args.repo) / "metadata").is_dir():
         raise ConfigError(f"--repo {args.repo} is not a repository (run 'keys init')",
                           key="repo")
+    if not getattr(args, "verbose", False):  # a server: what it does, at INFO, by default
+        logging.getLogger("edgeship").setLevel(logging.INFO)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -309,8 +340,18 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--spread-s", type=_spread_s, default=0.0,
                      help="with --mqtt: devices start fetching at a per-device offset within "
                      "this many seconds (default 0: at once)")
+    _add_export(rel)
     _add_tls(rel)
     rel.set_defaults(func=cmd_release)
+
+
+def _add_export(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--export", type=Path, metavar="FILE", required=required,
+                   help="also write the release as one signed archive for devices with no "
+                        "broker ('edgeship agent install FILE' there)")
+    p.add_argument("--valid-days", type=_bounded(int, 1, 366, "days in [1, 366]"),
+                   default=30, help="how long the archive's signed metadata stays valid "
+                   "(default 30; re-signs snapshot and timestamp in the repository)")
 
 
 def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
@@ -354,6 +395,15 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     kill.add_argument("--resume", action="store_true", help="lift the stop instead")
     kill.add_argument("--json", action="store_true", help="print JSON")
     kill.set_defaults(func=cmd_fleet_stop_release)
+    export = sub.add_parser("export", help="a released version as one signed archive for "
+                                           "devices with no broker")
+    export.add_argument("model", help="model name")
+    export.add_argument("version", type=_positive_int, help="model version")
+    export.add_argument("--repo", required=True, type=Path, help="repository directory")
+    export.add_argument("--keys", required=True, type=Path, help="directory of private keys")
+    _add_export(export, required=True)
+    export.add_argument("--json", action="store_true", help="print JSON")
+    export.set_defaults(func=cmd_fleet_export)
     from edgeship.fleet import cli_tokens
     cli_tokens.add_parsers(sub)
     status = sub.add_parser("status", help="show devices from the registry")

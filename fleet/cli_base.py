@@ -7,16 +7,13 @@ import argparse
 import functools
 import json
 import logging
-import sys
 from typing import Callable
 
-from edgeship.agent.errors import BundleError, ConfigError, EdgeshipError, ProtocolError
-from edgeship.fleet.errors import ReleaseRejectedError
+from edgeship.agent.errors import EdgeshipError
+from edgeship.cliutil import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, fail
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-_BAD_INPUT = (BundleError, ReleaseRejectedError, ConfigError, ProtocolError)
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_OK", "_command", "_models_text"]
 
 
 def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -25,17 +22,9 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except _BAD_INPUT as e:
-            return _fail(e, EXIT_BAD_INPUT)
-        except (EdgeshipError, OSError) as e:
-            return _fail(e, EXIT_FAILURE)
+        except (EdgeshipError, OSError) as e:  # edgeship: error: …, exit 2 for bad input
+            return fail(e)
     return wrapper
-
-
-def _fail(e: Exception, code: int) -> int:
-    logger.debug("command failed", exc_info=e)
-    print(f"error: {e}", file=sys.stderr)
-    return code
 
 
 def _models_text(models: object) -> str:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 from pathlib import Path
+
+from edgeship.agent.errors import ConfigError
 
 from edgeship.fleet.broker_config import refresh_acl_and_crl, write_broker_config
 from edgeship.fleet.pki import CertificateAuthority, identity_for
@@ -71,8 +73,13 @@ def _provision_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repo", type=Path, required=True, help="the fleet's TUF repository")
     p.add_argument("--out", type=Path, help="bundle directory (default: enroll/DEVICE_ID)")
     p.add_argument("--api-port", type=int, default=8470)
-    p.add_argument("--pip-spec", default="edgeship",
-                   help="what the device pip-installs on first boot (wheel URL, git URL)")
+    p.add_argument("--wheelhouse", type=Path, metavar="DIR",
+                   help="wheels for the device (edgeship + its dependencies for the board's "
+                        "platform; scripts/wheelhouse makes them): carried in the bundle, "
+                        "installed with no index, so the first boot needs no internet")
+    p.add_argument("--pip-spec", default="",
+                   help="what the device installs without a wheelhouse: a wheel URL pinned "
+                        "with #sha256=..., a git URL at a commit, or a path on the device")
     p.add_argument("--image", type=Path,
                    help="Raspberry Pi OS image, boot partition image or SD card partition: "
                         "copy the bundle and a first-boot hook onto its FAT boot partition")
@@ -95,16 +102,26 @@ def cmd_provision(args: argparse.Namespace) -> int:
     out = args.out or Path("enroll") / args.device_id
     s = EnrollmentSettings(device_id=args.device_id, profile=args.profile,
                            mqtt_url=args.broker, repo_dir=args.repo, api_port=args.api_port,
-                           pip_spec=args.pip_spec)
-    if args.image is not None and not args.image.exists():
-        print(f"edgeship: error: image {args.image} does not exist", file=sys.stderr)
-        return 2
+                           pip_spec=args.pip_spec, wheelhouse=args.wheelhouse)
+    if args.image is not None:
+        if not args.image.exists():
+            raise ConfigError(f"image {args.image} does not exist", key="image")
+        if not (args.wheelhouse or args.pip_spec):
+            raise ConfigError("--image needs --wheelhouse DIR (offline) or --pip-spec: the "
+                              "first boot must know what to install", key="image")
     bundle = build_enrollment(s, CertificateAuthority(args.ca_dir), out)
     doc = {"device_id": s.device_id, "bundle": str(bundle), "files": sorted(
         p.name for p in bundle.iterdir())}
     text = f"enrollment bundle for {s.device_id} ({s.profile}) in {bundle}"
+    if not (args.wheelhouse or args.pip_spec):
+        text += ("\nit names nothing to install: on the device run install-agent --bundle "
+                 "DIR --pip-spec WHEEL (or provision with --wheelhouse)")
     if args.image is not None:
-        method = write_boot_partition(args.image, bundle, args.method)
+        try:
+            method = write_boot_partition(args.image, bundle, args.method)
+        except BaseException:
+            shutil.rmtree(bundle, ignore_errors=True)  # all or nothing
+            raise
         doc.update(image=str(args.image), method=method)
         text += f"\nwritten onto {args.image} (/edgeship, first boot via {method})"
     return _out(args, doc, text)

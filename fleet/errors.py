@@ -15,6 +15,7 @@ class ReleaseRejectedError(EdgeshipError):
     """A bundle's model version is not newer than the newest one already released."""
 
     reason_code = Reason.ROLLBACK
+    bad_input = True  # the CLI exits 2: the bundle given is not newer
 
     def __init__(self, message: str, *, model: str, version: int, latest: int) -> None:
         super().__init__(message)

@@ -9,7 +9,9 @@ An enrollment bundle is everything one device needs to join the fleet, in one di
     root.json         the pinned TUF root (trust anchor for every model update)
     enrollment.json   what this is: device id, profile, broker, certificate serial, when
     install-agent     the installer (user, venv, config, systemd unit)
+    edgeship-agent.service  the systemd unit it installs
     firstboot.sh      runs install-agent with this bundle on the device's first boot
+    wheels/           (with a wheelhouse) edgeship and its dependencies: installs offline
 
 ``write_boot_partition`` copies it to ``/edgeship/`` on the FAT boot partition of an image
 or SD card with mtools (no root, no mount) and hooks ``firstboot.sh`` into the first boot:
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import struct
 import subprocess
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from edgeship import devices
@@ -37,13 +41,20 @@ from edgeship.fleet.pki import CertificateAuthority
 
 logger = logging.getLogger(__name__)
 
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+#: what the bundle carries from the installed package (edgeship/devices/)
+PACKAGED_FILES = {"install-agent": 0o755, "edgeship-agent.service": 0o644}
 FAT_TYPES = {0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E}
 BOOT_DIR = "edgeship"
 
 
 class ProvisionError(EdgeshipError):
     """An image or boot partition could not be written."""
+
+
+class NotABootImageError(ProvisionError):
+    """The file given as ``--image`` has no FAT boot partition."""
+
+    bad_input = True
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,42 @@ class EnrollmentSettings:
     repo_dir: Path          # the fleet's TUF repository (metadata/N.root.json)
     api_port: int = 8470
     telemetry_interval_s: float = 60.0
-    pip_spec: str = "edgeship"
+    pip_spec: str = ""      # what the device installs when there is no wheelhouse
+    wheelhouse: Path | None = None  # wheels to carry: the first boot needs no internet
     paths: DevicePaths = DevicePaths()
+
+
+def check_pip_spec(spec: str) -> str:
+    """A pip spec a device may install unattended, as root: a file on the device (an
+    absolute path), a URL pinned with ``#sha256=``, or a git URL at a full commit. A bare name
+    would install whatever an index serves that day: refused."""
+    if not spec or spec.startswith("/"):
+        return spec
+    if spec.startswith(("https://", "http://")):
+        if not re.search(r"[#&]sha256=[0-9a-fA-F]{64}(&|$)", spec):
+            raise ConfigError(f"--pip-spec {spec}: a URL must be pinned by hash "
+                              "(add #sha256=<the file's sha256>)", key="pip_spec")
+        return spec
+    if spec.startswith("git+"):
+        if not re.search(r"@[0-9a-f]{40}(#|$)", spec):
+            raise ConfigError(f"--pip-spec {spec}: a git URL must name a full commit hash "
+                              "(...@<40 hex digits>)", key="pip_spec")
+        return spec
+    raise ConfigError(f"--pip-spec {spec!r} would install from a package index without a "
+                      "hash: give --wheelhouse DIR (offline), a wheel URL with #sha256=..., "
+                      "or a git URL at a commit", key="pip_spec")
+
+
+def copy_wheelhouse(src: Path, dest: Path) -> list[str]:
+    """The ``*.whl`` files of ``src`` into ``dest``; there must be an edgeship wheel."""
+    wheels = sorted(Path(src).glob("*.whl")) if Path(src).is_dir() else []
+    if not any(w.name.startswith("edgeship-") for w in wheels):
+        raise ConfigError(f"--wheelhouse {src} has no edgeship-*.whl (scripts/wheelhouse "
+                          "makes one)", key="wheelhouse")
+    dest.mkdir()
+    for wheel in wheels:
+        shutil.copyfile(wheel, dest / wheel.name)
+    return [w.name for w in wheels]
 
 
 def agent_toml(s: EnrollmentSettings) -> str:
@@ -92,12 +137,14 @@ def latest_root(repo_dir: Path) -> Path:
 
 
 def build_enrollment(s: EnrollmentSettings, ca: CertificateAuthority, out_dir: Path) -> Path:
-    """Write the enrollment bundle of ``s.device_id`` into ``out_dir`` (must not exist)."""
+    """Write the enrollment bundle of ``s.device_id`` into ``out_dir`` (must not exist).
+    All or nothing: on any failure nothing is left behind."""
     validate_id(s.device_id)
     devices.load_profile(s.profile)  # fail early on an unknown profile
     if not s.mqtt_url.startswith("mqtts://"):
         raise ConfigError(f"mqtt_url {s.mqtt_url!r} must be mqtts://HOST:PORT: the broker "
                           "only accepts TLS with client certificates", key="mqtt_url")
+    check_pip_spec(s.pip_spec)
     root = latest_root(s.repo_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -106,26 +153,36 @@ def build_enrollment(s: EnrollmentSettings, ca: CertificateAuthority, out_dir: P
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    issued = ca.issue("device", s.device_id, tmp)
-    issued.key_path.rename(tmp / "device.key")
-    issued.cert_path.rename(tmp / "device.crt")
+    try:
+        _write_bundle(s, ca, root, tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    load_config(out_dir / "agent.toml")  # the agent itself must accept what we wrote
+    return out_dir
+
+
+def _write_bundle(s: EnrollmentSettings, ca: CertificateAuthority, root: Path,
+                  tmp: Path) -> None:
+    wheels = copy_wheelhouse(s.wheelhouse, tmp / "wheels") if s.wheelhouse else []
+    for name, mode in PACKAGED_FILES.items():
+        atomic_write(tmp / name, (resources.files("edgeship.devices") / name).read_bytes(),
+                     mode=mode)
+    atomic_write(tmp / "firstboot.sh", FIRSTBOOT_SH.encode(), mode=0o755)
     shutil.copyfile(ca.cert_path, tmp / "ca.crt")
     shutil.copyfile(root, tmp / "root.json")
     atomic_write(tmp / "agent.toml", agent_toml(s).encode())
+    issued = ca.issue("device", s.device_id, tmp)
+    issued.key_path.rename(tmp / "device.key")
+    issued.cert_path.rename(tmp / "device.crt")
     atomic_write(tmp / "enrollment.json", json.dumps({
         "device_id": s.device_id, "profile": s.profile, "mqtt_url": s.mqtt_url,
         "certificate_serial": f"{issued.serial:x}", "tuf_root": root.name,
-        "pip_spec": s.pip_spec, "config_dir": str(s.paths.config_dir),
+        "pip_spec": s.pip_spec, "wheels": wheels, "config_dir": str(s.paths.config_dir),
         "state_dir": str(s.paths.state_dir), "created_at": time.time()}, indent=2).encode())
-    for name in ("install-agent",):
-        shutil.copyfile(SCRIPTS_DIR / name, tmp / name)
-        (tmp / name).chmod(0o755)
-    atomic_write(tmp / "firstboot.sh", FIRSTBOOT_SH.encode(), mode=0o755)
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp.rename(out_dir)
-    load_config(out_dir / "agent.toml")  # the agent itself must accept what we wrote
-    return out_dir
 
 
 # --- first boot on Raspberry Pi OS ---------------------------------------------------------
@@ -139,10 +196,10 @@ marker=/var/lib/edgeship/.enrolled
 [ -e "$marker" ] && exit 0
 exec > >(tee -a /var/log/edgeship-firstboot.log) 2>&1
 echo "edgeship firstboot: $(date -u) from $here"
-for i in $(seq 1 60); do getent hosts pypi.org >/dev/null && break; sleep 5; done
-pip_spec="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pip_spec"])' \
-  "$here/enrollment.json")"
-"$here/install-agent" --bundle "$here" --pip-spec "$pip_spec"
+if [ ! -d "$here/wheels" ]; then  # no wheelhouse: pip needs the network
+  for i in $(seq 1 60); do getent hosts pypi.org >/dev/null && break; sleep 5; done
+fi
+"$here/install-agent" --bundle "$here"
 # the private key must not stay on a FAT partition anyone can read by pulling the card
 shred -u "$here/device.key" 2>/dev/null || rm -f "$here/device.key"
 mkdir -p "$(dirname "$marker")" && date -u > "$marker"
@@ -190,7 +247,8 @@ def fat_offset(image: Path) -> int:
     with open(image, "rb") as f:
         head = f.read(512)
     if len(head) < 512 or head[510:512] != b"\x55\xaa":
-        raise ProvisionError(f"{image}: no boot sector (not a FAT image or MBR disk image)")
+        raise NotABootImageError(f"{image}: no boot sector (not a FAT image or MBR disk "
+                                 "image)")
     if head[54:59] == b"FAT12" or head[54:59] == b"FAT16" or head[82:87] == b"FAT32":
         return 0
     for i in range(4):
@@ -198,7 +256,7 @@ def fat_offset(image: Path) -> int:
         ptype, lba = entry[4], struct.unpack("<I", entry[8:12])[0]
         if ptype in FAT_TYPES and lba:
             return lba * 512
-    raise ProvisionError(f"{image}: no FAT partition in the partition table")
+    raise NotABootImageError(f"{image}: no FAT partition in the partition table")
 
 
 class Mtools:

@@ -230,6 +230,8 @@ class RolloutRunner:
             return self._halt(r, verdict.reason, record)
         last = r.wave + 1 >= len(r.waves)
         self.registry.audit("fleet", "rollout.wave_passed", r.id, **record)
+        logger.info("rollout %s: wave %d/%d passed (%s)", r.id, r.wave + 1, len(r.waves),
+                    verdict.reason or "gates met")
         if last:
             return r.apply(Event.LAST_WAVE_PASSED, f"all {len(r.waves)} waves passed")
         return replace(r.apply(Event.WAVE_PASSED), wave=r.wave + 1, wave_started_at=None,
@@ -243,6 +245,8 @@ class RolloutRunner:
             baseline = {d: vars(stats[d]) for d in r.waves[r.wave] if d in stats}
         self.registry.audit("fleet", "rollout.wave_started", r.id, wave=r.wave,
                             devices=list(r.waves[r.wave]), baseline_devices=len(baseline))
+        logger.info("rollout %s: %s v%d wave %d/%d started (%d devices)", r.id, r.model,
+                    r.to_version, r.wave + 1, len(r.waves), len(r.waves[r.wave]))
         return replace(r, wave_started_at=now, baseline={**r.baseline, **baseline})
 
     def _dispatch(self, r: Rollout, now: float, hold: bool = False) -> Rollout:
@@ -261,6 +265,9 @@ class RolloutRunner:
             self._desire(r, device, r.to_version, hold=hold)
         self.registry.audit("fleet", "rollout.desired", r.id, wave=r.wave,
                             version=r.to_version, devices=due, hold=hold)
+        logger.info("rollout %s: wave %d: %s v%d sent to %d device(s)%s (%d in flight)", r.id,
+                    r.wave + 1, "staging" if hold else "install", r.to_version, len(due),
+                    "" if len(due) > 3 else ": " + ", ".join(due), in_flight + len(due))
         return replace(r, sent={**r.sent, **{d: now for d in due}})
 
     def _desire(self, r: Rollout, device: str, version: int, hold: bool = False) -> None:
@@ -297,6 +304,8 @@ class RolloutRunner:
             self._desire(r, device, r.to_version, hold=False)
         self.registry.audit("fleet", "rollout.commit", r.id, version=r.to_version,
                             devices=list(wave), held=verdict.measured["held"])
+        logger.info("rollout %s: all %d devices hold v%d: commit", r.id, len(wave),
+                    r.to_version)
         return replace(r, committed_at=now, wave_started_at=now)
 
     def _observe(self, r: Rollout) -> WaveObservation:

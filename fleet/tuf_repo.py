@@ -213,7 +213,8 @@ def _load_current(meta_dir: Path) -> _Current:
 @contextlib.contextmanager
 def _locked(repo_dir: Path) -> Iterator[None]:
     if not (repo_dir / "metadata").is_dir():
-        raise RepositoryError(f"{repo_dir} is not an edgeship repository (no metadata/)")
+        raise ConfigError(f"{repo_dir} is not an edgeship repository (no metadata/; "
+                          "'edgeship keys init' makes one)", key="repo")
     with open(repo_dir / ".lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

@@ -13,7 +13,7 @@ _apt_install() {
 }
 
 edgeship_setup() {
-  local extras="${EDGESHIP_EXTRAS:-converter,fleet,dev}"
+  local extras="${EDGESHIP_EXTRAS:-onnxruntime,converter,fleet,dev}"
   local py="${PYTHON:-python3}"
   "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     echo "edgeship: Python >= 3.11 is required ($("$py" --version 2>&1))" >&2; return 1; }
@@ -23,11 +23,12 @@ edgeship_setup() {
   fi
   local stamp=".venv/.edgeship-installed"
   local want
-  want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+  want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-$extras"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "==> installing edgeship[$extras] into .venv (first run takes a few minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[$extras]"
+    # constraints.txt pins torch to the CPU build the numbers were measured with
+    .venv/bin/python -m pip install -q -c constraints.txt $(_torch_index) -e ".[$extras]"
     echo "$want" > "$stamp"
   fi
   if [ -z "${EDGESHIP_MQTT_URL:-}" ] && ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
@@ -36,6 +37,15 @@ edgeship_setup() {
   fi
   # Debian's package may start a system broker on 1883; ours always use their own free ports.
   export PATH="$PWD/.venv/bin:$PATH:/usr/sbin"
+}
+
+# PyTorch's CPU-only wheel index when it answers within 5 s (PyPI's Linux torch pulls the
+# CUDA libraries, ~3 GB); EDGESHIP_TORCH_INDEX="" turns it off.
+_torch_index() {
+  local url="${EDGESHIP_TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
+  [ -n "$url" ] || return 0
+  if .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+      "$url/torch/" >/dev/null 2>&1; then echo "--extra-index-url $url"; fi
 }
 
 # System services the test suite runs for real (each test starts its own instance).

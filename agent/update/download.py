@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tuf.api import exceptions as tuf_exc
 
+from edgeship.agent.archive import ARCHIVE_URL, ReleaseArchive
 from edgeship.agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
 from edgeship.agent.manifest import MANIFEST_NAME, Manifest, Variant
 from edgeship.agent.protocol import StatusEvent
@@ -59,6 +60,12 @@ def tuf_reason(e: Exception) -> Reason:
     return Reason.TRANSFER_FAILED
 
 
+def _close(archive: ReleaseArchive, remove: bool) -> None:
+    archive.close()
+    if remove:
+        archive.path.unlink(missing_ok=True)
+
+
 class Downloader:
     """The download side of an update: TUF-verified metadata and targets (over MQTT or
     HTTP, resumable, by delta when one is signed), the anti-rollback floor, and checks of
@@ -75,6 +82,18 @@ class Downloader:
         self.traits = traits
         self.report = report
         self.max_model_bytes = max_model_bytes
+        #: (model, version) -> a signed release archive to read instead of the network
+        self._offered: dict[tuple[str, int], tuple[ReleaseArchive, bool]] = {}
+
+    def offer(self, archive: ReleaseArchive, *, remove_after: bool = False) -> None:
+        """The next download of the archive's model version reads it from ``archive``
+        (``edgeship agent install FILE``) through the same TUF client and checks; the
+        archive is closed (``remove_after``: and its file deleted) when that download ends."""
+        key = (archive.index.model, archive.index.version)
+        old = self._offered.pop(key, None)
+        self._offered[key] = (archive, remove_after)
+        if old is not None:
+            _close(*old)
 
     def clean_downloads(self) -> None:
         """Scratch files of the download side (called on start and after a rollback)."""
@@ -85,12 +104,14 @@ class Downloader:
             if not path.name.endswith(RESUME_SUFFIX):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
-    def _new_updater(self) -> Updater:
+    def _new_updater(self, archive: ReleaseArchive | None = None) -> Updater:
         from tuf.ngclient import Updater  # lazily: see the imports
+        base, fetcher = (ARCHIVE_URL, archive.fetcher()) if archive is not None else \
+            (self.base_url, self.fetcher)
         return Updater(metadata_dir=str(self.tuf_dir),
-                       metadata_base_url=self.base_url + "metadata/",
-                       target_base_url=self.base_url + "targets/",
-                       fetcher=self.fetcher,  # type: ignore[arg-type]  # same contract
+                       metadata_base_url=base + "metadata/",
+                       target_base_url=base + "targets/",
+                       fetcher=fetcher,  # type: ignore[arg-type]  # same contract
                        bootstrap=None)
 
     # --- trust checks, resume, deltas, stale metadata -----------------------------------
@@ -110,8 +131,9 @@ class Downloader:
             floor.raise_to(model, active.version)
         floor.check(model, version)
 
-    def _refresh(self, model: str, version: int) -> Updater:
-        updater = self._new_updater()
+    def _refresh(self, model: str, version: int,
+                 archive: ReleaseArchive | None = None) -> Updater:
+        updater = self._new_updater(archive)
         try:
             updater.refresh()
         except tuf_exc.ExpiredMetadataError as e:
@@ -121,9 +143,19 @@ class Downloader:
         return updater
 
     def download(self, model: str, version: int, staging: Path) -> tuple[Manifest, str]:
+        offered = self._offered.pop((model, version), None)
+        try:
+            return self._download(model, version, staging,
+                                  offered[0] if offered is not None else None)
+        finally:
+            if offered is not None:
+                _close(*offered)
+
+    def _download(self, model: str, version: int, staging: Path,
+                  archive: ReleaseArchive | None) -> tuple[Manifest, str]:
         try:
             self._check_floor(model, version)
-            updater = self._refresh(model, version)
+            updater = self._refresh(model, version, archive)
             manifest = Manifest.from_bytes(self._fetch_target(
                 updater, f"{model}/{version}/{MANIFEST_NAME}", staging).read_bytes())
             if manifest.model != model or manifest.version != version:

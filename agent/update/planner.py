@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
 from edgeship.agent import protocol
 from edgeship.agent.errors import Reason
+from edgeship.common.compat import StrEnum
 
 logger = logging.getLogger(__name__)
 

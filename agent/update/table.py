@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
-from enum import StrEnum
 
 from edgeship.agent.errors import TransitionError
+from edgeship.common.compat import StrEnum
 
 RECORD_SCHEMA = 2
 MAX_HISTORY = 32

@@ -46,6 +46,12 @@ class UpdateWorker:
             if self.planner.want(model, version, exact):
                 self._cv.notify()
 
+    def plan_now(self, model: str, version: int) -> list[Step]:
+        """What the worker would do for ``model`` v``version`` now (``agent install FILE``
+        with no agent running carries these steps out on its own thread)."""
+        with self._cv:
+            return self.planner.plan(model, version, self.device_view(model))
+
     def superseded(self, model: str, version: int) -> bool:
         with self._cv:
             return self.planner.superseded(model, version)
@@ -71,7 +77,7 @@ class UpdateWorker:
             if delay_s > 0 and not self._waited(model, version, delay_s):
                 continue
             with self._cv:
-                steps = self.planner.plan(model, version, self._device_view(model))
+                steps = self.planner.plan(model, version, self.device_view(model))
             for step in steps:
                 self.do(model, step)
 
@@ -84,7 +90,7 @@ class UpdateWorker:
         with self._cv:
             return self.planner.still_wanted(model, version)
 
-    def _device_view(self, model: str) -> DeviceView:
+    def device_view(self, model: str) -> DeviceView:
         d = self.driver
         record = d.records.load(model)
         return DeviceView(active=d.store.active_version(model), held=d.held_version(model),

@@ -5,11 +5,11 @@ one-line errors naming the file, the key and the bad value."""
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from edgeship.agent.errors import ConfigError
+from edgeship.agent.errors import ConfigError, did_you_mean
+from edgeship.common.compat import tomllib
 
 
 def read_toml(path: Path, section: str | None = None) -> dict[str, Any]:
@@ -33,7 +33,8 @@ def typed_values(cls: type, raw: dict[str, Any], source: str,
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}", key=unknown[0])
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}"
+                          f"{did_you_mean(unknown[0], fields)}", key=unknown[0])
     for key in required:
         if key not in raw:
             raise ConfigError(f"{source}: missing required key {key!r}", key=key)

@@ -138,6 +138,10 @@ class MqttSession:
         self._early_acks: OrderedDict[int, int] = OrderedDict()  # mid -> reason code
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.reconnects = 0
+        # what `agent status` and /healthz say about the broker (wall-clock seconds)
+        self.last_contact: float | None = None  # CONNACK or a message from the broker
+        self.next_retry_at: float | None = None
+        self.last_error: str | None = None
         self._stopping = False
         self._client = self._build_client()
         if loop is not None:
@@ -190,8 +194,7 @@ class MqttSession:
         try:
             self._client.reconnect()
         except (OSError, ssl.SSLError) as e:
-            logger.debug("MQTT connect to %s failed: %s", self.settings.url, e)
-            self._schedule_retry()
+            self._schedule_retry(str(e) or type(e).__name__)
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
@@ -273,8 +276,10 @@ class MqttSession:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            logger.warning("MQTT connect refused: %s", reason_code)
+            self.last_error = f"connect refused: {reason_code}"
+            logger.warning("MQTT connect to %s refused: %s", self.settings.url, reason_code)
             return
+        self.last_contact, self.next_retry_at, self.last_error = time.time(), None, None
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
                     self.settings.client_id)
         _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
@@ -293,17 +298,20 @@ class MqttSession:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         logger.info("MQTT disconnected: %s", reason_code)
-        self._schedule_retry()
+        self._schedule_retry(f"disconnected: {reason_code}")
 
     def _handle_connect_fail(self, client, userdata) -> None:
-        self._schedule_retry()
+        self._schedule_retry("cannot connect (broker down, unreachable, or TLS refused)")
 
-    def _schedule_retry(self) -> None:
+    def _schedule_retry(self, why: str) -> None:
         if self._stopping:
             return
         delay_s = self.backoff.next_delay_s()
         self.reconnects += 1
-        logger.debug("MQTT reconnect in %.2fs", delay_s)
+        self.last_error = why
+        self.next_retry_at = time.time() + delay_s
+        logger.warning("MQTT %s: %s; next try in %.1f s (%s)", self.settings.url, why,
+                       delay_s, time.strftime("%H:%M:%S", time.localtime(self.next_retry_at)))
         if self._loop is not None:
             self._loop.call_later(delay_s, self._connect_on_loop)
         else:
@@ -325,7 +333,17 @@ class MqttSession:
             while len(self._early_acks) > MAX_EARLY_ACKS:
                 self._early_acks.popitem(last=False)
 
+    def state(self) -> dict[str, object]:
+        """The connection as a person reads it: state, broker, last contact, next try."""
+        state = "connected" if self.connected else "stopped" if self._stopping else \
+            "waiting to retry" if self.next_retry_at else "connecting"
+        return {"state": state, "url": self.settings.url, "last_contact": self.last_contact,
+                "next_retry_at": None if self.connected else self.next_retry_at,
+                "error": None if self.connected else self.last_error,
+                "reconnects": self.reconnects}
+
     def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self.last_contact = time.time()
         props = msg.properties
         user = {}
         response_topic = correlation = None

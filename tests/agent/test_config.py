@@ -25,3 +25,11 @@ def test_bad_configs_name_the_bad_key(raw, key):
         config_from_dict(raw)
     assert err.value.key == key
     assert key in str(err.value)
+
+
+def test_an_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'api_prot' \(did you mean 'api_port'\?\)"):
+        config_from_dict({"device_id": "a", "state_dir": "/x", "api_prot": 1})
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"device_id": "a", "state_dir": "/x", "colour": "red"})
+    assert "did you mean" not in str(err.value)  # nothing close: no guess

@@ -180,13 +180,15 @@ def _bad_cases(tmp_path, data_files, good_onnx):
                               "tflite-fp32"], "need the PyTorch source"),
         "not torchscript": (["torch", str(tmp_path / "junk.onnx"), *calib],
                             "not a TorchScript file"),
+        "onnx directory": (["onnx", str(tmp_path), *calib], "is a directory"),
     }
 
 
 @pytest.mark.parametrize("case", ["not a model", "truncated", "unsupported op",
                                   "shape mismatch onnx", "shape mismatch torch",
                                   "missing calibration", "calibration file absent",
-                                  "unknown device", "tflite from onnx", "not torchscript"])
+                                  "unknown device", "tflite from onnx", "not torchscript",
+                                  "onnx directory"])
 def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, data_files,
                                                     digits_onnx_external, capsys):
     argv, expected = _bad_cases(tmp_path, data_files, digits_onnx_external)[case]
@@ -194,6 +196,6 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, data_files,
     code, out, err = _run([*argv, "--out", str(out_dir)], capsys)
     lines = err.strip().splitlines()
     assert code == 2, (out, err)
-    assert len(lines) == 1 and lines[0].startswith("edgeship convert: error:"), err
+    assert len(lines) == 1 and lines[0].startswith("edgeship: error:"), err
     assert expected in lines[0]
     assert not out_dir.exists() or list(out_dir.iterdir()) == []

@@ -12,6 +12,7 @@ pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("ai_edge_litert")
 
 from edgeship.agent.manifest import GOLDEN_NAME  # noqa: E402
+from edgeship.agent.runtime import load_runtime  # noqa: E402
 from edgeship.converter.bundle import read_bundle_dir  # noqa: E402
 from edgeship.converter.evaluate import TFLiteRunner  # noqa: E402
 from edgeship.converter.pipeline import ConvertSettings, convert_digits  # noqa: E402
@@ -33,6 +34,29 @@ def test_all_four_tflite_variants_pass_and_reproduce_their_golden_outputs(traine
             assert v.file.endswith(".tflite")
             out = TFLiteRunner(result.bundle_dir / v.file, threads=1).run_all(golden["inputs"])
             np.testing.assert_allclose(out, golden[v.id], atol=v.golden_atol, rtol=0)
+            # the agent's runtime, float32 in and out (tflite-int8 has int8 tensors inside)
+            served = load_runtime("litert", result.bundle_dir / v.file).run(
+                {"x": golden["inputs"]})[0]
+            assert served.dtype == np.float32
+            np.testing.assert_allclose(served, golden[v.id], atol=v.golden_atol, rtol=0)
             assert v.metrics["accuracy_drop"] <= 1.0
     fp32 = manifest.variant("tflite-fp32").metrics
     assert fp32["max_abs_diff"] < 1e-3 and fp32["agreement"] == 1.0
+    for v in manifest.variants:  # onnxruntime has no armv7l build; TFLite runs there
+        assert ("armv7l" in v.hardware) == (v.runtime == "litert"), v.id
+
+
+def test_a_32_bit_pi_gets_a_bundle_of_tflite_variants_only(trained, tmp_path):
+    from edgeship.agent.selection import select_variant
+    from edgeship.converter.options import plan
+
+    chosen = plan(device="rpi3-32", variants=None, threads=None, gate_overrides={},
+                  has_torch_source=True)
+    assert chosen.variants and all(v.startswith("tflite-") for v in chosen.variants)
+    result = convert_digits(tmp_path / "b", trained=trained,
+                            settings=ConvertSettings(variants=("tflite-fp32",)))
+    manifest = read_bundle_dir(result.bundle_dir)
+    assert [v.id for v in manifest.variants] == ["tflite-fp32"]
+    assert manifest.inputs[0].shape == (None, 1, 8, 8)  # from the fp32 ONNX export
+    assert select_variant(manifest, ("int8-static", "fp32"), ("litert",), "armv7l").id == \
+        "tflite-fp32"

@@ -3,6 +3,7 @@ decisions driven through a real SQLite registry with a recording publish functio
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -140,7 +141,8 @@ def _serve(reg, devices, version, p50, requests=20):
                                                "errors": 0, "latency_ms": {"p50": p50}}}})
 
 
-def test_runner_advances_passing_waves_to_done(fleet):
+def test_runner_advances_passing_waves_to_done(fleet, caplog):
+    caplog.set_level(logging.INFO, logger="edgeship.fleet")
     reg, runner, sent, stops, clock = fleet
     _serve(reg, [f"d{i}" for i in range(10)], 1, 1.0)
     r = start_rollout(reg, model="m", version=2, policy=FAST, actor="alice", group="north")
@@ -157,6 +159,9 @@ def test_runner_advances_passing_waves_to_done(fleet):
     assert seqs == sorted(seqs) and len(set(seqs)) == 10
     actions = [e["action"] for e in reg.audit_log(r.id)]
     assert actions[0] == "rollout.start" and actions.count("rollout.wave_passed") == 3
+    progress = [m for m in caplog.messages if m.startswith(f"rollout {r.id}:")]
+    assert any("wave 1/3 started (1 devices)" in m for m in progress), progress
+    assert any("wave 3/3 passed" in m for m in progress), progress
 
 
 def test_slow_first_wave_halts_or_rolls_back_per_policy(fleet):

@@ -12,6 +12,9 @@ from edgeship.devices.detect import HostFacts, detect, read_host_facts
 from edgeship.cli import main
 
 PI_FEATURES = "fp asimd evtstrm crc32 cpuid"
+# a Cortex-A53 running 32-bit Raspberry Pi OS (armv7l)
+ARMV7_FEATURES = "half thumb fastmult vfp edsp neon vfpv3 tls vfpv4 idiva idivt vfpd32 " \
+                 "lpae evtstrm crc32"
 A76_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid " \
                "asimdrdm lrcpc dcpop asimddp"
 
@@ -28,6 +31,15 @@ BOARDS = {
                    _cpuinfo(4, PI_FEATURES), 441_000, "rpi-zero-2w"),
     "pi-3b-plus": ("aarch64", "Raspberry Pi 3 Model B Plus Rev 1.3", None,
                    _cpuinfo(4, PI_FEATURES), 944_000, "rpi3b-plus"),
+    # the same boards on 32-bit Pi OS: TFLite profiles, never the onnxruntime ones
+    "pi-zero-2w-32bit": ("armv7l", "Raspberry Pi Zero 2 W Rev 1.0", None,
+                         _cpuinfo(4, ARMV7_FEATURES), 441_000, "rpi-zero-2w-32"),
+    "pi-3b-plus-32bit": ("armv7l", "Raspberry Pi 3 Model B Plus Rev 1.3", None,
+                         _cpuinfo(4, ARMV7_FEATURES), 944_000, "rpi3-32"),
+    "pi-3b-32bit": ("armv7l", "Raspberry Pi 3 Model B Rev 1.2", None,
+                    _cpuinfo(4, ARMV7_FEATURES), 944_000, "rpi3-32"),
+    "armv7-other": ("armv7l", "Some Cortex-A7 board", None, _cpuinfo(4, ARMV7_FEATURES),
+                    1_000_000, "generic-armv7l"),
     "pi-4": ("aarch64", "Raspberry Pi 4 Model B Rev 1.4", None,
              _cpuinfo(4, PI_FEATURES), 3_884_000, "rpi4"),
     "pi-400": ("aarch64", "Raspberry Pi 400 Rev 1.0", None,
@@ -98,6 +110,19 @@ def test_warns_about_small_ram_and_missing_cpu_features(tmp_path):
     assert found.profile == "rpi4"
     assert any("878 MB RAM" in w for w in found.warnings)
     assert any("crc32" in w for w in found.warnings)
+
+
+def test_a_32_bit_userland_on_a_64_bit_kernel_is_armv7l(monkeypatch):
+    import platform
+    import struct
+
+    from edgeship.agent import capabilities
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert capabilities.machine() == ("armv7l" if struct.calcsize("P") == 4 else "aarch64")
+    monkeypatch.setattr(struct, "calcsize", lambda fmt: 4)
+    assert capabilities.machine() == "armv7l"  # what 32-bit Pi OS on a Pi 4 kernel runs
+    assert read_host_facts(Path("/nonexistent")).arch == "armv7l"
 
 
 def test_unknown_arch_matches_nothing():

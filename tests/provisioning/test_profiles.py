@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from importlib import resources
 
 import pytest
@@ -11,13 +10,15 @@ import pytest
 from edgeship import devices
 from edgeship.agent.errors import ConfigError
 from edgeship.cli import main
+from edgeship.common.compat import tomllib
 
 REQUIRED_BOARDS = {"rpi-zero-2w", "rpi3b-plus", "rpi4", "rpi5", "jetson-nano",
-                   "jetson-orin-nano", "generic-x86_64", "generic-arm64"}
+                   "jetson-orin-nano", "generic-x86_64", "generic-arm64",
+                   "rpi-zero-2w-32", "rpi3-32", "generic-armv7l"}
 
 
 def _raw(name: str) -> dict:
-    return tomllib.loads((resources.files("devices") / f"{name}.toml").read_text())
+    return tomllib.loads((resources.files("edgeship.devices") / f"{name}.toml").read_text())
 
 
 def test_all_required_boards_have_valid_profiles():
@@ -26,6 +27,14 @@ def test_all_required_boards_have_valid_profiles():
         assert p.threads <= p.cores and p.model_memory_budget_mb < p.ram_mb
         assert p.thermal_throttle_c < p.thermal_limit_c
         assert "CPUExecutionProvider" in p.execution_providers
+
+
+def test_32_bit_pi_profiles_run_tflite_only():
+    """onnxruntime has no armv7l build: these profiles must not ask for it."""
+    armv7 = [p for p in devices.load_all() if p.arch == "armv7l"]
+    assert {p.name for p in armv7} == {"rpi-zero-2w-32", "rpi3-32", "generic-armv7l"}
+    for p in armv7:
+        assert p.runtimes == ("litert",), p.name
 
 
 def test_jetsons_prefer_fp16_and_list_gpu_providers_before_cpu():
@@ -41,12 +50,13 @@ def test_jetsons_prefer_fp16_and_list_gpu_providers_before_cpu():
     (lambda r: r.update(threads=16), "threads", "must be <= cores"),
     (lambda r: r.update(cores="four"), "cores", "must be a integer"),
     (lambda r: r.update(arch="mips"), "arch", "must be one of"),
-    (lambda r: r.update(preferred_precisions=["int4"]), "preferred_precisions", "'int4'"),
+    (lambda r: r.update(preferred_precisions=["int2"]), "preferred_precisions", "'int2'"),
     (lambda r: r.update(execution_providers=["CUDAExecutionProvider"]),
      "execution_providers", "must include CPUExecutionProvider"),
     (lambda r: r.update(model_memory_budget_mb=9000), "model_memory_budget_mb", "< ram_mb"),
     (lambda r: r.update(thermal_throttle_c=99.0), "thermal_throttle_c", "< thermal_limit_c"),
     (lambda r: r.update(colour="red"), "colour", "unknown key 'colour'"),
+    (lambda r: r.update(thread=4), "thread", "unknown key 'thread' (did you mean 'threads'?)"),
     (lambda r: r["gates"].update(min_agreement=1.5), "gates.min_agreement", "<= 1"),
     (lambda r: r["gates"].pop("max_accuracy_drop_points"), "gates.max_accuracy_drop_points",
      "missing"),
@@ -63,7 +73,7 @@ def test_bad_profile_is_rejected_naming_file_and_key(mutate, key, words):
 
 
 def test_profile_file_name_must_match_its_name(tmp_path):
-    text = (resources.files("devices") / "rpi4.toml").read_text()
+    text = (resources.files("edgeship.devices") / "rpi4.toml").read_text()
     path = tmp_path / "my-board.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match="my-board.toml: key 'name' must match"):

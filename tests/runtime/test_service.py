@@ -4,6 +4,7 @@ key, journal-friendly logs, and `edgeship agent status`."""
 from __future__ import annotations
 
 import configparser
+from importlib import resources
 import json
 import logging
 import os
@@ -11,14 +12,14 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from edgeship.agent.cli import _JournalFormatter
 from edgeship.agent.sdnotify import SdNotifier
 
-UNIT = Path(__file__).resolve().parents[2] / "devices" / "edgeship-agent.service"
+# the installed package's copy (the one install-agent and the wheel carry)
+UNIT = resources.files("edgeship.devices") / "edgeship-agent.service"
 
 
 def _unit() -> configparser.ConfigParser:
