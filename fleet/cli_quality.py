@@ -2,8 +2,8 @@
 from feedback (with sample counts and 95 % intervals, or "too few labels"), the drift of
 the inputs and outputs (Jensen–Shannon distance with its chance level) and the label-free
 accuracy estimate (marked as one), pooled over the devices of a cohort (group, tag,
-profile). Reads the registry directly, like ``fleet status``; errors reach the top-level
-handler (one line, exit 2 for bad input)."""
+profile). Reads the registry directly, like ``fleet status``; errors are one line (exit 2
+for bad input)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
+from edgeship.fleet.cli_base import _command
 from edgeship.fleet.db import is_url
 from edgeship.fleet.quality import MIN_LABELLED, table_rows
 from edgeship.fleet.quality_store import quality_doc
@@ -34,6 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_quality)
 
 
+@_command
 def cmd_quality(args: argparse.Namespace) -> int:
     if not is_url(args.db) and not Path(args.db).is_file():
         raise ConfigError(f"no registry at {args.db}", key="db")

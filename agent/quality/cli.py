@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeship.agent.quality.feedback import MAX_ITEMS
+from edgeship.cliutil import EXIT_BAD_INPUT, fail
 
 
 def add_parsers(asub: argparse._SubParsersAction) -> None:
@@ -89,18 +90,20 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     try:
         items = list(read_items(args.file))
         url = _url(args)
-    except (OSError, ValueError) as e:
-        print(f"edgeship: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # edgeship: error: …, exit 2
+        return fail(e, EXIT_BAD_INPUT)
     tally: Counter[str] = Counter()
     problems: list[dict[str, Any]] = []
-    with AgentClient(url) as client:
-        for start in range(0, len(items), MAX_ITEMS):
-            doc = client.feedback(args.model, items[start:start + MAX_ITEMS])
-            for r in doc["results"]:
-                tally[r["status"]] += 1
-                if r["status"] not in ("accepted", "duplicate"):
-                    problems.append(r)
+    try:
+        with AgentClient(url) as client:
+            for start in range(0, len(items), MAX_ITEMS):
+                doc = client.feedback(args.model, items[start:start + MAX_ITEMS])
+                for r in doc["results"]:
+                    tally[r["status"]] += 1
+                    if r["status"] not in ("accepted", "duplicate"):
+                        problems.append(r)
+    except OSError as e:  # no agent there: one line, exit 1
+        return fail(e)
     if args.json:
         print(json.dumps({"items": len(items), **tally, "problems": problems[:100]}, indent=2))
     else:
@@ -115,11 +118,13 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     try:
         url = _url(args)
-    except (OSError, ValueError) as e:
-        print(f"edgeship: {e}", file=sys.stderr)
-        return 2
-    with AgentClient(url) as client:
-        doc = client.quality(args.model)
+    except (OSError, ValueError) as e:  # edgeship: error: …, exit 2
+        return fail(e, EXIT_BAD_INPUT)
+    try:
+        with AgentClient(url) as client:
+            doc = client.quality(args.model)
+    except OSError as e:
+        return fail(e)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0

@@ -120,6 +120,11 @@ def test_labels_collected_offline_go_in_from_a_csv(api, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("request,truth\nx,1\n")
     assert main(["agent", "feedback", "synq", str(bad), "--api", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeship: error: ") and "'id' column" in err and err.count("\n") == 1
+    # no socket there: a missing file is bad input (exit 2), one line, no traceback
+    assert main(["agent", "quality", "synq", "--api", "unix:///nonexistent/agent.sock"]) == 2
+    assert capsys.readouterr().err.startswith("edgeship: error: ")
 
 
 def test_triton_clients_get_the_request_id_over_grpc_and_binary_http(api, tmp_path):
