@@ -209,7 +209,7 @@ def samples_needed(p_old: float = 0.98, drop: float = 0.02, margin: float = 0.00
     for label, old_n, gate_margin in (("both versions measured in the field", None, 0.0),
                                       ("previous version well measured (100k labels)",
                                        100_000, 0.0),
-                                      ("both, with the gate's default 0.5-point margin",
+                                      ("both, with max_accuracy_drop = 0.005 (default 0)",
                                        None, margin)):
         n = metrics.samples_to_detect(p_old, drop, old_n=old_n, margin=gate_margin)
         rows.append({"case": label, "samples": n,
@@ -295,7 +295,8 @@ def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict
 # --- output ---------------------------------------------------------------------------------
 
 def _print(results: dict[str, Any]) -> None:
-    print("\n1. per-request cost (best of 7-9 rounds; load noted below)")
+    if "cost" in results:
+        print("\n1. per-request cost (best of 7-9 rounds; load noted below)")
     for r in results.get("cost", ()):
         extra = f"  = {r['fraction_of_model']:.1%} of the served model's latency" \
             if "fraction_of_model" in r else ""
