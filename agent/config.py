@@ -41,6 +41,9 @@ class AgentConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    mqtt_username: str | None = None  # log in with a user name and password ...
+    mqtt_password_file: str | None = None  # ... read from this file (first line), never argv
+    mqtt_client_id: str = ""  # "" = edgeship-agent-<device_id>
     # --- agent runtime ---
     api_socket: str | None = None  # Unix socket for the local API; None = <state_dir>/api.sock, "" = off
     metrics_port: int = 0  # Prometheus endpoint on api_host; 0 = off
@@ -70,6 +73,16 @@ class AgentConfig:
     quality_window_samples: int = 2048  # live samples a drift window covers (8 blocks)
     feedback_memory_samples: int = 8192  # predictions waiting in memory for the disk
     feedback_disk_samples: int = 100_000  # predictions kept on disk for feedback (~60 B each)
+    # --- bounds and the environment's faults ---
+    max_models: int = 32  # models a device keeps; more (signed) ones: too_many_models
+    resource_retry_min_s: float = 30.0  # disk full / no descriptors: first retry after
+    resource_retry_max_s: float = 900.0  # ... doubling (jittered) up to this
+
+    def mqtt_password(self) -> str | None:
+        """The password from ``mqtt_password_file`` (its first line), read when asked."""
+        if not self.mqtt_password_file:
+            return None
+        return read_secret(self.mqtt_password_file, "mqtt_password_file")
 
     @property
     def api_socket_path(self) -> Path | None:
@@ -109,7 +122,8 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
              "spool_max_records", "spool_max_dead_letters",
              "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
              "max_update_restarts", "quality_window_samples", "feedback_memory_samples",
-             "feedback_disk_samples")
+             "feedback_disk_samples", "max_models", "resource_retry_min_s",
+             "resource_retry_max_s")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
@@ -126,7 +140,22 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
                           key="chunk_bytes")
     _check_runtime_keys(values, source)
     _check_transport(values, source)
+    if values.get("mqtt_password_file") and not values.get("mqtt_username"):
+        raise ConfigError(f"{source}: key 'mqtt_password_file' needs 'mqtt_username'",
+                          key="mqtt_username")
     return AgentConfig(**values)
+
+
+def read_secret(path: str | Path, key: str) -> str:
+    """The first line of a secret file (a password), without its line break."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{key} {path}: {e.strerror or e}", key=key) from e
+    secret = text.split("\n", 1)[0].rstrip("\r")
+    if not secret:
+        raise ConfigError(f"{key} {path}: the file is empty", key=key)
+    return secret
 
 
 def _check_transport(values: dict[str, Any], source: str) -> None:

@@ -28,6 +28,7 @@ from edgeship.agent.serving import ModelServer
 from edgeship.agent.spool import SpoolSettings
 from edgeship.agent.store import ModelStore
 from edgeship.agent.telemetry import TelemetryService, TelemetrySettings
+from edgeship.agent.trust import DesiredVerifier
 from edgeship.agent.update.desired import DesiredTracker
 from edgeship.agent.update.download import Downloader
 from edgeship.agent.update.driver import UpdateDriver
@@ -39,7 +40,8 @@ from edgeship.agent.update.settings import DeviceTraits, InstallSettings
 from edgeship.agent.update.steps import Steps
 from edgeship.agent.update.transfer import MqttFetcher, TransferClient, TransferSettings
 from edgeship.agent.update.worker import UpdateWorker
-from edgeship.common.mqtt import Message, MqttSession, SessionSettings, SharedLoop, TlsSettings
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
+from edgeship.common.mqtt_loop import SharedLoop
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +107,13 @@ class Agent:
         self.server.quality = quality_hub(cfg)
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
-        self.desired = DesiredTracker(cfg.state_dir)
+        self.desired = DesiredTracker(cfg.state_dir,
+                                      verify=DesiredVerifier(cfg.tuf_dir / "root.json",
+                                                             self.device))
         self._stop = threading.Event()
         self.dropped_messages = 0
         self.rejected_messages = 0
+        self._connected_at: float | None = None  # this connection's start, in presence
         #: also told each status event (``agent install`` prints them as they happen)
         self.report_hooks: list[Callable[[StatusEvent, dict[str, Any]], None]] = []
         self.session = MqttSession(self._session_settings(), on_message=self._on_message,
@@ -118,8 +123,12 @@ class Agent:
             chunk_bytes=cfg.chunk_bytes, request_timeout_s=cfg.transfer_timeout_s,
             max_bytes_per_s=cfg.transfer_max_bytes_per_s))
         self.updates = self._update_driver(observer)
-        self.worker = UpdateWorker(self.updates, Planner(self.device, self.desired),
-                                   self.desired, self._stop)
+        self.worker = UpdateWorker(self.updates, Planner(self.device, self.desired,
+                                                         max_models=cfg.max_models),
+                                   self.desired, self._stop,
+                                   retry_min_s=cfg.resource_retry_min_s,
+                                   retry_max_s=max(cfg.resource_retry_min_s,
+                                                   cfg.resource_retry_max_s))
         self._init_runtime_services()
         self._threads: list[threading.Thread] = []
 
@@ -179,9 +188,11 @@ class Agent:
         tls = TlsSettings(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) \
             if cfg.tls_ca_file else None
         will = (Topics.presence(self.device), self._presence(online=False), True)
-        return SessionSettings(url=cfg.mqtt_url, client_id=f"edgeship-agent-{self.device}",
+        return SessionSettings(url=cfg.mqtt_url,
+                               client_id=cfg.mqtt_client_id or f"edgeship-agent-{self.device}",
                                tls=tls, will=will, reconnect_min_s=cfg.reconnect_min_s,
-                               reconnect_max_s=cfg.reconnect_max_s)
+                               reconnect_max_s=cfg.reconnect_max_s,
+                               username=cfg.mqtt_username, password=cfg.mqtt_password())
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -199,6 +210,7 @@ class Agent:
         if self.cfg.metrics_port:
             self.metrics.serve(self.cfg.api_host, self.cfg.metrics_port)
         self.session.start([(Topics.RELEASES_FILTER, 1),
+                            (Topics.device_releases_filter(self.device), 1),
                             (Topics.transfer_response(self.device), 1),
                             (Topics.desired(self.device), 1)])
         self.telemetry.start()
@@ -259,15 +271,18 @@ class Agent:
 
     def _dispatch(self, item: Message | str) -> None:
         if item == "connected":
+            self._connected_at = time.time()  # tells the fleet this is a new connection
             self.session.publish(Topics.presence(self.device), self._presence(True),
                                  retain=True)
             self.telemetry.forwarder.wake()  # drain what piled up while offline
             return
         assert isinstance(item, Message)
         try:
-            kind = protocol.parse_topic(item.topic).kind
+            parsed = protocol.parse_topic(item.topic)
+            kind = parsed.kind
             if kind == "release":
-                self.worker.announced(protocol.ReleaseAnnouncement.from_bytes(item.payload))
+                ann = protocol.ReleaseAnnouncement.from_bytes(item.payload)
+                self.worker.announced(ann, resent=parsed.device is not None)
             elif kind == "desired":
                 self.worker.desired_state(protocol.DesiredState.from_bytes(item.payload))
         except ProtocolError as e:
@@ -345,14 +360,15 @@ class Agent:
             "arch": machine(), "api": self.api.url if online and self.api else None,
             # what this device really has (a Jetson without NVIDIA's build: CPU only)
             "runtimes": list(self.traits.runtimes), "providers": list(self.traits.providers),
-            "models": models})
+            "models": models, "connected_at": self._connected_at if online else None})
 
     def _telemetry_extra(self) -> dict[str, Any]:
         """Agent facts for each telemetry record (cheap: counters and a directory read)."""
-        updates = {r.model: {"state": r.state.value, "version": r.version}
-                   for r in self.updates.records.all()}
+        records = self.updates.records.all()[:self.cfg.max_models]  # bounded, like models
+        updates = {r.model: {"state": r.state.value, "version": r.version} for r in records}
         return {"agent_version": __version__, "profile": self.cfg.profile,
-                "updates": updates, "dropped_messages": self.dropped_messages,
+                "updates": updates, "announcements": dict(self.worker.planner.counters),
+                "dropped_messages": self.dropped_messages,
                 "rejected_messages": self.rejected_messages,
                 "mqtt": {"connected": self.session.connected,
                          "reconnects": self.session.reconnects}}

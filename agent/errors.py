@@ -6,6 +6,7 @@ Every error that can reach the fleet carries a stable ``reason_code`` (see
 
 from __future__ import annotations
 
+import errno
 from typing import Iterable
 
 from edgeship.common.compat import StrEnum
@@ -52,9 +53,43 @@ class Reason(StrEnum):
     HARDWARE_MISMATCH = "hardware_mismatch"
     RELEASE_STOPPED = "release_stopped"
     DELTA_MISMATCH = "delta_mismatch"
+    # hardening: the environment's fault (retried later, never blamed on the model)
+    DISK_FULL = "disk_full"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    # the manifest's inputs/outputs disagree with the model's own
+    MODEL_SIGNATURE_MISMATCH = "model_signature_mismatch"
+    # more models announced than a device keeps (signed, but over the bound)
+    TOO_MANY_MODELS = "too_many_models"
+    # a desired state older than one this device already follows
+    STALE_DESIRED = "stale_desired"
     # language models
     MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
     TOKEN_MISMATCH = "token_mismatch"
+
+
+#: Failures that are the environment's fault (the disk, file descriptors, memory), not the
+#: model's: the update is retried later and the version never blocked for them.
+ENVIRONMENT_FAULTS = frozenset({Reason.DISK_FULL, Reason.RESOURCE_EXHAUSTED})
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
+                               errno.EAGAIN})
+
+
+def resource_reason(error: BaseException | None) -> Reason | None:
+    """``disk_full`` / ``resource_exhausted`` when ``error`` or anything in its chain of
+    causes is an ``OSError`` of a full disk or of exhausted descriptors or memory (or a
+    ``MemoryError``); None otherwise."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError):
+            return Reason.RESOURCE_EXHAUSTED
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return Reason.DISK_FULL
+        if isinstance(error, OSError) and error.errno in _EXHAUSTED_ERRNOS:
+            return Reason.RESOURCE_EXHAUSTED
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class EdgeshipError(Exception):

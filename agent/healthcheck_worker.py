@@ -26,6 +26,7 @@ def _check(request: dict) -> dict:
     from edgeship.agent.errors import EdgeshipError
     from edgeship.agent.health import check_health
     from edgeship.agent.runtime import load_runtime
+    from edgeship.agent.signature import check_signature
     from edgeship.agent.store import ModelStore
 
     directory = Path(request["dir"])
@@ -35,6 +36,7 @@ def _check(request: dict) -> dict:
         runtime = load_runtime(installed.variant.runtime, installed.model_path,
                                threads=request["threads"],
                                providers=request["providers"] or None)
+        check_signature(runtime, installed.manifest)
         report = check_health(runtime, installed.manifest, installed.variant,
                               installed.golden_path,
                               latency_budget_ms=request["latency_budget_ms"])

@@ -8,12 +8,15 @@ This module parses and validates manifests; it does no I/O beyond what callers h
 from __future__ import annotations
 
 import json
+import math
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgeship.agent.errors import BundleError
+from edgeship.agent.errors import BundleError, ProtocolError
 from edgeship.agent.llm.spec import LlmSpec
-from edgeship.agent.protocol import SCHEMA_VERSION, validate_id
+from edgeship.agent.protocol import INT64_MAX, SCHEMA_VERSION, loads, validate_id
 
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"
@@ -127,9 +130,9 @@ class Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise BundleError(f"manifest of {len(data)} bytes exceeds {MAX_MANIFEST_BYTES}")
         try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"manifest is not JSON: {e}") from e
+            raw = loads(data)
+        except ProtocolError as e:
+            raise BundleError(f"manifest: {e}") from e
         return cls.from_dict(raw)
 
     @classmethod
@@ -142,11 +145,36 @@ class Manifest:
             raise BundleError(f"manifest field invalid: {e!r}") from e
 
 
+#: Names the agent itself uses inside a model version's directory, and the suffixes of its
+#: temp/resume/delta files: a bundle file must never be mistaken for one of them.
+RESERVED_FILE_NAMES = frozenset({"installed.json", "current", "desired.json"})
+RESERVED_SUFFIXES = (".tmp", ".resume", ".delta", ".partial")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_HARDWARE_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
+#: Control characters, line separators and invisible formatting characters such as the
+#: bidi override U+202E (``evil\u202excod.onnx`` displays as ``evildocx.onnx``).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+MAX_TENSORS = 256
+MAX_RANK = 32
+MAX_LABELS = 100_000
+
+
 def _safe_file_name(name: Any) -> str:
-    if (not isinstance(name, str) or not name or "/" in name or "\\" in name
-            or name in (".", "..") or name.startswith(".") or len(name) > 128):
-        raise BundleError(f"bad file name in manifest: {name!r}")
+    if not isinstance(name, str) or not _FILE_NAME_RE.match(name):
+        raise BundleError(f"bad file name in manifest: {name!r} (use 1-128 of "
+                          "[A-Za-z0-9_.+-], not starting with '.', '_', '+' or '-')")
+    if name in RESERVED_FILE_NAMES or name.endswith(RESERVED_SUFFIXES):
+        raise BundleError(f"file name {name!r} in manifest is reserved for the agent")
     return name
+
+
+def _text(value: Any, what: str, limit: int = 256) -> str:
+    """A display string: bounded, no control or invisible formatting characters."""
+    if not isinstance(value, str) or len(value) > limit or any(
+            unicodedata.category(c) in _UNSAFE_CATEGORIES for c in value):
+        raise BundleError(f"bad {what} in manifest: {str(value)[:80]!r} (text of at most "
+                          f"{limit} characters, no control or bidi characters)")
+    return value
 
 
 def _sha256(value: Any) -> str:
@@ -156,30 +184,76 @@ def _sha256(value: Any) -> str:
     return value
 
 
-def _size(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise BundleError(f"bad size in manifest: {value!r}")
+def _int(value: Any, what: str, low: int, high: int = INT64_MAX) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BundleError(f"bad {what} in manifest: {str(value)[:40]!r} (an integer in "
+                          f"[{low}, {high}])")
     return value
+
+
+def _size(value: Any) -> int:
+    return _int(value, "size", 1)
+
+
+def _number(value: Any, what: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite JSON number in [low, high] — never a string such as "NaN"."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or not low <= value <= high):
+        raise BundleError(f"bad {what} in manifest: {str(value)[:40]!r} (a finite number "
+                          f"in [{low}, {high}])")
+    return float(value)
+
+
+def _numbers(raw: Any, what: str) -> dict[str, float]:
+    if not isinstance(raw, dict) or len(raw) > MAX_TENSORS:
+        raise BundleError(f"bad {what} in manifest: expected an object of numbers")
+    return {_text(k, f"{what} name", 64): _number(v, f"{what} {k!r}") for k, v in raw.items()}
+
+
+def _dim(d: Any) -> int | None:
+    if d is None or d == -1 and not isinstance(d, bool):
+        return None
+    return _int(d, "shape dimension", 0)
 
 
 def _tensor(raw: dict[str, Any]) -> TensorSpec:
     if raw["dtype"] not in DTYPES:
-        raise BundleError(f"unsupported dtype {raw['dtype']!r}")
-    shape = tuple(None if d is None or d == -1 else int(d) for d in raw["shape"])
-    return TensorSpec(name=str(raw["name"]), dtype=raw["dtype"], shape=shape)
+        raise BundleError(f"unsupported dtype {str(raw['dtype'])[:40]!r}")
+    shape = raw["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise BundleError(f"bad shape in manifest: {str(shape)[:80]!r} (a list of at most "
+                          f"{MAX_RANK} dimensions: integers >= 0, or null for dynamic)")
+    return TensorSpec(name=_text(raw["name"], "tensor name", 512), dtype=raw["dtype"],
+                      shape=tuple(_dim(d) for d in shape))
+
+
+def _tensors(raw: Any, what: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_TENSORS:
+        raise BundleError(f"manifest {what} must list 1-{MAX_TENSORS} tensors")
+    specs = tuple(_tensor(t) for t in raw)
+    if len({t.name for t in specs}) != len(specs):
+        raise BundleError(f"manifest {what} repeat a tensor name")
+    return specs
+
+
+def _hardware(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 16 or not all(
+            isinstance(h, str) and _HARDWARE_RE.match(h) for h in raw):
+        raise BundleError(f"bad hardware list in manifest: {str(raw)[:80]!r}")
+    return tuple(raw)
 
 
 def _variant(raw: dict[str, Any]) -> Variant:
     if raw["runtime"] not in RUNTIMES:
-        raise BundleError(f"unknown runtime {raw['runtime']!r}")
+        raise BundleError(f"unknown runtime {str(raw['runtime'])[:40]!r}")
     if raw["precision"] not in PRECISIONS:
-        raise BundleError(f"unknown precision {raw['precision']!r}")
-    metrics = {str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()}
+        raise BundleError(f"unknown precision {str(raw['precision'])[:40]!r}")
     return Variant(id=validate_id(raw["id"], "variant id"), runtime=raw["runtime"],
                    precision=raw["precision"], file=_safe_file_name(raw["file"]),
-                   sha256=_sha256(raw["sha256"]), size=_size(raw["size"]), metrics=metrics,
-                   golden_atol=float(raw.get("golden_atol", 1e-4)),
-                   hardware=tuple(str(h) for h in raw.get("hardware", Variant.hardware)))
+                   sha256=_sha256(raw["sha256"]), size=_size(raw["size"]),
+                   metrics=_numbers(raw.get("metrics", {}), "metric"),
+                   golden_atol=_number(raw.get("golden_atol", 1e-4), "golden_atol", 0.0),
+                   hardware=_hardware(raw.get("hardware", list(Variant.hardware))))
 
 
 def _parse_manifest(raw: Any) -> Manifest:
@@ -187,12 +261,10 @@ def _parse_manifest(raw: Any) -> Manifest:
         raise BundleError("manifest is not a JSON object")
     if raw.get("schema") != SCHEMA_VERSION:
         raise BundleError(f"unsupported manifest schema {raw.get('schema')!r}")
-    version = raw["version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise BundleError(f"bad model version {version!r}")
+    version = _int(raw["version"], "model version", 1)
+    if not isinstance(raw["variants"], list) or not 1 <= len(raw["variants"]) <= 64:
+        raise BundleError("manifest must list 1-64 variants")
     variants = tuple(_variant(v) for v in raw["variants"])
-    if not variants:
-        raise BundleError("manifest lists no variants")
     ids = [v.id for v in variants]
     files = [v.file for v in variants]
     if len(set(ids)) != len(ids) or len(set(files)) != len(files):
@@ -200,14 +272,13 @@ def _parse_manifest(raw: Any) -> Manifest:
     golden = raw["golden"]
     return Manifest(
         model=validate_id(raw["model"], "model name"), version=version,
-        task=str(raw.get("task", "classification")),
-        inputs=tuple(_tensor(t) for t in raw["inputs"]),
-        outputs=tuple(_tensor(t) for t in raw["outputs"]),
+        task=_text(raw.get("task", "classification"), "task", 64),
+        inputs=_tensors(raw["inputs"], "inputs"), outputs=_tensors(raw["outputs"], "outputs"),
         variants=variants, golden_file=_safe_file_name(golden["file"]),
         golden_sha256=_sha256(golden["sha256"]), golden_size=_size(golden["size"]),
-        reference={str(k): float(v) for k, v in dict(raw.get("reference", {})).items()},
-        created_at=str(raw.get("created_at", "")),
-        labels=tuple(str(x) for x in raw.get("labels", [])),
+        reference=_numbers(raw.get("reference", {}), "reference metric"),
+        created_at=_text(raw.get("created_at", ""), "created_at", 64),
+        labels=_labels(raw.get("labels", [])),
         shadow=_shadow(raw.get("shadow")),
         llm=LlmSpec.from_dict(raw["llm"]) if raw.get("llm") is not None else None,
         profile=_profile(raw.get("profile")),
@@ -224,14 +295,21 @@ def _profile(raw: Any) -> dict[str, Any] | None:
     return raw
 
 
+def _labels(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_LABELS:
+        raise BundleError(f"manifest labels must be a list of at most {MAX_LABELS}")
+    return tuple(_text(x, "label") for x in raw)
+
+
 def _shadow(raw: Any) -> ShadowPolicy | None:
     if raw is None:
         return None
-    policy = ShadowPolicy(min_agreement=float(raw["min_agreement"]),
-                          samples=int(raw.get("samples", 100)),
-                          sample_rate=float(raw.get("sample_rate", 1.0)),
-                          timeout_s=float(raw.get("timeout_s", 600.0)))
-    if not (0 < policy.min_agreement <= 1 and 1 <= policy.samples <= 1_000_000
-            and 0 < policy.sample_rate <= 1 and policy.timeout_s > 0):
-        raise BundleError(f"bad shadow policy in manifest: {raw!r}")
+    policy = ShadowPolicy(min_agreement=_number(raw["min_agreement"], "min_agreement"),
+                          samples=_int(raw.get("samples", 100), "shadow samples", 1,
+                                       1_000_000),
+                          sample_rate=_number(raw.get("sample_rate", 1.0), "sample_rate"),
+                          timeout_s=_number(raw.get("timeout_s", 600.0), "shadow timeout_s"))
+    if not (0 < policy.min_agreement <= 1 and 0 < policy.sample_rate <= 1
+            and policy.timeout_s > 0):
+        raise BundleError(f"bad shadow policy in manifest: {str(raw)[:200]}")
     return policy

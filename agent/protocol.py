@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 512 * 1024
 
 QOS_AT_LEAST_ONCE = 1
+#: Integers on the wire (versions, seqs, offsets, counters) fit a signed 64-bit field, as
+#: in every store they land in (SQLite INTEGER, PostgreSQL BIGINT, the agent's records).
+INT64_MAX = 2**63 - 1
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -77,8 +81,18 @@ class Topics:
     def release(model: str) -> str:
         return f"{TOPIC_ROOT}/fleet/releases/{model}"
 
+    @staticmethod
+    def device_release(device: str, model: str) -> str:
+        """An announcement re-sent to one device (not retained) when it comes online."""
+        return f"{TOPIC_ROOT}/dev/{device}/releases/{model}"
+
+    @staticmethod
+    def device_releases_filter(device: str) -> str:
+        return f"{TOPIC_ROOT}/dev/{device}/releases/+"
+
     # subscription filters
     RELEASES_FILTER = f"{TOPIC_ROOT}/fleet/releases/+"
+    TRANSFER_REQUESTS = f"{TOPIC_ROOT}/transfer/req/+"
     TRANSFER_REQUESTS_SHARED = f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/transfer/req/+"
     DEVICE_PRESENCE_FILTER = f"{TOPIC_ROOT}/dev/+/presence"
     DEVICE_STATUS_FILTER = f"{TOPIC_ROOT}/dev/+/status"
@@ -103,6 +117,9 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic(rest[2], device=validate_id(rest[1]))
     if len(rest) == 4 and rest[0] == "dev" and rest[2:] == ["transfer", "resp"]:
         return ParsedTopic("transfer_resp", device=validate_id(rest[1]))
+    if len(rest) == 4 and rest[0] == "dev" and rest[2] == "releases":
+        return ParsedTopic("release", device=validate_id(rest[1]),
+                           model=validate_id(rest[3], "model name"))
     if len(rest) == 3 and rest[:2] == ["transfer", "req"]:
         return ParsedTopic("transfer_req", device=validate_id(rest[2]))
     if len(rest) == 3 and rest[:2] == ["fleet", "releases"]:
@@ -118,16 +135,46 @@ def encode(kind: str, body: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _json_int(text: str) -> int:
+    if len(text) > 20:  # before int(): a 5,000-digit literal costs, then raises
+        raise ValueError(f"integer literal of {len(text)} digits")
+    value = int(text)
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise ValueError(f"integer {value} outside the signed 64-bit range")
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is not finite")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(data: bytes | str) -> Any:
+    """Strict JSON for anything that comes from outside: integers within the signed 64-bit
+    range, finite numbers only (no NaN/Infinity), nesting bounded by the interpreter's
+    recursion limit. Every failure is a :class:`ProtocolError` (``malformed_message``)."""
+    try:
+        return json.loads(data, parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant)
+    except RecursionError as e:
+        raise ProtocolError("JSON nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the hooks' errors
+        raise ProtocolError(f"not JSON: {str(e)[:200]}") from e
+
+
 def decode(payload: bytes, *, expect_kind: str | None = None,
            max_bytes: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
     """Parse a JSON control message: size first, then JSON, then schema and kind."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds {max_bytes}",
                             reason_code=Reason.PAYLOAD_TOO_LARGE)
-    try:
-        msg = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"not JSON: {e}") from e
+    msg = loads(payload)
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object")
     schema = msg.get("schema")
@@ -202,14 +249,28 @@ def spread_delay_s(device: str, model: str, version: int, spread_s: float,
     return max(0.0, min(offset_s, released_at + offset_s - now))
 
 
+#: Signed desired states are signed over this prefix + the message (``sig`` left out,
+#: ``device`` added), so the signature can never pass for TUF metadata or another device's.
+DESIRED_SIGNING_CONTEXT = b"edgeship-desired-state-v1\n"
+
+
 @dataclass(frozen=True)
 class DesiredState:
     """Fleet → one device, retained on ``Topics.desired(device)``: 'run version N of model
-    M'. ``seq`` grows with every change the fleet makes; a device acts only on a ``seq``
-    newer than the last one it accepted, so a redelivered or out-of-order command never
-    moves it off the newest desired version. Like an announcement it is a hint: TUF still
-    decides what may be installed. Once a device has a desired state for a model it ignores
-    fleet-wide announcements for that model (the rollout decides).
+    M'. Ordered by ``(epoch, seq)``: ``seq`` grows with every change a registry makes and
+    ``epoch`` names the registry (its creation time in milliseconds; absent = 0), so a
+    recreated registry, whose ``seq`` starts again at 1, still outranks the old one. A
+    device acts only on an ``(epoch, seq)`` newer than the last one it accepted, so a
+    redelivered or out-of-order command never moves it off the newest desired version.
+    Like an announcement it is a hint: TUF still decides what may be installed. Once a
+    device has a desired state for a model it ignores fleet-wide announcements for that
+    model (the rollout decides).
+
+    ``sig`` (``(keyid, hex signature)``): a fleet server holding the repository's online
+    timestamp key signs every desired state with it (:meth:`signing_bytes`); devices check
+    it against the timestamp keys of their trusted TUF root, and once they accepted a signed
+    one they refuse unsigned ones — so nobody else on the broker can feed a device an order
+    (a huge ``seq`` or ``epoch``) that would make it ignore the fleet.
 
     ``hold`` (all-or-none rollouts): download, verify and health-check the version, report
     ``held``, but do not switch; a later command with a larger ``seq`` and no ``hold``
@@ -220,29 +281,62 @@ class DesiredState:
     seq: int
     rollout: str | None = None
     hold: bool = False
+    epoch: int = 0
+    sig: tuple[str, str] | None = None
     KIND = "desired"
 
-    def to_bytes(self) -> bytes:
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.epoch, self.seq
+
+    def _body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "version": self.version, "seq": self.seq}
         if self.rollout is not None:
             body["rollout"] = self.rollout
         if self.hold:
             body["hold"] = True
+        if self.epoch:
+            body["epoch"] = self.epoch
+        return body
+
+    def signing_bytes(self, device: str) -> bytes:
+        """What the fleet signs: the message without ``sig``, for one device."""
+        return DESIRED_SIGNING_CONTEXT + encode(self.KIND, {**self._body(), "device": device})
+
+    def to_bytes(self) -> bytes:
+        body = self._body()
+        if self.sig is not None:
+            body["sig"] = {"keyid": self.sig[0], "sig": self.sig[1]}
         return encode(self.KIND, body)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "DesiredState":
         msg = decode(payload, expect_kind=cls.KIND)
         version, seq = _require(msg, "version", int), _require(msg, "seq", int)
-        if version < 1 or seq < 1:
-            raise ProtocolError("fields 'version' and 'seq' must be >= 1")
+        epoch = msg.get("epoch", 0)
+        if version < 1 or seq < 1 or not isinstance(epoch, int) or isinstance(epoch, bool) \
+                or epoch < 0:
+            raise ProtocolError("fields 'version' and 'seq' must be >= 1, 'epoch' >= 0")
         rollout = msg.get("rollout")
         if rollout is not None and not isinstance(rollout, str):
             raise ProtocolError("field 'rollout' must be a string")
         if not isinstance(msg.get("hold", False), bool):
             raise ProtocolError("field 'hold' must be a boolean")
         return cls(model=validate_id(_require(msg, "model", str), "model name"),
-                   version=version, seq=seq, rollout=rollout, hold=msg.get("hold", False))
+                   version=version, seq=seq, rollout=rollout, hold=msg.get("hold", False),
+                   epoch=epoch, sig=_signature(msg.get("sig")))
+
+
+_HEX_RE = re.compile(r"^[0-9a-f]{1,1024}$")
+
+
+def _signature(raw: Any) -> tuple[str, str] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(
+            isinstance(raw.get(k), str) and _HEX_RE.match(raw[k]) for k in ("keyid", "sig")):
+        raise ProtocolError("field 'sig' must be {'keyid': hex, 'sig': hex}")
+    return raw["keyid"], raw["sig"]
 
 
 @dataclass(frozen=True)

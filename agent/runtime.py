@@ -12,6 +12,7 @@ import numpy as np
 
 from edgeship.agent.errors import InferenceInputError, Reason, RuntimeLoadError
 from edgeship.agent.manifest import TensorSpec
+from edgeship.agent.signature import IOSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> tuple[s
     return tuple(chosen) + ("CPUExecutionProvider",)
 
 
+_ONNX_DTYPES = {f"tensor({t})": n for t, n in (
+    ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("int8", "int8"),
+    ("uint8", "uint8"), ("int16", "int16"), ("uint16", "uint16"), ("int32", "int32"),
+    ("uint32", "uint32"), ("int64", "int64"), ("uint64", "uint64"), ("bool", "bool"))}
+
+
 class OnnxModel:
     """An onnxruntime session pinned to a thread count and the best available provider."""
 
@@ -61,6 +68,14 @@ class OnnxModel:
         self._c_run = _c_level_run(self._session)
         from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
         self._ep_fail = EPFail
+
+    def signature(self) -> tuple[tuple[IOSpec, ...], tuple[IOSpec, ...]]:
+        """The session's inputs and outputs (symbolic dimensions are dynamic)."""
+        def spec(arg: Any) -> IOSpec:
+            dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape or ())
+            return IOSpec(arg.name, _ONNX_DTYPES.get(arg.type, arg.type), dims)
+        return (tuple(spec(a) for a in self._session.get_inputs()),
+                tuple(spec(a) for a in self._session.get_outputs()))
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The session's C-level run with the output names resolved at load. With every
@@ -158,6 +173,17 @@ class LiteRtModel:
             and not self._quantized
         self._lock = threading.Lock()
         self.providers = ["litert-cpu"]
+
+    #: TFLite converters rename tensors ("serving_default_x:0"): match by position
+    signature_by_position = True
+
+    def signature(self) -> tuple[tuple[IOSpec, ...], tuple[IOSpec, ...]]:
+        def spec(d: dict) -> IOSpec:
+            dims = tuple(int(x) if x >= 0 else None
+                         for x in d.get("shape_signature", d["shape"]))
+            return IOSpec(d["name"], np.dtype(d["dtype"]).name, dims)
+        return (tuple(spec(d) for d in self._interp.get_input_details()),
+                tuple(spec(d) for d in self._interp.get_output_details()))
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._single and len(inputs) == 1:

@@ -83,3 +83,37 @@ class VersionFloor:
         if version < floor:
             raise VerificationError(f"{model} v{version} is older than v{floor}, which this "
                                     "device has installed", reason_code=Reason.ROLLBACK)
+
+
+class DesiredVerifier:
+    """Checks a desired state's signature against the timestamp keys of the device's
+    trusted TUF root (``tuf/root.json``, kept current by every metadata refresh): the key
+    the fleet server holds online. Raises :class:`VerificationError` (``bad_signature``)."""
+
+    def __init__(self, root_path: Path, device: str) -> None:
+        self.root_path = Path(root_path)
+        self.device = device
+
+    def __call__(self, desired: Any) -> None:
+        from securesystemslib.exceptions import UnverifiedSignatureError
+        from securesystemslib.signer import Signature
+        from tuf.api.metadata import Metadata
+
+        assert desired.sig is not None
+        keyid, sig = desired.sig
+        try:
+            root = Metadata.from_bytes(self.root_path.read_bytes()).signed
+            role = root.roles["timestamp"]
+        except Exception as e:  # unreadable root: refuse rather than trust
+            raise VerificationError(f"cannot read the trusted root {self.root_path}: {e}",
+                                    reason_code=Reason.METADATA_INVALID) from e
+        if keyid not in role.keyids:
+            raise VerificationError(f"desired state for {desired.model} is signed by key "
+                                    f"{keyid[:16]}, not by the fleet",
+                                    reason_code=Reason.BAD_SIGNATURE)
+        try:
+            root.keys[keyid].verify_signature(Signature(keyid, sig),
+                                              desired.signing_bytes(self.device))
+        except UnverifiedSignatureError as e:
+            raise VerificationError(f"desired state for {desired.model}: bad signature",
+                                    reason_code=Reason.BAD_SIGNATURE) from e

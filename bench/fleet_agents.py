@@ -18,7 +18,7 @@ from pathlib import Path
 from edgeship.agent.config import AgentConfig
 from edgeship.agent.daemon import Agent
 from edgeship.agent.errors import EdgeshipError
-from edgeship.common.mqtt import SharedLoop
+from edgeship.common.mqtt_loop import SharedLoop
 from tests.support.synthetic import sample_inputs
 
 

@@ -1,7 +1,7 @@
 """A light device simulator for ``scripts/bench-control``: ``count`` simulated devices in one
 process, each a real MQTT 5 client (its own connection and client id, persistent session,
 retained presence with an offline will) speaking the real protocol through
-:class:`edgeship.agent.mqtt.MqttSession` on a shared network thread:
+:class:`edgeship.common.mqtt.MqttSession` on a shared network thread:
 
 - presence (retained) on connect, telemetry every ``--telemetry-s`` with a system sample;
 - it follows a release announcement (honouring its spread) or its per-device desired
@@ -29,7 +29,8 @@ import time
 from typing import Any
 
 from edgeship.agent import protocol
-from edgeship.agent.mqtt import Message, MqttSession, SessionSettings, SharedLoop
+from edgeship.common.mqtt import Message, MqttSession, SessionSettings
+from edgeship.common.mqtt_loop import SharedLoop
 from edgeship.agent.protocol import (DesiredState, ReleaseAnnouncement, Topics,
                                      TransferRequest, spread_delay_s)
 
@@ -46,6 +47,7 @@ class SimDevice:
         self.target: int | None = None  # version being installed
         self._pending: tuple[bytes, str, Any] | None = None  # correlation, path, callback
         self._asked_at = 0.0
+        self.connected_at: float | None = None  # a new value per connection, as agents do
         will = (Topics.presence(device), self._presence(False), True)
         self.session = MqttSession(
             SessionSettings(url=url, client_id=f"edgeship-agent-{device}", clean_start=False,
@@ -66,9 +68,12 @@ class SimDevice:
         return protocol.encode("presence", {"device": self.device, "online": online,
                                             "ts": time.time(), "agent_version": "sim",
                                             "profile": "rpi4", "arch": "aarch64",
-                                            "models": models})
+                                            "models": models,
+                                            "connected_at": self.connected_at if online
+                                            else None})
 
     def _on_connect(self) -> None:
+        self.connected_at = time.time()  # the fleet catches a device up once per connection
         self.session.publish(Topics.presence(self.device), self._presence(True), retain=True)
         self.loop.call_later(random.uniform(0, self.telemetry_s), self._telemetry)
 

@@ -34,6 +34,7 @@ DEVICE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("write", f"{TOPIC_ROOT}/dev/%u/status"),
     ("write", f"{TOPIC_ROOT}/dev/%u/telemetry"),
     ("read", f"{TOPIC_ROOT}/dev/%u/desired"),
+    ("read", f"{TOPIC_ROOT}/dev/%u/releases/+"),
     ("read", f"{TOPIC_ROOT}/dev/%u/transfer/resp"),
     ("write", f"{TOPIC_ROOT}/transfer/req/%u"),
     ("read", f"{TOPIC_ROOT}/fleet/releases/+"),

@@ -26,6 +26,7 @@ from edgeship.fleet.files import fsync_dir
 logger = logging.getLogger(__name__)
 
 _COPY_BLOCK = 1024 * 1024
+BUNDLE_PREFIX = ".bundle-"  # a tar bundle is extracted into a hidden directory with this
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def open_bundle(path: Path, workdir: Path, limits: BundleLimits) -> Iterator[Loa
         return
     if not path.is_file():
         raise BundleError(f"bundle {path} not found")
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".bundle-") as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=BUNDLE_PREFIX) as tmp:
         tar = _decompressed(path, Path(tmp), limits)
         extract_tar(tar, Path(tmp), limits)
         if tar != path:

@@ -24,7 +24,8 @@ from edgeship.agent.protocol import MAX_SPREAD_S, ReleaseAnnouncement, Topics
 from edgeship.fleet.cli_base import EXIT_BAD_INPUT, EXIT_OK, _command, _models_text
 from edgeship.fleet.db import is_url
 from edgeship.fleet.registry import DeviceRecord, Registry
-from edgeship.fleet.server import FleetServer, FleetSettings
+from edgeship.fleet.mqtt_login import MqttLogin, add_login, mqtt_login
+from edgeship.fleet.server import TRANSFER_MODES, FleetServer, FleetSettings
 from edgeship.fleet.transfer import stop_release
 from edgeship.fleet.tuf_repo import (ReleaseInfo, RepoSettings, init_repository, release_bundle,
                             rotate_root)
@@ -78,12 +79,14 @@ def cmd_fleet_stop_release(args: argparse.Namespace) -> int:
 # --- release -------------------------------------------------------------------------------
 
 def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
-             tls: TlsSettings | None = None, spread_s: float = 0.0) -> None:
+             tls: TlsSettings | None = None, spread_s: float = 0.0,
+             login: MqttLogin = MqttLogin()) -> None:
     """Publish the retained announcement with a short-lived session; wait for the PUBACK.
     ``spread_s``: devices start fetching at a per-device offset within this window."""
-    session = MqttSession(SessionSettings(url=url, client_id=f"edgeship-release-"
-                                          f"{secrets.token_hex(4)}", clean_start=True,
-                                          session_expiry_s=0, tls=tls),
+    session = MqttSession(SessionSettings(url=url, client_id=login.client_id or
+                                          f"edgeship-release-{secrets.token_hex(4)}",
+                                          clean_start=True, session_expiry_s=0, tls=tls,
+                                          username=login.username, password=login.password),
                           on_message=lambda m: None)
     session.start()
     try:
@@ -102,13 +105,14 @@ def announce(url: str, info: ReleaseInfo, timeout_s: float = ANNOUNCE_TIMEOUT_S,
 @_command
 def cmd_release(args: argparse.Namespace) -> int:
     tls = _tls(args)  # bad flags are refused before anything is signed
+    login = mqtt_login(args)
     info = release_bundle(args.bundle, args.repo, args.keys,
                           RepoSettings(deltas=args.deltas,
                                        memory_budgets=_memory_budgets(args.profile)))
     announced = False
     if args.mqtt:
         try:
-            announce(args.mqtt, info, tls=tls, spread_s=args.spread_s)
+            announce(args.mqtt, info, tls=tls, spread_s=args.spread_s, login=login)
             announced = True
         except EdgeshipError as e:
             raise EdgeshipError(f"released {info.model} v{info.version} but the announcement "
@@ -117,6 +121,9 @@ def cmd_release(args: argparse.Namespace) -> int:
         registry = Registry(args.db if is_url(args.db) else Path(args.db))
         try:
             registry.add_release(info.model, info.version, info.released_at, "cli")
+            if announced:  # the fleet re-sends it to devices that were offline
+                registry.note_announcement(info.model, info.version, info.released_at,
+                                           args.spread_s)
         finally:
             registry.close()
     exported = _export(args, info.model, info.version) if args.export else None
@@ -172,22 +179,27 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     if not (Path(args.repo) / "metadata").is_dir():
         raise ConfigError(f"--repo {args.repo} is not a repository (run 'keys init')",
                           key="repo")
+    login = mqtt_login(args)
     if not getattr(args, "verbose", False):  # a server: what it does, at INFO, by default
         logging.getLogger("edgeship").setLevel(logging.INFO)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = FleetServer(FleetSettings(mqtt_url=args.mqtt, repo_dir=Path(args.repo),
+                                       client_id=login.client_id, username=login.username,
+                                       password=login.password, transfers=args.transfers,
                                        db_path=args.db if is_url(args.db) else Path(args.db),
                                        http_port=args.http_port, http_host=args.http_host,
                                        http=_web_settings(args),
                                        workers=args.workers,
                                        max_transfers=args.max_transfers,
+                                       max_transfers_per_device=args.max_transfers_per_device,
                                        max_device_bytes_per_s=args.max_device_bytes_per_s,
                                        keys_dir=Path(args.keys) if args.keys else None,
                                        tls=_tls(args)))
     server.start()
-    print(f"fleet server serving {args.repo} on {args.mqtt}", flush=True)
+    print(f"fleet server {server.client_id} serving {args.repo} on {args.mqtt} (transfer "
+          f"requests: {server.transfer_mode or 'once connected'})", flush=True)
     stop.wait()
     server.stop()
     return EXIT_OK
@@ -342,6 +354,7 @@ def _add_release(subparsers: argparse._SubParsersAction) -> None:
                      "this many seconds (default 0: at once)")
     _add_export(rel)
     _add_tls(rel)
+    add_login(rel)
     rel.set_defaults(func=cmd_release)
 
 
@@ -382,10 +395,18 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-transfers", type=_positive_int, default=200,
                        help="concurrent target transfers; more are answered 503 and the "
                        "devices retry with backoff (default 200)")
+    serve.add_argument("--max-transfers-per-device", type=_positive_int, default=2,
+                       help="transfers one device may hold open; its next one replaces its "
+                       "least recently active (default 2)")
     serve.add_argument("--max-device-bytes-per-s", type=_non_negative_int, default=0,
                        help="byte-rate cap per device, enforced by this server (answers are "
                        "paced); 0 = unlimited (default)")
+    serve.add_argument("--transfers", choices=TRANSFER_MODES, default="auto",
+                       help="auto: through a shared subscription when the broker has one, "
+                       "else split by device between the fleet servers sharing --db; split: "
+                       "always split; off: none (devices use transport = \"http\")")
     _add_tls(serve)
+    add_login(serve, client_id=True)
     serve.set_defaults(func=cmd_fleet_serve)
     kill = sub.add_parser("stop-release",
                           help="kill switch: stop all transfers of a release")

@@ -9,17 +9,21 @@ Typical first day::
     edgeship provision pi-0001 --profile rpi4 --broker mqtts://broker.example.com:8883 \\
         --ca-dir fleet-ca --repo repo --out enroll/pi-0001 --image 2024-raspios-lite.img
     edgeship broker revoke pi-0001 --ca-dir fleet-ca --config-dir /etc/mosquitto/edgeship
+
+Another broker (EMQX, HiveMQ, a cluster ...): ``edgeship broker check mqtt://host:1883``
+says whether edgeship runs on it and how.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
-
+from edgeship.common.mqtt import BrokerAddress
 from edgeship.fleet.broker_config import refresh_acl_and_crl, write_broker_config
 from edgeship.fleet.pki import CertificateAuthority, identity_for
 from edgeship.fleet.provision import EnrollmentSettings, build_enrollment, write_boot_partition
@@ -61,6 +65,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _ca_dir(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_certs)
+    _check_parser(bsub)
+
+
+def _check_parser(bsub: argparse._SubParsersAction) -> None:
+    from edgeship.fleet.cli import _add_tls
+    from edgeship.fleet.mqtt_login import add_login
+    p = bsub.add_parser("check", help="probe a broker for the MQTT 5 features edgeship uses "
+                        "and say how edgeship will run on it (exit 1: it cannot)")
+    p.add_argument("url", metavar="URL", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--also", metavar="URL", help="another node of the same cluster: every "
+                   "probe message is received there")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="wait per probe (default 5)")
+    p.add_argument("--json", action="store_true")
+    _add_tls(p)
+    add_login(p)
+    p.set_defaults(func=cmd_check)
 
 
 def _provision_parser(sub: argparse._SubParsersAction) -> None:
@@ -175,3 +195,51 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from edgeship.fleet.broker_check import CheckSettings, check_broker
+    from edgeship.fleet.cli import _command, _tls
+    from edgeship.fleet.mqtt_login import mqtt_login
+
+    @_command
+    def run(args: argparse.Namespace) -> int:
+        login = mqtt_login(args, args.url)
+        for url in filter(None, (args.url, args.also)):
+            BrokerAddress.parse(url)  # a bad URL is bad input (exit 2)
+        settings = CheckSettings(url=args.url, other_url=args.also, username=login.username,
+                                 password=login.password, tls=_tls(args),
+                                 timeout_s=args.timeout_s)
+        mqtt_log = logging.getLogger("edgeship.common.mqtt")
+        level = mqtt_log.level
+        if not getattr(args, "verbose", False):  # the table says it; no reconnect chatter
+            mqtt_log.setLevel(logging.CRITICAL)
+        try:
+            report = check_broker(settings)
+        finally:
+            mqtt_log.setLevel(level)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            _print_check(report, args.also)
+        return 0 if report.usable else 1
+    return run(args)
+
+
+def _print_check(report, also: str | None, width: int | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(width=width)
+    table = Table(title=f"{report.url}" + (f" (received on {also})" if also else ""))
+    for col in ("feature", "result", "detail"):
+        table.add_column(col)
+    for c in report.checks:
+        mark = {True: "yes", False: "NO" if c.required else "no", None: "-"}[c.ok]
+        table.add_row(c.feature + (" *" if c.required else ""), mark, c.detail)
+    console.print(table)
+    console.print("* required by edgeship")
+    if report.fatal:
+        console.print("edgeship cannot run on this broker: " + "; ".join(report.fatal))
+        return
+    for line in report.mode:
+        console.print(f"mode: {line}")

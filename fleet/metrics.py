@@ -38,6 +38,8 @@ class FleetCollector:
                                 ("requests_served", "Transfer chunks served"),
                                 ("transfer_errors", "Transfer requests answered with an error"),
                                 ("records", "Device reports stored"),
+                                ("malformed", "Messages refused as malformed"),
+                                ("busy", "Transfer requests answered 503 (slot caps)"),
                                 ("dropped", "Messages dropped (queue full)"),
                                 ("reports_dropped", "Device reports dropped (registry "
                                  "writer behind)")):

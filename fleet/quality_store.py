@@ -1,4 +1,4 @@
-"""The registry's quality reports (table ``quality_reports``, migration 0003): one row per
+"""The registry's quality reports (table ``quality_reports``, migration 0005): one row per
 device, model and telemetry record, written with the telemetry; the reads the rollout
 gates, the dashboard, the CLI and ``/metrics`` use. Pooling and judging are pure
 (``fleet.quality``, ``fleet.quality_gates``)."""

@@ -130,6 +130,23 @@ class Registry(RegistryReads):
         self.db = Database(target, busy_timeout_s=settings.busy_timeout_s,
                            pool_size=settings.pool_size)
         self.quality = QualityStore(self.db)
+        self._epoch: int | None = None
+
+    @property
+    def epoch(self) -> int:
+        """This registry's epoch, fixed the first time it is asked for (by the first fleet
+        server that publishes a desired state): then-time in ms. Desired states carry it,
+        so a recreated registry outranks the one it replaced."""
+        if self._epoch is None:
+            self._epoch = self._read_epoch()
+        return self._epoch
+
+    def _read_epoch(self) -> int:
+        with self.db.write() as conn:
+            conn.execute(self.db.upsert(t.meta, {"key": "epoch", "value": str(
+                max(1, int(self._clock() * 1000)))}, ["key"]))
+            return int(conn.execute(select(t.meta.c.value).where(
+                t.meta.c.key == "epoch")).scalar_one())
 
     def now(self) -> float:
         """The registry's clock (what its timestamps are in)."""
@@ -332,6 +349,55 @@ class Registry(RegistryReads):
         with self.db.write() as conn:
             conn.execute(t.leases.delete().where(t.leases.c.name == name,
                                                  t.leases.c.holder == holder))
+
+    # --- fleet servers sharing this registry (see fleet.membership) ------------------------
+
+    def join_member(self, member: str, ttl_s: float) -> float:
+        """(Re)join as a live fleet server from now on; returns ``since``."""
+        now = self._clock()
+        with self.db.write() as conn:
+            conn.execute(self.db.upsert(
+                t.fleet_members, {"id": member, "since": now, "leaves_at": None,
+                                  "expires_at": now + ttl_s},
+                ["id"], ["since", "leaves_at", "expires_at"]))
+        return now
+
+    def renew_member(self, member: str, ttl_s: float) -> bool:
+        """Push ``member``'s expiry to now + ``ttl_s``; False when its row is gone."""
+        c = t.fleet_members.c
+        with self.db.write() as conn:
+            done = conn.execute(t.fleet_members.update().where(c.id == member)
+                                .values(expires_at=self._clock() + ttl_s))
+        return done.rowcount > 0
+
+    def leave_member(self, member: str, leaves_at: float) -> None:
+        with self.db.write() as conn:
+            conn.execute(t.fleet_members.update().where(t.fleet_members.c.id == member)
+                         .values(leaves_at=leaves_at))
+
+    def members(self, forget_after_s: float = 3600.0) -> list[tuple[str, float, float | None,
+                                                                    float]]:
+        """(id, since, leaves_at, expires_at) of every fleet server seen lately."""
+        c = t.fleet_members.c
+        with self.db.write() as conn:
+            conn.execute(t.fleet_members.delete().where(
+                c.expires_at < self._clock() - forget_after_s))
+            rows = conn.execute(select(c.id, c.since, c.leaves_at, c.expires_at)
+                                .order_by(c.id)).all()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # --- fleet-wide announcements (re-sent to devices that come back online) ---------------
+
+    def note_announcement(self, model: str, version: int, released_at: float,
+                          spread_s: float = 0.0) -> None:
+        """Remember the newest announced version of ``model`` (an older one never wins)."""
+        c = t.announcements.c
+        with self.db.write() as conn:
+            conn.execute(self.db.upsert(
+                t.announcements, {"model": model, "version": version,
+                                  "released_at": released_at, "spread_s": spread_s},
+                ["model"], ["version", "released_at", "spread_s"],
+                where=lambda x: c.version <= x.version))
 
     # --- rollouts and audit ----------------------------------------------------------------
 

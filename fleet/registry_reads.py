@@ -313,6 +313,12 @@ class RegistryReads:
             stmt = stmt.where(c.model == model)
         return [tuple(r) for r in self._rows(stmt.order_by(c.model, c.version))]
 
+    def announcements(self) -> list[tuple[str, int, float, float]]:
+        """(model, version, released_at, spread_s) of the newest announcement per model."""
+        c = t.announcements.c
+        return [(r[0], r[1], r[2], r[3]) for r in self._rows(
+            select(c.model, c.version, c.released_at, c.spread_s).order_by(c.model))]
+
     # --- rollouts and audit ----------------------------------------------------------------
 
     def rollout(self, rollout_id: str) -> dict[str, Any] | None:

@@ -106,6 +106,25 @@ api_tokens = Table(
     Column("expires_at", Float), Column("revoked_at", Float), Column("last_used_at", Float),
 )
 
+fleet_members = Table(  # fleet servers sharing this registry (fleet.membership)
+    "fleet_members", metadata,
+    Column("id", Text, primary_key=True), Column("since", Float, nullable=False),
+    Column("leaves_at", Float),  # announced leave; None while it stays
+    Column("expires_at", Float, nullable=False),
+)
+
+announcements = Table(  # the newest announcement per model (re-sent to returning devices)
+    "announcements", metadata,
+    Column("model", Text, primary_key=True), Column("version", Integer, nullable=False),
+    Column("released_at", Float, nullable=False),
+    Column("spread_s", Float, nullable=False, server_default="0"),
+)
+
+meta = Table(  # registry-wide facts: "epoch" (creation time in ms, orders desired states)
+    "meta", metadata,
+    Column("key", Text, primary_key=True), Column("value", Text, nullable=False),
+)
+
 quality_reports = Table(
     "quality_reports", metadata, _id(),
     Column("device", Text, nullable=False), Column("ts", Float, nullable=False),

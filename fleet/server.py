@@ -6,6 +6,12 @@ answer transfer requests with raw chunk bytes on the request's ResponseTopic; on
 thread stores presence/status/telemetry in the registry, a batch per transaction, so a
 slow database never holds up transfers. A malformed message is counted and logged, never
 fatal.
+
+Several fleet servers may share one registry (docs/scaling.md). Transfer requests reach
+them through a shared subscription when the broker has one (CONNACK
+``SharedSubscriptionAvailable``, no 0x9E refusal); otherwise each subscribes to all of them
+and answers only the devices it owns (:mod:`fleet.membership`). Reports are stored, and a
+device coming online is caught up (:mod:`fleet.catch_up`), by its owner only.
 """
 
 from __future__ import annotations
@@ -16,27 +22,37 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from edgeship.agent.errors import EdgeshipError, ProtocolError
-from edgeship.common.mqtt import Message, MqttSession, SessionSettings, TlsSettings
-from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, TOPIC_ROOT, DesiredState, ReleaseAnnouncement, Topics,
+from edgeship.agent.errors import ConfigError, EdgeshipError, ProtocolError
+from edgeship.common.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
+                                  SessionSettings, TlsSettings)
+from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, TOPIC_ROOT, DesiredState,
+                                     ReleaseAnnouncement, Topics,
                             TransferRequest, decode, parse_topic, transfer_props)
-from edgeship.fleet.registry import Registry
+from edgeship.fleet.catch_up import Arrivals, catch_up, running_versions
+from edgeship.fleet.membership import Membership, MembershipSettings
+from edgeship.fleet.registry import Registry, presence_online
 from edgeship.fleet.rollout_runner import RolloutRunner
 from edgeship.fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
                             DeviceRateLimits, Pacer, StoppedReleases, TransferGate,
                             read_chunk, release_of,
                             stop_release)
-from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, refresh_timestamp
+from edgeship.fleet.tuf_repo import ReleaseInfo, RepoSettings, online_signer, refresh_timestamp
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
 _DEVICE_TOPICS = f"{TOPIC_ROOT}/dev/"  # .../dev/<id>/presence|status|telemetry
 _REPORT_SUFFIXES = ("/presence", "/status", "/telemetry")
+
+#: ``FleetSettings.transfers``: "auto" = a shared subscription when the broker has one, else
+#: split by device between the fleet servers; "split" = always split; "off" = no transfer
+#: subscription (devices fetch over HTTP, ``transport = "http"``)
+TRANSFER_MODES = ("auto", "split", "off")
+SHARE_REFUSED = 0x9E  # MQTT 5 "Shared Subscriptions not supported" (SUBACK or DISCONNECT)
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,7 @@ class FleetSettings:
     keys_dir: Path | None = None  # online keys: re-sign timestamp every timestamp_refresh_s
     timestamp_refresh_s: float = 2 * 3600  # timestamp expiry is 6 h (RepoSettings)
     max_transfers: int = 200  # concurrent target transfers; more are answered 503
+    max_transfers_per_device: int = 2  # a device's newer transfer replaces its oldest
     transfer_idle_s: float = 60.0  # a transfer with no request for this long frees its slot
     announce_spread_s: float = 0.0  # devices spread their fetches over this window; 0 = none
     max_device_bytes_per_s: int = 0  # fleet-side byte-rate cap per device; 0 = unlimited
@@ -63,6 +80,10 @@ class FleetSettings:
     http_port: int | None = None  # issue 6: dashboard + REST API + /metrics; None = off
     http_host: str = "127.0.0.1"
     http: Any = None  # fleet.web.server.WebSettings (TLS, allowed hosts, caps); host/port above
+    username: str | None = None  # MQTT login (with password, read from a file)
+    password: str | None = field(default=None, repr=False)
+    transfers: str = "auto"  # see TRANSFER_MODES
+    membership: MembershipSettings = MembershipSettings()
 
 
 @dataclass
@@ -80,6 +101,9 @@ class FleetStats:
     busy: int = 0  # answered 503 (concurrent-transfer cap)
     stopped: int = 0  # answered 410 (kill switch)
     paced: int = 0  # answers delayed by the per-device byte-rate cap
+    not_mine: int = 0  # requests/reports of devices another fleet server owns
+    connections: int = 0  # device connections seen coming online (each checked for catch-up)
+    catch_ups: int = 0  # devices re-sent their desired state/announcements on coming online
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def bump(self, **deltas: int) -> None:
@@ -107,6 +131,9 @@ class FleetServer:
     broker would keep handing it a share of the transfer requests (devices time out)."""
 
     def __init__(self, settings: FleetSettings) -> None:
+        if settings.transfers not in TRANSFER_MODES:
+            raise ConfigError(f"transfers must be one of {', '.join(TRANSFER_MODES)}, got "
+                              f"{settings.transfers!r}", key="transfers")
         self.settings = settings
         self.stats = FleetStats()
         self.registry = Registry(settings.db_path)
@@ -118,16 +145,25 @@ class FleetServer:
         # presence/status/telemetry for the one writer thread, which stores them in batches
         self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
-        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s)
+        self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s,
+                                 settings.max_transfers_per_device)
         self.stopped_releases = StoppedReleases(settings.repo_dir)
         self.rates = DeviceRateLimits(settings.max_device_bytes_per_s,  # bursts of 1 s
                                       burst_bytes=max(1, settings.max_device_bytes_per_s))
         self.pacer = Pacer(self._send_paced)
+        self._desired_signer = (online_signer(settings.repo_dir, settings.keys_dir)
+                                if settings.keys_dir is not None else None)
         self._threads: list[threading.Thread] = []
-        client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
+        self.client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
+        self.membership = Membership(self.registry, self.client_id, settings.membership)
+        self.transfer_mode: str | None = None  # "share" | "split" | "off", once connected
+        self.arrivals = Arrivals()  # the report writer's: which presences are new connections
+        self._share_refused = False
         self._session = MqttSession(
-            SessionSettings(url=settings.mqtt_url, client_id=client_id, clean_start=True,
-                            session_expiry_s=0, tls=settings.tls), on_message=self._on_message)
+            SessionSettings(url=settings.mqtt_url, client_id=self.client_id, clean_start=True,
+                            session_expiry_s=0, tls=settings.tls, username=settings.username,
+                            password=settings.password),
+            on_message=self._on_message, on_subscribe_result=self._on_subscribe_result)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -138,10 +174,8 @@ class FleetServer:
         self.pacer.start()
         if self.settings.keys_dir is not None:
             self._spawn(self._refresher, "fleet-timestamp")
-        self._session.start([(Topics.TRANSFER_REQUESTS_SHARED, QOS_AT_LEAST_ONCE),
-                             (Topics.DEVICE_PRESENCE_FILTER, QOS_AT_LEAST_ONCE),
-                             (Topics.DEVICE_STATUS_FILTER, QOS_AT_LEAST_ONCE),
-                             (Topics.DEVICE_TELEMETRY_FILTER, QOS_AT_LEAST_ONCE)])
+        self.membership.start()
+        self._session.start(self._subscriptions)
         if wait and not self._session.wait_connected(self.settings.connect_timeout_s):
             self.stop()
             raise EdgeshipError(f"fleet server could not connect to {self.settings.mqtt_url} "
@@ -168,6 +202,7 @@ class FleetServer:
         self.rollouts.stop()
         if self.web is not None:
             self.web.stop()
+        self._leave_fleet()
         self.pacer.stop()
         self._session.stop()
         for _ in range(self.settings.workers):
@@ -178,8 +213,63 @@ class FleetServer:
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
+        self.membership.stop()
         self.registry.close()
         logger.info("fleet server stopped: %s", self.stats.snapshot())
+
+    def _leave_fleet(self) -> None:
+        """Hand this server's devices over: announce the leave ``settle_s`` ahead and keep
+        serving until then, so the others take over without a gap (alone: at once)."""
+        others = [m for m in self.membership.live() if m != self.client_id]
+        until = self.membership.leave()
+        if others:
+            time.sleep(max(0.0, until - time.time()))
+
+    # --- subscriptions -----------------------------------------------------------------
+
+    def _subscriptions(self, features: BrokerFeatures) -> list[tuple[str, int]]:
+        """On every connect: what to subscribe to, given what the broker's CONNACK said."""
+        if self._session.last_disconnect_code == SHARE_REFUSED:
+            self._refuse_share("the broker disconnected us for it (reason code 0x9e)")
+        mode = self.settings.transfers
+        if mode == "auto":
+            mode = "share" if features.shared_subscriptions and not self._share_refused \
+                else "split"
+        self._set_mode(mode, "" if features.shared_subscriptions
+                       else "the broker has no shared subscriptions")
+        subs = [(Topics.DEVICE_PRESENCE_FILTER, QOS_AT_LEAST_ONCE),
+                (Topics.DEVICE_STATUS_FILTER, QOS_AT_LEAST_ONCE),
+                (Topics.DEVICE_TELEMETRY_FILTER, QOS_AT_LEAST_ONCE),
+                (Topics.RELEASES_FILTER, QOS_AT_LEAST_ONCE)]
+        if mode == "share":
+            subs.insert(0, (Topics.TRANSFER_REQUESTS_SHARED, QOS_AT_LEAST_ONCE))
+        elif mode == "split":
+            subs.insert(0, (Topics.TRANSFER_REQUESTS, QOS_AT_LEAST_ONCE))
+        return subs
+
+    def _set_mode(self, mode: str, why: str) -> None:
+        if mode == self.transfer_mode:
+            return
+        self.transfer_mode = mode
+        text = {"share": "through the shared subscription $share/…",
+                "split": "split by device between the fleet servers sharing the registry",
+                "off": "not served (devices fetch over HTTP)"}[mode]
+        logger.info("transfer requests: %s%s", text, f" ({why})" if why and
+                    mode == "split" else "")
+
+    def _on_subscribe_result(self, topic_filter: str, code: int) -> None:
+        """paho's thread. A refused (or unanswered) $share subscription: split instead."""
+        if topic_filter != Topics.TRANSFER_REQUESTS_SHARED or 0 <= code < 0x80:
+            return
+        self._refuse_share(f"SUBACK {code:#04x}" if code != SUBACK_TIMEOUT else "no SUBACK")
+        self._set_mode("split", "")
+        self._session.subscribe(Topics.TRANSFER_REQUESTS, QOS_AT_LEAST_ONCE)
+
+    def _refuse_share(self, why: str) -> None:
+        if not self._share_refused:
+            logger.warning("broker refused the shared subscription (%s): transfer requests "
+                           "are split by device between fleet servers instead", why)
+        self._share_refused = True
 
     # --- releases ----------------------------------------------------------------------
 
@@ -197,6 +287,7 @@ class FleetServer:
             raise EdgeshipError(f"broker refused the announcement of {info.model} "
                                 f"v{info.version} (reason code {rc:#x})")
         self.registry.add_release(info.model, info.version, info.released_at, by)
+        self.registry.note_announcement(info.model, info.version, info.released_at, spread_s)
 
     def stop_release(self, model: str, version: int, *, stopped: bool = True) -> None:
         """Kill switch: stop (or, with ``stopped=False``, allow again) every transfer of
@@ -206,7 +297,13 @@ class FleetServer:
         self.stopped_releases.look_again()
 
     def publish_desired(self, device: str, desired: DesiredState) -> None:
-        """Retained per-device desired state (QoS 1; the newest ``seq`` wins on the device)."""
+        """Retained per-device desired state (QoS 1; the newest ``(epoch, seq)`` wins on the
+        device), in this registry's epoch, signed with the timestamp key when this server
+        holds the online keys."""
+        desired = replace(desired, epoch=self.registry.epoch, sig=None)
+        if self._desired_signer is not None:
+            signature = self._desired_signer.sign(desired.signing_bytes(device))
+            desired = replace(desired, sig=(signature.keyid, signature.signature))
         self._session.publish(Topics.desired(device), desired.to_bytes(),
                               qos=QOS_AT_LEAST_ONCE, retain=True)
 
@@ -242,8 +339,29 @@ class FleetServer:
             self.stats.bump(malformed=1)
             logger.warning("ignoring message on unknown topic: %s", e)
             return
-        if parsed.kind == "transfer_req":
+        if parsed.kind == "release" and parsed.device is None:
+            self._note_announcement(msg)
+        elif parsed.kind == "transfer_req" and self._answers(parsed.device or ""):
             self._handle_transfer(msg)
+
+    def _answers(self, device: str) -> bool:
+        """A transfer request over $share is this server's (the broker chose); split, the
+        device's owner among the live fleet servers answers it."""
+        if self.transfer_mode == "share" or self.membership.owns(device):
+            return True
+        self.stats.bump(not_mine=1)
+        return False
+
+    def _note_announcement(self, msg: Message) -> None:
+        if not msg.payload:
+            return
+        try:
+            ann = ReleaseAnnouncement.from_bytes(msg.payload)
+        except ProtocolError as e:
+            self.stats.bump(malformed=1)
+            logger.warning("malformed announcement on %s: %s", msg.topic, e)
+            return
+        self.registry.note_announcement(ann.model, ann.version, ann.released_at, ann.spread_s)
 
     def _handle_transfer(self, msg: Message) -> None:
         if not msg.response_topic or not response_topic_allowed(msg.topic, msg.response_topic):
@@ -307,11 +425,16 @@ class FleetServer:
                               user_properties=props)
 
     def _report(self, msg: Message) -> tuple[str, str, dict] | None:
-        """(kind, device, body) of a presence/status/telemetry message; None for a
-        cleared retained message or a malformed one (counted)."""
+        """(kind, device, body) of a presence/status/telemetry message of a device this
+        server owns; None for a cleared retained message, another server's device or a
+        malformed message (both counted)."""
         try:
             parsed = parse_topic(msg.topic)
-            if parsed.kind not in ("presence", "status", "telemetry") or not msg.payload:
+            if parsed.kind not in ("presence", "status", "telemetry") or not msg.payload \
+                    or parsed.device is None:
+                return None
+            if not self.membership.owns(parsed.device):
+                self.stats.bump(not_mine=1)
                 return None
             return parsed.kind, parsed.device, decode(msg.payload)
         except ProtocolError as e:
@@ -321,14 +444,19 @@ class FleetServer:
 
     def _report_writer(self) -> None:
         """The one thread that stores device reports: whatever queued up while it wrote
-        the last batch goes into the next transaction (up to ``report_batch_max``)."""
+        the last batch goes into the next transaction (up to ``report_batch_max``); then
+        the devices of the batch that came online are caught up."""
         while True:
             item = self._reports.get()
-            batch, stop = [], item is _STOP
+            batch, arrivals, stop = [], [], item is _STOP
             while not stop:
                 report = self._report(item)
                 if report is not None:
                     batch.append(report)
+                    kind, device, body = report
+                    if kind == "presence" and self.arrivals.is_new(
+                            device, body, online=presence_online(body), retained=item.retain):
+                        arrivals.append((device, body))
                 if len(batch) >= self.settings.report_batch_max:
                     break
                 try:
@@ -337,12 +465,37 @@ class FleetServer:
                     break
                 stop = item is _STOP
             if batch:
-                try:
-                    self.stats.bump(records=self.registry.add_reports(batch))
-                except Exception:  # the database is gone: count it, keep going
-                    logger.exception("could not store %d device reports", len(batch))
+                self._store(batch, arrivals)
             if stop:
                 return
+
+    def _store(self, batch: list[tuple[str, str, dict]],
+               arrivals: list[tuple[str, dict]]) -> None:
+        try:
+            self.stats.bump(records=self.registry.add_reports(batch))
+        except Exception:  # the database is gone: count it, keep going
+            logger.exception("could not store %d device reports", len(batch))
+            return
+        try:
+            self._catch_up(arrivals)
+        except Exception:  # same: the device is caught up on its next connection
+            logger.exception("could not catch up %d device(s) coming online", len(arrivals))
+
+    def _catch_up(self, arrivals: list[tuple[str, dict]]) -> None:
+        """Devices that came online: re-send each its desired state and the announcements
+        it has not acted on, so none depends on the broker's retained messages."""
+        if not arrivals:
+            return
+        announcements = self.registry.announcements()  # once per batch
+        for device, presence in arrivals:
+            messages = catch_up(device, running_versions(presence),
+                                self.registry.desired(device), announcements)
+            for out in messages:
+                self._session.publish(out.topic, out.payload, qos=QOS_AT_LEAST_ONCE,
+                                      retain=out.retain)
+            self.stats.bump(connections=1, catch_ups=1 if messages else 0)
+            if messages:
+                logger.info("%s is online: re-sent %d message(s)", device, len(messages))
 
     def _refresher(self) -> None:
         while not self._stopping.wait(self.settings.timestamp_refresh_s):

@@ -183,32 +183,61 @@ class StoppedReleases:
 
 class TransferGate:
     """Caps concurrent target transfers. A transfer is (device, path); it holds a slot from
-    its first chunk until its last one, or until it has been idle for ``idle_s``."""
+    its first chunk until its last one, or until it has been idle for ``idle_s``. One device
+    holds at most ``max_per_device`` slots: a device that starts another transfer gives up
+    its least recently active one (a device downloads one file at a time; one that opens
+    many — or restarts — cannot keep slots from the rest of the fleet)."""
 
-    def __init__(self, max_transfers: int, idle_s: float = 60.0) -> None:
+    def __init__(self, max_transfers: int, idle_s: float = 60.0,
+                 max_per_device: int = 2) -> None:
+        if max_transfers < 1 or max_per_device < 1 or idle_s <= 0:
+            raise ValueError("max_transfers >= 1, max_per_device >= 1, idle_s > 0")
         self.max_transfers = max_transfers
+        self.max_per_device = max_per_device
         self.idle_s = idle_s
-        self._active: dict[tuple[str, str], float] = {}
+        self._active: dict[str, dict[str, float]] = {}  # device -> path -> last request
+        self._count = 0
         self._lock = threading.Lock()
 
     def admit(self, device: str, path: str, now: float) -> bool:
-        key = (device, path)
         with self._lock:
-            for k, seen in list(self._active.items()):
-                if now - seen > self.idle_s:
-                    del self._active[k]
-            if key not in self._active and len(self._active) >= self.max_transfers:
+            self._expire(now)
+            mine = self._active.setdefault(device, {})
+            if path in mine:
+                mine[path] = now
+                return True
+            if len(mine) >= self.max_per_device:
+                oldest = min(mine, key=mine.__getitem__)
+                del mine[oldest]
+                self._count -= 1
+            elif self._count >= self.max_transfers:
+                if not mine:
+                    del self._active[device]
                 return False
-            self._active[key] = now
+            mine[path] = now
+            self._count += 1
             return True
+
+    def _expire(self, now: float) -> None:
+        for device, mine in list(self._active.items()):
+            for path, seen in list(mine.items()):
+                if now - seen > self.idle_s:
+                    del mine[path]
+                    self._count -= 1
+            if not mine:
+                del self._active[device]
 
     def finish(self, device: str, path: str) -> None:
         with self._lock:
-            self._active.pop((device, path), None)
+            mine = self._active.get(device, {})
+            if mine.pop(path, None) is not None:
+                self._count -= 1
+            if not mine:
+                self._active.pop(device, None)
 
     def active(self) -> int:
         with self._lock:
-            return len(self._active)
+            return self._count
 
 
 # --- per-device byte-rate cap ---------------------------------------------------------------

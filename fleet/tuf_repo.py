@@ -15,6 +15,12 @@ re-signs it with the online timestamp key, so a device notices a frozen feed.
 Writes happen in dependency order — target files, targets, snapshot, and last the
 timestamp, which is the commit point — so a reader never sees metadata that points at
 missing files. One writer at a time (an ``flock`` on ``repo_dir/.lock``).
+
+A release is all-or-nothing: every file is verified into a hidden staging directory, which
+becomes ``targets/{model}/{version}`` in one rename just before the metadata is signed; any
+failure removes what it wrote. What a killed release leaves (extracted bundles, staging
+directories, unreferenced version directories, metadata never committed by a timestamp) is
+removed by the next writer under the lock.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,7 +48,9 @@ from tuf.api.serialization.json import JSONSerializer
 from edgeship.agent.errors import ConfigError
 from edgeship.fleet.bundle import BundleFile, BundleLimits, LoadedBundle, install_file, open_bundle
 from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
-from edgeship.fleet.files import atomic_write, write_new
+from edgeship.fleet.files import atomic_write, fsync_dir, write_new
+from edgeship.fleet.repo_hygiene import (STAGING_PREFIX, check_signing_time, remove_leftovers,
+                                         remove_path)
 
 logger = logging.getLogger(__name__)
 
@@ -305,10 +315,8 @@ def _custom(manifest_model: str, version: int, f: BundleFile) -> dict:
     return {CUSTOM_KEY: custom}
 
 
-def _add_targets(repo_dir: Path, bundle: LoadedBundle, targets: Targets) -> tuple[str, ...]:
+def _add_targets(dest_dir: Path, bundle: LoadedBundle, targets: Targets) -> tuple[str, ...]:
     m = bundle.manifest
-    dest_dir = repo_dir / "targets" / m.model / str(m.version)
-    dest_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for f in bundle.files:
         install_file(bundle.directory / f.name, f, dest_dir)
@@ -324,14 +332,13 @@ def delta_target_path(target: str, base_version: int) -> str:
     return f"{target}.from-{base_version}.delta"
 
 
-def _add_deltas(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
+def _add_deltas(repo_dir: Path, dest_dir: Path, bundle: LoadedBundle, targets: Targets,
                 base_version: int) -> tuple[str, ...]:
     """For every variant file that also exists in ``base_version``, a delta target (when it
-    is clearly smaller than the file). The delta's own target pins its bytes; the rebuilt
-    file is pinned by the full file's target."""
+    is clearly smaller than the file), written to ``dest_dir``. The delta's own target pins
+    its bytes; the rebuilt file is pinned by the full file's target."""
     from edgeship.fleet.delta import make_delta
     m = bundle.manifest
-    dest_dir = repo_dir / "targets" / m.model / str(m.version)
     added = []
     for f in bundle.files:
         base = targets.targets.get(f"{m.model}/{base_version}/{f.name}")
@@ -356,32 +363,102 @@ def _add_deltas(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
     return tuple(added)
 
 
+# --- all-or-nothing (the checks and the clean-up live in fleet.repo_hygiene) -------------
+
+def _check_signing_time(repo_dir: Path, cur: _Current, settings: RepoSettings,
+                        now: datetime) -> None:
+    expiries = {Root.type: cur.root.signed.expires,
+                **{role: now + settings.lifetime(role) for role in ROLES[1:3]}}
+    check_signing_time(repo_dir / "metadata" / "timestamp.json", now, expiries,
+                       settings.lifetime(Timestamp.type))
+
+
+def _remove_leftovers(repo_dir: Path, cur: _Current) -> list[Path]:
+    released = {tuple(path.split("/")[:2]) for path in cur.targets.signed.targets}
+    return remove_leftovers(repo_dir, released,  # type: ignore[arg-type]
+                            {Targets.type: cur.targets.signed.version,
+                             Snapshot.type: cur.snapshot.signed.version})
+
+
+def _stage(repo_dir: Path, bundle: LoadedBundle, targets: Targets,
+           settings: RepoSettings, latest: int) -> tuple[Path, tuple[str, ...]]:
+    """Copy and verify every file (and delta) into a staging directory; nothing is visible
+    yet. Returns the directory and the new target paths."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo_dir))
+    try:
+        paths = _add_targets(staging, bundle, targets)
+        if settings.deltas and latest:
+            paths += _add_deltas(repo_dir, staging, bundle, targets, latest)
+        staging.chmod(0o755)
+        fsync_dir(staging)
+    except BaseException:
+        remove_path(staging)
+        raise
+    return staging, paths
+
+
+def _publish(repo_dir: Path, staging: Path, cur: _Current, signers: dict[str, list],
+             settings: RepoSettings, now: datetime, dest: Path) -> None:
+    """Move the staged files to ``dest`` and sign. On any failure before the timestamp is
+    written, the files and the new targets/snapshot metadata are removed again."""
+    meta_dir = repo_dir / "metadata"
+    written = [meta_dir / f"{cur.targets.signed.version + 1}.targets.json",
+               meta_dir / f"{cur.snapshot.signed.version + 1}.snapshot.json"]
+    old_timestamp = (meta_dir / "timestamp.json").read_bytes()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, dest)
+        fsync_dir(dest.parent)
+        _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True)
+    except BaseException:
+        try:
+            committed = (meta_dir / "timestamp.json").read_bytes() != old_timestamp
+        except OSError:
+            committed = True  # unknown: leave it to the next writer's remove_leftovers
+        if not committed:
+            for p in (staging, dest, *written):
+                remove_path(p)
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()
+        raise
+
+
 def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
                    settings: RepoSettings = RepoSettings(), *,
                    now: datetime | None = None) -> ReleaseInfo:
-    """Verify a bundle, add its files as targets and publish new signed metadata."""
+    """Verify a bundle, add its files as targets and publish new signed metadata — all of
+    it or nothing."""
     repo_dir = Path(repo_dir)
     now = now or _utcnow()
     limits = BundleLimits(settings.max_bundle_bytes, settings.max_bundle_files)
-    with _locked(repo_dir), open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+    with _locked(repo_dir):
         cur = _load_current(repo_dir / "metadata")
-        m = bundle.manifest
-        latest = _latest_versions(cur.targets.signed).get(m.model, 0)
-        if m.version <= latest:
-            raise ReleaseRejectedError(
-                f"{m.model} v{m.version} is not newer than released v{latest}",
-                model=m.model, version=m.version, latest=latest)
-        if m.llm is not None and settings.memory_budgets:
-            from edgeship.fleet.llm_release import check_release
-            check_release(m, dict(settings.memory_budgets))
-        signers = load_signers(Path(keys_dir), cur.root.signed,
-                               (Targets.type, Snapshot.type, Timestamp.type))
-        paths = _add_targets(repo_dir, bundle, cur.targets.signed)
-        if settings.deltas and latest:
-            paths += _add_deltas(repo_dir, bundle, cur.targets.signed, latest)
-        _commit(repo_dir, cur, signers, settings, now, new_targets=True, new_snapshot=True)
+        _remove_leftovers(repo_dir, cur)
+        _check_signing_time(repo_dir, cur, settings, now)
+        with open_bundle(Path(bundle_path), repo_dir, limits) as bundle:
+            m = bundle.manifest
+            latest = _latest_versions(cur.targets.signed).get(m.model, 0)
+            if m.version <= latest:
+                raise ReleaseRejectedError(
+                    f"{m.model} v{m.version} is not newer than released v{latest}",
+                    model=m.model, version=m.version, latest=latest)
+            if m.llm is not None and settings.memory_budgets:
+                from edgeship.fleet.llm_release import check_release
+                check_release(m, dict(settings.memory_budgets))
+            signers = load_signers(Path(keys_dir), cur.root.signed,
+                                   (Targets.type, Snapshot.type, Timestamp.type))
+            staging, paths = _stage(repo_dir, bundle, cur.targets.signed, settings, latest)
+            _publish(repo_dir, staging, cur, signers, settings, now,
+                     repo_dir / "targets" / m.model / str(m.version))
     logger.info("released %s v%d (%d targets)", m.model, m.version, len(paths))
     return ReleaseInfo(m.model, m.version, paths, time.time())
+
+
+def online_signer(repo_dir: Path, keys_dir: Path, role: str = Timestamp.type):
+    """The first key of an online ``role`` in ``keys_dir``, checked against the current
+    root (the fleet server signs desired states with the timestamp key)."""
+    root = _read(Path(repo_dir) / "metadata" / "root.json", Root)
+    return load_signers(Path(keys_dir), root.signed, (role,))[role][0]
 
 
 def refresh_timestamp(repo_dir: Path, keys_dir: Path, settings: RepoSettings = RepoSettings(),
@@ -449,4 +526,5 @@ def verify_repository(repo_dir: Path) -> None:
 
 
 __all__ = ["RepoSettings", "ReleaseInfo", "init_repository", "release_bundle", "rotate_root",
+           "online_signer",
            "refresh_timestamp", "released_versions", "load_signers", "verify_repository"]

@@ -60,4 +60,29 @@ edgeship_test_deps() {
     echo "==> installing ${missing[*]} (apt-get) for the test suite"
     _apt_install "${missing[@]}"
   fi
+  edgeship_aedes
+}
+
+# aedes 2 (MQTT 5) from npm, pinned by tests/support/aedes/package-lock.json, installed once
+# into ~/.cache/edgeship (tests/brokers/ run a node of it; without Node.js they are skipped).
+edgeship_aedes() {
+  command -v node >/dev/null || { echo "edgeship: no Node.js: the aedes broker tests will be skipped" >&2; return 0; }
+  .venv/bin/python -c 'from tests.support.brokers import ensure_aedes; print("==> aedes in", ensure_aedes())' \
+    || echo "edgeship: aedes could not be installed (npm); its tests will be skipped" >&2
+}
+
+# Brokers other than Mosquitto, for the broker tests and scripts/cluster-check: Debian's
+# ejabberd and redis-server, and aedes 2 from npm (pinned by tests/support/aedes/
+# package-lock.json, installed once into ~/.cache/edgeship by tests/support/brokers.py).
+edgeship_broker_deps() {
+  local missing=()
+  command -v ejabberdctl >/dev/null || [ -x /usr/sbin/ejabberdctl ] || missing+=(ejabberd)
+  command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+  command -v node >/dev/null || missing+=(nodejs npm)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]} (apt-get) for the broker checks"
+    # the packages would start system services; ours run on their own ports and dirs
+    _apt_install "${missing[@]}"
+  fi
+  edgeship_aedes
 }

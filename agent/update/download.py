@@ -19,7 +19,7 @@ from edgeship.agent.selection import select_variant
 from edgeship.agent.store import ModelStore
 from edgeship.agent.trust import VersionFloor, check_target
 from edgeship.agent.update.settings import DeviceTraits
-from edgeship.agent.update.transfer import RESUME_SUFFIX, discard_all_resume
+from edgeship.agent.update.transfer import RESUME_SUFFIX, discard_all_resume, resume_target
 from edgeship.common.fsutil import sha256_file
 
 if TYPE_CHECKING:  # tuf.ngclient (+ securesystemslib signers, cryptography: ~11 MB of RSS)
@@ -103,6 +103,32 @@ class Downloader:
         for path in self.downloads_dir.iterdir():
             if not path.name.endswith(RESUME_SUFFIX):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def prune_resume(self, served: dict[str, int],
+                     drop: tuple[tuple[str, int], ...] = ()) -> list[Path]:
+        """Remove partial downloads nobody will resume: those of a version in ``drop`` and
+        those of a version at or below the one its model serves (``served``)."""
+        removed = []
+        for part in self.downloads_dir.glob("*" + RESUME_SUFFIX):
+            target = resume_target(part)
+            if target is not None and (target in drop or
+                                       target[1] <= served.get(target[0], 0)):
+                part.unlink(missing_ok=True)
+                removed.append(part)
+                logger.info("removed the partial download %s", part.name)
+        return removed
+
+    def confirm(self, wanted: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of ``wanted`` (model, version) the signed metadata lists: one refresh for
+        all of them, nothing written but TUF's own metadata."""
+        try:
+            updater = self._new_updater()
+            updater.refresh()
+            return {(m, v) for m, v in wanted
+                    if updater.get_targetinfo(f"{m}/{v}/{MANIFEST_NAME}") is not None}
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+            raise VerificationError(f"{type(e).__name__}: {e}",
+                                    reason_code=tuf_reason(e)) from e
 
     def _new_updater(self, archive: ReleaseArchive | None = None) -> Updater:
         from tuf.ngclient import Updater  # lazily: see the imports

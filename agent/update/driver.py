@@ -22,16 +22,16 @@ The download side is composed in (``Downloader``), the runtime work too (``Steps
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeship.agent.errors import EdgeshipError, Reason
+from edgeship.agent.errors import ENVIRONMENT_FAULTS, EdgeshipError, Reason, resource_reason
 from edgeship.agent.manifest import Manifest
 from edgeship.agent.protocol import StatusEvent
 from edgeship.agent.serving import LoadedModel, ModelServer
 from edgeship.agent.store import InstalledModel, ModelStore
+from edgeship.agent.update.disk import DiskState
 from edgeship.agent.update.download import Downloader, Report
 from edgeship.agent.update.observer import NO_OBSERVER, InstallObserver
 from edgeship.agent.update.records import RecordStore
@@ -50,7 +50,9 @@ MODEL_FAULTS = frozenset({
     Reason.HEALTH_CHECK_OUT_OF_MEMORY, Reason.NONFINITE_OUTPUT,
     Reason.OUTPUT_SHAPE_MISMATCH, Reason.GOLDEN_MISMATCH, Reason.LATENCY_BUDGET_EXCEEDED,
     Reason.TRIAL_ERROR_RATE, Reason.CRASH_LOOP, Reason.RESTART_LOOP,
-    Reason.SHADOW_DISAGREEMENT})
+    Reason.SHADOW_DISAGREEMENT, Reason.MODEL_SIGNATURE_MISMATCH})
+#: Failed for one of these and the partial download is kept: the next try resumes it.
+RESUMABLE = frozenset({Reason.TRANSFER_TIMEOUT, Reason.TRANSFER_FAILED, Reason.INTERRUPTED})
 
 #: Entering these states is reported with the state's name as the event.
 REPORTED = frozenset({State.VERIFYING, State.STAGED, State.HEALTH_CHECK, State.SHADOW,
@@ -83,7 +85,8 @@ class UpdateDriver:
     def __init__(self, *, store: ModelStore, records: RecordStore, server: ModelServer,
                  downloader: Downloader, steps: Steps, report: Report,
                  settings: InstallSettings, observer: InstallObserver = NO_OBSERVER,
-                 superseded: Callable[[str, int], bool] | None = None) -> None:
+                 superseded: Callable[[str, int], bool] | None = None,
+                 retry_later: Callable[[str, int], None] | None = None) -> None:
         self.store = store
         self.records = records
         self.server = server
@@ -93,6 +96,9 @@ class UpdateDriver:
         self.settings = settings
         self.observer = observer
         self.superseded = superseded or (lambda model, version: False)
+        #: told about an update that failed for the environment's fault (try it again later)
+        self.retry_later = retry_later or (lambda model, version: None)
+        self.disk = DiskState(store, records, downloader, report)
         self._pending: list[tuple[UpdateRecord, Work]] = []
         self._held: dict[str, LoadedModel] = {}  # model -> the warm copy a hold staged
         self._stopping = steps.stopping
@@ -117,17 +123,21 @@ class UpdateDriver:
     def recover(self) -> None:
         """After a restart: clean leftovers, then resume or roll back every update that was
         in flight. Resumptions that need the network run later, in ``resume_pending``."""
-        for path in self.store.clean_leftovers() + self.records.clean_temp():
+        for path in self.disk.clean_leftovers():
             logger.info("removed leftover %s", path)
-        self.downloader.clean_downloads()
         self._pending = []
         for record in self.records.all():
-            if record.state == State.COMMITTED:
-                self._report(record, StatusEvent.RECOVERING, from_state=record.state.value,
-                             restarts=record.restarts)
-                self.records.save(record.advance(Event.DONE))
-            elif record.state in IN_FLIGHT:
-                self._recover_one(record)
+            try:
+                if record.state == State.COMMITTED:
+                    self._report(record, StatusEvent.RECOVERING,
+                                 from_state=record.state.value, restarts=record.restarts)
+                    self.records.save(record.advance(Event.DONE))
+                elif record.state in IN_FLIGHT:
+                    self._recover_one(record)
+            except OSError as e:  # a full disk must not keep the agent from serving
+                logger.error("cannot recover the update of %s v%s now: %s (done before its "
+                             "next update)", record.model, record.version, e)
+                self.disk.free(record.model, record.version)
 
     def _recover_one(self, record: UpdateRecord) -> None:
         prior = record.state
@@ -149,7 +159,7 @@ class UpdateDriver:
             self._rollback(record, Reason.RESTART_LOOP, detail)
         else:
             if record.state in BEFORE_ACTIVATION and prior != State.HELD:
-                self.remove_inactive(record.model, record.version)  # a half-done install
+                self.disk.remove_inactive(record.model, record.version)  # a half-done install
             self._pending.append((record, Work(detail=detail)))
 
     def resume_pending(self) -> None:
@@ -169,7 +179,7 @@ class UpdateDriver:
         loaded = []
         for name in self.store.models():
             try:
-                installed = self._verified_active(name)
+                installed = self.disk.verified_active(name)
                 if installed is None:
                     continue
                 self.server.swap(LoadedModel(installed, self.steps.load(installed)))
@@ -178,30 +188,13 @@ class UpdateDriver:
                 logger.error("cannot serve committed model %s: %s", name, e)
         return loaded
 
-    def _verified_active(self, model: str) -> InstalledModel | None:
-        """The active version if its files still match its manifest; else the newest other
-        kept version that does (made active), so a damaged file is never served."""
-        active = self.store.active(model)
-        if active is None or self.store.verify(active):
-            return active
-        logger.error("%s v%s is damaged on disk (hash mismatch)", model, active.version)
-        blocked = self.records.load(model).blocked
-        for version in sorted(self.store.versions(model), reverse=True):
-            if version == active.version or version in blocked:
-                continue
-            candidate = self.store.load(model, version)
-            if self.store.verify(candidate):
-                self.store.activate(model, version)
-                self.report(StatusEvent.SERVING, model=model, version=version,
-                            variant=candidate.variant.id, reason=Reason.HASH_MISMATCH.value,
-                            detail=f"v{active.version} is damaged on disk")
-                return candidate
-        return None
-
     # --- commands (the update worker's thread) ----------------------------------------------
 
     def install(self, model: str, version: int) -> bool:
-        record = self._begin(model, version)
+        try:
+            record = self._begin(model, version)
+        except OSError as e:
+            return self._not_saved(model, version, e, "the update record")
         self._report(record, StatusEvent.DOWNLOADING)
         return self._guarded(record, Work())
 
@@ -219,7 +212,11 @@ class UpdateDriver:
                         reason=Reason.VERSION_BLOCKED.value,
                         detail="this version was reverted on this device before")
             return False
-        return self._guarded(self._begin(model, version, hold=True), Work())
+        try:
+            record = self._begin(model, version, hold=True)
+        except OSError as e:
+            return self._not_saved(model, version, e, "the update record", hold=True)
+        return self._guarded(record, Work())
 
     def held_version(self, model: str) -> int | None:
         record = self.records.load(model)
@@ -249,13 +246,21 @@ class UpdateDriver:
         except EdgeshipError as e:
             logger.warning("kept %s v%s cannot be loaded: %s", model, version, e)
             return False
-        record = self._begin(model, version, event=Event.REVERT)
+        try:
+            record = self._begin(model, version, event=Event.REVERT)
+        except OSError as e:
+            return self._not_saved(model, version, e, "the update record")
         return self._guarded(record, Work(installed=installed, loaded=loaded))
 
     def _begin(self, model: str, version: int, *, hold: bool = False,
                event: Event = Event.START) -> UpdateRecord:
         self.discard(model)  # whatever else was held for this model
         record = self.records.load(model)
+        if record.state in ROLLBACK_FROM or record.state == State.ROLLING_BACK:
+            # a rollback a full disk kept from being saved: finish it first
+            self._rollback(record, Reason(record.reason) if record.reason in set(Reason)
+                           else Reason.INTERRUPTED, "finishing an earlier rollback")
+            record = self.records.load(model)
         if record.state in (State.COMMITTED, State.FAILED):
             record = self.records.save(record.advance(Event.DONE))
         active = self.store.active_version(model)
@@ -275,15 +280,43 @@ class UpdateDriver:
         except EdgeshipError as e:
             if record.hold and self._stopping.is_set():
                 return False  # the agent is stopping: the hold stages again on start
-            reason, detail = e.reason_code, str(e)
+            reason, detail = resource_reason(e) or e.reason_code, str(e)
         except Exception as e:  # a bug must not leave a half-installed model behind
-            logger.exception("unexpected error during update")
-            reason, detail = Reason.INTERNAL, f"{type(e).__name__}: {e}"
+            reason = resource_reason(e) or Reason.INTERNAL
+            if reason == Reason.INTERNAL:
+                logger.exception("unexpected error during update")
+            detail = f"{type(e).__name__}: {e}"
+        self._give_up(record, reason, detail)
+        return False
+
+    def _give_up(self, record: UpdateRecord, reason: Reason, detail: str) -> None:
+        """Roll back and report ``failed``. For the environment's fault (a full disk, no
+        descriptors left): free the update's files first (the rollback needs room to save
+        the record), never block the version, and have the update tried again later."""
+        if reason in ENVIRONMENT_FAULTS:
+            self.disk.free(record.model, record.version)
         try:
             self._rollback(self.records.load(record.model), reason, detail)
-        except Exception:
-            logger.exception("rollback of %s v%s failed; it runs again on the next start",
-                             record.model, record.version)
+        except Exception as e:
+            self._not_saved(record.model, record.version, e, f"{detail[:300]}; the rollback",
+                            record.hold, reason)
+            return
+        if reason in ENVIRONMENT_FAULTS:
+            self.retry_later(record.model, record.version)
+
+    def _not_saved(self, model: str, version: int, error: Exception, what: str,
+                   hold: bool = False, reason: Reason = Reason.INSTALL_FAILED) -> bool:
+        """``what`` could not be saved (a full disk): free the version's files, report
+        ``failed``; an unsaved rollback is finished before the model's next update."""
+        reason = resource_reason(error) or reason
+        if reason not in ENVIRONMENT_FAULTS:
+            logger.exception("update of %s v%s: %s not saved", model, version, what)
+        self.disk.free(model, version)
+        self.report(StatusEvent.FAILED, model=model, version=version, reason=reason.value,
+                    detail=f"{what} not saved: {error}"[:500], **({"hold": True} if hold
+                                                                 else {}))
+        if reason in ENVIRONMENT_FAULTS:
+            self.retry_later(model, version)
         return False
 
     def _rollback(self, record: UpdateRecord, reason: Reason, detail: str) -> None:
@@ -415,6 +448,7 @@ class UpdateDriver:
     def _committed(self, record: UpdateRecord, work: Work) -> UpdateRecord:
         self.server.drop_kept(record.model)
         self.store.prune(record.model)
+        self.disk.prune_partial()  # older versions' partial downloads
         self._point(record, "committed", last=True)
         return self.records.save(record.advance(Event.DONE))
 
@@ -422,7 +456,7 @@ class UpdateDriver:
         self._point(record, "entered")
         self._held.pop(record.model, None)
         if self.store.active_version(record.model) != record.version:
-            self.remove_inactive(record.model, record.version)
+            self.disk.remove_inactive(record.model, record.version)
         logger.info("discarded held %s v%s", record.model, record.version)
         self._point(record, "removed", last=True)
         self._report(record, StatusEvent.DISCARDED)
@@ -458,6 +492,8 @@ class UpdateDriver:
         return self.records.save(record.advance(Event.ROLLED_BACK))
 
     def _failed(self, record: UpdateRecord, work: Work) -> UpdateRecord:
+        if record.reason not in RESUMABLE:  # nothing to resume: no partial file stays
+            self.disk.prune_partial(drop=((record.model, record.version),))
         extra = {"hold": True} if record.hold else {}
         self._report(record, StatusEvent.FAILED, reason=record.reason or Reason.INTERNAL.value,
                      detail=work.detail[:500], **extra)
@@ -500,10 +536,5 @@ class UpdateDriver:
             else:
                 self.store.deactivate(model)
                 self.server.remove(model)
-        self.remove_inactive(model, version)
+        self.disk.remove_inactive(model, version)
         self.downloader.clean_downloads()
-
-    def remove_inactive(self, model: str, version: int) -> None:
-        if self.store.active_version(model) != version:
-            self.store.remove_version(model, version)
-        shutil.rmtree(self.store.root / model / f".staging-{version}", ignore_errors=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from edgeship.agent import protocol
 from edgeship.agent.errors import Reason
@@ -42,6 +42,8 @@ class DeviceView:
     held: int | None = None  # staged and checked on a hold, waiting for the commit
     kept: tuple[int, ...] = ()  # versions in the store (an older one can serve again)
     blocked: tuple[int, ...] = ()  # reverted before: never installed again
+    known: bool = True  # the device has files or a record of this model
+    models: int = 0  # models the device has (files or records)
 
 
 class Do(StrEnum):
@@ -63,12 +65,23 @@ class Step:
 
 @dataclass
 class Planner:
+    """``known``: whether the device has a model (None: every model counts as known). An
+    announcement of a model it does not know is only a name anyone on the broker can send:
+    it waits, bounded, in ``unconfirmed`` until the signed metadata confirms it."""
+
     device: str
     desired: DesiredView
     max_attempts_per_version: int = 3
+    max_models: int = 32  # models a device keeps (files or records)
+    max_unconfirmed: int = 64  # unknown models waiting for the signed metadata
+    known: Callable[[str], bool] | None = None
     wanted: dict[str, int] = field(default_factory=dict)  # model -> version to act on
     not_before: dict[str, float] = field(default_factory=dict)  # model -> monotonic start
     attempts: dict[tuple[str, int], int] = field(default_factory=dict)
+    unconfirmed: dict[str, protocol.ReleaseAnnouncement] = field(default_factory=dict)
+    #: announcements of unknown models: not in the signed metadata / over the bound
+    counters: dict[str, int] = field(default_factory=lambda: {"unconfirmed": 0,
+                                                              "dropped": 0})
 
     # --- what is wanted ---------------------------------------------------------------------
 
@@ -77,10 +90,51 @@ class Planner:
         """A release announcement; True when it changed what is wanted."""
         if self.desired.governs(ann.model):  # the rollout decides for this model
             return False
+        if self.known is not None and not self.known(ann.model):
+            return self._await_confirmation(ann)
         delay_s = protocol.spread_delay_s(self.device, ann.model, ann.version, ann.spread_s,
                                           ann.released_at, now)
         self.not_before[ann.model] = monotonic + delay_s
         return self.want(ann.model, ann.version)
+
+    def _await_confirmation(self, ann: protocol.ReleaseAnnouncement) -> bool:
+        held = self.unconfirmed.get(ann.model)
+        if held is None and len(self.unconfirmed) >= self.max_unconfirmed:
+            self.counters["dropped"] += 1
+            return False
+        if held is None or ann.version > held.version:
+            self.unconfirmed[ann.model] = ann
+        return True
+
+    def requeue(self, taken: list[protocol.ReleaseAnnouncement]) -> None:
+        """The metadata could not be checked: keep them for the next try (bounded)."""
+        for ann in taken:
+            self._await_confirmation(ann)
+
+    def take_unconfirmed(self) -> list[protocol.ReleaseAnnouncement]:
+        taken, self.unconfirmed = list(self.unconfirmed.values()), {}
+        return taken
+
+    def confirmed(self, taken: list[protocol.ReleaseAnnouncement],
+                  found: set[tuple[str, int]], now: float, monotonic: float) -> bool:
+        """The signed metadata lists ``found``: those become wanted, the rest are counted
+        and forgotten. True when something is wanted now."""
+        wanted = False
+        for ann in taken:
+            if (ann.model, ann.version) not in found:
+                self.counters["unconfirmed"] += 1
+                continue
+            delay_s = protocol.spread_delay_s(self.device, ann.model, ann.version,
+                                              ann.spread_s, ann.released_at, now)
+            self.not_before[ann.model] = monotonic + delay_s
+            wanted = self.want(ann.model, ann.version) or wanted
+        return wanted
+
+    def retry(self, model: str, version: int) -> bool:
+        """Try ``version`` again after a failure that was the environment's fault (it does
+        not count as an attempt)."""
+        self.attempts.pop((model, version), None)
+        return self.want(model, version)
 
     def want(self, model: str, version: int, exact: bool = False) -> bool:
         """``exact``: the fleet asked for this version (a desired state), older or not."""
@@ -110,9 +164,18 @@ class Planner:
         took the model over meanwhile."""
         return not (self.wanted.get(model, 0) > version or self.desired.governs(model))
 
+    @staticmethod
+    def dealt_with(version: int, device: DeviceView) -> bool:
+        """The device serves this version or a newer one, or reverted it before."""
+        return (device.active is not None and version <= device.active) or \
+            version in device.blocked
+
     # --- what to do about it ----------------------------------------------------------------
 
     def plan(self, model: str, version: int, device: DeviceView) -> list[Step]:
+        if not device.known and device.models >= self.max_models:
+            return [Step(Do.REJECT, version, Reason.TOO_MANY_MODELS,
+                         f"this device keeps at most {self.max_models} models")]
         if self.desired.governs(model):
             return self._plan_desired(self.desired.version(model) or version,
                                       self.desired.holds(model), device)

@@ -25,6 +25,9 @@ class RecordStore:
         except (ValueError, TypeError, KeyError, TransitionError):
             return UpdateRecord(model=model, state=State.FAILED, reason="corrupt_record")
 
+    def exists(self, model: str) -> bool:
+        return (self.root / f"{model}.json").exists()
+
     def save(self, record: UpdateRecord) -> UpdateRecord:
         atomic_write(self.root / f"{record.model}.json", record.to_bytes())
         return record

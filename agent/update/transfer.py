@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from tuf.api import exceptions as tuf_exc
 
@@ -370,6 +370,16 @@ class MqttFetcher(FetcherInterface):
                 left -= len(block)
                 self.bytes_resumed += len(block)
                 yield block
+
+
+def resume_target(part: Path) -> tuple[str, int] | None:
+    """(model, version) of a resume file: the quoted target path, ``targets/{model}/
+    {version}/…`` over MQTT, ``{model}/{version}/…`` over HTTP; None if neither."""
+    parts = unquote(part.name.removesuffix(RESUME_SUFFIX)).split("/")
+    parts = parts[1:] if parts[0] == "targets" else parts
+    if len(parts) >= 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None
 
 
 def discard_resume(part: Path | None) -> None:

@@ -1,32 +1,28 @@
-"""The only module that imports paho. MQTT 5, callback API version 2.
+"""The MQTT 5 session (callback API version 2); with ``mqtt_loop``, the only paho importer.
 
 paho's callbacks run on paho's network thread. They never block and never take an
 application lock: they hand each message to the owner's ``on_message`` (which must be
 just as quick, e.g. ``queue.put_nowait``) and hand PUBACK reason codes to the waiter
 registered for that message id (a lock held only for a dict operation guards the table).
-Subscriptions are re-made on every (re)connect.
+Subscriptions are re-made on every (re)connect, one SUBSCRIBE per filter.
 
-By default each session runs paho's own network thread. A :class:`SharedLoop` instead
-drives the sockets of many sessions from one selector thread through paho's external-loop
-API (``loop_read``/``loop_write``/``loop_misc``): a gateway, or a simulator with hundreds of
-agents per process, pays one network thread instead of one per connection.
+By default each session runs paho's own network thread; a
+:class:`~edgeship.common.mqtt_loop.SharedLoop` drives many sessions from one thread.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import functools
 import logging
 import random
-import selectors
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,6 +31,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeship.agent.errors import ConfigError, TransferError, Reason
+
+if TYPE_CHECKING:
+    from edgeship.common.mqtt_loop import SharedLoop
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,43 @@ class SessionSettings:
     reconnect_max_s: float = RECONNECT_MAX_S
     tls: TlsSettings | None = None
     will: tuple[str, bytes, bool] | None = None  # topic, payload, retain
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # read from a file, never argv
+    subscribe_timeout_s: float = 10.0  # a SUBACK later than this is logged as an error
+    stable_after_s: float = 10.0  # a connection this old resets the reconnect backoff
+
+
+@dataclass(frozen=True)
+class BrokerFeatures:
+    """What the broker's CONNACK said (MQTT 5 properties; absent = the spec's default)."""
+
+    shared_subscriptions: bool = True
+    retain_available: bool = True
+    wildcard_subscriptions: bool = True
+    max_packet_bytes: int | None = None  # None: no limit announced
+    session_expiry_s: int | None = None  # what the broker granted, when it changed ours
+    receive_maximum: int | None = None
+    server_keepalive_s: int | None = None
+    session_present: bool = False
+
+    @classmethod
+    def from_connack(cls, flags: object, properties: Properties | None) -> "BrokerFeatures":
+        def prop(name: str, default: int | None = None) -> Any:
+            return getattr(properties, name, default) if properties is not None else default
+        return cls(shared_subscriptions=bool(prop("SharedSubscriptionAvailable", 1)),
+                   retain_available=bool(prop("RetainAvailable", 1)),
+                   wildcard_subscriptions=bool(prop("WildcardSubscriptionAvailable", 1)),
+                   max_packet_bytes=prop("MaximumPacketSize"),
+                   session_expiry_s=prop("SessionExpiryInterval"),
+                   receive_maximum=prop("ReceiveMaximum"),
+                   server_keepalive_s=prop("ServerKeepAlive"),
+                   session_present=bool(getattr(flags, "session_present", False)))
+
+
+#: a subscription: (filter, qos); or a function of the CONNACK's features that returns them
+Subscriptions = Union[Iterable[tuple[str, int]],
+                      Callable[[BrokerFeatures], Iterable[tuple[str, int]]]]
+SUBACK_TIMEOUT = -1  # the code on_subscribe_result gets when no SUBACK arrived in time
 
 
 class Backoff:
@@ -119,18 +155,36 @@ class Backoff:
 
 
 class MqttSession:
-    """A persistent MQTT 5 session that (re)subscribes on every connect."""
+    """A persistent MQTT 5 session that (re)subscribes on every connect, one SUBSCRIBE per
+    filter: a broker that refuses one filter (or never answers a multi-filter SUBSCRIBE)
+    costs that filter only, and each refusal or missing SUBACK is logged with its filter.
+
+    ``on_connect`` runs once this connection's subscriptions are settled (every SUBACK in,
+    or ``subscribe_timeout_s`` passed). ``on_subscribe_result(filter, code)`` gets each
+    SUBACK's reason code (``SUBACK_TIMEOUT`` when none came). ``features`` holds what the
+    last CONNACK said (shared subscriptions, packet size, granted session expiry ...)."""
 
     def __init__(self, settings: SessionSettings,
                  on_message: Callable[[Message], None],
                  on_connect: Callable[[], None] | None = None,
-                 loop: "SharedLoop | None" = None) -> None:
+                 loop: "SharedLoop | None" = None,
+                 on_subscribe_result: Callable[[str, int], None] | None = None) -> None:
         self.settings = settings
         self._loop = loop  # None: paho's own network thread
         self._address = BrokerAddress.parse(settings.url)
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
-        self._subscriptions: list[tuple[str, int]] = []
+        self._on_suback_cb = on_subscribe_result
+        self._subscriptions: Subscriptions = ()
+        self._added: list[tuple[str, int]] = []  # subscribe() after start()
+        self._sub_lock = threading.Lock()  # guards _pending: SUBSCRIBE may come from any thread
+        self._pending: dict[int, tuple[str, int]] = {}  # mid -> (filter, connection number)
+        self._generation = 0  # connection number
+        self.granted: dict[str, int] = {}  # filter -> last SUBACK reason code
+        self.features: BrokerFeatures | None = None
+        self.last_disconnect_code: int | None = None
+        self.refused_code: int | None = None  # reason code of the last refused CONNECT
+        self._connected_at: float | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._ack_lock = threading.Lock()  # guards the two tables below, never held long
@@ -162,6 +216,8 @@ class MqttSession:
                 raise ConfigError("mqtts:// needs tls settings (ca_file)", key="tls")
             client.tls_set(ca_certs=s.tls.ca_file, certfile=s.tls.cert_file,
                            keyfile=s.tls.key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.username is not None or s.password is not None:
+            client.username_pw_set(s.username or "", s.password)
         if s.will is not None:
             topic, payload, retain = s.will
             client.will_set(topic, payload, qos=1, retain=retain)
@@ -173,8 +229,10 @@ class MqttSession:
         client.on_subscribe = self._handle_subscribe
         return client
 
-    def start(self, subscriptions: Iterable[tuple[str, int]] = ()) -> None:
-        self._subscriptions = list(subscriptions)
+    def start(self, subscriptions: Subscriptions = ()) -> None:
+        """``subscriptions``: (filter, qos) pairs, or a function of the CONNACK's
+        :class:`BrokerFeatures` returning them (called on every connect)."""
+        self._subscriptions = subscriptions if callable(subscriptions) else list(subscriptions)
         self._stopping = False
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
@@ -185,6 +243,13 @@ class MqttSession:
             self._client.loop_start()
         else:
             self._loop.call_soon(self._connect_on_loop)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Add a subscription (kept for every later connect); sent now when connected."""
+        if all(f != topic_filter for f, _ in self._added):
+            self._added.append((topic_filter, qos))
+        if self.connected:
+            self._send_subscribe(self._client, topic_filter, qos, self._generation)
 
     def _connect_on_loop(self) -> None:
         """Shared-loop mode (loop thread): open the socket and send CONNECT; on failure,
@@ -216,6 +281,22 @@ class MqttSession:
                 logger.debug("final publish failed: %s", e)
         self._stopping = True
         self._client.disconnect()
+        if self._loop is None:
+            self._client.loop_stop()
+        else:
+            self._loop.detach(self._client, wait_s=2.0)
+        self._connected.clear()
+
+    def abort(self) -> None:
+        """Drop the connection without a DISCONNECT packet, as a crash or a cut cable
+        would (the broker then publishes the will); no reconnect follows."""
+        self._stopping = True
+        raw = _raw_socket(self._client.socket())
+        if raw is not None:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError as e:
+                logger.debug("abort: %s", e)
         if self._loop is None:
             self._client.loop_stop()
         else:
@@ -276,29 +357,102 @@ class MqttSession:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self.last_error = f"connect refused: {reason_code}"
-            logger.warning("MQTT connect to %s refused: %s", self.settings.url, reason_code)
+            hint = " (check the MQTT user name and password)" \
+                if reason_code.value in (0x86, 0x87) else ""
+            self.refused_code = reason_code.value
+            self.last_error = f"connect refused: {reason_code} ({reason_code.value:#04x}){hint}"
+            logger.warning("MQTT connect to %s refused: %s (reason code %#04x)%s",
+                           self.settings.url, reason_code, reason_code.value, hint)
             return
+        self.refused_code = None
+        self.features = BrokerFeatures.from_connack(flags, properties)
+        self._connected_at = time.monotonic()
         self.last_contact, self.next_retry_at, self.last_error = time.time(), None, None
         logger.info("MQTT connected to %s:%s as %s", self._address.host, self._address.port,
                     self.settings.client_id)
         _set_nodelay(client.socket())  # issue 3: no Nagle delay on request/response
-        self.backoff.reset()
+        # the backoff is reset only once the connection proved stable (_handle_disconnect):
+        # a broker that accepts and then drops us at once must not be hammered
         _set_delay(self._client, self.settings.reconnect_min_s)
         self._subscribed.clear()
-        if self._subscriptions:
-            opts = [(t, SubscribeOptions(qos=q)) for t, q in self._subscriptions]
-            client.subscribe(opts)
-        else:
-            self._subscribed.set()
+        with self._sub_lock:
+            self._generation += 1
+            self._pending.clear()
+        wanted = self._wanted_subscriptions(self.features)
         self._connected.set()
+        if not wanted:
+            self._settled()
+            return
+        for topic_filter, qos in wanted:
+            self._send_subscribe(client, topic_filter, qos, self._generation)
+        self._after(self.settings.subscribe_timeout_s,
+                    functools.partial(self._check_subacks, self._generation))
+
+    def _wanted_subscriptions(self, features: BrokerFeatures) -> list[tuple[str, int]]:
+        spec = self._subscriptions
+        subs = list(spec(features) if callable(spec) else spec) + self._added
+        seen: dict[str, int] = {}
+        for topic_filter, qos in subs:
+            seen.setdefault(topic_filter, qos)
+        return list(seen.items())
+
+    def _send_subscribe(self, client: paho.Client, topic_filter: str, qos: int,
+                        generation: int) -> None:
+        with self._sub_lock:
+            rc, mid = client.subscribe([(topic_filter, SubscribeOptions(qos=qos))])
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending[mid] = (topic_filter, generation)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            logger.warning("SUBSCRIBE %s not sent (rc=%s)", topic_filter, rc)
+
+    def _after(self, delay_s: float, fn: Callable[[], None]) -> None:
+        if self._loop is not None:
+            self._loop.call_later(delay_s, fn)
+        else:
+            timer = threading.Timer(delay_s, fn)
+            timer.daemon = True
+            timer.start()
+
+    def _check_subacks(self, generation: int) -> None:
+        """``subscribe_timeout_s`` after a connect: every SUBACK still missing is an error
+        (some brokers drop a SUBSCRIBE silently); the session goes on without it."""
+        with self._sub_lock:
+            if generation != self._generation or self._stopping or not self.connected:
+                return  # that connection is gone (its loss was logged) or we stopped
+            missing = [f for f, g in self._pending.values() if g == generation]
+            self._pending.clear()
+        for topic_filter in missing:
+            logger.error("no SUBACK from %s for %s within %.0fs: this subscription is not "
+                         "active", self.settings.url, topic_filter,
+                         self.settings.subscribe_timeout_s)
+            self.granted[topic_filter] = SUBACK_TIMEOUT
+            if self._on_suback_cb is not None:
+                self._on_suback_cb(topic_filter, SUBACK_TIMEOUT)
+        if missing and self.connected:
+            self._settled()
+
+    def _settled(self) -> None:
+        """Every subscription of this connection is answered (or timed out)."""
+        if self._subscribed.is_set():
+            return
+        self._subscribed.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
-        logger.info("MQTT disconnected: %s", reason_code)
-        self._schedule_retry(f"disconnected: {reason_code}")
+        code = getattr(reason_code, "value", None)
+        self.last_disconnect_code = code
+        if self._stopping:
+            logger.info("MQTT disconnected from %s", self.settings.url)
+            return
+        up_s = time.monotonic() - self._connected_at if self._connected_at else 0.0
+        self._connected_at = None
+        if up_s >= self.settings.stable_after_s:
+            self.backoff.reset()
+        shown = f"{code:#04x}" if isinstance(code, int) else code
+        self._schedule_retry(f"connection lost after {up_s:.1f}s: {reason_code} "
+                             f"(reason code {shown})")
 
     def _handle_connect_fail(self, client, userdata) -> None:
         self._schedule_retry("cannot connect (broker down, unreachable, or TLS refused)")
@@ -318,10 +472,22 @@ class MqttSession:
             _set_delay(self._client, delay_s)  # a lock and two floats
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        refused = [rc for rc in reason_codes if rc.is_failure]
-        if refused:
-            logger.warning("broker refused %d subscription(s): %s", len(refused), refused)
-        self._subscribed.set()
+        with self._sub_lock:
+            entry = self._pending.pop(mid, None)
+            done = entry is not None and not any(g == entry[1]
+                                                 for _, g in self._pending.values())
+        if entry is None:
+            return  # a SUBACK after its timeout (already reported) or for an old connection
+        topic_filter = entry[0]
+        code = reason_codes[0].value if reason_codes else SUBACK_TIMEOUT
+        self.granted[topic_filter] = code
+        if code >= 0x80:
+            logger.warning("broker %s refused the subscription %s: %s (reason code %#04x)",
+                           self.settings.url, topic_filter, reason_codes[0], code)
+        if self._on_suback_cb is not None:
+            self._on_suback_cb(topic_filter, code)
+        if done:
+            self._settled()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._ack_lock:
@@ -370,169 +536,18 @@ class _Ack:
         self.code: int | None = None
 
 
-def _set_nodelay(sock) -> None:
+def _set_nodelay(sock: object) -> None:
     """Chunk request/response is stop-and-wait: without TCP_NODELAY each small request
     waits for the peer's delayed ACK (~40 ms on Linux), capping throughput."""
-    import socket as _socket
+    raw = _raw_socket(sock)
     try:
-        raw = getattr(sock, "_sock", sock)  # unwrap paho's websocket wrapper, if any
-        raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as e:
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:
         logger.debug("TCP_NODELAY not set: %s", e)
 
 
-class SharedLoop:
-    """One thread runs the network I/O of many :class:`MqttSession` objects (each keeps its
-    own client id, socket, session and keepalive) through paho's external-loop API.
-
-    Selector state is touched only on the loop thread; other threads hand work over with
-    :meth:`call_soon` (a lock, a deque and a wake-up byte). Every ``misc_interval_s`` each
-    client gets ``loop_misc`` (keepalive PINGREQs, keepalive timeouts)."""
-
-    def __init__(self, *, misc_interval_s: float = 1.0, name: str = "edgeship-mqtt-shared"):
-        self.misc_interval_s = misc_interval_s
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        for sock in (self._wake_r, self._wake_w):
-            sock.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._lock = threading.Lock()
-        self._calls: deque[Callable[[], None]] = deque()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # loop thread only
-        self._order = itertools.count()
-        self._clients: set[paho.Client] = set()  # loop thread only
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    # --- any thread ------------------------------------------------------------------
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        if self._on_loop():
-            fn()
-            return
-        with self._lock:
-            self._calls.append(fn)
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending (buffer full) or the loop closed
-
-    def attach(self, client: paho.Client) -> None:
-        client.on_socket_open = self._socket_open
-        client.on_socket_close = self._socket_close
-        client.on_socket_register_write = self._register_write
-        client.on_socket_unregister_write = self._unregister_write
-        self.call_soon(lambda: self._clients.add(client))
-
-    def detach(self, client: paho.Client, *, wait_s: float) -> None:
-        """Stop driving ``client``, after up to ``wait_s`` for its queued packets (e.g. a
-        DISCONNECT) to leave and its socket to close."""
-        deadline = time.monotonic() + wait_s
-        while client.socket() is not None and time.monotonic() < deadline \
-                and not self._on_loop():
-            time.sleep(0.01)
-
-        def drop() -> None:
-            self._clients.discard(client)
-            sock = client.socket()
-            if sock is not None:
-                self._unregister(sock)
-                client._sock_close()  # noqa: SLF001 - paho has no public close
-        self.call_soon(drop)
-
-    def stop(self) -> None:
-        self._stopped = True
-        self.call_soon(lambda: None)
-        self._thread.join(timeout=5)
-
-    # --- loop thread -----------------------------------------------------------------
-
-    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
-        self.call_soon(lambda: heapq.heappush(
-            self._timers, (time.monotonic() + delay_s, next(self._order), fn)))
-
-    def _on_loop(self) -> bool:
-        return threading.get_ident() == self._thread.ident
-
-    def _run(self) -> None:
-        next_misc = time.monotonic() + self.misc_interval_s
-        while not self._stopped:
-            now = time.monotonic()
-            timeout_s = min(next_misc, self._timers[0][0] if self._timers else next_misc) - now
-            for key, events in self._selector.select(max(0.0, timeout_s)):
-                self._ready(key, events)
-            self._run_calls()
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                self._guard(heapq.heappop(self._timers)[2])
-            if now >= next_misc:
-                next_misc = now + self.misc_interval_s
-                for client in list(self._clients):
-                    self._guard(client.loop_misc)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _ready(self, key: selectors.SelectorKey, events: int) -> None:
-        if key.data is None:  # the wake-up socket
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
-            return
-        client: paho.Client = key.data
-        if events & selectors.EVENT_READ:
-            self._guard(client.loop_read)
-        if events & selectors.EVENT_WRITE and client.socket() is key.fileobj:
-            self._guard(client.loop_write)
-
-    def _run_calls(self) -> None:
-        with self._lock:
-            calls, self._calls = self._calls, deque()
-        for fn in calls:
-            self._guard(fn)
-
-    @staticmethod
-    def _guard(fn: Callable[[], object]) -> None:
-        try:
-            fn()
-        except Exception:  # one client's failure must not stop the others' network
-            logger.exception("shared MQTT loop: %s failed", getattr(fn, "__name__", fn))
-
-    def _set_events(self, sock, client: paho.Client, events: int) -> None:
-        try:
-            self._selector.modify(sock, events, client)
-        except (KeyError, ValueError):
-            if sock.fileno() >= 0:
-                self._selector.register(sock, events, client)
-
-    def _unregister(self, sock) -> None:
-        try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
-    # --- paho's socket callbacks -------------------------------------------------------
-
-    def _socket_open(self, client, userdata, sock) -> None:
-        self.call_soon(lambda: self._set_events(sock, client, selectors.EVENT_READ))
-
-    def _socket_close(self, client, userdata, sock) -> None:
-        self.call_soon(lambda: self._unregister(sock))
-
-    def _register_write(self, client, userdata, sock) -> None:
-        self.call_soon(lambda: self._set_events(
-            sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            if client.socket() is sock else None)
-
-    def _unregister_write(self, client, userdata, sock) -> None:
-        def apply() -> None:
-            if client.socket() is not sock:
-                return
-            if client.want_write():  # a publish raced with the drain: keep writing
-                client._registered_write = True  # noqa: SLF001 - paho's own flag
-                return
-            self._set_events(sock, client, selectors.EVENT_READ)
-        self.call_soon(apply)
+def _raw_socket(sock: object) -> socket.socket | None:
+    """paho's socket, unwrapped from its websocket wrapper, if any."""
+    raw = getattr(sock, "_sock", sock)
+    return raw if isinstance(raw, socket.socket) else None

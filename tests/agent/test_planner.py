@@ -109,3 +109,11 @@ def test_going_back_to_an_older_version_reverts_to_the_kept_copy_else_installs()
     # a held version that is not the one asked for is dropped first
     assert p.plan("m", 1, DeviceView(active=2, held=3, kept=(1, 2, 3))) == [
         Step(Do.DISCARD, 3), Step(Do.REVERT, 1)]
+
+
+def test_a_catch_up_re_send_is_dealt_with_when_served_newer_or_reverted_before():
+    dealt_with = Planner.dealt_with
+    assert dealt_with(3, DeviceView(active=3)) and dealt_with(2, DeviceView(active=3))
+    assert dealt_with(4, DeviceView(active=3, blocked=(4,)))
+    assert not dealt_with(4, DeviceView(active=3))
+    assert not dealt_with(1, DeviceView())

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from edgeship.common.mqtt import MqttSession, SessionSettings, SharedLoop
+from edgeship.common.mqtt import MqttSession, SessionSettings
+from edgeship.common.mqtt_loop import SharedLoop
 from bench.fleet_agents import gate_installs, make_agent
 from tests.support.synthetic import sample_inputs, write_synthetic_bundle
 

@@ -135,3 +135,19 @@ def test_reports_are_stored_in_batches_and_a_bad_one_loses_only_itself(registry_
     assert [d.id for d in reg.devices()] == ["pi-1", "pi-2", "pi-3", "pi-4", "pi-5"]
     assert reg.events("pi-4")[0].version is None
     reg.close()
+
+
+def test_fleet_members_and_announcements(registry_target):
+    """The rows fleet servers coordinate through without shared subscriptions
+    (fleet.membership) and the announcements re-sent to devices coming online."""
+    reg = _reg(registry_target)
+    since = reg.join_member("fleet-a", ttl_s=10)
+    assert reg.renew_member("fleet-a", ttl_s=10) and not reg.renew_member("ghost", ttl_s=10)
+    reg.leave_member("fleet-a", since + 3)
+    [(member, joined, leaves_at, expires_at)] = reg.members()
+    assert (member, joined, leaves_at) == ("fleet-a", since, since + 3) and expires_at > since
+    reg.join_member("fleet-a", ttl_s=10)  # a restart under the same id clears the leave
+    assert reg.members()[0][2] is None
+    reg.note_announcement("digits", 2, 5.0, 60.0)
+    reg.note_announcement("digits", 1, 4.0)
+    assert reg.announcements() == [("digits", 2, 5.0, 60.0)]

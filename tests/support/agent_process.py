@@ -27,7 +27,8 @@ TEMP_MARKERS = (".tmp", ".part", ".staging-", ".removing")
 def listen_port() -> int:
     """A free port below the kernel's ephemeral range: the local end of an outgoing
     connection (this machine makes many) can never take it between choosing it here and
-    the agent binding it, as it can take one ``free_port()`` chose."""
+    the server (an agent, a broker node that takes seconds to start) binding it, as it can
+    take one ``free_port()`` chose."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
