@@ -13,7 +13,13 @@
                                        name); the answer is JSON with every output by name,
                                        or with ``Accept: application/x-npz`` an .npz of every
                                        output, or with ``Accept: application/x-npy`` the
-                                       first output as .npy (headers name the model)
+                                       first output as .npy (headers name the model);
+                                       ``id`` (and X-Edgeship-Request-Id) names the
+                                       prediction for feedback
+    POST /v1/models/<name>/feedback    the true label or value of earlier predictions by
+                                       id, one or a batch (``agent.quality.feedback``)
+    GET  /v1/models/<name>/quality     labelled metrics per version, drift per signal, the
+                                       label-free accuracy estimate, feedback counters
 
 Bad requests get a 4xx with a message, never a crash: 400 bad body/shape/dtype, 404 unknown
 model or path, 408 body not sent in time, 411 no length, 413 body too large (checked before
@@ -34,9 +40,11 @@ from edgeship.agent.api_limits import body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.jsonarray import JsonTensorError, as_array, loads
 from edgeship.agent.npyio import NPY_TYPE, NPZ_TYPE, dump_npy, dump_npz, load_npy, load_npz
+from edgeship.agent.quality.feedback import STATUS_HTTP, FeedbackError
 from edgeship.agent.serving import LoadedModel, ModelNotFoundError
 
 JSON_TYPES = ("application/json", "text/json", "")
+FEEDBACK_MAX_BYTES = 4 * 1024 * 1024  # 10,000 items with a few labels each
 
 
 def describe(server: Any, loaded: LoadedModel) -> dict[str, Any]:
@@ -97,7 +105,7 @@ def predict(server: Any, req: Request) -> Response:
     name = req.params["model"]
     try:
         raw = read_inputs(server, req, loaded)
-        outputs, loaded = server.models.predict(name, raw, check_values=True)
+        outputs, loaded, rid = server.models.predict_tracked(name, raw, check_values=True)
     except HttpError:
         raise
     except ModelNotFoundError as e:
@@ -108,7 +116,7 @@ def predict(server: Any, req: Request) -> Response:
         raise HttpError(400, str(e)) from e
     except EdgeshipError as e:
         raise HttpError(500, str(e)) from e
-    return _answer(req, outputs, loaded)
+    return _answer(req, outputs, loaded, rid)
 
 
 def read_inputs(server: Any, req: Request, loaded: LoadedModel) -> Any:
@@ -137,19 +145,59 @@ def read_inputs(server: Any, req: Request, loaded: LoadedModel) -> Any:
     return inputs  # the signature check explains what a several-input model wants
 
 
-def _answer(req: Request, outputs: list[np.ndarray], loaded: LoadedModel) -> Response:
+def _answer(req: Request, outputs: list[np.ndarray], loaded: LoadedModel,
+            rid: str | None) -> Response:
     inst = loaded.installed
     names = [o.name for o in inst.manifest.outputs]
     accept = req.headers.get("Accept") or ""
     headers = {"X-Edgeship-Model": inst.model, "X-Edgeship-Version": str(inst.version),
                "X-Edgeship-Variant": inst.variant.id}
+    if rid is not None:
+        headers["X-Edgeship-Request-Id"] = rid
     if NPZ_TYPE in accept:
         return Response(200, NPZ_TYPE, [dump_npz(dict(zip(names, outputs)))], headers)
     if NPY_TYPE in accept:
         return Response(200, NPY_TYPE, [dump_npy(outputs[0])], headers)
-    return json_response(200, {"model": inst.model, "version": inst.version,
-                               "variant": inst.variant.id,
-                               "outputs": {n: o.tolist() for n, o in zip(names, outputs)}})
+    doc = {"model": inst.model, "version": inst.version, "variant": inst.variant.id,
+           "outputs": {n: o.tolist() for n, o in zip(names, outputs)}}
+    if rid is not None:
+        doc["id"] = rid
+    resp = json_response(200, doc)
+    resp.headers.update(headers)
+    return resp
+
+
+def feedback(server: Any, req: Request) -> Response:
+    hub = _hub(server)
+    name = req.params["model"]
+    if not hub.store.versions(name):
+        raise HttpError(404, f"no predictions of a model named {name!r} on this device")
+    try:
+        doc = json.loads(req.body(FEEDBACK_MAX_BYTES, "feedback"))
+        results = hub.feedback(name, doc)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HttpError(400, f"feedback is not JSON: {e}") from e
+    except FeedbackError as e:
+        raise HttpError(400, str(e)) from e
+    accepted = sum(1 for r in results if r["status"] == "accepted")
+    if "items" not in doc:  # one item: its outcome is the status
+        return json_response(STATUS_HTTP[results[0]["status"]], results[0])
+    return json_response(200, {"accepted": accepted, "rejected": len(results) - accepted,
+                               "results": results})
+
+
+def quality(server: Any, req: Request) -> Response:
+    hub = _hub(server)
+    inst = _served(server, req).installed
+    return json_response(200, hub.local_report(inst.model, inst.version, inst.variant.id,
+                                               tuple(inst.manifest.labels)))
+
+
+def _hub(server: Any) -> Any:
+    hub = server.models.quality
+    if hub is None:
+        raise HttpError(404, "quality monitoring is off on this device (quality_enabled)")
+    return hub
 
 
 ROUTES = [
@@ -158,5 +206,7 @@ ROUTES = [
     Route("GET", "/v1/models", list_models),
     Route("GET", "/v1/models/{model}", one_model),
     Route("POST", "/v1/models/{model}/predict", predict),
+    Route("POST", "/v1/models/{model}/feedback", feedback),
+    Route("GET", "/v1/models/{model}/quality", quality),
     Route("POST", "/v1/admin/install", install_archive),
 ]

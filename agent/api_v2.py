@@ -74,13 +74,13 @@ def infer(server: Any, req: Request) -> Response:
         request = oip.parse_rest_request(*_read(server, req, loaded))
         specs = loaded.installed.manifest.inputs
         oip.check_datatypes(specs, request.inputs)
-        outputs, loaded = server.models.predict(
+        outputs, loaded, rid = server.models.predict_tracked(
             loaded.installed.model, oip.model_inputs(specs, request.inputs),
             check_values=True, version=version)
         names = [o.name for o in loaded.installed.manifest.outputs]
         chunks, header_length = oip.rest_response(
             loaded.installed.model, loaded.installed.version, request,
-            oip.select_outputs(names, outputs, request.outputs))
+            oip.select_outputs(names, outputs, request.outputs), rid)
     except oip.OipError as e:
         raise HttpError(e.status, str(e)) from e
     except HttpError:

@@ -43,6 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--config", required=True, type=Path)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+    from edgeship.agent.quality.cli import add_parsers as add_quality_parsers
+    add_quality_parsers(asub)
     from edgeship.agent.cli_install import add_install_parser
     add_install_parser(asub)
 

@@ -119,6 +119,21 @@ class AgentClient:
         return self._json("POST", f"/v1/models/{urllib.parse.quote(name)}/predict",
                           json.dumps({"inputs": inputs}).encode())
 
+    def feedback(self, name: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Post true labels or values for earlier predictions by their ids (one batch of
+        at most 10,000 items); the answer counts accepted and rejected items and gives
+        each item's outcome."""
+        status, _, data = self._request(
+            "POST", f"/v1/models/{urllib.parse.quote(name)}/feedback",
+            json.dumps({"items": items}).encode(), {"Content-Type": "application/json"})
+        if status != 200:
+            raise ApiError(status, _message(data))
+        return json.loads(data)
+
+    def quality(self, name: str) -> dict[str, Any]:
+        """Labelled metrics per version, drift per signal, the label-free estimate."""
+        return self._json("GET", f"/v1/models/{urllib.parse.quote(name)}/quality")
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -68,6 +68,11 @@ class AgentConfig:
     max_update_restarts: int = _INSTALL.max_update_restarts  # in one install: stopped
     health_timeout_s: float = HealthLimits.timeout_s
     health_max_memory_mb: int = 0  # 0 = the device profile's model_memory_budget_mb
+    # --- model quality in the field: feedback, drift, label-free estimate ---
+    quality_enabled: bool = True  # request ids, drift sketches, feedback (agent.quality)
+    quality_window_samples: int = 2048  # live samples a drift window covers (8 blocks)
+    feedback_memory_samples: int = 8192  # predictions waiting in memory for the disk
+    feedback_disk_samples: int = 100_000  # predictions kept on disk for feedback (~60 B each)
     # --- bounds and the environment's faults ---
     max_models: int = 32  # models a device keeps; more (signed) ones: too_many_models
     resource_retry_min_s: float = 30.0  # disk full / no descriptors: first retry after
@@ -116,7 +121,8 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
              "api_body_samples", "api_max_connections", "api_idle_timeout_s",
              "spool_max_records", "spool_max_dead_letters",
              "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
-             "max_update_restarts", "max_models", "resource_retry_min_s",
+             "max_update_restarts", "quality_window_samples", "feedback_memory_samples",
+             "feedback_disk_samples", "max_models", "resource_retry_min_s",
              "resource_retry_max_s")
 
 

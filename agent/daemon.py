@@ -86,6 +86,15 @@ def install_settings(cfg: AgentConfig) -> InstallSettings:
         health=HealthLimits(timeout_s=cfg.health_timeout_s, max_memory_mb=memory_mb))
 
 
+def quality_hub(cfg: AgentConfig) -> Any:
+    """Feedback, drift and the label-free estimate (None when ``quality_enabled`` is off)."""
+    if not cfg.quality_enabled:
+        return None
+    from edgeship.agent.quality.hub import hub_for
+    return hub_for(cfg.state_dir, cfg.quality_window_samples, cfg.feedback_memory_samples,
+                   cfg.feedback_disk_samples)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, *, mqtt_loop: SharedLoop | None = None,
                  observer: InstallObserver = NO_OBSERVER) -> None:
@@ -97,6 +106,7 @@ class Agent:
         self.traits = device_traits(cfg)
         self.server = ModelServer()
         self.server.ready = False  # until the models on disk are loaded
+        self.server.quality = quality_hub(cfg)
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self.desired = DesiredTracker(cfg.state_dir,
@@ -206,6 +216,8 @@ class Agent:
                             (Topics.transfer_response(self.device), 1),
                             (Topics.desired(self.device), 1)])
         self.telemetry.start()
+        if self.server.quality is not None:
+            self.server.quality.start()
         loops = [(self._dispatch_loop, "dispatch"), (self.worker.run, "update")]
         if self.notifier.watchdog_s:
             loops.append((self._watchdog_loop, "watchdog"))
@@ -225,6 +237,8 @@ class Agent:
         self.local_api.stop()
         self.metrics.stop()
         self.telemetry.stop()
+        if self.server.quality is not None:
+            self.server.quality.stop()
         self.session.stop(final=(Topics.presence(self.device), self._presence(False), True))
         for t in self._threads:
             t.join(timeout=5)

@@ -81,7 +81,7 @@ class _Service:
         specs = loaded.installed.manifest.inputs
         oip.check_datatypes(specs, inputs)
         try:
-            outputs, loaded = self.models.predict(
+            outputs, loaded, rid = self.models.predict_tracked(
                 loaded.installed.model, oip.model_inputs(specs, inputs), check_values=True,
                 version=version)
         except ModelNotFoundError as e:
@@ -93,9 +93,11 @@ class _Service:
         names = [o.name for o in loaded.installed.manifest.outputs]
         wanted = [o.name for o in request.outputs] or None
         selected = oip.select_outputs(names, outputs, wanted)
+        params = {} if rid is None else \
+            {oip.REQUEST_ID_PARAMETER: pb.InferParameter(string_param=rid)}
         return pb.ModelInferResponse(
             model_name=loaded.installed.model, model_version=str(loaded.installed.version),
-            id=request.id,
+            id=request.id or rid or "", parameters=params,
             outputs=[pb.ModelInferResponse.InferOutputTensor(
                 name=n, datatype=oip.datatype_of(a.dtype), shape=a.shape) for n, a in selected],
             raw_output_contents=[oip.tensor_bytes(a) for _, a in selected])

@@ -106,6 +106,9 @@ class Manifest:
     #: where the converter measured the variants' latency (arch, cpu, flags)
     measured_on: dict[str, str] = field(default_factory=dict)
     llm: LlmSpec | None = None  # language models: context, KV-cache shape, tokens
+    #: the reference profile for drift and the label-free estimate (JSON as written by
+    #: converter/profile.py; parsed by agent.quality.profile when the version is served)
+    profile: dict[str, Any] | None = None
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -133,6 +136,7 @@ class Manifest:
                if self.latency_budget_ms is not None else {}),
             **({"measured_on": dict(self.measured_on)} if self.measured_on else {}),
             **({"llm": self.llm.to_dict()} if self.llm else {}),
+            **({"profile": self.profile} if self.profile is not None else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -316,7 +320,18 @@ def _parse_manifest(raw: Any) -> Manifest:
         latency_budget_ms=_budget(raw.get("latency_budget_ms")),
         measured_on=_measured_on(raw.get("measured_on", {})),
         llm=LlmSpec.from_dict(raw["llm"]) if raw.get("llm") is not None else None,
+        profile=_profile(raw.get("profile")),
     )
+
+
+def _profile(raw: Any) -> dict[str, Any] | None:
+    """Kept as JSON; checked when the version is served (a bad profile turns drift
+    monitoring off for that version and says why, it never blocks the install)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BundleError("manifest field 'profile' must be an object")
+    return raw
 
 
 def _labels(raw: Any) -> tuple[str, ...]:

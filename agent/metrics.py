@@ -33,6 +33,9 @@ class AgentCollector:
     def collect(self) -> Iterator[Any]:
         yield from self._models()
         yield from lm_metric_families(self.server)
+        if self.server.quality is not None:
+            from edgeship.agent.quality.prom import quality_metrics
+            yield from quality_metrics(self.server)
         yield from self._spool()
         yield from self._device()
 

@@ -36,6 +36,8 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
 #: HTTP status -> gRPC status code name
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
               415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+#: the response parameter naming the prediction for feedback (``/v1/models/<m>/feedback``)
+REQUEST_ID_PARAMETER = "edgeship_request_id"
 #: request parameters this server refuses rather than silently ignores
 _REFUSED_PARAMETERS = {
     "sequence_id": "sequence batching is not supported: pass the state tensors in as inputs",
@@ -280,9 +282,11 @@ def select_outputs(names: Sequence[str], values: Sequence[np.ndarray],
 
 
 def rest_response(model: str, version: int, req: InferRequest, outputs: list[tuple[
-        str, np.ndarray]]) -> tuple[list[bytes | memoryview], int | None]:
+        str, np.ndarray]], request_id: str | None = None
+                  ) -> tuple[list[bytes | memoryview], int | None]:
     """The response body as chunks, and the JSON header's length when binary data follows
-    (None: the body is JSON only)."""
+    (None: the body is JSON only). ``request_id``: the id feedback refers to, in the
+    response's ``parameters`` (and as its ``id`` when the client sent none)."""
     docs, chunks = [], []
     for name, arr in outputs:
         doc: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype),
@@ -296,8 +300,10 @@ def rest_response(model: str, version: int, req: InferRequest, outputs: list[tup
         docs.append(doc)
     head: dict[str, Any] = {"model_name": model, "model_version": str(version),
                             "outputs": docs}
-    if req.id:
-        head["id"] = req.id
+    if req.id or request_id:
+        head["id"] = req.id or request_id
+    if request_id:
+        head["parameters"] = {REQUEST_ID_PARAMETER: request_id}
     header = json.dumps(head).encode()
     return [header, *chunks], (len(header) if chunks else None)
 

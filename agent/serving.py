@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -173,10 +173,15 @@ class _Serving:
     """One served model with what a request needs resolved at swap time."""
 
     __slots__ = ("loaded", "stats", "run", "record_ns", "specs", "input_name", "dtype",
-                 "rank", "tail", "finite")
+                 "rank", "tail", "finite", "observe", "ids")
 
-    def __init__(self, loaded: LoadedModel, stats: ModelStats) -> None:
+    def __init__(self, loaded: LoadedModel, stats: ModelStats, quality: Any = None) -> None:
         self.loaded, self.stats = loaded, stats
+        # quality monitoring (agent.quality.hub): observe(inputs, outputs, batch) -> id
+        self.observe: Callable[..., int] | None = None
+        self.ids: Callable[[int], str] = str  # the request id from the first sample id
+        if quality is not None:
+            self.observe, self.ids = quality.observer(loaded)
         self.run = loaded.runtime.run
         self.record_ns = stats.record_ns
         self.specs = loaded.installed.manifest.inputs
@@ -209,6 +214,8 @@ class ModelServer:
         self._lock = threading.Lock()
         self.stats: dict[str, ModelStats] = {}
         self.shadows: dict[str, Any] = {}  # name -> agent.shadow.ShadowRun (issue 4)
+        #: agent.quality.hub.QualityHub: request ids, drift sketches, feedback (None: off)
+        self.quality: Any = None
         #: False while the agent starts (models on disk not loaded yet): not ready
         self.ready = True
 
@@ -218,14 +225,14 @@ class ModelServer:
         name = loaded.installed.model
         with self._lock:
             stats = self.stats.setdefault(name, ModelStats())
-        entry = _Serving(loaded, stats)
+        entry = _Serving(loaded, stats, self.quality)
         with self._lock:
             old = self._serving.get(name)
             self._serving[name] = entry
             kept = old if keep_previous and old is not None and \
                 old.loaded.installed.version != loaded.installed.version else None
             if kept is not None:
-                self._kept[name] = _Serving(kept.loaded, ModelStats())
+                self._kept[name] = _Serving(kept.loaded, ModelStats(), self.quality)
             else:
                 self._kept.pop(name, None)
         if old is not None and old.loaded.installed.version != loaded.installed.version:
@@ -283,12 +290,21 @@ class ModelServer:
 
     def predict(self, name: str, raw_inputs: Any, *, check_values: bool = False,
                 version: int | None = None) -> tuple[list[np.ndarray], LoadedModel]:
+        """:meth:`predict_tracked` without the request id."""
+        outputs, loaded, _ = self.predict_tracked(name, raw_inputs, check_values=check_values,
+                                                  version=version, with_id=False)
+        return outputs, loaded
+
+    def predict_tracked(self, name: str, raw_inputs: Any, *, check_values: bool = False,
+                        version: int | None = None, with_id: bool = True
+                        ) -> tuple[list[np.ndarray], LoadedModel, str | None]:
         """Check ``raw_inputs`` against the served model's signature, run it, record it.
         A single-input model takes the array itself; otherwise a dict name → array.
         Shape and dtype are always checked. ``check_values=True`` also refuses float inputs
         holding NaN or infinity: the local API (an outside caller) asks for it; in-process
         callers get what the bare runtime does (NaN in, NaN out), since that scan costs
-        more than the rest of the agent's per-call work on a small model."""
+        more than the rest of the agent's per-call work on a small model. The third value
+        is the request id feedback refers to (None when quality monitoring is off)."""
         entry = self._serving.get(name)
         if entry is None:
             raise ModelNotFoundError(f"no model named {name!r} is being served")
@@ -311,11 +327,15 @@ class ModelServer:
             shadow = self.shadows.get(name)
             if shadow is not None:
                 shadow.offer(inputs, outputs)
-        return outputs, entry.loaded
+        observe = entry.observe
+        if observe is None:
+            return outputs, entry.loaded, None
+        first = observe(inputs, outputs, batch)
+        return outputs, entry.loaded, entry.ids(first) if with_id else None
 
 
     def _predict_other(self, name: str, version: int, raw_inputs: Any,
-                       check_values: bool) -> tuple[list[np.ndarray], LoadedModel]:
+                       check_values: bool) -> tuple[list[np.ndarray], LoadedModel, str | None]:
         """A version held beside the served one (kept or shadow candidate), asked for by
         number: checked the same way, run, and counted apart (its errors never count
         against the served version's trial)."""
@@ -324,12 +344,15 @@ class ModelServer:
             raise ModelNotFoundError(f"{name} has no version {version} on this device")
         entry = self._kept.get(name)
         if entry is None or entry.loaded is not loaded:
-            entry = _Serving(loaded, ModelStats())
-        inputs, _ = _checked(entry, raw_inputs, check_values)
+            entry = _Serving(loaded, ModelStats(), self.quality)
+        inputs, batch = _checked(entry, raw_inputs, check_values)
         try:
-            return entry.run(inputs), loaded
+            outputs = entry.run(inputs)
         except Exception as e:
             raise EdgeshipError(f"inference failed: {e}") from e
+        if entry.observe is None:
+            return outputs, loaded, None
+        return outputs, loaded, entry.ids(entry.observe(inputs, outputs, batch))
 
 
 def _checked(entry: _Serving, raw_inputs: Any,

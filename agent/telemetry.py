@@ -157,7 +157,8 @@ def rss_mb() -> float:
 
 def build_batch(device: str, server: ModelServer, system: dict[str, Any],
                 extra: dict[str, Any]) -> dict[str, Any]:
-    """One telemetry record: every served model's window (reset) and the device sample."""
+    """One telemetry record: every served model's window (reset) and the device sample;
+    with quality monitoring on, each served model's drift, estimate and labelled counts."""
     models = {}
     for loaded in server.models():
         name = loaded.installed.model
@@ -168,8 +169,12 @@ def build_batch(device: str, server: ModelServer, system: dict[str, Any],
         llm = lm_window(server, name)
         if llm is not None:  # language models: TTFT, prefill/decode tokens/s, tokens
             models[name]["llm"] = llm
-    return {"device": device, "ts": time.time(), "models": models, "system": system,
-            **extra}
+    batch = {"device": device, "ts": time.time(), "models": models, "system": system,
+             **extra}
+    if server.quality is not None and models:
+        batch["quality"] = server.quality.telemetry(
+            {n: (m["version"], m["variant"]) for n, m in models.items()})
+    return batch
 
 
 # --- forwarding ----------------------------------------------------------------------------

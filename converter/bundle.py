@@ -186,6 +186,8 @@ class BundleOptions:
     #: the source model); None: the fp32 variant, else the first ONNX variant, else the
     #: first variant (a .tflite file's own signature)
     signature_from: str | os.PathLike | None = None
+    #: validation samples (labels included) for the reference profile; None: no profile
+    profile_samples: "Samples | None" = None
 
 
 def _as_samples(golden_inputs, in_specs) -> "Samples":
@@ -193,6 +195,10 @@ def _as_samples(golden_inputs, in_specs) -> "Samples":
 
     if isinstance(golden_inputs, Samples):
         return golden_inputs
+    if isinstance(golden_inputs, tuple):  # (rows, labels or None)
+        x, y = golden_inputs
+        return Samples.from_rows(in_specs[0].name, np.asarray(x, dtype=in_specs[0].dtype),
+                                 None if y is None else np.asarray(y))
     return Samples.from_rows(in_specs[0].name, np.asarray(golden_inputs,
                                                           dtype=in_specs[0].dtype))
 
@@ -251,11 +257,15 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
                  variants: Sequence[VariantArtifact], golden_inputs, *,
                  reference: dict[str, float] | None = None, labels: Sequence[str] = (),
                  task: str = "classification", overwrite: bool = False,
-                 options: BundleOptions | None = None) -> Manifest:
+                 options: BundleOptions | None = None,
+                 profile_samples: "Samples | tuple[np.ndarray, np.ndarray | None] | None" = None
+                 ) -> Manifest:
     """Write a complete bundle directory at ``out_dir`` atomically; returns its manifest.
 
     ``golden_inputs``: :class:`converter.samples.Samples` (or, for a single-input model, a
-    plain batch whose rows become samples)."""
+    plain batch whose rows become samples). ``profile_samples`` (or ``options``'): the
+    validation samples, with their labels if any, for the reference profile
+    (``converter.profile``: drift and the label-free estimate on devices)."""
     if not variants:
         raise BundleError("refusing to write a bundle without variants")
     opts = options or BundleOptions(task=task, reference=dict(reference or {}),
@@ -269,6 +279,9 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     samples = _as_samples(golden_inputs, in_specs)
     arrays, golden = golden_arrays(variants, samples, in_specs, out_specs,
                                    opts.golden_samples)
+    profile_from = profile_samples if profile_samples is not None else opts.profile_samples
+    profile = _profile(variants, _as_samples(profile_from, in_specs)
+                       if profile_from is not None else None, in_specs, out_specs, opts)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the fleet server reads it as another user
     try:
@@ -281,7 +294,8 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
             golden_size=(tmp / GOLDEN_NAME).stat().st_size,
             reference=dict(opts.reference), labels=tuple(opts.labels),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            latency_budget_ms=opts.latency_budget_ms, measured_on=dict(opts.measured_on))
+            latency_budget_ms=opts.latency_budget_ms, measured_on=dict(opts.measured_on),
+            profile=profile)
         finish_bundle(tmp, out, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,6 +303,51 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     logger.info("wrote bundle %s v%d to %s (%s)", model_name, version, out,
                 ", ".join(v.id for v in entries))
     return manifest
+
+
+def _profile(variants: Sequence[VariantArtifact], samples: "Samples | None", in_specs,
+             out_specs, opts: BundleOptions) -> dict | None:
+    """The reference profile of up to ``MAX_PROFILE_SAMPLES`` validation samples: every
+    input by name, each variant's outputs on them. None without real samples (synthesized
+    inputs say nothing about the field), or when the outputs cannot be lined up as rows
+    (shapes that vary per sample) — the bundle then ships without one, said in the log."""
+    if samples is None or samples.synthesized:
+        return None
+    from edgeship.converter.evaluate import open_runner
+    from edgeship.converter.profile import MAX_PROFILE_SAMPLES, bundle_profile
+
+    samples = samples.take(MAX_PROFILE_SAMPLES)
+    outputs: dict[str, list[np.ndarray]] = {}
+    for v in variants:
+        runner = open_runner(v.path, threads=1)
+        per = [runner.run(feed) for feed in samples.feeds()]
+        rows = [_as_rows([np.asarray(p[j]) for p in per]) for j in range(len(out_specs))]
+        if any(r is None for r in rows):
+            logger.warning("no reference profile: the outputs of %s change shape between "
+                           "samples", v.id)
+            return None
+        outputs[v.id] = [r for r in rows if r is not None]
+    inputs = {name: _rows_of(a) for name, a in samples.arrays.items()}
+    try:
+        return bundle_profile(outputs, inputs, samples.y, input_specs=in_specs,
+                              output_specs=out_specs, task=opts.task, labels=opts.labels)
+    except ValueError as e:  # a shape the profile cannot summarize: ship without one
+        logger.warning("no reference profile: %s", e)
+        return None
+
+
+def _rows_of(a: np.ndarray) -> np.ndarray:
+    """Samples ``(K, 1, ...)`` of a batch-first input as rows ``(K, ...)``."""
+    return a.reshape(a.shape[0], *a.shape[2:]) if a.ndim >= 2 and a.shape[1] == 1 else a
+
+
+def _as_rows(per_sample: list[np.ndarray]) -> np.ndarray | None:
+    """One output over the samples as rows: batch-1 outputs joined on their batch axis."""
+    if len({a.shape for a in per_sample}) != 1:
+        return None
+    first = per_sample[0]
+    return np.concatenate(per_sample) if first.ndim and first.shape[0] == 1 \
+        else np.stack(per_sample)
 
 
 def _check_file(path: Path, size: int, sha256: str) -> None:

@@ -274,7 +274,7 @@ def _convert_core(job: _Job, out_dir, name: str, version: int, labels: Sequence[
                             latency_budget_ms=settings.latency_budget_ms,
                             measured_on=measured_on(settings.evaluate.threads),
                             golden_samples=settings.golden_samples,
-                            signature_from=job.source)
+                            signature_from=job.source, profile_samples=job.val)
     manifest = write_bundle(out_dir, name, version, artifacts, job.val,
                             overwrite=settings.overwrite, options=options)
     return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref.accuracy,

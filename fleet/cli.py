@@ -443,3 +443,5 @@ def _add_fleet(subparsers: argparse._SubParsersAction) -> None:
                         help="registry: SQLite file or postgresql:// URL")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_fleet_status)
+    from edgeship.fleet import cli_quality
+    cli_quality.add_parsers(sub)

@@ -31,6 +31,8 @@ class FleetCollector:
             running.add_metric([model, version], n)
         yield running
         yield from self._rollouts(registry)
+        from edgeship.fleet.quality_metrics import quality_families
+        yield from quality_families(registry)
         stats = self.server.stats.snapshot()
         for name, help_text in (("bytes_sent", "Transfer bytes sent"),
                                 ("requests_served", "Transfer chunks served"),

@@ -28,6 +28,8 @@ from sqlalchemy import and_, case, func, or_, select
 from edgeship.agent.protocol import StatusEvent
 from edgeship.fleet import schema as t
 from edgeship.fleet.db import Database
+from edgeship.fleet.quality_store import QualityStore
+from edgeship.fleet.quality_store import rows_of as quality_rows
 from edgeship.fleet.registry_reads import (DesiredRecord, DeviceRecord, EventRecord,
                                            RegistryReads, VersionStats)
 
@@ -127,6 +129,7 @@ class Registry(RegistryReads):
         self._inserts = 0
         self.db = Database(target, busy_timeout_s=settings.busy_timeout_s,
                            pool_size=settings.pool_size)
+        self.quality = QualityStore(self.db)
         self._epoch: int | None = None
 
     @property
@@ -256,6 +259,8 @@ class Registry(RegistryReads):
         for r in model_stat_rows(msg):
             rows.add(("model_stats",), t.model_stats.insert,
                      {"device": device, "ts": now, **dict(zip(keys, r))})
+        for q in quality_rows(device, now, msg):
+            rows.add(("quality_reports",), t.quality_reports.insert, q)
 
     def add_release(self, model: str, version: int, released_at: float,
                     by: str | None = None) -> None:
@@ -271,7 +276,8 @@ class Registry(RegistryReads):
         with self.db.write() as conn:
             for table, keep in ((t.events, self.settings.max_event_rows),
                                 (t.telemetry, self.settings.max_telemetry_rows),
-                                (t.model_stats, self.settings.max_telemetry_rows)):
+                                (t.model_stats, self.settings.max_telemetry_rows),
+                                (t.quality_reports, self.settings.max_telemetry_rows)):
                 newest = select(func.max(table.c.id)).scalar_subquery()
                 conn.execute(table.delete().where(table.c.id <= newest - keep))
 

@@ -21,6 +21,9 @@ from typing import Any, Mapping
 
 from edgeship.agent.errors import ConfigError, TransitionError  # bad input: exit 2
 from edgeship.agent.protocol import StatusEvent
+from edgeship.fleet.quality_gates import QualityLimits, QualityObservation
+from edgeship.fleet.quality_gates import check as quality_check
+from edgeship.fleet.quality_gates import check_drift as quality_drift
 
 
 class State(str, Enum):
@@ -84,9 +87,29 @@ class Gates:
     max_latency_ratio: float = 1.5         # new p50 / old p50, median over paired devices
     min_shadow_agreement: float | None = None  # set when the release asks for shadow testing
     min_requests: int = 20                 # served on the new version in the wave to judge
+    # model quality (fleet.quality_gates; None turns one off): input drift as the largest
+    # JS distance of a signal, the label-free estimate's drop, and the drops of accuracy
+    # and macro F1 measured from feedback (lower confidence bound above the margin)
+    max_drift: float | None = 0.25
+    min_drift_samples: int = 200
+    max_estimated_drop: float | None = 0.05
+    min_estimate_samples: int = 200
+    max_accuracy_drop: float | None = 0.0
+    max_f1_drop: float | None = 0.0
+    min_labelled: int = 200
+    quality_confidence: float = 0.95
+
+    def quality_limits(self) -> QualityLimits:
+        return QualityLimits(self.max_drift, self.min_drift_samples, self.max_estimated_drop,
+                             self.min_estimate_samples, self.max_accuracy_drop,
+                             self.max_f1_drop, self.min_labelled, self.quality_confidence)
 
     def __post_init__(self) -> None:
         _check_numbers(self, "gates")
+        if not 0.5 <= self.quality_confidence < 1 or min(
+                self.min_drift_samples, self.min_estimate_samples, self.min_labelled) < 0:
+            raise ConfigError("gates: quality_confidence in [0.5, 1), min_* >= 0",
+                              key="quality_confidence")
         for name in ("min_install_success", "max_error_rate", "min_shadow_agreement"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -255,6 +278,7 @@ class WaveObservation:
     installed_at: float | None = None                # when the last device finished
     shadow: Mapping[str, ShadowResult] = field(default_factory=dict)  # device -> its run
     offline_since: Mapping[str, float] = field(default_factory=dict)  # offline -> last seen
+    quality: QualityObservation | None = None       # drift, estimate, feedback (or None)
 
 
 @dataclass(frozen=True)
@@ -370,6 +394,10 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
     requests = sum(s.requests for s in stats)
     errors = sum(s.errors for s in stats)
     timed_out = now - obs.started_at > policy.wave_timeout_s
+    seen: dict[str, Any] = {}
+    drifted = quality_drift(obs.quality, g.quality_limits(), seen)  # need not soak first
+    if drifted is not None:
+        return _fail(drifted.gate, drifted.reason, requests=requests, **seen)
     if requests < g.min_requests or now - since < policy.soak_s:
         if timed_out:
             return _fail("traffic", f"only {requests} requests served on the new version "
@@ -390,6 +418,9 @@ def evaluate_wave(obs: WaveObservation, policy: Policy, now: float) -> Verdict:
         return _fail("latency", f"p50 latency {ratio:.2f}x the previous version on the same "
                      f"{paired} device(s) ({new_p50:.2f} ms; limit "
                      f"{g.max_latency_ratio:.2f}x)", **measured)
+    failure = quality_check(obs.quality, g.quality_limits(), measured)
+    if failure is not None:
+        return _fail(failure.gate, failure.reason, **measured)
     agree = [obs.shadow[d].agreement for d in obs.devices
              if d in obs.shadow and obs.shadow[d].agreement is not None]
     if agree:  # all at or above the threshold (shadow_gate), recorded with the verdict

@@ -319,7 +319,11 @@ class RolloutRunner:
                        for d, s in stats.items() if d in wave},
             baseline={d: DeviceStats(**b) for d, b in r.baseline.items()},
             installed_at=r.wave_installed_at, shadow=self._shadow_results(r, wave),
-            offline_since=self.registry.offline_since(wave))
+            offline_since=self.registry.offline_since(wave),
+            quality=self.registry.quality.observation(
+                r.model, r.to_version, r.from_version, wave,
+                r.wave_started_at or r.created_at,
+                self.registry.now() - r.policy.baseline_window_s))
 
     def _shadow_results(self, r: Rollout, wave: tuple[str, ...]) -> dict[str, ShadowResult]:
         return {d: ShadowResult.from_report(doc) for d, doc in self.registry

@@ -125,3 +125,15 @@ meta = Table(  # registry-wide facts: "epoch" (creation time in ms, orders desir
     "meta", metadata,
     Column("key", Text, primary_key=True), Column("value", Text, nullable=False),
 )
+
+quality_reports = Table(
+    "quality_reports", metadata, _id(),
+    Column("device", Text, nullable=False), Column("ts", Float, nullable=False),
+    Column("model", Text, nullable=False), Column("version", Integer, nullable=False),
+    Column("samples", Integer, nullable=False),      # in the device's drift window
+    Column("drift_js", Float), Column("drift_signal", Text),  # its most drifted signal
+    Column("est_n", Integer, nullable=False), Column("est_above", Integer, nullable=False),
+    Column("doc", Text, nullable=False),  # the device's quality section for the model
+    Index("quality_model_version_ts", "model", "version", "ts"),
+    Index("quality_model_device", "model", "device", "id"), sqlite_autoincrement=True,
+)

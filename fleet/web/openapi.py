@@ -142,6 +142,9 @@ def openapi() -> dict[str, Any]:
                     _q("bucket_s", "number")], result="array")},
         "/api/v1/audit": {"get": _op("Audit log", params=[_q("rollout")], result="array")},
     }
+    from edgeship.fleet.web.quality_api import OPENAPI_PATHS
+    for path, (summary, params) in OPENAPI_PATHS.items():
+        paths[path] = {"get": _op(summary, params=[_q(*p) for p in params])}
     for cmd in ("pause", "resume", "abort", "rollback"):
         paths[f"/api/v1/rollouts/{{id}}/{cmd}"] = {"post": _op(
             f"{cmd.capitalize()} a rollout", params=_ID, body="Command", result="Rollout")}

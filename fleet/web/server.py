@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlparse
 
 from edgeship.fleet import metrics
 from edgeship.fleet.auth import AuthError, Role
+from edgeship.fleet.web import quality_api
 from edgeship.fleet.web.api import Api, Request
 from edgeship.fleet.web.openapi import openapi
 from edgeship.fleet.web.security import (RequestError, bearer, check_host, check_mutation,
@@ -148,6 +149,7 @@ class FleetWebServer(ThreadingHTTPServer):
         super().__init__((settings.host, settings.port), _Handler)
         self.fleet = fleet
         self.api = Api(fleet)
+        quality_api.register(self.api)  # /api/v1/quality[/<model>]
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._thread: threading.Thread | None = None
         if settings.tls_cert is not None:

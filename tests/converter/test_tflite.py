@@ -78,5 +78,6 @@ def test_a_32_bit_pi_gets_a_bundle_of_tflite_variants_only(trained, tmp_path):
     manifest = read_bundle_dir(result.bundle_dir)
     assert [v.id for v in manifest.variants] == ["tflite-fp32"]
     assert manifest.inputs[0].shape == (None, 1, 8, 8)  # from the fp32 ONNX export
+    assert manifest.profile["signals"] and "estimate" in manifest.profile  # from LiteRT
     assert select_variant(manifest, ("int8-static", "fp32"), ("litert",), "armv7l").id == \
         "tflite-fp32"

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -23,18 +21,7 @@ from edgeship.fleet.web.server import FleetWebServer, WebSettings
 from tests.fleet_control.helpers import WIDTH, Traffic
 from tests.fleet_control.web import start_web, stop_web
 from tests.support import wait_until
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                    reason="Debian's chromium is not installed")
-
-
-def screenshot_dir() -> Path:
-    out = Path(os.environ.get("EDGESHIP_TEST_OUTPUT", "test-output")) / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+from tests.support.browser import ARGS, CHROMIUM, needs_chromium, screenshot_dir, sign_in
 
 
 def _call(url: str, token: str, data: dict | None = None):
@@ -55,12 +42,6 @@ def web(loop_env):
     server.token = TokenStore(loop_env.fleet.registry).create("ops", Role.OPERATE)[1]
     yield server
     server.stop()
-
-
-def _sign_in(page, url: str, token: str) -> None:
-    page.goto(url)
-    page.fill("#token", token)
-    page.click("#signin-form button")
 
 
 def test_rest_api_openapi_and_metrics(loop_env, web):
@@ -105,7 +86,7 @@ def test_dashboard_shows_a_rollout_advance(loop_env, web, synth_bundles):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            _sign_in(page, web.url, web.token)
+            sign_in(page, web.url, web.token)
             page.wait_for_selector("#chart-latency svg path", timeout=30_000)
             policy = Policy(waves=(0.5, 1.0), soak_s=1, jitter_s=0, wave_timeout_s=90,
                             gates=Gates(min_requests=10, max_latency_ratio=3.0))
@@ -187,7 +168,7 @@ def test_dashboard_at_10000_devices(big):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         statuses: list[tuple[str, int]] = []
         page.on("response", lambda r: statuses.append((r.url, r.status)))
-        _sign_in(page, f"http://127.0.0.1:{big.port}/", big.tokens["operate"])
+        sign_in(page, f"http://127.0.0.1:{big.port}/", big.tokens["operate"])
         page.wait_for_selector("#device-table tr[data-device]", timeout=30_000)
         assert page.inner_text("#page") == f"1–50 of {N}"
         assert page.inner_text("#k-devices") == str(N)

@@ -51,3 +51,37 @@ def write_synthetic_bundle(out_dir: Path, *, model: str = "synth", version: int 
 
 def sample_inputs(width: int, rows: int = 8, seed: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+
+
+def write_quality_bundle(out_dir: Path, *, model: str = "synq", version: int = 1,
+                         width: int = 16, seed: int = 0, samples: int = 600,
+                         label_noise: float = 0.1) -> Path:
+    """A small classifier (x[N, width] → logits[N, 10]) with a reference profile from
+    ``samples`` N(0, 1) inputs whose labels are its own top-1 class, a share
+    ``label_noise`` of them replaced at random (about 90 % accuracy)."""
+    from edgeship.converter.bundle import VariantArtifact, write_bundle
+
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed + 7)
+    x = rng.standard_normal((samples, width)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = write_model(Path(tmp) / "model.onnx", width=width, depth=1, seed=seed)
+        y = quality_labels(onnx_path, x, label_noise, seed)
+        write_bundle(out_dir, model, version,
+                     [VariantArtifact("onnx-fp32", "onnxruntime", "fp32", onnx_path)],
+                     x[:4], labels=[str(i) for i in range(10)], overwrite=True,
+                     profile_samples=(x, y))
+    return out_dir
+
+
+def quality_labels(onnx_path: Path, x: np.ndarray, label_noise: float, seed: int
+                   ) -> np.ndarray:
+    """The model's own classes with a share ``label_noise`` replaced at random."""
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(str(onnx_path)).run(None, {"x": x})[0]
+    rng = np.random.default_rng(seed + 11)
+    y = logits.argmax(axis=1)
+    flip = rng.random(len(y)) < label_noise
+    y[flip] = rng.integers(0, 10, int(flip.sum()))
+    return y

@@ -1,0 +1,135 @@
+"""The fleet's side, pure: pooling device reports per version, honest summaries, and the
+quality gates a rollout wave is judged by."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeship.agent.quality.metrics import ClassCounts
+from edgeship.fleet.quality import (QualityReport, pool_labelled, pool_windows, summary,
+                                    version_quality)
+from edgeship.fleet.quality_gates import QualityObservation, check
+from edgeship.fleet.rollout import (DeviceStats, Gates, Policy, WaveObservation,
+                                    evaluate_wave)
+
+REF = [0.25, 0.25, 0.25, 0.25]
+
+
+def _counts(accuracy: float, n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    c = ClassCounts(4)
+    for _ in range(n):
+        t = int(rng.integers(0, 4))
+        c.add(t if rng.random() < accuracy else (t + 1) % 4, t)
+    return c.to_dict()
+
+
+def _report(device, version, hist, *, above=None, labelled=None, ts=0.0):
+    n = int(sum(hist))
+    drift = {"samples": n, "reference_samples": 400,
+             "signals": {"x:mean": {"counts": list(hist), "ref": REF}},
+             "estimate": {"samples": n, "above": n if above is None else above,
+                          "reference_accuracy": 0.9}}
+    return QualityReport(device, ts, "m", version, {"version": version, "drift": drift,
+                                                    "labelled": labelled or {}})
+
+
+def test_windows_pool_exactly_and_chance_shrinks_with_more_devices():
+    one = pool_windows([_report("a", 2, [30, 20, 25, 25])])
+    many = pool_windows([_report(d, 2, [30, 20, 25, 25]) for d in "abcd"])
+    assert many.window_samples == 400 and many.devices == 4
+    assert many.signals["x:mean"].counts.tolist() == [120, 80, 100, 100]
+    assert many.drift()["x:mean"]["js"] == pytest.approx(one.drift()["x:mean"]["js"])
+    assert many.drift()["x:mean"]["chance"] < one.drift()["x:mean"]["chance"]
+    assert many.estimate == 1.0
+
+
+def test_labelled_counts_add_up_across_devices_and_versions_stay_apart():
+    reports = [_report("a", 2, [1, 1, 1, 1], labelled={"1": _counts(0.9, 100),
+                                                       "2": _counts(0.8, 50)}),
+               _report("b", 2, [1, 1, 1, 1], labelled={"2": _counts(0.8, 70, 1)})]
+    v2, devices = pool_labelled(reports, 2)
+    assert (v2.n, devices) == (120, 2)
+    v1, devices = pool_labelled(reports, 1)
+    assert (v1.n, devices) == (100, 1)
+
+
+def test_summary_says_so_with_too_few_labels_and_marks_the_estimate():
+    vq = version_quality([_report("a", 2, [10, 10, 10, 10], above=30)],
+                         [_report("a", 2, [1], labelled={"2": _counts(0.9, 50)})], 2)
+    doc = summary(vq, min_labelled=200)
+    assert "accuracy" not in doc["labelled"] and "too few labels (50" in \
+        doc["labelled"]["note"]
+    assert doc["estimate"]["is_estimate"] is True and doc["estimate"]["accuracy"] == 0.75
+    empty = summary(version_quality([], [], 3))
+    assert empty["labelled"]["note"] == "no labels yet"
+    assert empty["estimate"]["accuracy"] is None and "no estimate" in empty["estimate"]["note"]
+    vq.labelled = ClassCounts.from_dict(_counts(0.9, 400))
+    full = summary(vq)["labelled"]
+    assert full["samples"] == 400 and full["accuracy_ci"][0] < full["accuracy"]
+
+
+def _obs(new_hist=(100, 100, 100, 100), new_above=None, new_acc=0.9, old_acc=0.9,
+         n=1000, old_above=None):
+    new = version_quality([_report(d, 2, new_hist, above=new_above) for d in "ab"],
+                          [_report("a", 2, [1], labelled={"2": _counts(new_acc, n, 1)})], 2)
+    old = version_quality([_report("c", 1, (100, 100, 100, 100), above=old_above)],
+                          [_report("c", 1, [1], labelled={"1": _counts(old_acc, n, 2)})], 1)
+    return QualityObservation(new, old)
+
+
+@pytest.mark.parametrize("obs,gate", [
+    (_obs(new_hist=(400, 0, 0, 0)), "drift"),
+    (_obs(new_above=280, old_above=380), "estimated_accuracy"),  # 70 % vs 95 %
+    (_obs(new_acc=0.8, old_acc=0.92), "accuracy"),
+])
+def test_each_quality_gate_halts_on_its_own_evidence(obs, gate):
+    measured: dict = {}
+    failure = check(obs, Gates().quality_limits(), measured)
+    assert failure is not None and failure.gate == gate, measured
+
+
+def test_no_halt_on_the_same_quality_or_on_too_little_data():
+    measured: dict = {}
+    assert check(_obs(), Gates().quality_limits(), measured) is None
+    assert measured["drift_js"] < 0.05 and measured["accuracy_new"] > 0.85
+    few: dict = {}
+    assert check(_obs(new_hist=(40, 0, 0, 0), new_acc=0.5, n=100),
+                 Gates().quality_limits(), few) is None
+    assert "too few" in few["drift_note"] and "too few labels" in few["labelled_note"]
+
+
+def test_a_wave_fails_on_drift_after_the_other_gates_pass():
+    devices = ("a", "b")
+    obs = WaveObservation(devices=devices, started_at=0.0,
+                          outcomes={d: ("serving", None) for d in devices},
+                          new_stats={d: DeviceStats(requests=50, p50_ms=1.0) for d in devices},
+                          baseline={d: DeviceStats(requests=50, p50_ms=1.0) for d in devices},
+                          installed_at=0.0, quality=_obs(new_hist=(400, 0, 0, 0)))
+    verdict = evaluate_wave(obs, Policy(soak_s=0), now=10.0)
+    assert verdict.decision == "fail" and verdict.gate == "drift"
+    assert "Jensen-Shannon" in verdict.reason and verdict.measured["drift_samples"] == 800
+    off = Policy(soak_s=0, gates=Gates(max_drift=None))
+    assert evaluate_wave(obs, off, now=10.0).decision == "pass"
+    soaking = evaluate_wave(obs, Policy(soak_s=600), now=10.0)  # drift need not wait
+    assert soaking.decision == "fail" and soaking.gate == "drift"
+    calm = WaveObservation(**{**obs.__dict__, "quality": _obs()})
+    assert evaluate_wave(calm, Policy(soak_s=600), now=10.0).decision == "wait"
+
+
+def test_view_and_table_say_too_few_labels_and_mark_the_estimate():
+    from edgeship.fleet.quality import model_view, table_rows
+
+    windows = [_report("a", 2, [50, 50, 50, 50], above=150),
+               _report("b", 1, [50, 50, 50, 50])]
+    latest = [_report("a", 2, [1], labelled={"1": _counts(0.9, 300), "2": _counts(0.8, 20)})]
+    view = model_view(windows, latest, ("a", "b", "c", "d"))
+    assert list(view["versions"]) == ["2", "1"]
+    rows = {r["version"]: r for r in table_rows(view)}
+    assert rows["v2"]["accuracy"].startswith("too few labels (20")
+    assert rows["v2"]["estimated accuracy"] == "~75.0% (estimate, n=200)"
+    assert rows["v1"]["accuracy"].endswith("%]") and "[" in rows["v1"]["accuracy"]
+    assert rows["v1"]["labels"] == "300" and rows["v1"]["f1"].count("[") == 1
+    drifted = summary(pool_windows([_report("a", 2, [400, 0, 0, 0], above=380)]))
+    assert "far off" in drifted["estimate"]["note"] and drifted["estimate"]["accuracy"] == 0.95

@@ -1,0 +1,235 @@
+"""Pure parts of model quality: signals, drift scores, the window, metrics, the profile."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edgeship.agent.errors import BundleError
+from edgeship.agent.manifest import TensorSpec
+from edgeship.agent.quality import drift, features, metrics
+from edgeship.agent.quality.profile import parse_profile
+from edgeship.converter.profile import atc_threshold, build_profile, quantile_edges
+
+
+# --- signals ---------------------------------------------------------------------------
+
+def test_signals_follow_the_input_kind_and_find_image_channels():
+    names = [s.name for s in features.input_signals("img", "float32", (3, 32, 32))]
+    assert names == ["img:mean", "img:std"] + [f"img:channel_mean[{c}]" for c in range(3)]
+    nhwc = features.input_signals("img", "uint8", (32, 32, 3))
+    assert [s.stat for s in nhwc] == ["mean", "zeros"]  # integers: no channel means
+    assert features.channel_axis((32, 32, 3)) == 2
+    assert features.channel_axis((1, 8, 8)) is None  # one channel: the mean says it all
+    assert features.channel_axis((None, 8, 8)) is None
+    assert [s.stat for s in features.input_signals("ids", "int64", (128,))] == ["mean", "zeros"]
+    assert [s.stat for s in features.input_signals("mask", "bool", (128,))] == ["mean"]
+
+
+def test_input_columns_are_per_sample_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 3, 4, 4)).astype(np.float32)
+    specs = features.input_signals("x", "float32", x.shape[1:])
+    cols = features.input_columns(x, specs)
+    flat = x.reshape(5, -1).astype(np.float64)
+    np.testing.assert_allclose(cols[0], flat.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(cols[1], flat.std(1), rtol=1e-4)
+    np.testing.assert_allclose(cols[2], x[:, 0].reshape(5, -1).mean(1), rtol=1e-6)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    spec = features.SignalSpec("c", "channel_mean", "x", axis=2, channel=1)
+    np.testing.assert_allclose(features.input_columns(nhwc, [spec])[0], cols[3], rtol=1e-6)
+    ids = np.array([[0, 0, 5, 7], [1, 2, 3, 0]], dtype=np.int64)
+    zeros = features.SignalSpec("z", "zeros", "ids")
+    np.testing.assert_allclose(features.input_columns(ids, [zeros])[0], [0.5, 0.25])
+
+
+def test_large_samples_are_read_at_a_stride_and_stay_close():
+    x = np.random.default_rng(1).random((2, 3, 320, 320)).astype(np.float32)
+    specs = features.input_signals("x", "float32", x.shape[1:])
+    cols = features.input_columns(x, specs)
+    assert np.abs(cols[0] - x.reshape(2, -1).mean(1)).max() < 0.02
+    assert np.abs(cols[2] - x[:, 0].reshape(2, -1).mean(1)).max() < 0.02
+
+
+@pytest.mark.parametrize("scores,kind", [
+    (np.array([[2.0, -1.0, 0.5]]), "logits"),
+    (np.array([[0.7, 0.2, 0.1]]), "probabilities"),
+    (np.array([[0.8], [0.1]]), "sigmoid_probability"),
+    (np.array([[3.0], [-2.0]]), "sigmoid_logit"),
+])
+def test_score_kind_and_probabilities(scores, kind):
+    assert features.score_kind(scores) == kind
+    p = features.class_probabilities(scores, kind)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert p.shape[1] == max(2, scores.shape[1])
+    h = features.entropy(p)
+    assert ((0 <= h) & (h <= 1 + 1e-12)).all()
+
+
+# --- drift -----------------------------------------------------------------------------
+
+def test_js_distance_is_zero_for_the_reference_one_for_disjoint_and_symmetric_bounded():
+    ref = np.array([0.25, 0.25, 0.5])
+    assert drift.js_distance(np.array([25, 25, 50]), ref) == pytest.approx(0.0, abs=1e-9)
+    assert drift.js_distance(np.array([0, 0, 0]), ref) is None
+    assert drift.js_distance(np.array([10, 0, 0]), np.array([0.0, 0.5, 0.5])) == \
+        pytest.approx(1.0)
+    # finite where PSI needs its smoothing constant (an empty live bin)
+    assert 0 < drift.js_distance(np.array([0, 50, 50]), ref) < 1
+    assert drift.psi(np.array([0, 50, 50]), ref) > 0.25
+
+
+def test_chance_level_matches_sampling_without_drift():
+    rng = np.random.default_rng(3)
+    ref = np.full(10, 0.1)
+    observed = [drift.js_distance(np.bincount(rng.integers(0, 10, 500), minlength=10), ref)
+                for _ in range(300)]
+    expected = drift.chance_js(10, 500, 0)
+    assert 0.7 * expected < float(np.mean(observed)) < 1.3 * expected
+
+
+def test_window_is_constant_memory_and_forgets_old_blocks():
+    win = drift.SlidingWindow([3, 2], drift.WindowSettings(blocks=4, block_samples=10))
+    size = win.nbytes
+    old = np.zeros((40, 2), dtype=np.int64)  # 40 samples all in bin 0
+    win.add(old, np.ones(40, bool))
+    n, counts, above = win.totals()
+    assert (n, counts[0].tolist(), counts[1].tolist(), above) == (40, [40, 0, 0], [40, 0], 40)
+    win.add(np.array([[2, 1]] * 25), np.zeros(25, bool))  # new traffic, other bins
+    n, counts, above = win.totals()
+    assert n == 35 and counts[0][2] == 25 and counts[0][0] == 10 and above == 10
+    win.add(np.array([[2, 1]] * 1000), None)
+    n, counts, _ = win.totals()
+    assert counts[0][0] == 0 and n <= 40 and win.nbytes == size and win.total == 1065
+
+
+def test_bins_put_edges_in_the_upper_bin():
+    edges = np.array([0.0, 1.0])
+    assert drift.bin_indices(np.array([-1, 0, 0.5, 1, 2]), edges).tolist() == [0, 1, 1, 2, 2]
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+def test_class_counts_match_sklearn():
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 4, 300)
+    pred = np.where(rng.random(300) < 0.7, truth, rng.integers(0, 4, 300))
+    c = metrics.ClassCounts(4)
+    for p, t in zip(pred, truth):
+        c.add(int(p), int(t))
+    rep = metrics.classification_report(c, ("a", "b", "c", "d"))
+    p, r, f, _ = precision_recall_fscore_support(truth, pred, average="macro")
+    assert rep["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert (rep["precision_macro"], rep["recall_macro"], rep["f1_macro"]) == \
+        pytest.approx((p, r, f))
+    lo, hi = rep["accuracy_ci"]
+    assert lo < rep["accuracy"] < hi and hi - lo < 0.12
+    assert [row["class"] for row in rep["per_class"]] == ["a", "b", "c", "d"]
+    merged = metrics.pooled([metrics.ClassCounts.from_dict(c.to_dict()), c])
+    assert merged.n == 600 and metrics.report(merged)["accuracy"] == rep["accuracy"]
+
+
+def test_wilson_interval_known_values_and_regression_report():
+    lo, hi = metrics.wilson(81, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.7222, 0.8749)
+    assert metrics.wilson(0, 0) is None
+    r = metrics.RegressionCounts()
+    for p, t in [(1.0, 2.0), (3.0, 1.0), (0.0, 0.0)]:
+        r.add(p, t)
+    rep = metrics.regression_report(r)
+    assert rep["mae"] == pytest.approx(1.0) and rep["rmse"] == pytest.approx(math.sqrt(5 / 3))
+
+
+def test_f1_interval_covers_the_truth_about_as_often_as_it_says():
+    rng = np.random.default_rng(9)
+    covered = 0
+    big = metrics.ClassCounts(3)
+    for _ in range(20_000):
+        t = int(rng.integers(0, 3))
+        big.add(t if rng.random() < 0.8 else int(rng.integers(0, 3)), t)
+    target, _ = metrics.macro_f1(big)
+    for _ in range(200):
+        c = metrics.ClassCounts(3)
+        for _ in range(300):
+            t = int(rng.integers(0, 3))
+            c.add(t if rng.random() < 0.8 else int(rng.integers(0, 3)), t)
+        lo, hi = metrics.classification_report(c)["f1_macro_ci"]
+        covered += lo <= target <= hi
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_comparison_and_sample_size_for_a_two_point_drop():
+    same = metrics.compare(0.98, 0.004, 0.98, 0.004, margin=0.0, confidence=0.95)
+    assert not same.worse
+    worse = metrics.compare(0.98, 0.004, 0.93, 0.008, margin=0.0, confidence=0.95)
+    assert worse.worse and worse.drop == pytest.approx(0.05)
+    both = metrics.samples_to_detect(0.98, 0.02)
+    fixed = metrics.samples_to_detect(0.98, 0.02, old_n=100_000)
+    assert 800 < both < 1000 and 550 < fixed < 650  # the Wald test the gate runs
+
+
+# --- profile ---------------------------------------------------------------------------
+
+def _profile(y=None):
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 3, 8, 8)).astype(np.float32)
+    logits = rng.normal(size=(300, 4)) * 3
+    return build_profile({"x": x}, [logits],
+                         input_specs=[TensorSpec("x", "float32", (None, 3, 8, 8))],
+                         output_specs=[TensorSpec("logits", "float32", (None, 4))],
+                         task="classification", labels=("a", "b", "c", "d"), y=y), logits
+
+
+def test_profile_round_trips_and_its_threshold_reproduces_the_accuracy():
+    rng = np.random.default_rng(1)
+    _, logits = _profile()
+    y = np.where(rng.random(300) < 0.75, logits.argmax(1), rng.integers(0, 4, 300))
+    doc, _ = _profile(y)
+    p = parse_profile(doc)
+    names = [s.spec.name for s in p.signals]
+    assert names[:5] == ["x:mean", "x:std", "x:channel_mean[0]", "x:channel_mean[1]",
+                         "x:channel_mean[2]"]
+    assert names[5:] == ["confidence", "entropy", "class"]
+    est = p.estimator("onnx-fp32")
+    probs = features.class_probabilities(logits, "logits")
+    share = (features.atc_scores(probs, est.score) > est.threshold).mean()
+    assert share == pytest.approx(est.accuracy, abs=1 / 300)
+    assert est.accuracy == pytest.approx((logits.argmax(1) == y).mean())
+    for s in p.signals:  # reference shares are the validation histogram itself
+        assert s.ref.sum() == pytest.approx(1.0)
+
+
+def test_atc_threshold_handles_perfect_and_useless_models():
+    s = np.array([0.1, 0.5, 0.9])
+    t, acc = atc_threshold(s, np.array([True, True, True]))
+    assert acc == 1 and (s > t).all()
+    t, acc = atc_threshold(s, np.array([False, False, False]))
+    assert acc == 0 and not (s > t).any()
+
+
+def test_quantile_edges_cover_constant_and_out_of_range_values():
+    edges = quantile_edges(np.full(50, 3.0))
+    assert drift.bin_indices(np.array([2.0, 3.0, 4.0]), edges).tolist() == [0, 1, 2]
+    edges = quantile_edges(np.linspace(0, 1, 101))
+    assert len(edges) == 11 and edges[0] == 0.0 and edges[-1] > 1.0
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(format=9), "unknown format"),
+    (lambda d: d["signals"][0].update(edges=d["signals"][0]["edges"][::-1]),
+     "strictly increasing"),
+    (lambda d: d["signals"][0].update(ref=[1.0]), "one edge fewer"),
+    (lambda d: d["signals"][0].update(stat="median"), "unknown signal stat"),
+    (lambda d: d["signals"].append(dict(d["signals"][0])), "repeats a signal"),
+    (lambda d: d["score"].update(kind="odds"), "score kind"),
+    (lambda d: d["estimate"].update(accuracy=1.5), r"accuracy in \[0, 1\]"),
+])
+def test_bad_profiles_are_refused_with_a_reason(change, message):
+    doc, _ = _profile(np.zeros(300, dtype=np.int64))
+    change(doc)
+    with pytest.raises(BundleError, match=message):
+        parse_profile(doc)
