@@ -28,8 +28,12 @@ COMMAND_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
     "edgeship.demo": (("demo",), "converter,fleet"),
 }
 #: modules that add subcommands under `edgeship devices` via ``add_device_commands(dsub)``
-#: (profiles/detect run on a device; ls/tag read the fleet registry).
-DEVICE_COMMAND_MODULES = ("edgeship.devices.cli", "edgeship.fleet.cli_rollout")
+#: → (those subcommands, the extra they need): profiles/detect run on a device; ls/tag
+#: read the fleet registry.
+DEVICE_COMMAND_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
+    "edgeship.devices.cli": (("profiles", "detect"), ""),
+    "edgeship.fleet.cli_rollout": (("ls", "tag"), "fleet"),
+}
 #: packages of the PyTorch → TFLite extra (the rest of a host command's imports: its own extra)
 TFLITE_CONVERT_MODULES = {"litert_torch", "ai_edge_torch", "ai_edge_quantizer", "transformers"}
 
@@ -56,26 +60,36 @@ def build_parser(unavailable: dict[str, str] | None = None) -> argparse.Argument
     unavailable = {} if unavailable is None else unavailable
     for module, (names, extra) in COMMAND_MODULES.items():
         mod = _import(module)
+        if not isinstance(mod, str) and mod is not None:
+            try:
+                mod.add_parsers(sub)
+                continue
+            except ModuleNotFoundError as e:  # a lazy import while building its parser
+                mod = f"needs {e.name}, which is not installed"
         if isinstance(mod, str):
             for name in names:
                 unavailable[name] = f"'edgeship {name}' {mod}; pip install 'edgeship[{extra}]'"
-                sub.add_parser(name, help=f"(unavailable here: needs edgeship[{extra}])")
-        elif mod is not None:
-            mod.add_parsers(sub)
-    _device_commands(sub)
+                if name not in sub.choices:
+                    sub.add_parser(name, help=f"(unavailable here: needs edgeship[{extra}])")
+    _device_commands(sub, unavailable)
     _verbose_everywhere(parser)
     return parser
 
 
-def _device_commands(sub: argparse._SubParsersAction) -> None:
-    mods = [m for m in map(_import, DEVICE_COMMAND_MODULES)
-            if m is not None and not isinstance(m, str) and hasattr(m, "add_device_commands")]
-    if not mods:
-        return
+def _device_commands(sub: argparse._SubParsersAction, unavailable: dict[str, str]) -> None:
+    """`edgeship devices ...`; a subcommand whose module cannot run here stays listed and
+    is entered in ``unavailable`` as "devices NAME"."""
     p = sub.add_parser("devices", help="board profiles and the device registry")
     dsub = p.add_subparsers(dest="devices_cmd", required=True, metavar="COMMAND")
-    for mod in mods:
-        mod.add_device_commands(dsub)
+    for module, (names, extra) in DEVICE_COMMAND_MODULES.items():
+        mod = _import(module)
+        if isinstance(mod, str):
+            for name in names:
+                fix = f"pip install 'edgeship[{extra}]'" if extra else "reinstall edgeship"
+                unavailable[f"devices {name}"] = f"'edgeship devices {name}' {mod}; {fix}"
+                dsub.add_parser(name, help=f"(unavailable here: {fix})")
+        elif mod is not None and hasattr(mod, "add_device_commands"):
+            mod.add_device_commands(dsub)
 
 
 def _import(module: str):
@@ -108,9 +122,12 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
             _verbose_everywhere(child)
 
 
-def _command_name(argv: Sequence[str]) -> str | None:
-    """The first word that is not an option (the subcommand), if any."""
-    return next((a for a in argv if not a.startswith("-")), None)
+def _command_names(argv: Sequence[str]) -> list[str]:
+    """The subcommand and, for `devices`, its own subcommand ("devices ls")."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if not words:
+        return []
+    return [words[0], " ".join(words)] if words[0] == "devices" else [words[0]]
 
 
 def _missing_extra(command: str, error: ImportError) -> int:
@@ -133,10 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     unavailable: dict[str, str] = {}
     parser = build_parser(unavailable)
-    command = _command_name(argv)
-    if command in unavailable:
-        error_line(unavailable[command])
-        return EXIT_BAD_INPUT
+    for command in _command_names(argv):
+        if command in unavailable:
+            error_line(unavailable[command])
+            return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -69,6 +69,7 @@ def _device_install(*argv: str, hide: tuple[str, ...]) -> subprocess.CompletedPr
 @pytest.mark.parametrize("argv, hide, extra", [
     (("convert", "digits", "--out", "{tmp}"), ("torch",), "converter"),
     (("fleet", "status", "--db", "{db}"), ("rich",), "fleet"),
+    (("devices", "ls", "--db", "{db}"), ("sqlalchemy",), "fleet"),
 ])
 def test_host_commands_on_a_device_install_name_the_extra(argv, hide, extra, tmp_path):
     db = tmp_path / "fleet.db"
@@ -80,7 +81,8 @@ def test_host_commands_on_a_device_install_name_the_extra(argv, hide, extra, tmp
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"edgeship: error: 'edgeship {argv[0]}' needs {hide[0]}")
+    command = " ".join(argv[:2]) if argv[0] == "devices" else argv[0]
+    assert lines[0].startswith(f"edgeship: error: 'edgeship {command}' needs {hide[0]}")
     assert f"pip install 'edgeship[{extra}]'" in lines[0]
 
 
