@@ -73,6 +73,10 @@ class AgentConfig:
     quality_window_samples: int = 2048  # live samples a drift window covers (8 blocks)
     feedback_memory_samples: int = 8192  # predictions waiting in memory for the disk
     feedback_disk_samples: int = 100_000  # predictions kept on disk for feedback (~60 B each)
+    # --- language models (OpenAI-compatible endpoints): admission ---
+    llm_max_active: int = 1  # generations at once; each holds a KV cache
+    llm_max_queued: int = 4  # requests waiting for a slot; past it: 429
+    llm_queue_timeout_s: float = 60.0  # a wait longer than this: 503
     # --- bounds and the environment's faults ---
     max_models: int = 32  # models a device keeps; more (signed) ones: too_many_models
     resource_retry_min_s: float = 30.0  # disk full / no descriptors: first retry after
@@ -123,7 +127,7 @@ _POSITIVE = ("telemetry_interval_s", "chunk_bytes", "transfer_timeout_s", "max_m
              "reconnect_min_s", "reconnect_max_s", "health_timeout_s", "trial_max_crashes",
              "max_update_restarts", "quality_window_samples", "feedback_memory_samples",
              "feedback_disk_samples", "max_models", "resource_retry_min_s",
-             "resource_retry_max_s")
+             "resource_retry_max_s", "llm_max_active", "llm_queue_timeout_s")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
@@ -135,6 +139,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> AgentConf
     for key in _POSITIVE:
         if key in values and values[key] <= 0:
             raise ConfigError(f"{source}: key {key!r} must be > 0", key=key)
+    if values.get("llm_max_queued", 0) < 0:
+        raise ConfigError(f"{source}: key 'llm_max_queued' must be >= 0", key="llm_max_queued")
     if values.get("chunk_bytes", 1) > MAX_CHUNK_BYTES:
         raise ConfigError(f"{source}: key 'chunk_bytes' must be <= {MAX_CHUNK_BYTES}",
                           key="chunk_bytes")

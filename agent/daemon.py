@@ -107,6 +107,9 @@ class Agent:
         self.server = ModelServer()
         self.server.ready = False  # until the models on disk are loaded
         self.server.quality = quality_hub(cfg)
+        from edgeship.agent.llm.http import configure as configure_llm
+        configure_llm(self.server, max_active=cfg.llm_max_active,
+                      max_queued=cfg.llm_max_queued, queue_timeout_s=cfg.llm_queue_timeout_s)
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self.desired = DesiredTracker(cfg.state_dir,
