@@ -7,6 +7,10 @@ model and a .tflite with two outputs."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,6 +118,17 @@ def test_minilm_encoder_with_three_int64_inputs(fleet, agent, minilm, tmp_path, 
                                                                    "onnx-int8-dynamic"}
     assert shipped["event"]["variant"] == "onnx-int8-dynamic"
     _served_equals_bare(agent, "minilm", _feeds(minilm, 1), _bare_onnx(agent, "minilm"))
+    # the reference profile covers all three int64 inputs, and the agent sketches them live
+    names = {"input_ids", "attention_mask", "token_type_ids"}
+    manifest = json.loads((Path(result["bundle_dir"]) / "manifest.json").read_text())
+    profiled = {s["name"].split(":")[0] for s in manifest["profile"]["signals"]}
+    assert names <= profiled, profiled
+    with urllib.request.urlopen(f"{agent.api.url}/v1/models/minilm/quality",
+                                timeout=30) as resp:
+        quality = json.loads(resp.read())
+    assert quality["profile"] == "ok", quality
+    live = {n.split(":")[0] for n in quality["drift"]["signals"]}
+    assert names <= live and quality["drift"]["samples"] >= 1, quality["drift"]
 
 
 def test_paddle_style_opset11_graph_with_constant_weights(fleet, agent, ocr, tmp_path,
