@@ -14,6 +14,10 @@ from edgeship.agent.manifest import Manifest, Variant
 #: kernels many times slower than float convolutions).
 SAME_ARCH_MARGIN = 1.10
 CROSS_ARCH_MARGIN = 2.0
+#: ... and never by less than this per sample: a few µs between two tiny variants is timing
+#: noise and far below what a request through the local API costs, and letting it decide
+#: would flip a device between variants from one release to the next (no deltas then)
+MIN_GAP_MS = 0.05
 
 
 def _matches(v: Variant, precision: str) -> bool:
@@ -29,7 +33,8 @@ def measured_slower(v: Variant, usable: list[Variant],
         return None
     for w in usable:
         theirs = w.metrics.get("latency_p50_ms")
-        if w is not v and w.runtime == v.runtime and theirs and mine > theirs * margin:
+        if w is not v and w.runtime == v.runtime and theirs and mine > theirs * margin \
+                and mine - theirs >= MIN_GAP_MS:
             return w
     return None
 

@@ -195,6 +195,15 @@ def test_small_gaps_count_only_on_a_cpu_of_the_devices_kind():
     assert _pick(variants, arch="x86_64") == "onnx-fp32"  # measured on this kind of CPU
 
 
+def test_a_gap_of_a_few_microseconds_never_decides():
+    variants = [_variant("onnx-int8", "int8-static", p50=0.036),  # 1.3x, but 8 µs: noise
+                _variant("onnx-fp32", "fp32", p50=0.028)]
+    assert _pick(variants, arch="x86_64") == "onnx-int8"  # the profile's order
+    variants = [_variant("onnx-int8", "int8-static", p50=0.36),  # 1.3x and 80 µs
+                _variant("onnx-fp32", "fp32", p50=0.28)]
+    assert _pick(variants, arch="x86_64") == "onnx-fp32"
+
+
 def test_only_variants_of_the_same_runtime_are_compared():
     variants = [_variant("tflite-int8", "int8-static", p50=5.0),
                 _variant("onnx-fp32", "fp32", p50=0.5)]
