@@ -93,7 +93,7 @@ class SlidingWindow:
         self.settings = settings
         self.bins = list(bins)
         self.width = max(self.bins, default=1)
-        self.offsets = np.arange(len(self.bins), dtype=np.int64) * self.width
+        self.offsets = np.arange(len(self.bins), dtype=np.intp) * self.width  # bincount: intp
         shape = (settings.blocks, max(1, len(self.bins)) * self.width)
         self._counts = np.zeros(shape, dtype=np.int64)
         self._n = np.zeros(settings.blocks, dtype=np.int64)

@@ -131,7 +131,8 @@ class VersionTracker:
     def fold(self, items: list[tuple[Any, ...]]) -> Folded:
         """``items``: (first sample id, batch, inputs, outputs, ...) per request."""
         firsts = np.fromiter((i[0] for i in items), dtype=np.int64, count=len(items))
-        sizes = np.fromiter((i[1] for i in items), dtype=np.int64, count=len(items))
+        # intp: on a 32-bit device np.repeat refuses int64 counts
+        sizes = np.fromiter((i[1] for i in items), dtype=np.intp, count=len(items))
         if int(sizes.max(initial=0)) > 1:
             samples = np.concatenate([np.arange(f, f + s) for f, s in zip(firsts, sizes)])
             requests = np.repeat(firsts, sizes)
