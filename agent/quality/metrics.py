@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -129,7 +129,7 @@ class RegressionCounts:
         return cls(n, *values)
 
 
-Counts = ClassCounts | RegressionCounts
+Counts = Union[ClassCounts, RegressionCounts]  # not X | Y: this line runs (Python 3.9)
 
 
 def counts_from_dict(doc: Mapping[str, Any]) -> Counts:

@@ -42,6 +42,12 @@ def _annotation_nodes(tree: ast.AST) -> set[int]:
     return inside
 
 
+def _class_like(node: ast.AST) -> bool:
+    """A CamelCase name (``Counts = ClassCounts | RegressionCounts``), not a CONSTANT flag."""
+    name = getattr(node, "id", None) or getattr(node, "attr", None) or ""
+    return name[:1].isupper() and not name.isupper()
+
+
 def _problems(path: Path) -> list[str]:
     source = path.read_text()
     tree = ast.parse(source, str(path), feature_version=(3, 9))  # match, except*, ...
@@ -64,10 +70,11 @@ def _problems(path: Path) -> list[str]:
             bad = NEW_KEYWORDS.get(name, set()) & {k.arg for k in node.keywords}
             found += [f"{where}: {name}({k}=...)" for k in sorted(bad)]
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr) and \
-                id(node) not in in_annotation and any(
+                id(node) not in in_annotation and (any(
                     getattr(side, "id", None) in TYPE_NAMES or
                     (isinstance(side, ast.Constant) and side.value is None)
-                    for side in (node.left, node.right)):
+                    for side in (node.left, node.right)) or
+                    all(_class_like(side) for side in (node.left, node.right))):
             found.append(f"{where}: X | Y between types outside an annotation (3.10)")
     if "from __future__ import annotations" not in source and source.strip() and \
             any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) and
@@ -84,11 +91,12 @@ def test_device_code_runs_on_python_3_9():
 def test_the_guard_finds_what_python_3_9_rejects(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import tomllib\nfrom enum import StrEnum\nx = zip([1], [2], strict=True)\n"
-                   "Opt = int | None\ndef f(a: int | None) -> None: ...\n")
+                   "Opt = int | None\ndef f(a: int | None) -> None: ...\n"
+                   "Either = ClassA | ClassB\nflags = re.IGNORECASE | re.DOTALL\n")
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:
         found = _problems(bad)
     finally:
         ROOT = saved
-    assert len(found) == 5, found  # 4 calls/imports + annotations without __future__
+    assert len(found) == 6, found  # 5 calls/imports/aliases + annotations without __future__
