@@ -84,6 +84,7 @@ def test_nobody_but_the_fleet_can_capture_the_desired_order(loop_env, tmp_path):
     fleet = Fleet(loop_env, tmp_path)
     agent = loop_env.start_agent("dev")
     fleet.release("m", 1, models.good(1))
+    loop_env.wait_serving("dev", 1)  # v1 kept on the device: the fleet's rollback reverts to it
     fleet.release("m", 2, models.good(2))
     loop_env.wait_serving("dev", 2)
     x = models.golden_inputs()[:1]
