@@ -103,14 +103,16 @@ def test_a_dead_holders_lease_expires_and_another_runner_takes_over(registry_tar
     _fleet(registry_target)
     out = Published()
     regs = [Registry(registry_target), Registry(registry_target)]
-    a = RolloutRunner(regs[0], out.to("a"), tick_s=0.05, lease_ttl_s=0.5, holder="a")
-    b = RolloutRunner(regs[1], out.to("b"), tick_s=0.05, lease_ttl_s=0.5, holder="b")
+    # a lease long enough that a's first tick (which publishes and saves) cannot outlast it
+    # on a loaded machine before b looks
+    a = RolloutRunner(regs[0], out.to("a"), tick_s=0.05, lease_ttl_s=3.0, holder="a")
+    b = RolloutRunner(regs[1], out.to("b"), tick_s=0.05, lease_ttl_s=3.0, holder="b")
     try:
         a.tick()  # a leads, then "dies": it never renews nor releases
         assert a.is_leader and len(out.by("a")) == 1
         b.tick()
         assert not b.is_leader and out.by("b") == []  # still a's until it expires
-        time.sleep(0.7)
+        time.sleep(3.2)
         b.tick()
         assert b.is_leader and out.by("b") == out.by("a")  # re-published, same seq
         a.tick()  # a comes back: the lease is b's now, a does nothing
