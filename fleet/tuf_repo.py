@@ -442,9 +442,11 @@ def release_bundle(bundle_path: Path, repo_dir: Path, keys_dir: Path,
         cur = _load_current(repo_dir / "metadata")
         _remove_leftovers(repo_dir, cur)
         _check_signing_time(repo_dir, cur, settings, now)
-        with open_bundle(Path(bundle_path), repo_dir, limits) as bundle, \
-                tempfile.TemporaryDirectory(dir=repo_dir, prefix=STAGING_PREFIX + "manifest-") as tmp:
-            if settings.latency_budget_ms is not None:
+        with contextlib.ExitStack() as stack:
+            bundle = stack.enter_context(open_bundle(Path(bundle_path), repo_dir, limits))
+            if settings.latency_budget_ms is not None:  # a staging dir: cleaned after a kill
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(
+                    dir=repo_dir, prefix=STAGING_PREFIX + "manifest-"))
                 bundle = with_manifest(bundle, dataclasses.replace(
                     bundle.manifest, latency_budget_ms=settings.latency_budget_ms), Path(tmp))
             m = bundle.manifest

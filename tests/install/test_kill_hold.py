@@ -52,8 +52,10 @@ class HoldDriver(Driver):
     def settled_record(self) -> dict:
         """The record once it rests: the ``failed`` event goes out before the record's
         step to idle is saved."""
-        return wait_until(lambda: (lambda r: r if r["state"] == "idle" else None)(
-            self.agent.record(self.model)), 30, f"{self.device}: the record back to idle")
+        def rested() -> dict | None:
+            rec = self.agent.record(self.model)
+            return rec if rec["state"] == "idle" else None
+        return wait_until(rested, 30, f"{self.device}: the record back to idle")
 
     def killed_in(self, state: str, version: int) -> dict:
         rc = self.agent.wait_exit(90)
