@@ -14,7 +14,7 @@ from edgeship.agent.telemetry import TelemetrySettings
 from edgeship.agent.update.settings import InstallSettings
 from edgeship.agent.update.transfer import TransferSettings
 from edgeship.common.config import read_toml, typed_values
-from edgeship.common.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S
+from edgeship.common.mqtt_types import RECONNECT_MAX_S, RECONNECT_MIN_S
 from edgeship.agent.protocol import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, validate_id
 
 _INSTALL = InstallSettings()

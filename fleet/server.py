@@ -11,7 +11,8 @@ Several fleet servers may share one registry (docs/scaling.md). Transfer request
 them through a shared subscription when the broker has one (CONNACK
 ``SharedSubscriptionAvailable``, no 0x9E refusal); otherwise each subscribes to all of them
 and answers only the devices it owns (:mod:`fleet.membership`). Reports are stored, and a
-device coming online is caught up (:mod:`fleet.catch_up`), by its owner only.
+device coming online is caught up (:mod:`fleet.catch_up`), by its owner only
+(:mod:`fleet.report_writer`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from edgeship.agent.errors import ConfigError, EdgeshipError, ProtocolError
 from edgeship.common.mqtt import (SUBACK_TIMEOUT, BrokerFeatures, Message, MqttSession,
                                   SessionSettings, TlsSettings)
 from edgeship.agent.protocol import (QOS_AT_LEAST_ONCE, TOPIC_ROOT, DesiredState,
-                                     ReleaseAnnouncement, Topics,
-                            TransferRequest, decode, parse_topic, transfer_props)
-from edgeship.fleet.catch_up import Arrivals, catch_up, running_versions
+                                     ReleaseAnnouncement, Topics, TransferRequest,
+                                     parse_topic, transfer_props)
+from edgeship.fleet.catch_up import Outgoing
 from edgeship.fleet.membership import Membership, MembershipSettings
-from edgeship.fleet.registry import Registry, presence_online
+from edgeship.fleet.registry import Registry
+from edgeship.fleet.report_writer import ReportWriter
 from edgeship.fleet.rollout_runner import RolloutRunner
 from edgeship.fleet.transfer import (STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_GONE, ChunkResult,
                             DeviceRateLimits, Pacer, StoppedReleases, TransferGate,
@@ -142,8 +144,6 @@ class FleetServer:
                                       tick_s=settings.rollout_tick_s)
         self.web = None  # fleet.web.FleetWebServer when http_port is set
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_max)
-        # presence/status/telemetry for the one writer thread, which stores them in batches
-        self._reports: queue.Queue = queue.Queue(maxsize=settings.queue_max)
         self._stopping = threading.Event()
         self.gate = TransferGate(settings.max_transfers, settings.transfer_idle_s,
                                  settings.max_transfers_per_device)
@@ -157,7 +157,11 @@ class FleetServer:
         self.client_id = settings.client_id or f"edgeship-fleet-{secrets.token_hex(4)}"
         self.membership = Membership(self.registry, self.client_id, settings.membership)
         self.transfer_mode: str | None = None  # "share" | "split" | "off", once connected
-        self.arrivals = Arrivals()  # the report writer's: which presences are new connections
+        # presence/status/telemetry for the one writer thread, which stores them in batches
+        self.reports = ReportWriter(self.registry, self.membership,
+                                    queue_max=settings.queue_max,
+                                    batch_max=settings.report_batch_max,
+                                    count=self.stats.bump, send=self._send)
         self._share_refused = False
         self._session = MqttSession(
             SessionSettings(url=settings.mqtt_url, client_id=self.client_id, clean_start=True,
@@ -170,7 +174,7 @@ class FleetServer:
     def start(self, *, wait: bool = True) -> None:
         for i in range(self.settings.workers):
             self._spawn(self._worker, f"fleet-worker-{i}")
-        self._spawn(self._report_writer, "fleet-reports")
+        self._spawn(self.reports.run, "fleet-reports")
         self.pacer.start()
         if self.settings.keys_dir is not None:
             self._spawn(self._refresher, "fleet-timestamp")
@@ -211,7 +215,7 @@ class FleetServer:
             self._queue.put(_STOP)  # workers drain what is queued, then stop
         for thread in self._threads[:self.settings.workers]:
             thread.join(timeout=10)
-        self._reports.put(_STOP)  # then the writer stores what they handed it
+        self.reports.stop()  # then the writer stores what they handed it
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
@@ -314,7 +318,7 @@ class FleetServer:
     def _on_message(self, msg: Message) -> None:
         report = msg.topic.startswith(_DEVICE_TOPICS) and msg.topic.endswith(_REPORT_SUFFIXES)
         try:
-            (self._reports if report else self._queue).put_nowait(msg)
+            (self.reports.queue if report else self._queue).put_nowait(msg)
         except queue.Full:  # only this thread writes these two counters
             if report:
                 self.stats.reports_dropped += 1
@@ -426,78 +430,9 @@ class FleetServer:
                               retain=False, correlation_data=msg.correlation_data,
                               user_properties=props)
 
-    def _report(self, msg: Message) -> tuple[str, str, dict] | None:
-        """(kind, device, body) of a presence/status/telemetry message of a device this
-        server owns; None for a cleared retained message, another server's device or a
-        malformed message (both counted)."""
-        try:
-            parsed = parse_topic(msg.topic)
-            if parsed.kind not in ("presence", "status", "telemetry") or not msg.payload \
-                    or parsed.device is None:
-                return None
-            if not self.membership.owns(parsed.device):
-                self.stats.bump(not_mine=1)
-                return None
-            return parsed.kind, parsed.device, decode(msg.payload)
-        except ProtocolError as e:
-            self.stats.bump(malformed=1)
-            logger.warning("malformed report on %s: %s", msg.topic, e)
-            return None
-
-    def _report_writer(self) -> None:
-        """The one thread that stores device reports: whatever queued up while it wrote
-        the last batch goes into the next transaction (up to ``report_batch_max``); then
-        the devices of the batch that came online are caught up."""
-        while True:
-            item = self._reports.get()
-            batch, arrivals, stop = [], [], item is _STOP
-            while not stop:
-                report = self._report(item)
-                if report is not None:
-                    batch.append(report)
-                    kind, device, body = report
-                    if kind == "presence" and self.arrivals.is_new(
-                            device, body, online=presence_online(body), retained=item.retain):
-                        arrivals.append((device, body))
-                if len(batch) >= self.settings.report_batch_max:
-                    break
-                try:
-                    item = self._reports.get_nowait()
-                except queue.Empty:
-                    break
-                stop = item is _STOP
-            if batch:
-                self._store(batch, arrivals)
-            if stop:
-                return
-
-    def _store(self, batch: list[tuple[str, str, dict]],
-               arrivals: list[tuple[str, dict]]) -> None:
-        try:
-            self.stats.bump(records=self.registry.add_reports(batch))
-        except Exception:  # the database is gone: count it, keep going
-            logger.exception("could not store %d device reports", len(batch))
-            return
-        try:
-            self._catch_up(arrivals)
-        except Exception:  # same: the device is caught up on its next connection
-            logger.exception("could not catch up %d device(s) coming online", len(arrivals))
-
-    def _catch_up(self, arrivals: list[tuple[str, dict]]) -> None:
-        """Devices that came online: re-send each its desired state and the announcements
-        it has not acted on, so none depends on the broker's retained messages."""
-        if not arrivals:
-            return
-        announcements = self.registry.announcements()  # once per batch
-        for device, presence in arrivals:
-            messages = catch_up(device, running_versions(presence),
-                                self.registry.desired(device), announcements)
-            for out in messages:
-                self._session.publish(out.topic, out.payload, qos=QOS_AT_LEAST_ONCE,
-                                      retain=out.retain)
-            self.stats.bump(connections=1, catch_ups=1 if messages else 0)
-            if messages:
-                logger.info("%s is online: re-sent %d message(s)", device, len(messages))
+    def _send(self, out: Outgoing) -> None:
+        self._session.publish(out.topic, out.payload, qos=QOS_AT_LEAST_ONCE,
+                              retain=out.retain)
 
     def _refresher(self) -> None:
         while not self._stopping.wait(self.settings.timestamp_refresh_s):

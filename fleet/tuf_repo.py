@@ -6,7 +6,7 @@ Layout (``repo_dir``)::
     metadata/N.targets.json  metadata/N.snapshot.json  metadata/timestamp.json
     targets/{model}/{version}/{sha256}.{file}      (target path {model}/{version}/{file})
 
-Keys (``keys_dir``, mode 0700): ``targets.pem``, ``snapshot.pem``, ``timestamp.pem`` (the
+Keys (``keys_dir``, mode 0700; :mod:`fleet.tuf_keys`): ``targets.pem``, ``snapshot.pem``, ``timestamp.pem`` (the
 online keys) and ``root-1.pem`` … ``root-K.pem`` — or, with ``root_keys_dir``, the root keys
 live in a separate directory that can stay offline (only ``keys init`` and ``rotate_root``
 need it). PKCS#8 PEM, mode 0600. Timestamp metadata is short-lived (hours): the fleet server
@@ -38,8 +38,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.exceptions import RepositoryError as TufRepositoryError
 from tuf.api.metadata import (Metadata, MetaFile, Root, Snapshot, TargetFile, Targets,
                               Timestamp)
@@ -50,13 +48,14 @@ from edgeship.agent.errors import ConfigError
 from edgeship.fleet.bundle import (BundleFile, BundleLimits, LoadedBundle, install_file,
                                    open_bundle, with_manifest)
 from edgeship.fleet.errors import ReleaseRejectedError, RepositoryError
-from edgeship.fleet.files import atomic_write, fsync_dir, write_new
+from edgeship.fleet.files import atomic_write, fsync_dir
 from edgeship.fleet.repo_hygiene import (STAGING_PREFIX, check_signing_time, remove_leftovers,
                                          remove_path)
+from edgeship.fleet.tuf_keys import (ROLES, empty_keys_dir, generate_keys, generate_root_keys,
+                                     load_signers)
 
 logger = logging.getLogger(__name__)
 
-ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 CUSTOM_KEY = "edgeship"
 _SERIALIZER = JSONSerializer(compact=False)
 
@@ -112,70 +111,6 @@ class ReleaseInfo:
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-# --- keys ----------------------------------------------------------------------------------
-
-def _write_key(path: Path, signer: CryptoSigner) -> None:
-    write_new(path, signer.private_bytes, mode=0o600)
-
-
-def _key_files(keys_dir: Path, role: str) -> list[Path]:
-    if role == Root.type:
-        return sorted(keys_dir.glob("root-*.pem"))
-    path = keys_dir / f"{role}.pem"
-    return [path] if path.exists() else []
-
-
-def _empty_keys_dir(keys_dir: Path) -> Path:
-    keys_dir = Path(keys_dir)
-    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if any(keys_dir.glob("*.pem")):
-        raise RepositoryError(f"keys directory {keys_dir} already holds keys; refusing to "
-                              "overwrite them")
-    return keys_dir
-
-
-def _generate_root_keys(root_keys_dir: Path, count: int) -> list[CryptoSigner]:
-    signers = [CryptoSigner.generate_ed25519() for _ in range(count)]
-    for i, signer in enumerate(signers, start=1):
-        _write_key(root_keys_dir / f"root-{i}.pem", signer)
-    return signers
-
-
-def _generate_keys(keys_dir: Path, root_keys_dir: Path,
-                   settings: RepoSettings) -> dict[str, list[CryptoSigner]]:
-    _empty_keys_dir(keys_dir)
-    if root_keys_dir != keys_dir:
-        _empty_keys_dir(root_keys_dir)
-    signers: dict[str, list[CryptoSigner]] = {
-        Root.type: _generate_root_keys(root_keys_dir, settings.root_key_count)}
-    for role in ROLES[1:]:
-        signers[role] = [CryptoSigner.generate_ed25519()]
-        _write_key(keys_dir / f"{role}.pem", signers[role][0])
-    return signers
-
-
-def load_signers(keys_dir: Path, root: Root, roles: tuple[str, ...]) -> dict[str, list]:
-    """Load the private keys for ``roles`` and check each belongs to its role in ``root``."""
-    signers: dict[str, list] = {}
-    for role in roles:
-        role_keys = root.roles[role]
-        found = []
-        for path in _key_files(Path(keys_dir), role):
-            try:
-                private = load_pem_private_key(path.read_bytes(), None)
-            except (OSError, ValueError, TypeError) as e:
-                raise RepositoryError(f"cannot load key {path}: {e}") from e
-            public = SSlibKey.from_crypto(private.public_key())
-            if public.keyid not in role_keys.keyids:
-                raise RepositoryError(f"key {path} is not a {role} key of this repository")
-            found.append(CryptoSigner(private, public))
-        if len(found) < role_keys.threshold:
-            raise RepositoryError(f"{keys_dir} holds {len(found)} {role} key(s); threshold "
-                                  f"is {role_keys.threshold}")
-        signers[role] = found
-    return signers
 
 
 # --- metadata I/O ----------------------------------------------------------------------------
@@ -277,7 +212,7 @@ def init_repository(keys_dir: Path, repo_dir: Path, settings: RepoSettings = Rep
     if meta_dir.exists() and any(meta_dir.iterdir()):
         raise RepositoryError(f"{repo_dir} already holds a repository; refusing to overwrite")
     now = now or _utcnow()
-    signers = _generate_keys(keys_dir, root_keys_dir, settings)
+    signers = generate_keys(keys_dir, root_keys_dir, settings.root_key_count)
     meta_dir.mkdir(parents=True, exist_ok=True)
     (repo_dir / "targets").mkdir(exist_ok=True)
 
@@ -506,7 +441,7 @@ def rotate_root(repo_dir: Path, old_root_keys_dir: Path, new_root_keys_dir: Path
         meta_dir = repo_dir / "metadata"
         root_md = _read(meta_dir / "root.json", Root)
         old = load_signers(Path(old_root_keys_dir), root_md.signed, (Root.type,))[Root.type]
-        new = _generate_root_keys(_empty_keys_dir(new_root_keys_dir), keys or threshold)
+        new = generate_root_keys(empty_keys_dir(new_root_keys_dir), keys or threshold)
         root = root_md.signed
         for keyid in list(root.roles[Root.type].keyids):
             root.revoke_key(keyid, Root.type)

@@ -16,7 +16,7 @@ from edgeship.agent.protocol import StatusEvent
 from edgeship.agent.update.desired import DesiredTracker, Verdict
 from edgeship.agent.update.driver import UpdateDriver
 from edgeship.agent.update.planner import DeviceView, Do, Planner, Step
-from edgeship.common.mqtt import Backoff
+from edgeship.common.mqtt_types import Backoff
 
 logger = logging.getLogger(__name__)
 
