@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -188,6 +188,12 @@ class BundleOptions:
     signature_from: str | os.PathLike | None = None
     #: validation samples (labels included) for the reference profile; None: no profile
     profile_samples: "Samples | None" = None
+    #: variant id -> its outputs on the first samples of ``profile_samples``, in order (per
+    #: sample, every output in the model's order): the converter's evaluation pass, reused
+    #: for the profile. A variant not here, or with fewer samples than the profile takes,
+    #: is run over the samples again.
+    profile_outputs: Mapping[str, Sequence[Sequence[np.ndarray]]] = field(
+        default_factory=dict)
 
 
 def _as_samples(golden_inputs, in_specs) -> "Samples":
@@ -280,8 +286,10 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
     arrays, golden = golden_arrays(variants, samples, in_specs, out_specs,
                                    opts.golden_samples)
     profile_from = profile_samples if profile_samples is not None else opts.profile_samples
+    reused = opts.profile_outputs if profile_samples is None else {}  # of those samples only
     profile = _profile(variants, _as_samples(profile_from, in_specs)
-                       if profile_from is not None else None, in_specs, out_specs, opts)
+                       if profile_from is not None else None, in_specs, out_specs, opts,
+                       reused)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the fleet server reads it as another user
     try:
@@ -306,21 +314,24 @@ def write_bundle(out_dir: str | os.PathLike, model_name: str, version: int,
 
 
 def _profile(variants: Sequence[VariantArtifact], samples: "Samples | None", in_specs,
-             out_specs, opts: BundleOptions) -> dict | None:
+             out_specs, opts: BundleOptions,
+             reused: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None
+             ) -> dict | None:
     """The reference profile of up to ``MAX_PROFILE_SAMPLES`` validation samples: every
-    input by name, each variant's outputs on them. None without real samples (synthesized
+    input by name, each variant's outputs on them (``reused``'s where they cover the
+    samples, else from a pass of their own). None without real samples (synthesized
     inputs say nothing about the field), or when the outputs cannot be lined up as rows
     (shapes that vary per sample) — the bundle then ships without one, said in the log."""
     if samples is None or samples.synthesized:
         return None
-    from edgeship.converter.evaluate import open_runner
     from edgeship.converter.profile import MAX_PROFILE_SAMPLES, bundle_profile
 
     samples = samples.take(MAX_PROFILE_SAMPLES)
     outputs: dict[str, list[np.ndarray]] = {}
     for v in variants:
-        runner = open_runner(v.path, threads=1)
-        per = [runner.run(feed) for feed in samples.feeds()]
+        per = (reused or {}).get(v.id)
+        per = per[:len(samples)] if per is not None and len(per) >= len(samples) \
+            else _run_variant(v, samples)
         rows = [_as_rows([np.asarray(p[j]) for p in per]) for j in range(len(out_specs))]
         if any(r is None for r in rows):
             logger.warning("no reference profile: the outputs of %s change shape between "
@@ -334,6 +345,14 @@ def _profile(variants: Sequence[VariantArtifact], samples: "Samples | None", in_
     except ValueError as e:  # a shape the profile cannot summarize: ship without one
         logger.warning("no reference profile: %s", e)
         return None
+
+
+def _run_variant(v: VariantArtifact, samples: "Samples") -> list[list[np.ndarray]]:
+    """``v``'s outputs on every sample, one sample at a time."""
+    from edgeship.converter.evaluate import open_runner
+
+    runner = open_runner(v.path, threads=1)
+    return [runner.run(feed) for feed in samples.feeds()]
 
 
 def _rows_of(a: np.ndarray) -> np.ndarray:

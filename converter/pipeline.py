@@ -215,7 +215,9 @@ def _gate_fn(val: Samples, reference: Reference, settings: ConvertSettings):
 
 
 def _one_variant(vid: str, job: _Job, settings: ConvertSettings,
-                 steps: _Steps) -> tuple[VariantReport, Path | None]:
+                 steps: _Steps) -> tuple[VariantReport, Path | None, Outputs | None]:
+    """The variant's report, its file when it passed its gate, and its outputs on the
+    validation samples (the reference profile reuses them)."""
     runtime, precision = runtime_of(vid), PRECISION_OF[vid]
     steps.step(f"making {vid}")
     maker = job.makers.get(vid)
@@ -225,22 +227,23 @@ def _one_variant(vid: str, job: _Job, settings: ConvertSettings,
         path, notes = maker(job.work)
     except VariantSkipped as e:
         return VariantReport(vid, runtime, precision, error=f"skipped: {e}",
-                             stage="skipped"), None
+                             stage="skipped"), None, None
     except Exception as e:  # noqa: BLE001 - one variant's failure never sinks the others
         logger.info("%s could not be made", vid, exc_info=True)
         return VariantReport(vid, runtime, precision, error=f"could not be made: "
-                             f"{type(e).__name__}: {_text(e, job)}", stage="make"), None
+                             f"{type(e).__name__}: {_text(e, job)}",
+                             stage="make"), None, None
     steps.step(f"evaluating {vid}")
     try:
-        metrics, _ = evaluate(path, job.val, job.reference, settings.evaluate)
+        metrics, outputs = evaluate(path, job.val, job.reference, settings.evaluate)
     except Exception as e:  # noqa: BLE001
         logger.info("%s could not be measured", vid, exc_info=True)
         return VariantReport(vid, runtime, precision, notes=notes, error=f"could not be "
-                             f"run: {_text(e, job)}", stage="evaluate"), None
+                             f"run: {_text(e, job)}", stage="evaluate"), None, None
     failures = tuple(check_gate(metrics, settings.gate))
     for f in failures:
         logger.info("%s fails its gate: %s", vid, f)
-    return VariantReport(vid, runtime, precision, metrics, failures, notes), path
+    return VariantReport(vid, runtime, precision, metrics, failures, notes), path, outputs
 
 
 def _text(e: BaseException, job: _Job) -> str:
@@ -250,15 +253,19 @@ def _text(e: BaseException, job: _Job) -> str:
 
 def _convert_core(job: _Job, out_dir, name: str, version: int, labels: Sequence[str],
                   settings: ConvertSettings, steps: _Steps) -> ConvertResult:
-    reports, paths = [], {}
+    from edgeship.converter.profile import MAX_PROFILE_SAMPLES
+
+    reports, paths, evaluated = [], {}, {}
     for vid, why in (settings.skipped or {}).items():
         reports.append(VariantReport(vid, runtime_of(vid), PRECISION_OF[vid],
                                      error=f"skipped: {why}", stage="skipped"))
     for vid in settings.variants:
-        report, path = _one_variant(vid, job, settings, steps)
+        report, path, outputs = _one_variant(vid, job, settings, steps)
         reports.append(report)
         if report.passed:
             paths[vid] = path
+        if report.passed and outputs is not None:  # the rest of them is freed
+            evaluated[vid] = outputs.per_sample[:MAX_PROFILE_SAMPLES]
     if not paths:
         raise refuse(reports)
     steps.step("writing bundle")
@@ -274,7 +281,8 @@ def _convert_core(job: _Job, out_dir, name: str, version: int, labels: Sequence[
                             latency_budget_ms=settings.latency_budget_ms,
                             measured_on=measured_on(settings.evaluate.threads),
                             golden_samples=settings.golden_samples,
-                            signature_from=job.source, profile_samples=job.val)
+                            signature_from=job.source, profile_samples=job.val,
+                            profile_outputs=evaluated)
     manifest = write_bundle(out_dir, name, version, artifacts, job.val,
                             overwrite=settings.overwrite, options=options)
     return ConvertResult(Path(out_dir).resolve(), manifest, tuple(reports), ref.accuracy,

@@ -97,3 +97,43 @@ def _golden(bundle):
 
     with np.load(bundle / GOLDEN_NAME) as g:
         return g["in:input"][:, 0]  # per-sample arrays of batch 1 -> rows
+
+
+def test_the_profile_reuses_the_evaluation_outputs_and_equals_a_fresh_pass(tmp_path,
+                                                                           monkeypatch):
+    """The converter's evaluation ran every variant over the validation samples already:
+    the profile is built from those outputs (no second pass), and it is the profile a
+    fresh pass over the shipped files gives. Outputs that cover fewer samples than the
+    profile takes are not used."""
+    import numpy as np
+
+    from edgeship.converter import bundle
+    from edgeship.converter.gates import Gate
+    from edgeship.converter.pipeline import ConvertSettings, convert_onnx
+    from edgeship.converter.samples import Samples
+    from tests.support.synthetic import quality_labels, write_model
+
+    x = np.random.default_rng(3).standard_normal((300, 16)).astype(np.float32)
+    model = write_model(tmp_path / "m.onnx", width=16, depth=1)
+    y = quality_labels(model, x, 0.1, 0)
+    passes: list[str] = []
+    fresh_pass = bundle._run_variant
+    monkeypatch.setattr(bundle, "_run_variant",
+                        lambda v, s: passes.append(v.id) or fresh_pass(v, s))
+    result = convert_onnx(model, x[:100], x, tmp_path / "b", "m", 1, val_y=y,
+                          gate=Gate(max_accuracy_drop_points=5.0, min_agreement=0.9),
+                          settings=ConvertSettings(task="classification"))
+    shipped = [v.id for v in result.manifest.variants]
+    assert passes == [] and result.manifest.profile["samples"] == 300
+
+    variants = [VariantArtifact(v.id, v.runtime, v.precision, result.bundle_dir / v.file)
+                for v in result.manifest.variants]
+    in_specs, out_specs = bundle.tensor_specs(variants[0].path)
+    opts = bundle.BundleOptions(task="classification")
+    samples = Samples.from_rows("x", x, y)
+    fresh = bundle._profile(variants, samples, in_specs, out_specs, opts)
+    assert passes == shipped and "onnx-int8" in shipped
+    assert fresh == result.manifest.profile
+    short = {v.id: [[np.zeros((1, 10), np.float32)]] * 299 for v in variants}
+    assert bundle._profile(variants, samples, in_specs, out_specs, opts, short) == fresh
+    assert passes == shipped * 2
