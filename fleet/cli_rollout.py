@@ -11,12 +11,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgeship.fleet.cli_base import EXIT_OK, _command, _models_text
 from edgeship.fleet.db import is_url
 from edgeship.fleet.registry import Registry
-from edgeship.fleet.rollout import Gates, Policy, parse_waves, version_text
+from edgeship.fleet.rollout import Gates, Policy, Rollout, parse_waves, version_text
 from edgeship.fleet.rollout_runner import LEASE_NAME, control, load, progress, start_rollout
 
 from edgeship.agent.errors import ConfigError
@@ -65,24 +65,32 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
                   offline_grace_s=args.offline_grace_s, gates=gates)
 
 
-@_command
-def cmd_start(args: argparse.Namespace) -> int:
-    policy = policy_from_args(args)
+def _act(args: argparse.Namespace, action: Callable[[Registry], Rollout],
+         said: Callable[[Rollout], str]) -> int:
+    """Record ``action`` in the registry; print the rollout's progress (``--json``) or
+    ``said``'s line about it."""
     registry = open_registry(args.db)
     try:
-        r = start_rollout(registry, model=args.model, version=args.version, policy=policy,
-                          actor=_actor(args), group=args.group, tag=args.tag,
-                          from_version=args.from_version)
+        r = action(registry)
         doc = progress(registry, r)
     finally:
         registry.close()
     if args.json:
         _print_json(doc)
     else:
-        print(f"rollout {r.id}: {r.model} {version_text(r.from_version)} -> "
-              f"{version_text(r.to_version)}, waves of "
-              f"{[len(w) for w in r.waves]} devices; the fleet server carries it out")
+        print(said(r))
     return EXIT_OK
+
+
+@_command
+def cmd_start(args: argparse.Namespace) -> int:
+    policy = policy_from_args(args)
+    return _act(args, lambda registry: start_rollout(
+        registry, model=args.model, version=args.version, policy=policy, actor=_actor(args),
+        group=args.group, tag=args.tag, from_version=args.from_version),
+        lambda r: f"rollout {r.id}: {r.model} {version_text(r.from_version)} -> "
+                  f"{version_text(r.to_version)}, waves of {[len(w) for w in r.waves]} "
+                  "devices; the fleet server carries it out")
 
 
 def _print_rollout(doc: dict[str, Any]) -> None:
@@ -148,17 +156,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @_command
 def cmd_control(args: argparse.Namespace) -> int:
-    registry = open_registry(args.db)
-    try:
-        r = control(registry, args.rollout, args.rollout_cmd, _actor(args), args.reason or "")
-        doc = progress(registry, r)
-    finally:
-        registry.close()
-    if args.json:
-        _print_json(doc)
-    else:
-        print(f"rollout {r.id} is now {r.state.value}")
-    return EXIT_OK
+    return _act(args, lambda registry: control(registry, args.rollout, args.rollout_cmd,
+                                               _actor(args), args.reason or ""),
+                lambda r: f"rollout {r.id} is now {r.state.value}")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:

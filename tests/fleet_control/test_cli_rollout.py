@@ -17,13 +17,18 @@ def _out(capsys):
     return json.loads(capsys.readouterr().out)
 
 
-def test_devices_and_rollout_commands(tmp_path, capsys):
-    db = tmp_path / "fleet.db"
+def _registry(db, devices: int) -> Registry:
+    """``devices`` online devices pi-0 … serving m v1, and m v2 released."""
     reg = Registry(db)
-    for i in range(4):
+    for i in range(devices):
         reg.upsert_presence(f"pi-{i}", {"online": True, "models": {"m": {"version": 1}}})
     reg.add_release("m", 2, 0.0, "test")
-    reg.close()
+    return reg
+
+
+def test_devices_and_rollout_commands(tmp_path, capsys):
+    db = tmp_path / "fleet.db"
+    _registry(db, 4).close()
     assert run("devices", "tag", "pi-0", "pi-1", "--add", "lab", "--group", "north",
                "--db", db, "--json", "--by", "alice") == 0
     assert [d["group"] for d in _out(capsys)] == ["north", "north"]
@@ -58,10 +63,7 @@ def test_devices_and_rollout_commands(tmp_path, capsys):
 def test_all_or_none_status_shows_the_phase_held_devices_and_the_runner(tmp_path, capsys):
     from edgeship.fleet.rollout_runner import RolloutRunner
     db = tmp_path / "fleet.db"
-    reg = Registry(db)
-    for i in range(3):
-        reg.upsert_presence(f"pi-{i}", {"online": True, "models": {"m": {"version": 1}}})
-    reg.add_release("m", 2, 0.0, "test")
+    reg = _registry(db, 3)
     assert run("rollout", "start", "m", "2", "--all-or-none", "--jitter-s", "0",
                "--db", db, "--json") == 0
     rid = _out(capsys)["id"]
