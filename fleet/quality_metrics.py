@@ -24,8 +24,8 @@ def quality_families(registry: Any) -> Iterator[Any]:
                ("precision_macro", "Macro precision from feedback"),
                ("recall_macro", "Macro recall from feedback"),
                ("f1_macro", "Macro F1 from feedback"),
-               ("estimated_accuracy", "Label-free accuracy ESTIMATE (average thresholded "
-                                      "confidence) over the devices' current windows"),
+               ("estimated_accuracy", "Label-free accuracy ESTIMATE (difference of "
+                                      "confidences) over the devices' current windows"),
                ("drift_js", "Largest Jensen-Shannon distance of a signal, pooled"),
                ("drift_chance_js", "JS distance expected from sampling alone"),
                ("drift_samples", "Samples in the pooled drift windows"))}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeship.agent.quality.feedback import MAX_ITEMS
+from edgeship.agent.quality.metrics import share_ci
 from edgeship.cliutil import EXIT_BAD_INPUT, fail
 
 
@@ -142,8 +143,8 @@ def describe(doc: dict[str, Any]) -> list[str]:
         if m.get("samples", 0) == 0:
             continue
         if "accuracy" in m:
-            lo, hi = m["accuracy_ci"]
-            lines.append(f"v{version}: accuracy {m['accuracy']:.1%} [{lo:.1%}, {hi:.1%}], "
+            lines.append(f"v{version}: accuracy {share_ci(m, 'accuracy')}, macro precision "
+                         f"{share_ci(m, 'precision_macro')}, macro recall {share_ci(m, 'recall_macro')}, "
                          f"macro F1 {m['f1_macro']:.3f} from {m['samples']} labels")
         else:
             lines.append(f"v{version}: MAE {m['mae']:.4g}, RMSE {m['rmse']:.4g} from "
@@ -159,3 +160,4 @@ def describe(doc: dict[str, Any]) -> list[str]:
         for name, s in list(drift["signals"].items())[:5]:
             lines.append(f"drift {name}: JS {s['js']} (chance {s['chance']})")
     return lines
+

@@ -8,9 +8,11 @@ is enough for accuracy and per-class and macro precision, recall and F1, and sum
 across devices. Regression keeps n, Σ|e|, Σe² and Σe⁴ (MAE, RMSE and their intervals).
 
 Intervals (``confidence`` two-sided, 0.95 by default): accuracy uses Wilson's score
-interval; macro F1 a delta-method normal interval that treats the per-class counts as
-independent Poisson counts (an approximation: it ignores the covariance between classes);
-MAE and RMSE normal intervals from the sample moments.
+interval; macro precision and recall a normal interval around the mean of the per-class
+proportions (each with its binomial variance, never 0), macro F1 a delta-method normal
+interval that treats the per-class counts as independent Poisson counts (approximations:
+both ignore the covariance between classes); MAE and RMSE normal intervals from the sample
+moments.
 """
 
 from __future__ import annotations
@@ -182,6 +184,18 @@ def macro_f1(c: ClassCounts) -> tuple[float | None, float | None]:
     return float(f1.mean()), float(math.sqrt(var.sum()) / k)
 
 
+def macro_proportion(hits: np.ndarray, totals: np.ndarray
+                     ) -> tuple[float | None, float | None]:
+    """Mean of the per-class proportions hits/totals over classes with totals > 0 (macro
+    precision: tp over tp+fp; macro recall: tp over tp+fn) and its standard error."""
+    present = totals > 0
+    if not present.any():
+        return None, None
+    k, n = hits[present], totals[present]
+    var = [proportion_se(int(a), int(b)) ** 2 for a, b in zip(k, n)]
+    return float((k / n).mean()), float(math.sqrt(sum(var)) / len(var))
+
+
 def _interval(value: float | None, se: float | None, confidence: float
               ) -> list[float] | None:
     if value is None or se is None:
@@ -194,17 +208,26 @@ def classification_report(c: ClassCounts, labels: Sequence[str] = (),
                           confidence: float = 0.95) -> dict[str, Any]:
     n = c.n
     f1, f1_se = macro_f1(c)
-    rows = per_class(c, labels)
-    precisions = [r["precision"] for r in rows if r["precision"] is not None]
-    recalls = [r["recall"] for r in rows if r["recall"] is not None]
+    precision, precision_se = macro_proportion(c.tp, c.tp + c.fp)
+    recall, recall_se = macro_proportion(c.tp, c.tp + c.fn)
     interval = wilson(c.correct, n, confidence)
     return {"task": "classification", "samples": n,
             "accuracy": _ratio(c.correct, n),
             "accuracy_ci": list(interval) if interval else None,
-            "precision_macro": float(np.mean(precisions)) if precisions else None,
-            "recall_macro": float(np.mean(recalls)) if recalls else None,
+            "precision_macro": precision,
+            "precision_macro_ci": _interval(precision, precision_se, confidence),
+            "recall_macro": recall, "recall_macro_ci": _interval(recall, recall_se, confidence),
             "f1_macro": f1, "f1_macro_ci": _interval(f1, f1_se, confidence),
-            "per_class": rows}
+            "per_class": per_class(c, labels)}
+
+
+def share_ci(doc: Mapping[str, Any], key: str) -> str:
+    """``doc[key]`` as a percentage with its interval ``doc[key + "_ci"]`` when there is one
+    (the CLIs' text), "-" when there is no number."""
+    x, ci = doc.get(key), doc.get(f"{key}_ci")
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if not ci else f"{x:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]"
 
 
 def regression_report(c: RegressionCounts, confidence: float = 0.95) -> dict[str, Any]:

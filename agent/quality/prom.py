@@ -12,8 +12,8 @@ _GAUGES = (
      "the reference profile, per signal", ["model", "version", "signal"]),
     ("chance", "edgeship_model_drift_chance_js", "JS distance expected from sampling alone "
      "(no drift)", ["model", "version", "signal"]),
-    ("est", "edgeship_model_estimated_accuracy", "Label-free accuracy ESTIMATE (average "
-     "thresholded confidence) over the window", ["model", "version"]),
+    ("est", "edgeship_model_estimated_accuracy", "Label-free accuracy ESTIMATE (difference of "
+     "confidences; ATC for older bundles) over the window", ["model", "version"]),
     ("window", "edgeship_model_drift_window_samples", "Samples in the drift window",
      ["model", "version"]),
     ("acc", "edgeship_model_labelled_accuracy", "Accuracy measured from feedback",

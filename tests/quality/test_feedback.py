@@ -152,7 +152,9 @@ def test_shifted_inputs_raise_drift_and_same_distribution_does_not(served):
     assert shifted["signals"]["x:mean"]["js"] > 0.6
     assert same["signals"]["x:mean"]["chance"] > 0
     est = same["estimate"]
-    assert est["method"] == "atc" and 0.75 < est["accuracy"] < 1.0
+    assert est["method"] == "doc" and 0.75 < est["accuracy"] < 1.0
+    assert est["above"] == round(est["accuracy"] * est["samples"])  # what the fleet pools
+    assert est["atc"]["method"] == "atc" and 0.75 < est["atc"]["accuracy"] < 1.0
     assert "x" not in str(shifted.get("raw", ""))  # counts and scores only
 
 

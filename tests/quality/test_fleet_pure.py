@@ -25,12 +25,14 @@ def _counts(accuracy: float, n: int, seed: int = 0) -> dict:
     return c.to_dict()
 
 
-def _report(device, version, hist, *, above=None, labelled=None, ts=0.0):
+def _report(device, version, hist, *, above=None, labelled=None, ts=0.0, method=None):
     n = int(sum(hist))
     drift = {"samples": n, "reference_samples": 400,
              "signals": {"x:mean": {"counts": list(hist), "ref": REF}},
              "estimate": {"samples": n, "above": n if above is None else above,
                           "reference_accuracy": 0.9}}
+    if method:
+        drift["estimate"]["method"] = method
     return QualityReport(device, ts, "m", version, {"version": version, "drift": drift,
                                                     "labelled": labelled or {}})
 
@@ -131,5 +133,22 @@ def test_view_and_table_say_too_few_labels_and_mark_the_estimate():
     assert rows["v2"]["estimated accuracy"] == "~75.0% (estimate, n=200)"
     assert rows["v1"]["accuracy"].endswith("%]") and "[" in rows["v1"]["accuracy"]
     assert rows["v1"]["labels"] == "300" and rows["v1"]["f1"].count("[") == 1
+    for key in ("precision", "recall"):  # macro precision and recall with their intervals
+        value, lo, hi = (float(x) for x in
+                         rows["v1"][key].replace("%", "").replace("[", "").replace("]", "")
+                         .replace(",", "").split())
+        assert lo < value < hi and hi - lo < 20
     drifted = summary(pool_windows([_report("a", 2, [400, 0, 0, 0], above=380)]))
     assert "far off" in drifted["estimate"]["note"] and drifted["estimate"]["accuracy"] == 0.95
+
+
+def test_doc_estimates_pool_as_a_weighted_mean_and_name_their_method():
+    # DoC reports its estimate times n (rounded) as "above": summing stays exact
+    a = _report("a", 2, [100, 100, 100, 100], above=round(0.91 * 400), method="doc")
+    b = _report("b", 2, [25, 25, 25, 25], above=round(0.71 * 100), method="doc")
+    doc = summary(pool_windows([a, b]))["estimate"]
+    assert doc["accuracy"] == pytest.approx((0.91 * 400 + 0.71 * 100) / 500)
+    assert doc["method"] == "difference of confidences" and doc["is_estimate"]
+    old = _report("c", 2, [25, 25, 25, 25], above=80)  # an agent from before DoC
+    mixed = summary(pool_windows([a, old]))["estimate"]
+    assert mixed["method"] == "average thresholded confidence + difference of confidences"

@@ -105,6 +105,15 @@ def test_window_is_constant_memory_and_forgets_old_blocks():
     assert counts[0][0] == 0 and n <= 40 and win.nbytes == size and win.total == 1065
 
 
+def test_window_confidence_sum_covers_the_same_samples_as_the_counts():
+    win = drift.SlidingWindow([2], drift.WindowSettings(blocks=4, block_samples=10))
+    win.add(np.zeros((40, 1), np.int64), None, np.full(40, 0.9))
+    assert win.confidence_sum == pytest.approx(36.0)
+    win.add(np.zeros((25, 1), np.int64), None, np.full(25, 0.5))  # evicts 3 old blocks
+    n, _, _ = win.totals()
+    assert n == 35 and win.confidence_sum == pytest.approx(10 * 0.9 + 25 * 0.5)
+
+
 def test_bins_put_edges_in_the_upper_bin():
     edges = np.array([0.0, 1.0])
     assert drift.bin_indices(np.array([-1, 0, 0.5, 1, 2]), edges).tolist() == [0, 1, 1, 2, 2]
@@ -144,6 +153,16 @@ def test_wilson_interval_known_values_and_regression_report():
     assert rep["mae"] == pytest.approx(1.0) and rep["rmse"] == pytest.approx(math.sqrt(5 / 3))
 
 
+def _noisy_counts(rng, n: int, mix=(1 / 3, 1 / 3, 1 / 3)) -> "metrics.ClassCounts":
+    """3 classes in the proportions ``mix``, right 80 % of the time, else a uniform guess."""
+    c = metrics.ClassCounts(3)
+    truth = rng.choice(3, n, p=list(mix))
+    guess = rng.integers(0, 3, n)
+    for t, g, r in zip(truth, guess, rng.random(n)):
+        c.add(int(t) if r < 0.8 else int(g), int(t))
+    return c
+
+
 def test_f1_interval_covers_the_truth_about_as_often_as_it_says():
     rng = np.random.default_rng(9)
     covered = 0
@@ -158,6 +177,21 @@ def test_f1_interval_covers_the_truth_about_as_often_as_it_says():
             t = int(rng.integers(0, 3))
             c.add(t if rng.random() < 0.8 else int(rng.integers(0, 3)), t)
         lo, hi = metrics.classification_report(c)["f1_macro_ci"]
+        covered += lo <= target <= hi
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+@pytest.mark.parametrize("key,mix", [
+    ("precision_macro", (1 / 3, 1 / 3, 1 / 3)), ("recall_macro", (1 / 3, 1 / 3, 1 / 3)),
+    ("precision_macro", (0.45, 0.45, 0.1)), ("recall_macro", (0.45, 0.45, 0.1))])
+def test_precision_and_recall_intervals_cover_the_truth_about_as_often_as_they_say(key, mix):
+    rng = np.random.default_rng(9)
+    target = metrics.classification_report(_noisy_counts(rng, 100_000, mix))[key]
+    covered = 0
+    for _ in range(200):
+        rep = metrics.classification_report(_noisy_counts(rng, 300, mix))
+        lo, hi = rep[f"{key}_ci"]
+        assert lo < rep[key] < hi
         covered += lo <= target <= hi
     assert 0.88 <= covered / 200 <= 0.99
 
@@ -203,6 +237,60 @@ def test_profile_round_trips_and_its_threshold_reproduces_the_accuracy():
         assert s.ref.sum() == pytest.approx(1.0)
 
 
+def _tracker(doc, variant="onnx-fp32"):
+    from edgeship.agent.quality.monitor import VersionSketch, VersionTracker
+
+    p = parse_profile(doc)
+    tracker = VersionTracker(1, variant, "classification", p.score,
+                             VersionSketch(p, variant, drift.WindowSettings()), ["x"])
+    tracker.bind_outputs(["logits"])
+    return tracker
+
+
+def _served_estimate(doc, x, logits):
+    tracker = _tracker(doc)
+    tracker.fold([(i, 1, {"x": x[i:i + 1]}, [logits[i:i + 1]], tracker)
+                  for i in range(len(x))])
+    return tracker.sketch.report()["estimate"]
+
+
+def test_doc_estimate_is_validation_accuracy_plus_the_confidence_change():
+    rng = np.random.default_rng(1)
+    _, logits = _profile()
+    y = np.where(rng.random(300) < 0.75, logits.argmax(1), rng.integers(0, 4, 300))
+    doc, _ = _profile(y)
+    est = parse_profile(doc).estimator("onnx-fp32")
+    probs = features.class_probabilities(logits, "logits")
+    assert est.method == "doc" and est.mean_confidence == pytest.approx(probs.max(1).mean())
+    x = rng.random((300, 3, 8, 8)).astype(np.float32)
+    same = _served_estimate(doc, x, logits)  # the validation outputs again: no change
+    assert same["method"] == "doc" and same["accuracy"] == pytest.approx(est.accuracy)
+    assert same["atc"]["accuracy"] == pytest.approx(est.accuracy, abs=1 / 300)
+    unsure = _served_estimate(doc, x, logits / 4)  # flatter scores: less confident
+    drop = probs.max(1).mean() - features.class_probabilities(logits / 4, "logits").max(1).mean()
+    assert unsure["accuracy"] == pytest.approx(est.accuracy - drop)
+    assert unsure["above"] == round(unsure["accuracy"] * 300)  # what the fleet pools
+    assert unsure["mean_confidence"] == pytest.approx(est.mean_confidence - drop)
+
+
+def test_a_profile_without_mean_confidence_still_loads_and_estimates_with_atc():
+    rng = np.random.default_rng(2)
+    _, logits = _profile()
+    y = np.where(rng.random(300) < 0.75, logits.argmax(1), rng.integers(0, 4, 300))
+    doc, _ = _profile(y)
+    doc["estimate"].pop("mean_confidence")  # a bundle written before DoC
+    for v in doc["estimate"].get("variants", {}).values():
+        v.pop("mean_confidence")
+    est = parse_profile(doc).estimator("onnx-fp32")
+    assert est.method == "atc" and est.mean_confidence is None
+    x = rng.random((300, 3, 8, 8)).astype(np.float32)
+    old = _served_estimate(doc, x, logits / 4)
+    share = (features.atc_scores(features.class_probabilities(logits / 4, "logits"),
+                                 est.score) > est.threshold).mean()
+    assert old["method"] == "atc" and old["accuracy"] == pytest.approx(share)
+    assert "atc" not in old and old["above"] == round(share * 300)
+
+
 def test_atc_threshold_handles_perfect_and_useless_models():
     s = np.array([0.1, 0.5, 0.9])
     t, acc = atc_threshold(s, np.array([True, True, True]))
@@ -227,6 +315,8 @@ def test_quantile_edges_cover_constant_and_out_of_range_values():
     (lambda d: d["signals"].append(dict(d["signals"][0])), "repeats a signal"),
     (lambda d: d["score"].update(kind="odds"), "score kind"),
     (lambda d: d["estimate"].update(accuracy=1.5), r"accuracy in \[0, 1\]"),
+    (lambda d: d["estimate"].update(mean_confidence=0.0), r"mean_confidence must be in"),
+    (lambda d: d["estimate"].update(mean_confidence=float("nan")), r"mean_confidence"),
 ])
 def test_bad_profiles_are_refused_with_a_reason(change, message):
     doc, _ = _profile(np.zeros(300, dtype=np.int64))
