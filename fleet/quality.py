@@ -26,6 +26,7 @@ from edgeship.agent.quality.drift import chance_js, js_distance, psi
 from edgeship.agent.quality.metrics import (ClassCounts, Counts, RegressionCounts,
                                             counts_from_dict, macro_f1, proportion_se, report,
                                             share_ci, wilson)
+from edgeship.agent.quality.profile import ESTIMATE_METHODS
 
 MIN_LABELLED = 200
 #: above this JS distance the estimate is flagged: under strong shift it can be far off
@@ -219,10 +220,6 @@ def summary(vq: VersionQuality, labels: Sequence[str] = (), *, confidence: float
                        "reference_accuracy": vq.reference_accuracy,
                        "note": _estimate_note(est, name, js)}
     return doc
-
-
-ESTIMATE_METHODS = {"doc": "difference of confidences",
-                    "atc": "average thresholded confidence"}
 
 
 def _method_name(methods: set[str]) -> str:

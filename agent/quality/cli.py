@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from edgeship.agent.quality.feedback import MAX_ITEMS
 from edgeship.agent.quality.metrics import share_ci
+from edgeship.agent.quality.profile import ESTIMATE_METHODS
 from edgeship.cliutil import EXIT_BAD_INPUT, fail
 
 
@@ -155,7 +156,8 @@ def describe(doc: dict[str, Any]) -> list[str]:
     if drift:
         est = drift.get("estimate") or {}
         if est.get("accuracy") is not None:
-            lines.append(f"estimated accuracy (an ESTIMATE, no labels): "
+            method = ESTIMATE_METHODS.get(est.get("method"), est.get("method"))
+            lines.append(f"estimated accuracy (an ESTIMATE, no labels; {method}): "
                          f"{est['accuracy']:.1%} over {est['samples']} samples")
         for name, s in list(drift["signals"].items())[:5]:
             lines.append(f"drift {name}: JS {s['js']} (chance {s['chance']})")

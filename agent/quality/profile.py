@@ -41,6 +41,8 @@ PROFILE_FORMAT = 1
 MAX_SIGNALS = 128
 MAX_BINS = 64
 ATC_SCORES = ("confidence", "negative_entropy")
+#: the label-free estimates an agent reports (``estimate.method``), in words
+ESTIMATE_METHODS = {"doc": "difference of confidences", "atc": "average thresholded confidence"}
 
 
 @dataclass(frozen=True)
