@@ -156,7 +156,7 @@ def describe(doc: dict[str, Any]) -> list[str]:
     if drift:
         est = drift.get("estimate") or {}
         if est.get("accuracy") is not None:
-            method = ESTIMATE_METHODS.get(est.get("method"), est.get("method"))
+            method = ESTIMATE_METHODS.get(str(est.get("method")), est.get("method"))
             lines.append(f"estimated accuracy (an ESTIMATE, no labels; {method}): "
                          f"{est['accuracy']:.1%} over {est['samples']} samples")
         for name, s in list(drift["signals"].items())[:5]:
