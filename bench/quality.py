@@ -336,6 +336,8 @@ def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict
         shifted_mix = next(r for r in rows if r["shift"].startswith("label shift"))
         mae[what].update({"mild (accuracy >= 85 %)": float(np.mean(mild)),
                           "mild, largest": float(np.max(mild)),
+                          "unshifted error": (rows[0]["estimates"][key]
+                                              - rows[0]["accuracy"]) * 100,
                           "label shift error": (shifted_mix["estimates"][key]
                                                 - shifted_mix["accuracy"]) * 100})
     return rows, {"mae": mae, "bootstrap": validation_bootstrap(ref, setup.y_ref, unshifted,
