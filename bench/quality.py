@@ -250,7 +250,9 @@ def _run(bundle: Path, x: np.ndarray, variant: str) -> tuple[np.ndarray, dict[st
                              for i in range(len(x))])
     drift = hub.telemetry({"digits": (1, variant)})["digits"]["drift"]
     hub.stop()
-    return logits, drift["estimate"]
+    worst = max((s["js"] or 0.0 for name, s in drift["signals"].items()
+                 if name.startswith("input")), default=0.0)
+    return logits, {**drift["estimate"], "input_js": worst}
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -324,7 +326,8 @@ def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict
         values = {"doc": est["accuracy"], "atc": est["atc"]["accuracy"]}
         values.update({name: fn(logits) for name, fn in offline.items()})
         rows.append({"shift": kind, "level": level, "estimates": values,
-                     "accuracy": float((logits.argmax(1) == y).mean())})
+                     "accuracy": float((logits.argmax(1) == y).mean()),
+                     "input_js": est["input_js"]})
     names = {**AGENT, **{k: k for k in offline}}
     mae: dict[str, dict[str, float]] = {}
     for what, key in names.items():
@@ -400,12 +403,13 @@ def _print_tracking(variant: str, rows: list[dict], found: dict[str, Any]) -> No
     print(f"\n4. label-free estimate vs true accuracy ({variant}, {len(rows)} runs; every "
           "estimator fitted on the reference set only)")
     print(f"   {'shift':<34}{'level':>7}{'accuracy':>10}{'DoC':>9}{'error':>8}"
-          f"{'ATC':>9}{'error':>8}")
+          f"{'ATC':>9}{'error':>8}{'input drift JS':>16}")
     for r in rows:
         e = r["estimates"]
         print(f"   {r['shift']:<34}{str(r['level']):>7}{r['accuracy']:>10.1%}"
               f"{e['doc']:>9.1%}{(e['doc'] - r['accuracy']) * 100:>+8.1f}"
-              f"{e['atc']:>9.1%}{(e['atc'] - r['accuracy']) * 100:>+8.1f}")
+              f"{e['atc']:>9.1%}{(e['atc'] - r['accuracy']) * 100:>+8.1f}"
+              f"{r['input_js']:>16.3f}")
     print("   MAE in points (mild: the covariate rows with true accuracy >= 85 %, target 3):")
     for what, m in found["mae"].items():
         print(f"     {what:<48}" + ", ".join(f"{k} {v:.1f}" for k, v in m.items()))
