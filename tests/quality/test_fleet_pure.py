@@ -152,3 +152,48 @@ def test_doc_estimates_pool_as_a_weighted_mean_and_name_their_method():
     old = _report("c", 2, [25, 25, 25, 25], above=80)  # an agent from before DoC
     mixed = summary(pool_windows([a, old]))["estimate"]
     assert mixed["method"] == "average thresholded confidence + difference of confidences"
+
+
+def _device_window(doc, logits, window=512):
+    """What a device's telemetry says about ``logits`` served under profile ``doc``: the
+    agent's own sketch and report (its drift section)."""
+    from edgeship.agent.quality.drift import WindowSettings
+    from edgeship.agent.quality.monitor import VersionSketch, VersionTracker
+    from edgeship.agent.quality.profile import parse_profile
+
+    p = parse_profile(doc)
+    tracker = VersionTracker(1, "onnx-fp32", "classification", p.score,
+                             VersionSketch(p, "onnx-fp32", WindowSettings(4, window // 4)),
+                             ["x"])
+    tracker.bind_outputs(["logits"])
+    x = np.zeros((len(logits), 4), np.float32)
+    tracker.fold([(i, 1, {"x": x[i:i + 1]}, [logits[i:i + 1]], tracker)
+                  for i in range(len(logits))])
+    return tracker.sketch.report()
+
+
+def test_the_estimate_gate_halts_on_a_drop_in_the_agents_doc_estimate():
+    from edgeship.agent.manifest import TensorSpec
+    from edgeship.converter.profile import build_profile
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(512, 4)) * 4
+    y = np.where(rng.random(512) < 0.9, logits.argmax(1), rng.integers(0, 4, 512))
+    doc = build_profile({"x": np.zeros((512, 4), np.float32)}, [logits],
+                        input_specs=[TensorSpec("x", "float32", (None, 4))],
+                        output_specs=[TensorSpec("logits", "float32", (None, 4))],
+                        task="classification", y=y)
+
+    def version(v, scale, devices):
+        reports = [QualityReport(d, 0.0, "m", v, {"version": v, "drift": _device_window(
+            doc, logits[rng.permutation(512)] * scale)}) for d in devices]
+        return version_quality(reports, [], v)
+    old, same, unsure = version(1, 1.0, "c"), version(2, 1.0, "ab"), version(2, 0.25, "ab")
+    assert same.estimate_methods == {"doc"} and unsure.estimate_n == 1024
+    assert old.estimate - unsure.estimate > 0.10  # flatter scores: DoC falls
+    measured: dict = {}
+    failure = check(QualityObservation(unsure, old), Gates(max_drift=None).quality_limits(),
+                    measured)
+    assert failure is not None and failure.gate == "estimated_accuracy", measured
+    assert check(QualityObservation(same, old), Gates(max_drift=None).quality_limits(),
+                 {}) is None
