@@ -100,3 +100,7 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
     assert 'edgeship_fleet_quality_estimated_accuracy{group="",model="digits",version="1"}' \
         in metrics
     assert 'edgeship_fleet_quality_accuracy{group="south"' not in metrics  # no labels there
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        low = float(metrics.split(f'edgeship_fleet_quality_{key}_ci_low{{group="north",'
+                                  f'model="digits",version="1"}} ')[1].split()[0])
+        assert low == pytest.approx(north_doc["labelled"][f"{key}_ci"][0])

@@ -197,3 +197,18 @@ def test_the_estimate_gate_halts_on_a_drop_in_the_agents_doc_estimate():
     assert failure is not None and failure.gate == "estimated_accuracy", measured
     assert check(QualityObservation(same, old), Gates(max_drift=None).quality_limits(),
                  {}) is None
+
+
+def test_f1_interval_pools_confusion_counts_and_names_the_bound_for_older_agents():
+    new = {"2": _counts(0.8, 300, 1)}
+    old = {"2": {k: v for k, v in _counts(0.8, 300, 2).items() if k != "confusion"}}
+    both_new = [_report(d, 2, [1], labelled=new) for d in "ab"]
+    mixed = [both_new[0], _report("c", 2, [1], labelled=old)]
+    views = [summary(version_quality([], reports, 2))["labelled"]
+             for reports in (both_new, mixed)]
+    assert [v["samples"] for v in views] == [600, 600]
+    assert views[0]["f1_macro_ci_method"].startswith("delta method on the confusion matrix")
+    assert "conservative bound" in views[1]["f1_macro_ci_method"]
+    for v in views:
+        lo, hi = v["f1_macro_ci"]
+        assert lo < v["f1_macro"] < hi
