@@ -12,8 +12,12 @@
    confidence with 80 % power: the formula for the gate's test, and a simulation of it.
 4. Label-free estimate vs true accuracy under three covariate shifts (rotation, Gaussian
    noise, blur) at several strengths, on digits the model never saw (the reference profile
-   comes from another half of the held-out set): MAE in points, per shift. Label shift and
-   concept drift rows show what the estimate cannot see.
+   comes from another half of the held-out set): MAE in points, per shift, for the agent's
+   estimate (difference of confidences) and ATC beside it, and offline for comparison ATC
+   with negative entropy and ATC/DoC after temperature scaling. Everything is fitted on the
+   reference set only; the shifts are never used to fit. Label shift and concept drift rows
+   show what the estimate cannot see. Also: how far each estimate moves with the
+   validation sample alone (bootstrap refits).
 5. With a fleet (``--fleet``; bench/quality_fleet.py): time from the shift starting to the
    rollout halting, and false halts over N unshifted runs.
 """
@@ -238,26 +242,62 @@ SHIFTS = {"rotation": [5, 10, 15, 20, 25, 30], "noise": [0.1, 0.2, 0.3, 0.4],
           "blur": [0.5, 0.75, 1.0, 1.25]}
 
 
-def _run(bundle: Path, x: np.ndarray, variant: str) -> tuple[np.ndarray, float]:
-    """The served model's logits on ``x`` one request at a time, and the agent's estimate."""
+def _run(bundle: Path, x: np.ndarray, variant: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The served model's logits on ``x`` one request at a time, and the agent's estimate
+    (its report: DoC, with ATC beside it)."""
     server, hub = _served(bundle, variant)
     logits = np.concatenate([server.predict("digits", x[i:i + 1])[0][0]
                              for i in range(len(x))])
     drift = hub.telemetry({"digits": (1, variant)})["digits"]["drift"]
     hub.stop()
-    return logits, drift["estimate"]["accuracy"]
+    worst = max((s["js"] or 0.0 for name, s in drift["signals"].items()
+                 if name.startswith("input")), default=0.0)
+    return logits, {**drift["estimate"], "input_js": worst}
 
 
-def _other_score(setup: Setup, variant: str, score: str):
-    """Offline ATC with the other score (the agent reports one), for comparison."""
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature scaling: the T minimising the validation negative log-likelihood."""
+    from scipy.optimize import minimize_scalar
+
+    from edgeship.agent.quality.features import class_probabilities
+
+    def nll(log_t: float) -> float:
+        p = class_probabilities(logits / np.exp(log_t), "logits")
+        return float(-np.log(p[np.arange(len(y)), y] + 1e-300).mean())
+    return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+
+
+def _offline(ref: np.ndarray, y_ref: np.ndarray) -> dict[str, Callable[[np.ndarray], float]]:
+    """Estimators the agent does not run, fitted on the same validation outputs, for
+    comparison: ATC with negative entropy, ATC / DoC after temperature scaling, and DoC
+    capped by the predicted class mix (accuracy <= 1 - the total variation distance between
+    the live predicted classes and the validation labels: assumes no label shift)."""
     from edgeship.agent.quality.features import atc_scores, class_probabilities
     from edgeship.converter.profile import atc_threshold
 
-    ref, _ = _run(setup.bundle, setup.x_ref, variant)
-    probs = class_probabilities(ref, "logits")
-    t, _ = atc_threshold(atc_scores(probs, score), probs.argmax(1) == setup.y_ref)
-    return lambda logits: float((atc_scores(class_probabilities(logits, "logits"), score)
-                                 > t).mean())
+    temp = fit_temperature(ref, y_ref)
+    acc = float((ref.argmax(1) == y_ref).mean())
+
+    def atc(score: str, t_scale: float) -> Callable[[np.ndarray], float]:
+        probs = class_probabilities(ref / t_scale, "logits")
+        t, _ = atc_threshold(atc_scores(probs, score), probs.argmax(1) == y_ref)
+        return lambda z: float((atc_scores(class_probabilities(z / t_scale, "logits"), score)
+                                > t).mean())
+
+    conf_ref = class_probabilities(ref / temp, "logits").max(1).mean()
+    mix = np.bincount(y_ref, minlength=ref.shape[1]) / len(y_ref)
+    conf_plain = class_probabilities(ref, "logits").max(1).mean()
+
+    def capped(z: np.ndarray) -> float:
+        probs = class_probabilities(z, "logits")
+        live = np.bincount(probs.argmax(1), minlength=len(mix)) / len(z)
+        return min(acc + probs.max(1).mean() - conf_plain, 1 - np.abs(live - mix).sum() / 2)
+    return {"ATC, negative entropy": atc("negative_entropy", 1.0),
+            "DoC capped by the predicted class mix": capped,
+            f"ATC after temperature scaling (T = {temp:.3f})": atc("confidence", temp),
+            f"DoC after temperature scaling (T = {temp:.3f})":
+                lambda z: acc + class_probabilities(z / temp, "logits").max(1).mean()
+                - conf_ref}
 
 
 def _cases(setup: Setup):
@@ -271,25 +311,63 @@ def _cases(setup: Setup):
     yield "concept drift (labels permuted)", "", x, shifts.concept_drift(y)
 
 
-def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict[str, float]]:
-    """Per case: true accuracy, the agent's estimate (max-probability ATC, the default)
-    and negative-entropy ATC computed offline with the same reference set."""
-    other = _other_score(setup, variant, "negative_entropy")
-    rows = []
+AGENT = {"DoC (the agent's estimate)": "doc", "ATC, max probability (agent, beside it)": "atc"}
+
+
+def tracking(setup: Setup, variant: str = "onnx-fp32") -> tuple[list[dict], dict[str, Any]]:
+    """Per case: true accuracy, the agent's two estimates (DoC and max-probability ATC)
+    and the offline ones (:func:`_offline`), all fitted on the same reference set only."""
+    ref, _ = _run(setup.bundle, setup.x_ref, variant)
+    offline = _offline(ref, setup.y_ref)
+    rows, unshifted = [], None
     for kind, level, x, y in _cases(setup):
         logits, est = _run(setup.bundle, x, variant)
-        rows.append({"shift": kind, "level": level, "estimate": est,
+        unshifted = logits if unshifted is None else unshifted
+        values = {"doc": est["accuracy"], "atc": est["atc"]["accuracy"]}
+        values.update({name: fn(logits) for name, fn in offline.items()})
+        rows.append({"shift": kind, "level": level, "estimates": values,
                      "accuracy": float((logits.argmax(1) == y).mean()),
-                     "estimate_other": other(logits)})
-    mae = {}
-    for key in ("estimate", "estimate_other"):
-        errors = {kind: [abs(r[key] - r["accuracy"]) * 100 for r in rows if r["shift"] == kind]
-                  for kind in SHIFTS}
-        mae.update({f"{key} {kind}": float(np.mean(v)) for kind, v in errors.items()})
-        mild = [abs(r[key] - r["accuracy"]) * 100 for r in rows
-                if r["shift"] in SHIFTS and r["accuracy"] >= 0.85]
-        mae[f"{key} covariate, accuracy >= 85 %"] = float(np.mean(mild))
-    return rows, mae
+                     "input_js": est["input_js"]})
+    names = {**AGENT, **{k: k for k in offline}}
+    mae: dict[str, dict[str, float]] = {}
+    for what, key in names.items():
+        err = [(r["shift"], r["accuracy"], abs(r["estimates"][key] - r["accuracy"]) * 100)
+               for r in rows if r["shift"] in SHIFTS]
+        mae[what] = {kind: float(np.mean([e for k, _, e in err if k == kind]))
+                     for kind in SHIFTS}
+        mild = [e for _, a, e in err if a >= 0.85]
+        shifted_mix = next(r for r in rows if r["shift"].startswith("label shift"))
+        mae[what].update({"mild (accuracy >= 85 %)": float(np.mean(mild)),
+                          "mild, largest": float(np.max(mild)),
+                          "unshifted error": (rows[0]["estimates"][key]
+                                              - rows[0]["accuracy"]) * 100,
+                          "label shift error": (shifted_mix["estimates"][key]
+                                                - shifted_mix["accuracy"]) * 100})
+    return rows, {"mae": mae, "bootstrap": validation_bootstrap(ref, setup.y_ref, unshifted,
+                                                                setup.y_live)}
+
+
+def validation_bootstrap(ref: np.ndarray, y_ref: np.ndarray, live: np.ndarray,
+                         y_live: np.ndarray, draws: int = 300, seed: int = 0
+                         ) -> dict[str, tuple[float, float]]:
+    """How much each estimate moves with the validation sample alone: refit on bootstrap
+    resamples of the reference set; (mean, sd) of the error in points on the unshifted
+    live traffic."""
+    from edgeship.agent.quality.features import atc_scores, class_probabilities
+    from edgeship.converter.profile import atc_threshold
+
+    rng = np.random.default_rng(seed)
+    probs, live_probs = class_probabilities(ref, "logits"), class_probabilities(live, "logits")
+    correct = probs.argmax(1) == y_ref
+    truth = float((live_probs.argmax(1) == y_live).mean())
+    live_conf, live_scores = float(live_probs.max(1).mean()), live_probs.max(1)
+    errors: dict[str, list[float]] = {"atc": [], "doc": []}
+    for _ in range(draws):
+        i = rng.integers(0, len(ref), len(ref))
+        t, acc = atc_threshold(atc_scores(probs[i], "confidence"), correct[i])
+        errors["atc"].append(float((live_scores > t).mean()) - truth)
+        errors["doc"].append(acc + live_conf - float(probs[i].max(1).mean()) - truth)
+    return {k: (float(np.mean(v)) * 100, float(np.std(v)) * 100) for k, v in errors.items()}
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -321,21 +399,23 @@ def _print_memory(m: dict[str, Any]) -> None:
           "flush thread, sketches)")
 
 
-def _print_tracking(variant: str, rows: list[dict], mae: dict[str, float]) -> None:
-    print(f"\n4. label-free estimate vs true accuracy ({variant}, {len(rows)} runs)")
-    print(f"   {'shift':<34}{'level':>7}{'accuracy':>10}{'estimate':>10}{'error':>8}"
-          f"{'entropy ATC':>14}{'error':>8}")
+def _print_tracking(variant: str, rows: list[dict], found: dict[str, Any]) -> None:
+    print(f"\n4. label-free estimate vs true accuracy ({variant}, {len(rows)} runs; every "
+          "estimator fitted on the reference set only)")
+    print(f"   {'shift':<34}{'level':>7}{'accuracy':>10}{'DoC':>9}{'error':>8}"
+          f"{'ATC':>9}{'error':>8}{'input drift JS':>16}")
     for r in rows:
-        err = (r["estimate"] - r["accuracy"]) * 100
-        err2 = (r["estimate_other"] - r["accuracy"]) * 100
+        e = r["estimates"]
         print(f"   {r['shift']:<34}{str(r['level']):>7}{r['accuracy']:>10.1%}"
-              f"{r['estimate']:>10.1%}{err:>+7.1f}{r['estimate_other']:>14.1%}"
-              f"{err2:>+7.1f}")
-    for key, what in (("estimate", "agent (max-probability ATC)"),
-                      ("estimate_other", "negative-entropy ATC")):
-        print(f"   MAE in points, {what}: " + ", ".join(
-            f"{k.split(' ', 1)[1]} {v:.1f}" for k, v in mae.items()
-            if k.split(' ', 1)[0] == key))
+              f"{e['doc']:>9.1%}{(e['doc'] - r['accuracy']) * 100:>+8.1f}"
+              f"{e['atc']:>9.1%}{(e['atc'] - r['accuracy']) * 100:>+8.1f}"
+              f"{r['input_js']:>16.3f}")
+    print("   MAE in points (mild: the covariate rows with true accuracy >= 85 %, target 3):")
+    for what, m in found["mae"].items():
+        print(f"     {what:<48}" + ", ".join(f"{k} {v:.1f}" for k, v in m.items()))
+    print("   the validation sample alone (300 bootstrap refits; error on unshifted traffic):")
+    for key, (mean, sd) in found["bootstrap"].items():
+        print(f"     {'DoC' if key == 'doc' else 'ATC'}: mean {mean:+.1f}, sd {sd:.1f} points")
 
 
 def main(argv: list[str] | None = None) -> int:

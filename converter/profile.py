@@ -3,10 +3,12 @@
 For each signal (``agent.quality.features``: per-input mean, std, share of zeros,
 per-channel means; the classifier's confidence, entropy and predicted class; a regression's
 predicted value) the profile keeps bin edges and the share of validation samples in each
-bin; for a classifier with labels, the threshold of the label-free accuracy estimate
-(average thresholded confidence, Garg et al., ICLR 2022), per variant. The agent computes
-the same signals over live traffic and compares (``agent.quality.drift``). The profile is
-a few kilobytes of JSON inside ``manifest.json``; no sample is stored.
+bin; for a classifier with labels, per variant, what the label-free accuracy estimate
+needs: the validation accuracy and mean confidence (difference of confidences, Guillory et
+al., ICCV 2021: the estimate) and the threshold of average thresholded confidence (Garg et
+al., ICLR 2022: reported beside it, and the estimate of agents older than DoC). The agent
+computes the same signals over live traffic and compares (``agent.quality.drift``). The
+profile is a few kilobytes of JSON inside ``manifest.json``; no sample is stored.
 
 Bins: ``bins`` equal-mass bins from the validation quantiles, plus one below the smallest
 and one above the largest validation value (their reference share is zero, so live values
@@ -31,9 +33,8 @@ from edgeship.agent.quality.profile import PROFILE_FORMAT, parse_profile
 logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 10
-#: the estimate's score: max probability tracked accuracy better than negative entropy
-#: under covariate shift of the digits (scripts/bench-quality prints both; negative entropy
-#: did better under label shift)
+#: ATC's score: max probability tracked accuracy better than negative entropy under
+#: covariate shift of the digits (scripts/bench-quality prints both)
 DEFAULT_ATC_SCORE = "confidence"
 MAX_PROFILE_SAMPLES = 5000
 
@@ -136,7 +137,8 @@ def _estimate(probs: np.ndarray, y: np.ndarray, kind: str | None, score: str,
               variant_outputs: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
     def one(p: np.ndarray) -> dict[str, float]:
         t, acc = atc_threshold(atc_scores(p, score), p.argmax(axis=1) == y)
-        return {"threshold": t, "accuracy": acc}
+        return {"threshold": t, "accuracy": acc,
+                "mean_confidence": float(p.max(axis=1).mean())}
 
     doc: dict[str, Any] = {"method": "atc", "score": score, **one(probs)}
     variants = {vid: one(class_probabilities(np.asarray(out), kind or "logits"))

@@ -24,8 +24,9 @@ import numpy as np
 
 from edgeship.agent.quality.drift import chance_js, js_distance, psi
 from edgeship.agent.quality.metrics import (ClassCounts, Counts, RegressionCounts,
-                                            counts_from_dict, macro_f1, proportion_se, report,
-                                            wilson)
+                                            counts_from_dict, f1_ci, macro_f1, proportion_se,
+                                            report, share_ci, wilson)
+from edgeship.agent.quality.profile import ESTIMATE_METHODS
 
 MIN_LABELLED = 200
 #: above this JS distance the estimate is flagged: under strong shift it can be far off
@@ -101,6 +102,7 @@ class VersionQuality:
     signals: dict[str, SignalPool] = field(default_factory=dict)
     estimate_n: int = 0
     estimate_above: int = 0
+    estimate_methods: set[str] = field(default_factory=set)
     reference_accuracy: float | None = None
     labelled: Counts | None = None
     labelled_devices: int = 0
@@ -147,6 +149,7 @@ def pool_windows(reports: Iterable[QualityReport]) -> VersionQuality:
         if isinstance(est, Mapping) and isinstance(est.get("samples"), int):
             vq.estimate_n += est["samples"]
             vq.estimate_above += int(est.get("above", 0))
+            vq.estimate_methods.add(str(est.get("method", "atc"))[:16])
             if isinstance(est.get("reference_accuracy"), (int, float)):
                 vq.reference_accuracy = float(est["reference_accuracy"])
     return vq
@@ -211,12 +214,19 @@ def summary(vq: VersionQuality, labels: Sequence[str] = (), *, confidence: float
                     "signals": vq.drift()}
     est = vq.estimate
     interval = wilson(vq.estimate_above, vq.estimate_n, confidence)
-    doc["estimate"] = {"is_estimate": True, "method": "average thresholded confidence",
+    doc["estimate"] = {"is_estimate": True, "method": _method_name(vq.estimate_methods),
                        "accuracy": est, "samples": vq.estimate_n,
                        "ci": list(interval) if interval else None,
                        "reference_accuracy": vq.reference_accuracy,
                        "note": _estimate_note(est, name, js)}
     return doc
+
+
+def _method_name(methods: set[str]) -> str:
+    """What the pooled estimate is (devices of one version normally agree; a mix of agent
+    releases can report both)."""
+    names = sorted(ESTIMATE_METHODS.get(m, m) for m in methods) or ["none"]
+    return " + ".join(names)
 
 
 def _estimate_note(est: float | None, signal: str | None, js: float | None) -> str | None:
@@ -274,12 +284,10 @@ def table_rows(view: Mapping[str, Any]) -> list[dict[str, str]]:
         row = {"version": f"v{version}", "devices": str(doc["devices"]),
                "labels": str(lab["samples"])}
         if "accuracy" in lab and lab.get("accuracy") is not None:
-            lo, hi = lab["accuracy_ci"]
-            row["accuracy"] = f"{lab['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]"
-            row["precision"] = _pct(lab.get("precision_macro"))
-            row["recall"] = _pct(lab.get("recall_macro"))
-            f1, ci = lab.get("f1_macro"), lab.get("f1_macro_ci")
-            row["f1"] = "-" if f1 is None else f"{f1:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+            row["accuracy"] = share_ci(lab, "accuracy")
+            row["precision"] = share_ci(lab, "precision_macro")
+            row["recall"] = share_ci(lab, "recall_macro")
+            row["f1"] = f1_ci(lab)
         elif "mae" in lab and lab.get("mae") is not None:
             row["accuracy"] = f"MAE {lab['mae']:.4g}, RMSE {lab['rmse']:.4g}"
         else:
@@ -292,6 +300,3 @@ def table_rows(view: Mapping[str, Any]) -> list[dict[str, str]]:
         rows.append(row)
     return rows
 
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"

@@ -22,10 +22,13 @@ def quality_families(registry: Any) -> Iterator[Any]:
                ("accuracy", "Accuracy from feedback (only with enough labels)"),
                ("accuracy_ci_low", "Lower end of the accuracy's 95 % interval"),
                ("precision_macro", "Macro precision from feedback"),
+               ("precision_macro_ci_low", "Lower end of the macro precision's 95 % interval"),
                ("recall_macro", "Macro recall from feedback"),
+               ("recall_macro_ci_low", "Lower end of the macro recall's 95 % interval"),
                ("f1_macro", "Macro F1 from feedback"),
-               ("estimated_accuracy", "Label-free accuracy ESTIMATE (average thresholded "
-                                      "confidence) over the devices' current windows"),
+               ("f1_macro_ci_low", "Lower end of the macro F1's 95 % interval"),
+               ("estimated_accuracy", "Label-free accuracy ESTIMATE (difference of "
+                                      "confidences) over the devices' current windows"),
                ("drift_js", "Largest Jensen-Shannon distance of a signal, pooled"),
                ("drift_chance_js", "JS distance expected from sampling alone"),
                ("drift_samples", "Samples in the pooled drift windows"))}
@@ -40,12 +43,12 @@ def quality_families(registry: Any) -> Iterator[Any]:
 
 def _add(fam: dict[str, Any], key: list[str], v: dict[str, Any]) -> None:
     lab, est, drift = v["labelled"], v["estimate"], v["drift"]
-    values = {"labelled_samples": lab.get("samples"), "accuracy": lab.get("accuracy"),
-              "accuracy_ci_low": (lab.get("accuracy_ci") or [None])[0],
-              "precision_macro": lab.get("precision_macro"),
-              "recall_macro": lab.get("recall_macro"), "f1_macro": lab.get("f1_macro"),
+    values = {"labelled_samples": lab.get("samples"),
               "estimated_accuracy": est.get("accuracy"), "drift_js": drift.get("js"),
               "drift_chance_js": drift.get("chance"), "drift_samples": drift.get("samples")}
+    for metric in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        values[metric] = lab.get(metric)
+        values[f"{metric}_ci_low"] = (lab.get(f"{metric}_ci") or [None])[0]
     for name, value in values.items():
         if value is not None:
             fam[name].add_metric(key, float(value))

@@ -4,7 +4,7 @@
   for the converter's reference profile and the agent's live traffic;
 - ``profile``: the reference profile a release carries (parsed and checked, pure);
 - ``drift``: Jensen–Shannon distance, PSI, the sliding window of histograms, the
-  label-free accuracy estimate (average thresholded confidence), pure;
+  label-free accuracy estimate's window sums (difference of confidences, ATC beside it), pure;
 - ``metrics``: accuracy, precision, recall, F1, MAE/RMSE with confidence intervals, and the
   tests the fleet's gates use (pure; the fleet imports it);
 - ``monitor``: the request path (a request id, a reference to the tensors) and the

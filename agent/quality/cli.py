@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeship.agent.quality.feedback import MAX_ITEMS
+from edgeship.agent.quality.metrics import f1_ci, share_ci
+from edgeship.agent.quality.profile import ESTIMATE_METHODS
 from edgeship.cliutil import EXIT_BAD_INPUT, fail
 
 
@@ -142,9 +144,9 @@ def describe(doc: dict[str, Any]) -> list[str]:
         if m.get("samples", 0) == 0:
             continue
         if "accuracy" in m:
-            lo, hi = m["accuracy_ci"]
-            lines.append(f"v{version}: accuracy {m['accuracy']:.1%} [{lo:.1%}, {hi:.1%}], "
-                         f"macro F1 {m['f1_macro']:.3f} from {m['samples']} labels")
+            lines.append(f"v{version}: accuracy {share_ci(m, 'accuracy')}, macro precision "
+                         f"{share_ci(m, 'precision_macro')}, macro recall {share_ci(m, 'recall_macro')}, "
+                         f"macro F1 {f1_ci(m)} from {m['samples']} labels")
         else:
             lines.append(f"v{version}: MAE {m['mae']:.4g}, RMSE {m['rmse']:.4g} from "
                          f"{m['samples']} labels")
@@ -154,8 +156,10 @@ def describe(doc: dict[str, Any]) -> list[str]:
     if drift:
         est = drift.get("estimate") or {}
         if est.get("accuracy") is not None:
-            lines.append(f"estimated accuracy (an ESTIMATE, no labels): "
+            method = ESTIMATE_METHODS.get(str(est.get("method")), est.get("method"))
+            lines.append(f"estimated accuracy (an ESTIMATE, no labels; {method}): "
                          f"{est['accuracy']:.1%} over {est['samples']} samples")
         for name, s in list(drift["signals"].items())[:5]:
             lines.append(f"drift {name}: JS {s['js']} (chance {s['chance']})")
     return lines
+

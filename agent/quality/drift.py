@@ -84,9 +84,10 @@ class WindowSettings:
 
 
 class SlidingWindow:
-    """Histogram counts per signal over the newest samples, plus the label-free estimate's
-    count (samples whose score is above the threshold). Not thread-safe: the monitor holds
-    its fold lock around :meth:`add` and :meth:`totals`."""
+    """Histogram counts per signal over the newest samples, plus what the label-free
+    estimates need: the count of samples whose score is above the ATC threshold and the sum
+    of the confidences (DoC). Not thread-safe: the monitor holds its fold lock around
+    :meth:`add` and :meth:`totals`."""
 
     def __init__(self, bins: Sequence[int], settings: WindowSettings = WindowSettings()
                  ) -> None:
@@ -98,11 +99,14 @@ class SlidingWindow:
         self._counts = np.zeros(shape, dtype=np.int64)
         self._n = np.zeros(settings.blocks, dtype=np.int64)
         self._above = np.zeros(settings.blocks, dtype=np.int64)
+        self._confidence = np.zeros(settings.blocks, dtype=np.float64)
         self._block = 0
         self.total = 0  # samples ever added
 
-    def add(self, bin_matrix: np.ndarray, above: np.ndarray | None) -> None:
-        """``bin_matrix``: (n, signals) bin indices; ``above``: (n,) bools or None."""
+    def add(self, bin_matrix: np.ndarray, above: np.ndarray | None,
+            confidence: np.ndarray | None = None) -> None:
+        """``bin_matrix``: (n, signals) bin indices; ``above``: (n,) bools or None;
+        ``confidence``: (n,) max class probabilities or None."""
         n = bin_matrix.shape[0]
         start = 0
         while start < n:
@@ -111,10 +115,12 @@ class SlidingWindow:
                 self._advance()
                 continue
             stop = min(n, start + room)
-            self._add_rows(bin_matrix[start:stop], None if above is None else above[start:stop])
+            self._add_rows(bin_matrix[start:stop], None if above is None else above[start:stop],
+                           None if confidence is None else confidence[start:stop])
             start = stop
 
-    def _add_rows(self, rows: np.ndarray, above: np.ndarray | None) -> None:
+    def _add_rows(self, rows: np.ndarray, above: np.ndarray | None,
+                  confidence: np.ndarray | None) -> None:
         b = self._block
         if rows.shape[1]:
             flat = (rows + self.offsets).ravel()
@@ -122,6 +128,8 @@ class SlidingWindow:
         self._n[b] += rows.shape[0]
         if above is not None:
             self._above[b] += int(np.count_nonzero(above))
+        if confidence is not None:
+            self._confidence[b] += float(confidence.sum())
         self.total += rows.shape[0]
 
     def _advance(self) -> None:
@@ -129,6 +137,7 @@ class SlidingWindow:
         self._counts[self._block] = 0
         self._n[self._block] = 0
         self._above[self._block] = 0
+        self._confidence[self._block] = 0.0
 
     def totals(self) -> tuple[int, list[np.ndarray], int]:
         """(samples in the window, counts per signal, samples above the threshold)."""
@@ -137,5 +146,11 @@ class SlidingWindow:
         return int(self._n.sum()), per, int(self._above.sum())
 
     @property
+    def confidence_sum(self) -> float:
+        """Sum of the confidences over the window's samples (0 when none were given)."""
+        return float(self._confidence.sum())
+
+    @property
     def nbytes(self) -> int:
-        return self._counts.nbytes + self._n.nbytes + self._above.nbytes
+        return (self._counts.nbytes + self._n.nbytes + self._above.nbytes
+                + self._confidence.nbytes)

@@ -8,9 +8,11 @@ is enough for accuracy and per-class and macro precision, recall and F1, and sum
 across devices. Regression keeps n, Σ|e|, Σe² and Σe⁴ (MAE, RMSE and their intervals).
 
 Intervals (``confidence`` two-sided, 0.95 by default): accuracy uses Wilson's score
-interval; macro F1 a delta-method normal interval that treats the per-class counts as
-independent Poisson counts (an approximation: it ignores the covariance between classes);
-MAE and RMSE normal intervals from the sample moments.
+interval; macro precision, recall and F1 a delta-method variance turned into Wilson's
+interval at the effective sample size (:mod:`agent.quality.intervals`; F1 exact from the
+confusion counts kept for up to 64 classes, else a conservative bound from the per-class
+counts, named in the report's ``f1_macro_ci_method``); MAE and RMSE normal intervals from the
+sample moments.
 """
 
 from __future__ import annotations
@@ -22,34 +24,28 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-
-def z_value(confidence: float, two_sided: bool = True) -> float:
-    tail = (1 - confidence) / 2 if two_sided else 1 - confidence
-    return NormalDist().inv_cdf(1 - tail)
-
-
-def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
-    """Wilson score interval of a proportion k/n; None for n = 0."""
-    if n <= 0:
-        return None
-    z = z_value(confidence)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+from edgeship.agent.quality.intervals import (CONFUSION_MAX_CLASSES, F1_METHODS, MacroEstimate,
+                                              macro_f1_estimate, macro_interval,
+                                              macro_proportion_estimate, wilson, z_value)
 
 
 class ClassCounts:
-    """Labelled outcomes of a classifier: per class tp/fp/fn, and n."""
+    """Labelled outcomes of a classifier: per class tp/fp/fn, and n; with up to
+    CONFUSION_MAX_CLASSES classes also the confusion counts (truth × prediction), which the
+    macro F1 interval needs. ``confusion`` is None when it was not kept from the first label
+    on (counts from an older agent, or more classes): then the F1 interval is a bound."""
 
     def __init__(self, classes: int, tp: np.ndarray | None = None,
-                 fp: np.ndarray | None = None, fn: np.ndarray | None = None) -> None:
+                 fp: np.ndarray | None = None, fn: np.ndarray | None = None,
+                 confusion: np.ndarray | None = None) -> None:
         self.classes = classes
         zeros = np.zeros(classes, dtype=np.int64)
         self.tp = zeros.copy() if tp is None else tp
         self.fp = zeros.copy() if fp is None else fp
         self.fn = zeros.copy() if fn is None else fn
+        if confusion is None and tp is None and classes <= CONFUSION_MAX_CLASSES:
+            confusion = np.zeros((classes, classes), dtype=np.int64)
+        self.confusion = confusion
 
     @property
     def n(self) -> int:
@@ -67,6 +63,8 @@ class ClassCounts:
         else:
             self.fp[predicted] += 1
             self.fn[truth] += 1
+        if self.confusion is not None:
+            self.confusion[truth, predicted] += 1
 
     def merge(self, other: "ClassCounts") -> None:
         if other.classes > self.classes:
@@ -75,16 +73,29 @@ class ClassCounts:
         self.tp[:k] += other.tp
         self.fp[:k] += other.fp
         self.fn[:k] += other.fn
+        if self.confusion is None or other.confusion is None:
+            self.confusion = None
+        else:
+            self.confusion[:k, :k] += other.confusion
 
     def _grow(self, classes: int) -> None:
         pad = classes - self.classes
         self.tp, self.fp, self.fn = (np.concatenate([a, np.zeros(pad, np.int64)])
                                      for a in (self.tp, self.fp, self.fn))
+        if self.confusion is not None:
+            self.confusion = np.pad(self.confusion, (0, pad)) \
+                if classes <= CONFUSION_MAX_CLASSES else None
         self.classes = classes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": "classification", "n": self.n, "tp": self.tp.tolist(),
-                "fp": self.fp.tolist(), "fn": self.fn.tolist()}
+        doc = {"task": "classification", "n": self.n, "tp": self.tp.tolist(),
+               "fp": self.fp.tolist(), "fn": self.fn.tolist()}
+        if self.confusion is not None:
+            # the wrong predictions only (the diagonal is tp): [truth, predicted, count]
+            t, p = np.nonzero(self.confusion)
+            doc["confusion"] = [[int(i), int(j), int(self.confusion[i, j])]
+                                for i, j in zip(t, p) if i != j]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], max_classes: int = 100_000) -> "ClassCounts":
@@ -93,7 +104,33 @@ class ClassCounts:
         if not 0 < k <= max_classes or any(len(a) != k for a in arrays) or \
                 any(bool((a < 0).any()) for a in arrays):
             raise ValueError("tp, fp, fn must be equal-length lists of counts >= 0")
-        return cls(k, *arrays)
+        tp, fp, fn = arrays
+        confusion = _confusion_from(doc.get("confusion"), tp, fp, fn)
+        if confusion is None and int(tp.sum() + fn.sum()) == 0 and \
+                k <= CONFUSION_MAX_CLASSES:
+            confusion = np.zeros((k, k), dtype=np.int64)  # nothing counted yet: start one
+        return cls(k, tp, fp, fn, confusion)
+
+
+def _confusion_from(cells: Any, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray
+                    ) -> np.ndarray | None:
+    """The k×k matrix from [truth, predicted, count] triples of the wrong predictions,
+    checked against the per-class counts; None when there are none (older senders)."""
+    if cells is None:
+        return None
+    k = len(tp)
+    arr = np.asarray(cells, dtype=np.int64).reshape(-1, 3) if len(cells) else \
+        np.zeros((0, 3), np.int64)
+    if k > CONFUSION_MAX_CLASSES or (arr < 0).any() or (arr[:, :2] >= k).any() or \
+            (arr[:, 0] == arr[:, 1]).any():
+        raise ValueError(f"confusion: [truth, predicted, count] of wrong predictions, "
+                         f"classes < {k} <= {CONFUSION_MAX_CLASSES}")
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (arr[:, 0], arr[:, 1]), arr[:, 2])
+    if (m.sum(1) != fn).any() or (m.sum(0) != fp).any():
+        raise ValueError("confusion does not add up to fp and fn")
+    m[np.arange(k), np.arange(k)] = tp
+    return m
 
 
 @dataclass
@@ -171,40 +208,56 @@ def per_class(c: ClassCounts, labels: Sequence[str] = ()) -> list[dict[str, Any]
 
 def macro_f1(c: ClassCounts) -> tuple[float | None, float | None]:
     """Macro F1 over the classes seen (in truth or prediction) and its standard error."""
-    present = (c.tp + c.fp + c.fn) > 0
-    if not present.any():
-        return None, None
-    a = 2.0 * c.tp[present]
-    b = (c.fp + c.fn)[present].astype(np.float64)
-    f1 = a / (a + b)
-    var = (b * b * 2.0 * a + a * a * b) / np.maximum(a + b, 1.0) ** 4
-    k = int(present.sum())
-    return float(f1.mean()), float(math.sqrt(var.sum()) / k)
+    est, _ = macro_f1_estimate(c.tp, c.fp, c.fn, c.confusion)
+    return (None, None) if est is None else (est.value, est.se)
 
 
-def _interval(value: float | None, se: float | None, confidence: float
-              ) -> list[float] | None:
-    if value is None or se is None:
-        return None
-    half = z_value(confidence) * se
-    return [max(0.0, value - half), min(1.0, value + half)]
+def macro_proportion(hits: np.ndarray, totals: np.ndarray
+                     ) -> tuple[float | None, float | None]:
+    """Mean of the per-class proportions hits/totals over classes with totals > 0 (macro
+    precision: tp over tp+fp; macro recall: tp over tp+fn) and its standard error."""
+    est = macro_proportion_estimate(hits, totals)
+    return (None, None) if est is None else (est.value, est.se)
+
+
+def _value(est: MacroEstimate | None) -> float | None:
+    return None if est is None else est.value
 
 
 def classification_report(c: ClassCounts, labels: Sequence[str] = (),
                           confidence: float = 0.95) -> dict[str, Any]:
     n = c.n
-    f1, f1_se = macro_f1(c)
-    rows = per_class(c, labels)
-    precisions = [r["precision"] for r in rows if r["precision"] is not None]
-    recalls = [r["recall"] for r in rows if r["recall"] is not None]
+    f1, f1_method = macro_f1_estimate(c.tp, c.fp, c.fn, c.confusion)
+    precision = macro_proportion_estimate(c.tp, c.tp + c.fp)
+    recall = macro_proportion_estimate(c.tp, c.tp + c.fn)
     interval = wilson(c.correct, n, confidence)
     return {"task": "classification", "samples": n,
             "accuracy": _ratio(c.correct, n),
             "accuracy_ci": list(interval) if interval else None,
-            "precision_macro": float(np.mean(precisions)) if precisions else None,
-            "recall_macro": float(np.mean(recalls)) if recalls else None,
-            "f1_macro": f1, "f1_macro_ci": _interval(f1, f1_se, confidence),
-            "per_class": rows}
+            "precision_macro": _value(precision),
+            "precision_macro_ci": macro_interval(precision, confidence),
+            "recall_macro": _value(recall),
+            "recall_macro_ci": macro_interval(recall, confidence),
+            "f1_macro": _value(f1), "f1_macro_ci": macro_interval(f1, confidence),
+            "f1_macro_ci_method": F1_METHODS[f1_method],
+            "per_class": per_class(c, labels)}
+
+
+def share_ci(doc: Mapping[str, Any], key: str) -> str:
+    """``doc[key]`` as a percentage with its interval ``doc[key + "_ci"]`` when there is one
+    (the CLIs' text), "-" when there is no number."""
+    x, ci = doc.get(key), doc.get(f"{key}_ci")
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if not ci else f"{x:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]"
+
+
+def f1_ci(doc: Mapping[str, Any]) -> str:
+    """Macro F1 to three places with its interval when there is one, "-" without a number."""
+    f1, ci = doc.get("f1_macro"), doc.get("f1_macro_ci")
+    if f1 is None:
+        return "-"
+    return f"{f1:.3f}" if not ci else f"{f1:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def regression_report(c: RegressionCounts, confidence: float = 0.95) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from edgeship.agent.quality.drift import (SlidingWindow, WindowSettings, bin_ind
                                           chance_js, js_distance, psi)
 from edgeship.agent.quality.features import (atc_scores, class_probabilities, input_columns,
                                              output_columns, score_kind)
-from edgeship.agent.quality.profile import Profile, ScorePlan
+from edgeship.agent.quality.profile import Estimator, Profile, ScorePlan
 
 FOLD_EVERY = 256
 PENDING_BYTES = 1 << 20
@@ -64,6 +64,8 @@ class VersionSketch:
         stat, self._sign = score.get(self.estimator.score if self.estimator else "",
                                      ("", 1.0))
         self._score_column = stats.index(stat) if stat in stats else None
+        self._doc = self.estimator is not None and self.estimator.method == "doc"
+        self._confidence_column = stats.index("confidence") if "confidence" in stats else None
         self._lock = threading.Lock()
 
     def add(self, columns: Sequence[np.ndarray], probs: np.ndarray | None) -> None:
@@ -71,20 +73,24 @@ class VersionSketch:
             return
         bins = np.stack([bin_indices(col, ref.edges)
                          for col, ref in zip(columns, self.signals)], axis=1)
-        above = None
+        above = confidence = None
         if self.estimator is not None and probs is not None:
             if self._score_column is not None:
                 score = self._sign * columns[self._score_column]
             else:
                 score = atc_scores(probs, self.estimator.score)
             above = score > self.estimator.threshold
+            if self._doc:
+                confidence = columns[self._confidence_column] \
+                    if self._confidence_column is not None else probs.max(axis=1)
         with self._lock:
-            self.window.add(bins, above)
+            self.window.add(bins, above, confidence)
 
     def report(self) -> dict[str, Any]:
         with self._lock:
             n, counts, above = self.window.totals()
             total = self.window.total
+            confidence_sum = self.window.confidence_sum
         signals = {}
         for ref, c in zip(self.signals, counts):
             signals[ref.spec.name] = {
@@ -98,11 +104,24 @@ class VersionSketch:
         if len(ordered) > MAX_REPORTED_SIGNALS:
             doc["signals_omitted"] = len(ordered) - MAX_REPORTED_SIGNALS
         if self.estimator is not None:
-            doc["estimate"] = {"method": "atc", "score": self.estimator.score,
-                               "samples": n, "above": above,
-                               "accuracy": above / n if n else None,
-                               "reference_accuracy": self.estimator.accuracy}
+            doc["estimate"] = _estimate(self.estimator, n, above, confidence_sum)
         return doc
+
+
+def _estimate(e: Estimator, n: int, above: int, confidence_sum: float) -> dict[str, Any]:
+    """The window's label-free estimate. ``above`` is what the fleet pools (sums over
+    devices, then divides by the summed samples): the ATC count, or with DoC the estimate
+    times n rounded to a whole sample (DoC is linear, so pooling stays exact to 1/n)."""
+    atc = {"method": "atc", "score": e.score, "samples": n, "above": above,
+           "accuracy": above / n if n else None, "reference_accuracy": e.accuracy}
+    if e.method != "doc":
+        return atc
+    est = e.doc_accuracy(confidence_sum, n)
+    return {"method": "doc", "samples": n,
+            "above": 0 if est is None else int(round(est * n)), "accuracy": est,
+            "mean_confidence": confidence_sum / n if n else None,
+            "reference_accuracy": e.accuracy,
+            "reference_confidence": e.mean_confidence, "atc": atc}
 
 
 def _round(x: float | None) -> float | None:

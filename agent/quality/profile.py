@@ -3,8 +3,10 @@
 Written by the converter from its validation set (``converter/profile.py``), read here on
 the device. It names the signals (``agent.quality.features``) and, per signal, the bin
 edges and the share of validation samples in each bin; for a classifier, which output holds
-the scores and how they read, and the threshold of the label-free accuracy estimate (per
-variant, since an int8 variant's confidences differ a little from fp32's).
+the scores and how they read, and what the label-free accuracy estimate needs (per variant,
+since an int8 variant's confidences differ a little from fp32's): the validation accuracy,
+the mean confidence (difference of confidences, the estimate) and the threshold of average
+thresholded confidence (reported beside it).
 
 JSON layout (``format`` 1)::
 
@@ -12,9 +14,15 @@ JSON layout (``format`` 1)::
      "score": {"output": "logits", "kind": "logits", "classes": 10},
      "signals": [{"name": "x:mean", "stat": "mean", "tensor": "x",
                   "edges": [0.21, ...], "ref": [0.1, ...]}, ...],
-     "estimate": {"method": "atc", "score": "negative_entropy", "threshold": -0.02,
-                  "accuracy": 0.982, "variants": {"onnx-int8": {"threshold": ...,
-                  "accuracy": ...}}}}
+     "estimate": {"method": "atc", "score": "confidence", "threshold": 0.67,
+                  "accuracy": 0.982, "mean_confidence": 0.97,
+                  "variants": {"onnx-int8": {"threshold": ..., "accuracy": ...,
+                                             "mean_confidence": ...}}}}
+
+``mean_confidence`` is optional (added later in format 1; readers that predate it ignore
+it): with it the estimate is the **difference of confidences** (DoC, Guillory et al.,
+ICCV 2021): validation accuracy + live mean confidence - validation mean confidence, and
+ATC is reported beside it; without it (older bundles) the estimate is ATC, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ PROFILE_FORMAT = 1
 MAX_SIGNALS = 128
 MAX_BINS = 64
 ATC_SCORES = ("confidence", "negative_entropy")
+#: the label-free estimates an agent reports (``estimate.method``), in words
+ESTIMATE_METHODS = {"doc": "difference of confidences", "atc": "average thresholded confidence"}
 
 
 @dataclass(frozen=True)
@@ -51,13 +61,28 @@ class SignalRef:
 
 @dataclass(frozen=True)
 class Estimator:
-    """Average thresholded confidence: the estimated accuracy is the share of samples
-    whose ``score`` exceeds ``threshold`` (chosen so that on the validation set that share
-    equals the measured ``accuracy``)."""
+    """The label-free accuracy estimate of one variant.
+
+    Average thresholded confidence (ATC): the share of samples whose ``score`` exceeds
+    ``threshold`` (chosen so that on the validation set that share equals the measured
+    ``accuracy``). Difference of confidences (DoC, when ``mean_confidence`` is known):
+    ``accuracy`` + the live mean max-probability - ``mean_confidence``, the validation one."""
 
     score: str
     threshold: float
     accuracy: float
+    mean_confidence: float | None = None
+
+    @property
+    def method(self) -> str:
+        return "atc" if self.mean_confidence is None else "doc"
+
+    def doc_accuracy(self, confidence_sum: float, n: int) -> float | None:
+        """DoC's estimate from the window's confidence sum over ``n`` samples, in [0, 1]."""
+        if self.mean_confidence is None or n <= 0:
+            return None
+        est = self.accuracy + confidence_sum / n - self.mean_confidence
+        return min(1.0, max(0.0, est))
 
 
 @dataclass(frozen=True)
@@ -168,7 +193,11 @@ def _estimator(score: str, raw: Mapping[str, Any]) -> Estimator:
     if not math.isfinite(threshold) or not 0.0 <= accuracy <= 1.0:
         raise BundleError("reference profile: estimate threshold must be finite and "
                           "accuracy in [0, 1]")
-    return Estimator(score, threshold, accuracy)
+    conf = raw.get("mean_confidence")
+    if conf is not None and not 0.0 < float(conf) <= 1.0:
+        raise BundleError("reference profile: estimate mean_confidence must be in (0, 1]")
+    return Estimator(score, threshold, accuracy,
+                     None if conf is None else float(conf))
 
 
 def score_plan(task: str, outputs: Any, labels: tuple[str, ...]) -> ScorePlan | None:

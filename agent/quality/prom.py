@@ -12,14 +12,18 @@ _GAUGES = (
      "the reference profile, per signal", ["model", "version", "signal"]),
     ("chance", "edgeship_model_drift_chance_js", "JS distance expected from sampling alone "
      "(no drift)", ["model", "version", "signal"]),
-    ("est", "edgeship_model_estimated_accuracy", "Label-free accuracy ESTIMATE (average "
-     "thresholded confidence) over the window", ["model", "version"]),
+    ("est", "edgeship_model_estimated_accuracy", "Label-free accuracy ESTIMATE (difference of "
+     "confidences; ATC for older bundles) over the window", ["model", "version"]),
     ("window", "edgeship_model_drift_window_samples", "Samples in the drift window",
      ["model", "version"]),
-    ("acc", "edgeship_model_labelled_accuracy", "Accuracy measured from feedback",
+    ("accuracy", "edgeship_model_labelled_accuracy", "Accuracy measured from feedback",
      ["model", "version"]),
-    ("f1", "edgeship_model_labelled_f1_macro", "Macro F1 measured from feedback",
-     ["model", "version"]))
+    ("accuracy_ci", "edgeship_model_labelled_accuracy_ci_low",
+     "Lower end of the accuracy's 95 % interval", ["model", "version"]),
+    ("f1_macro", "edgeship_model_labelled_f1_macro", "Macro F1 measured from feedback",
+     ["model", "version"]),
+    ("f1_macro_ci", "edgeship_model_labelled_f1_macro_ci_low",
+     "Lower end of the macro F1's 95 % interval", ["model", "version"]))
 _COUNTERS = (
     ("labelled", "edgeship_model_labelled_samples", "Samples with feedback",
      ["model", "version"]),
@@ -62,7 +66,7 @@ def _labelled(fam: dict[str, Any], model: str, labelled: dict[str, Any]) -> None
         if "tp" not in counts:
             continue
         rep = report(counts_from_dict(counts))
-        if rep["accuracy"] is not None:
-            fam["acc"].add_metric([model, version], rep["accuracy"])
-        if rep["f1_macro"] is not None:
-            fam["f1"].add_metric([model, version], rep["f1_macro"])
+        for key in ("accuracy", "accuracy_ci", "f1_macro", "f1_macro_ci"):
+            value = rep[key][0] if key.endswith("_ci") and rep[key] else rep[key]
+            if isinstance(value, float):
+                fam[key].add_metric([model, version], value)

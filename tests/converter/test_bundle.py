@@ -137,3 +137,31 @@ def test_the_profile_reuses_the_evaluation_outputs_and_equals_a_fresh_pass(tmp_p
     short = {v.id: [[np.zeros((1, 10), np.float32)]] * 299 for v in variants}
     assert bundle._profile(variants, samples, in_specs, out_specs, opts, short) == fresh
     assert passes == shipped * 2
+
+
+def test_profile_estimate_is_fitted_on_each_variants_own_outputs(converted, trained):
+    """Every variant gets its own validation accuracy, mean confidence (DoC) and ATC
+    threshold, computed from that variant's outputs on the validation set."""
+    import numpy as np
+
+    from edgeship.agent.quality.features import class_probabilities
+    from edgeship.agent.quality.profile import parse_profile
+    from edgeship.agent.runtime import load_runtime
+
+    manifest = read_bundle_dir(converted.bundle_dir)
+    profile = parse_profile(manifest.profile)
+    x, y = trained.data.x_test, trained.data.y_test
+    seen = set()
+    for variant in manifest.variants:
+        runtime = load_runtime(variant.runtime, converted.bundle_dir / variant.file, threads=1)
+        name = manifest.inputs[0].name
+        logits = np.concatenate([runtime.run({name: x[i:i + 1]})[0] for i in range(len(x))])
+        probs = class_probabilities(logits, "logits")
+        est = profile.estimator(variant.id)
+        assert est is not None and est.method == "doc"
+        assert est.accuracy == pytest.approx((probs.argmax(1) == y).mean())
+        assert est.mean_confidence == pytest.approx(probs.max(1).mean(), abs=1e-6)
+        assert (probs.max(1) > est.threshold).mean() == pytest.approx(est.accuracy,
+                                                                       abs=1 / len(y))
+        seen.add((est.threshold, est.mean_confidence))
+    assert len(seen) == len(manifest.variants)  # not one variant's numbers copied to all

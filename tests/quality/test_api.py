@@ -94,12 +94,18 @@ def test_quality_route_and_prometheus_show_the_same_numbers(api):
     assert status == 200 and doc["profile"] == "ok"
     assert doc["metrics"]["1"]["samples"] >= 4
     est = doc["drift"]["estimate"]
-    assert est["method"] == "atc" and est["samples"] > 0
+    assert est["method"] == "doc" and est["samples"] > 0 and est["atc"]["samples"] > 0
     status, _, text = _call(api, "GET", "/metrics")
     text = text.decode()
     assert "edgeship_model_estimated_accuracy{" in text
     assert 'edgeship_model_drift_js{model="synq",signal="x:mean",version="1"}' in text
     assert 'edgeship_model_feedback_total{model="synq",outcome="accepted"}' in text
+    labelled = doc["metrics"]["1"]
+    for key in ("accuracy", "f1_macro"):
+        low = float(text.split(f'edgeship_model_labelled_{key}_ci_low{{model="synq",'
+                               'version="1"} ')[1].split()[0])
+        assert low == pytest.approx(labelled[f"{key}_ci"][0])
+    assert labelled["f1_macro_ci_method"].startswith("delta method on the confusion")
 
 
 def test_labels_collected_offline_go_in_from_a_csv(api, tmp_path, capsys):

@@ -60,6 +60,7 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
             page.wait_for_selector(f"{row} [data-accuracy]:has-text('%')", timeout=30_000)
             page.wait_for_selector("#q-drift svg circle", timeout=30_000)
             everyone = page.inner_text(row)
+            intervals = [page.inner_text(f"{row} [data-{k}]") for k in ("precision", "recall")]
             shot = screenshot_dir() / "dashboard-quality.png"
             page.screenshot(path=str(shot), full_page=True)
             page.fill("#q-group", "south")
@@ -81,6 +82,11 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
         traffic.stop()
         web.stop()
     assert "[" in everyone and "(estimate, n=" in everyone  # interval; estimate marked
+    assert all("%" in t and "[" in t for t in intervals)  # macro precision/recall with CIs
+    for key in ("precision_macro", "recall_macro"):
+        lo, hi = north_doc["labelled"][f"{key}_ci"]
+        assert lo < north_doc["labelled"][key] < hi
+    assert north_doc["estimate"]["method"] == "difference of confidences"
     assert "no labels yet" in south and shot.stat().st_size > 10_000
     assert south_doc["labelled"] == {"samples": 0, "note": "no labels yet"}
     assert south_doc["drift"]["js"] > 0.25 > north_doc["drift"]["js"]
@@ -94,3 +100,7 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
     assert 'edgeship_fleet_quality_estimated_accuracy{group="",model="digits",version="1"}' \
         in metrics
     assert 'edgeship_fleet_quality_accuracy{group="south"' not in metrics  # no labels there
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        low = float(metrics.split(f'edgeship_fleet_quality_{key}_ci_low{{group="north",'
+                                  f'model="digits",version="1"}} ')[1].split()[0])
+        assert low == pytest.approx(north_doc["labelled"][f"{key}_ci"][0])

@@ -152,8 +152,36 @@ def test_shifted_inputs_raise_drift_and_same_distribution_does_not(served):
     assert shifted["signals"]["x:mean"]["js"] > 0.6
     assert same["signals"]["x:mean"]["chance"] > 0
     est = same["estimate"]
-    assert est["method"] == "atc" and 0.75 < est["accuracy"] < 1.0
+    assert est["method"] == "doc" and 0.75 < est["accuracy"] < 1.0
+    assert est["above"] == round(est["accuracy"] * est["samples"])  # what the fleet pools
+    assert est["atc"]["method"] == "atc" and 0.75 < est["atc"]["accuracy"] < 1.0
     assert "x" not in str(shifted.get("raw", ""))  # counts and scores only
+
+
+def test_a_bundle_from_before_doc_is_served_with_the_atc_estimate(bundle, tmp_path):
+    """A manifest whose profile has no mean_confidence still loads: the agent estimates
+    with ATC, as it did before DoC."""
+    import json
+    import shutil
+
+    from edgeship.agent.manifest import MANIFEST_NAME
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    doc = json.loads((old / MANIFEST_NAME).read_text())
+    estimate = doc["profile"]["estimate"]
+    assert "mean_confidence" in estimate  # what the converter writes today
+    for part in (estimate, *estimate.get("variants", {}).values()):
+        part.pop("mean_confidence", None)
+    (old / MANIFEST_NAME).write_text(json.dumps(doc))
+    hub = QualityHub(tmp_path / "state", QualitySettings(window=WindowSettings(4, 64)))
+    server = serve_bundle(old, quality=hub)
+    for row in _x(128, seed=4):
+        server.predict("synq", row[None])
+    est = hub.telemetry({"synq": (1, "onnx-fp32")})["synq"]["drift"]["estimate"]
+    hub.stop()
+    assert est["method"] == "atc" and est["samples"] == 128 and "atc" not in est
+    assert 0.75 < est["accuracy"] < 1.0 and est["above"] == round(est["accuracy"] * 128)
 
 
 def test_without_quality_the_server_behaves_as_before(bundle):

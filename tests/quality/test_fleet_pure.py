@@ -25,12 +25,14 @@ def _counts(accuracy: float, n: int, seed: int = 0) -> dict:
     return c.to_dict()
 
 
-def _report(device, version, hist, *, above=None, labelled=None, ts=0.0):
+def _report(device, version, hist, *, above=None, labelled=None, ts=0.0, method=None):
     n = int(sum(hist))
     drift = {"samples": n, "reference_samples": 400,
              "signals": {"x:mean": {"counts": list(hist), "ref": REF}},
              "estimate": {"samples": n, "above": n if above is None else above,
                           "reference_accuracy": 0.9}}
+    if method:
+        drift["estimate"]["method"] = method
     return QualityReport(device, ts, "m", version, {"version": version, "drift": drift,
                                                     "labelled": labelled or {}})
 
@@ -131,5 +133,82 @@ def test_view_and_table_say_too_few_labels_and_mark_the_estimate():
     assert rows["v2"]["estimated accuracy"] == "~75.0% (estimate, n=200)"
     assert rows["v1"]["accuracy"].endswith("%]") and "[" in rows["v1"]["accuracy"]
     assert rows["v1"]["labels"] == "300" and rows["v1"]["f1"].count("[") == 1
+    for key in ("precision", "recall"):  # macro precision and recall with their intervals
+        value, lo, hi = (float(x) for x in
+                         rows["v1"][key].replace("%", "").replace("[", "").replace("]", "")
+                         .replace(",", "").split())
+        assert lo < value < hi and hi - lo < 20
     drifted = summary(pool_windows([_report("a", 2, [400, 0, 0, 0], above=380)]))
     assert "far off" in drifted["estimate"]["note"] and drifted["estimate"]["accuracy"] == 0.95
+
+
+def test_doc_estimates_pool_as_a_weighted_mean_and_name_their_method():
+    # DoC reports its estimate times n (rounded) as "above": summing stays exact
+    a = _report("a", 2, [100, 100, 100, 100], above=round(0.91 * 400), method="doc")
+    b = _report("b", 2, [25, 25, 25, 25], above=round(0.71 * 100), method="doc")
+    doc = summary(pool_windows([a, b]))["estimate"]
+    assert doc["accuracy"] == pytest.approx((0.91 * 400 + 0.71 * 100) / 500)
+    assert doc["method"] == "difference of confidences" and doc["is_estimate"]
+    old = _report("c", 2, [25, 25, 25, 25], above=80)  # an agent from before DoC
+    mixed = summary(pool_windows([a, old]))["estimate"]
+    assert mixed["method"] == "average thresholded confidence + difference of confidences"
+
+
+def _device_window(doc, logits, window=512):
+    """What a device's telemetry says about ``logits`` served under profile ``doc``: the
+    agent's own sketch and report (its drift section)."""
+    from edgeship.agent.quality.drift import WindowSettings
+    from edgeship.agent.quality.monitor import VersionSketch, VersionTracker
+    from edgeship.agent.quality.profile import parse_profile
+
+    p = parse_profile(doc)
+    tracker = VersionTracker(1, "onnx-fp32", "classification", p.score,
+                             VersionSketch(p, "onnx-fp32", WindowSettings(4, window // 4)),
+                             ["x"])
+    tracker.bind_outputs(["logits"])
+    x = np.zeros((len(logits), 4), np.float32)
+    tracker.fold([(i, 1, {"x": x[i:i + 1]}, [logits[i:i + 1]], tracker)
+                  for i in range(len(logits))])
+    return tracker.sketch.report()
+
+
+def test_the_estimate_gate_halts_on_a_drop_in_the_agents_doc_estimate():
+    from edgeship.agent.manifest import TensorSpec
+    from edgeship.converter.profile import build_profile
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(512, 4)) * 4
+    y = np.where(rng.random(512) < 0.9, logits.argmax(1), rng.integers(0, 4, 512))
+    doc = build_profile({"x": np.zeros((512, 4), np.float32)}, [logits],
+                        input_specs=[TensorSpec("x", "float32", (None, 4))],
+                        output_specs=[TensorSpec("logits", "float32", (None, 4))],
+                        task="classification", y=y)
+
+    def version(v, scale, devices):
+        reports = [QualityReport(d, 0.0, "m", v, {"version": v, "drift": _device_window(
+            doc, logits[rng.permutation(512)] * scale)}) for d in devices]
+        return version_quality(reports, [], v)
+    old, same, unsure = version(1, 1.0, "c"), version(2, 1.0, "ab"), version(2, 0.25, "ab")
+    assert same.estimate_methods == {"doc"} and unsure.estimate_n == 1024
+    assert old.estimate - unsure.estimate > 0.10  # flatter scores: DoC falls
+    measured: dict = {}
+    failure = check(QualityObservation(unsure, old), Gates(max_drift=None).quality_limits(),
+                    measured)
+    assert failure is not None and failure.gate == "estimated_accuracy", measured
+    assert check(QualityObservation(same, old), Gates(max_drift=None).quality_limits(),
+                 {}) is None
+
+
+def test_f1_interval_pools_confusion_counts_and_names_the_bound_for_older_agents():
+    new = {"2": _counts(0.8, 300, 1)}
+    old = {"2": {k: v for k, v in _counts(0.8, 300, 2).items() if k != "confusion"}}
+    both_new = [_report(d, 2, [1], labelled=new) for d in "ab"]
+    mixed = [both_new[0], _report("c", 2, [1], labelled=old)]
+    views = [summary(version_quality([], reports, 2))["labelled"]
+             for reports in (both_new, mixed)]
+    assert [v["samples"] for v in views] == [600, 600]
+    assert views[0]["f1_macro_ci_method"].startswith("delta method on the confusion matrix")
+    assert "conservative bound" in views[1]["f1_macro_ci_method"]
+    for v in views:
+        lo, hi = v["f1_macro_ci"]
+        assert lo < v["f1_macro"] < hi

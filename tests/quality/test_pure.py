@@ -12,6 +12,7 @@ from edgeship.agent.manifest import TensorSpec
 from edgeship.agent.quality import drift, features, metrics
 from edgeship.agent.quality.profile import parse_profile
 from edgeship.converter.profile import atc_threshold, build_profile, quantile_edges
+from tests.support import intervals
 
 
 # --- signals ---------------------------------------------------------------------------
@@ -105,6 +106,15 @@ def test_window_is_constant_memory_and_forgets_old_blocks():
     assert counts[0][0] == 0 and n <= 40 and win.nbytes == size and win.total == 1065
 
 
+def test_window_confidence_sum_covers_the_same_samples_as_the_counts():
+    win = drift.SlidingWindow([2], drift.WindowSettings(blocks=4, block_samples=10))
+    win.add(np.zeros((40, 1), np.int64), None, np.full(40, 0.9))
+    assert win.confidence_sum == pytest.approx(36.0)
+    win.add(np.zeros((25, 1), np.int64), None, np.full(25, 0.5))  # evicts 3 old blocks
+    n, _, _ = win.totals()
+    assert n == 35 and win.confidence_sum == pytest.approx(10 * 0.9 + 25 * 0.5)
+
+
 def test_bins_put_edges_in_the_upper_bin():
     edges = np.array([0.0, 1.0])
     assert drift.bin_indices(np.array([-1, 0, 0.5, 1, 2]), edges).tolist() == [0, 1, 1, 2, 2]
@@ -144,22 +154,88 @@ def test_wilson_interval_known_values_and_regression_report():
     assert rep["mae"] == pytest.approx(1.0) and rep["rmse"] == pytest.approx(math.sqrt(5 / 3))
 
 
-def test_f1_interval_covers_the_truth_about_as_often_as_it_says():
-    rng = np.random.default_rng(9)
-    covered = 0
-    big = metrics.ClassCounts(3)
-    for _ in range(20_000):
-        t = int(rng.integers(0, 3))
-        big.add(t if rng.random() < 0.8 else int(rng.integers(0, 3)), t)
-    target, _ = metrics.macro_f1(big)
-    for _ in range(200):
-        c = metrics.ClassCounts(3)
-        for _ in range(300):
-            t = int(rng.integers(0, 3))
-            c.add(t if rng.random() < 0.8 else int(rng.integers(0, 3)), t)
-        lo, hi = metrics.classification_report(c)["f1_macro_ci"]
-        covered += lo <= target <= hi
-    assert 0.88 <= covered / 200 <= 0.99
+@pytest.fixture(scope="module")
+def coverage_by_family():
+    """6,300 simulated draws (at least 600 per family) over 2/3/10/30 classes, balanced and 10:1, accuracy 0.7–0.99,
+    200–5,000 labels (cases whose rarest class expects >= 8 labels), one seed."""
+    cases = list(intervals.grid(min_rarest=8))
+    return {keep: intervals.coverage(cases, 50, 17, intervals.product_intervals(keep))
+            for keep in (True, False)}
+
+
+@pytest.mark.parametrize("keep_confusion", [True, False], ids=["confusion", "bound"])
+def test_macro_intervals_cover_the_truth_about_95_percent_in_every_family(
+        coverage_by_family, keep_confusion):
+    cov = coverage_by_family[keep_confusion]
+    assert len(cov) == 8 * 3 and min(b for _, b in cov.values()) >= 600
+    low = {k: a / b for k, (a, b) in cov.items() if not 0.93 <= a / b <= 0.99}
+    assert not low, low
+
+
+def test_f1_interval_is_exact_with_the_confusion_matrix_and_a_bound_without():
+    rng = np.random.default_rng(4)
+    cells = rng.multinomial(600, intervals.Case(3, "balanced", 0.8, 600, "uniform")
+                            .cells().ravel()).reshape(3, 3)
+    full, no = intervals.counts_of(cells), intervals.counts_of(cells, keep_confusion=False)
+    (f1, se), (f1_b, se_b) = metrics.macro_f1(full), metrics.macro_f1(no)
+    assert f1 == f1_b and se < se_b <= se * math.sqrt(2)
+    # the exact variance is the delta method's: numeric gradient over the cells
+    base = cells.astype(np.float64)
+
+    def value(m):
+        return metrics.macro_f1(intervals.counts_of(m))[0]
+    grad = np.zeros_like(base)
+    for i, j in np.ndindex(*base.shape):
+        up = base.copy()
+        up[i, j] += 1e-4
+        grad[i, j] = (value(up) - value(base)) / 1e-4
+    assert se == pytest.approx(math.sqrt(float((base * grad ** 2).sum())), rel=0.05)
+    assert metrics.classification_report(full)["f1_macro_ci_method"] == \
+        metrics.F1_METHODS["confusion"]
+    assert metrics.classification_report(no)["f1_macro_ci_method"] == \
+        metrics.F1_METHODS["bound"]
+
+
+def test_a_version_with_no_errors_still_gets_an_f1_interval_below_one():
+    c = metrics.ClassCounts(3)
+    for t in [0] * 150 + [1] * 40 + [2] * 10:
+        c.add(t, t)
+    lo, hi = metrics.classification_report(c)["f1_macro_ci"]
+    assert hi == pytest.approx(1.0) and 0.9 < lo < 0.99
+
+
+def test_confusion_counts_round_trip_pool_and_fall_back_for_older_reports():
+    c = metrics.ClassCounts(3)
+    for p, t in [(0, 0), (1, 0), (2, 1), (1, 1), (1, 0)]:
+        c.add(p, t)
+    doc = c.to_dict()
+    assert doc["confusion"] == [[0, 1, 2], [1, 2, 1]]  # wrong predictions only
+    again = metrics.ClassCounts.from_dict(doc)
+    assert again.confusion is not None and (again.confusion == c.confusion).all()
+    old = {k: v for k, v in doc.items() if k != "confusion"}  # an agent before this
+    assert metrics.ClassCounts.from_dict(old).confusion is None
+    both = metrics.pooled([again, metrics.ClassCounts.from_dict(doc)])
+    assert both.confusion is not None and int(both.confusion[0, 1]) == 4
+    mixed = metrics.pooled([again, metrics.ClassCounts.from_dict(old)])
+    assert mixed.confusion is None and mixed.n == 10
+    assert metrics.report(mixed)["f1_macro_ci_method"] == metrics.F1_METHODS["bound"]
+    empty_old = {k: v for k, v in metrics.ClassCounts(3).to_dict().items() if k != "confusion"}
+    fresh = metrics.ClassCounts.from_dict(empty_old)
+    assert fresh.confusion is not None  # nothing counted yet: keeps one from now on
+    for bad in ([[0, 0, 1]], [[0, 1, 1]], [[0, 5, 2]], [[1, 0, -2]]):
+        with pytest.raises(ValueError):
+            metrics.ClassCounts.from_dict({**doc, "confusion": bad})
+
+
+def test_many_classes_keep_no_confusion_and_use_the_bound():
+    k = metrics.CONFUSION_MAX_CLASSES
+    c = metrics.ClassCounts(k)
+    c.add(k + 3, 0)  # grows past the limit
+    assert c.confusion is None and "confusion" not in c.to_dict()
+    small = metrics.ClassCounts(4)
+    small.add(1, 0)
+    small.merge(c)
+    assert small.confusion is None and small.classes == k + 4
 
 
 def test_comparison_and_sample_size_for_a_two_point_drop():
@@ -203,6 +279,60 @@ def test_profile_round_trips_and_its_threshold_reproduces_the_accuracy():
         assert s.ref.sum() == pytest.approx(1.0)
 
 
+def _tracker(doc, variant="onnx-fp32"):
+    from edgeship.agent.quality.monitor import VersionSketch, VersionTracker
+
+    p = parse_profile(doc)
+    tracker = VersionTracker(1, variant, "classification", p.score,
+                             VersionSketch(p, variant, drift.WindowSettings()), ["x"])
+    tracker.bind_outputs(["logits"])
+    return tracker
+
+
+def _served_estimate(doc, x, logits):
+    tracker = _tracker(doc)
+    tracker.fold([(i, 1, {"x": x[i:i + 1]}, [logits[i:i + 1]], tracker)
+                  for i in range(len(x))])
+    return tracker.sketch.report()["estimate"]
+
+
+def test_doc_estimate_is_validation_accuracy_plus_the_confidence_change():
+    rng = np.random.default_rng(1)
+    _, logits = _profile()
+    y = np.where(rng.random(300) < 0.75, logits.argmax(1), rng.integers(0, 4, 300))
+    doc, _ = _profile(y)
+    est = parse_profile(doc).estimator("onnx-fp32")
+    probs = features.class_probabilities(logits, "logits")
+    assert est.method == "doc" and est.mean_confidence == pytest.approx(probs.max(1).mean())
+    x = rng.random((300, 3, 8, 8)).astype(np.float32)
+    same = _served_estimate(doc, x, logits)  # the validation outputs again: no change
+    assert same["method"] == "doc" and same["accuracy"] == pytest.approx(est.accuracy)
+    assert same["atc"]["accuracy"] == pytest.approx(est.accuracy, abs=1 / 300)
+    unsure = _served_estimate(doc, x, logits / 4)  # flatter scores: less confident
+    drop = probs.max(1).mean() - features.class_probabilities(logits / 4, "logits").max(1).mean()
+    assert unsure["accuracy"] == pytest.approx(est.accuracy - drop)
+    assert unsure["above"] == round(unsure["accuracy"] * 300)  # what the fleet pools
+    assert unsure["mean_confidence"] == pytest.approx(est.mean_confidence - drop)
+
+
+def test_a_profile_without_mean_confidence_still_loads_and_estimates_with_atc():
+    rng = np.random.default_rng(2)
+    _, logits = _profile()
+    y = np.where(rng.random(300) < 0.75, logits.argmax(1), rng.integers(0, 4, 300))
+    doc, _ = _profile(y)
+    doc["estimate"].pop("mean_confidence")  # a bundle written before DoC
+    for v in doc["estimate"].get("variants", {}).values():
+        v.pop("mean_confidence")
+    est = parse_profile(doc).estimator("onnx-fp32")
+    assert est.method == "atc" and est.mean_confidence is None
+    x = rng.random((300, 3, 8, 8)).astype(np.float32)
+    old = _served_estimate(doc, x, logits / 4)
+    share = (features.atc_scores(features.class_probabilities(logits / 4, "logits"),
+                                 est.score) > est.threshold).mean()
+    assert old["method"] == "atc" and old["accuracy"] == pytest.approx(share)
+    assert "atc" not in old and old["above"] == round(share * 300)
+
+
 def test_atc_threshold_handles_perfect_and_useless_models():
     s = np.array([0.1, 0.5, 0.9])
     t, acc = atc_threshold(s, np.array([True, True, True]))
@@ -227,6 +357,8 @@ def test_quantile_edges_cover_constant_and_out_of_range_values():
     (lambda d: d["signals"].append(dict(d["signals"][0])), "repeats a signal"),
     (lambda d: d["score"].update(kind="odds"), "score kind"),
     (lambda d: d["estimate"].update(accuracy=1.5), r"accuracy in \[0, 1\]"),
+    (lambda d: d["estimate"].update(mean_confidence=0.0), r"mean_confidence must be in"),
+    (lambda d: d["estimate"].update(mean_confidence=float("nan")), r"mean_confidence"),
 ])
 def test_bad_profiles_are_refused_with_a_reason(change, message):
     doc, _ = _profile(np.zeros(300, dtype=np.int64))
