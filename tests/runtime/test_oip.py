@@ -137,6 +137,26 @@ def test_every_datatype_round_trips(env, kind, binary):
         assert got.dtype == arr.dtype and np.array_equal(got, arr), name
 
 
+@pytest.mark.parametrize("kind", ["grpc-tcp", "grpc-unix"])
+def test_grpc_raw_contents_cut_from_the_wire_match_a_bare_session(env, kind, monkeypatch):
+    """Large requests take the zero-copy path (raw contents as views of the received
+    bytes, some of them misaligned for their dtype); outputs identical, NaN refused."""
+    from edgeship.agent import grpc_wire
+    monkeypatch.setattr(grpc_wire, "SPLIT_MIN_BYTES", 0)
+    feed = zoo.multi_input_feed(257, seed=5)
+    c = env["clients"][kind]
+    result = c.infer("multi", _inputs(kind, feed), request_id="big")
+    y, count = env["bare"].run(None, feed)
+    np.testing.assert_array_equal(result.as_numpy("y"), y)
+    np.testing.assert_array_equal(result.as_numpy("count"), count)
+    assert result.get_response().id == "big"
+    feed["x"][3, 1] = np.nan
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("multi", _inputs(kind, feed))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "NaN" in err.value.message() or "finite" in err.value.message()
+
+
 def test_requested_outputs_and_binary_body_layout(env):
     feed = zoo.multi_input_feed(2)
     header = {"inputs": [{"name": n, "shape": list(a.shape),
