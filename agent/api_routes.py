@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Callable
 
+import numpy as np
+
 from edgeship.agent.errors import EdgeshipError, Reason
 
 JSON_TYPE = "application/json"
@@ -115,8 +117,12 @@ class Request:
             raise HttpError(400, f"bad Content-Length {value[:30]!r}")
         return int(value)
 
-    def body(self, max_bytes: int, what: str = "body") -> bytes:
-        """The body, or HttpError 413 (nothing read) when it is longer than ``max_bytes``."""
+    def body(self, max_bytes: int, what: str = "body", align_at: int | None = None
+             ) -> bytes | memoryview:
+        """The body, or HttpError 413 (nothing read) when it is longer than ``max_bytes``.
+        ``align_at``: read it into a buffer where that offset of the body falls on a
+        64-byte boundary (binary tensor data there is viewed in place, not copied to align
+        it); the body is then a writable memoryview."""
         length = self.content_length()
         self.body_read = True
         h = self._handler
@@ -129,8 +135,21 @@ class Request:
         if h.expect_continue:
             h.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             h.expect_continue = False
-        data = h.rfile.read(length)
-        if len(data) != length:
+        data: bytes | memoryview
+        if align_at is None:
+            data = h.rfile.read(length)
+            got = len(data)
+        else:
+            data = aligned_buffer(length, align_at)
+            got = h.rfile.readinto(data)
+        if got != length:
             h.close_connection = True
-            raise HttpError(400, f"body ended after {len(data)} of {length} bytes")
+            raise HttpError(400, f"body ended after {got} of {length} bytes")
         return data
+
+
+def aligned_buffer(length: int, align_at: int, alignment: int = 64) -> memoryview:
+    """``length`` writable bytes whose offset ``align_at`` is ``alignment``-aligned."""
+    room = np.empty(length + alignment, np.uint8)
+    start = -(room.ctypes.data + align_at) % alignment
+    return memoryview(room)[start:start + length]

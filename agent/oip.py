@@ -110,7 +110,7 @@ def _params(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def parse_rest_request(body: bytes, header_length: int | None) -> InferRequest:
+def parse_rest_request(body: bytes | memoryview, header_length: int | None) -> InferRequest:
     """A REST inference request: JSON, or (``header_length`` given) a JSON header followed by
     the binary data of the inputs that declare ``binary_data_size``, in their order."""
     if header_length is not None and not 0 < header_length <= len(body):
