@@ -117,12 +117,24 @@ class Request:
             raise HttpError(400, f"bad Content-Length {value[:30]!r}")
         return int(value)
 
-    def body(self, max_bytes: int, what: str = "body", align_at: int | None = None
-             ) -> bytes | memoryview:
-        """The body, or HttpError 413 (nothing read) when it is longer than ``max_bytes``.
-        ``align_at``: read it into a buffer where that offset of the body falls on a
-        64-byte boundary (binary tensor data there is viewed in place, not copied to align
-        it); the body is then a writable memoryview."""
+    def body(self, max_bytes: int, what: str = "body") -> bytes:
+        """The body, or HttpError 413 (nothing read) when it is longer than ``max_bytes``."""
+        length = self._admit(max_bytes, what)
+        data = self._handler.rfile.read(length)
+        self._check_read(len(data), length)
+        return data
+
+    def body_aligned(self, max_bytes: int, align_at: int) -> memoryview:
+        """:meth:`body` read into a buffer where offset ``align_at`` of the body falls on
+        a 64-byte boundary: binary tensor data starting there is viewed in place, not
+        copied to align it."""
+        length = self._admit(max_bytes, "body")
+        data = aligned_buffer(length, align_at)
+        self._check_read(self._handler.rfile.readinto(data), length)
+        return data
+
+    def _admit(self, max_bytes: int, what: str) -> int:
+        """The body's length once it is within ``max_bytes`` (else 413, nothing read)."""
         length = self.content_length()
         self.body_read = True
         h = self._handler
@@ -135,21 +147,16 @@ class Request:
         if h.expect_continue:
             h.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             h.expect_continue = False
-        data: bytes | memoryview
-        if align_at is None:
-            data = h.rfile.read(length)
-            got = len(data)
-        else:
-            data = aligned_buffer(length, align_at)
-            got = h.rfile.readinto(data)
+        return length
+
+    def _check_read(self, got: int, length: int) -> None:
         if got != length:
-            h.close_connection = True
+            self._handler.close_connection = True
             raise HttpError(400, f"body ended after {got} of {length} bytes")
-        return data
 
 
 def aligned_buffer(length: int, align_at: int, alignment: int = 64) -> memoryview:
     """``length`` writable bytes whose offset ``align_at`` is ``alignment``-aligned."""
     room = np.empty(length + alignment, np.uint8)
     start = -(room.ctypes.data + align_at) % alignment
-    return memoryview(room)[start:start + length]
+    return room.data[start:start + length]

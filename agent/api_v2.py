@@ -109,12 +109,12 @@ def _read(server: Any, req: Request, loaded: Any
         header_length = int(value)
     cap = caps.json if header_length is None else caps.binary
     encoding = (req.headers.get("Content-Encoding") or "identity").strip().lower()
-    if encoding == "identity":  # binary data aligned where it starts: viewed, not copied
-        return req.body(cap, align_at=header_length), header_length
+    if encoding == "identity" and header_length is not None:
+        return req.body_aligned(cap, header_length), header_length  # tensors viewed
     body = req.body(cap)
     if encoding in ("gzip", "deflate"):
         body = _inflate(body, encoding, cap)
-    else:
+    elif encoding != "identity":
         raise HttpError(415, f"Content-Encoding {encoding[:30]!r}: send gzip, deflate or "
                              "none")
     return body, header_length
