@@ -96,7 +96,8 @@ def infer(server: Any, req: Request) -> Response:
     return Response(200, BINARY_TYPE, chunks, {HEADER_LENGTH: str(header_length)})
 
 
-def _read(server: Any, req: Request, loaded: Any) -> tuple[bytes, int | None]:
+def _read(server: Any, req: Request, loaded: Any
+          ) -> tuple[bytes | memoryview, int | None]:
     """The body (inflated when the client compressed it, within the same cap) and the
     JSON header's length when binary tensor data follows it."""
     caps = body_caps(loaded.installed.manifest.inputs, server.limits)
@@ -107,8 +108,10 @@ def _read(server: Any, req: Request, loaded: Any) -> tuple[bytes, int | None]:
             raise oip.OipError(f"bad {HEADER_LENGTH} {value[:30]!r}")
         header_length = int(value)
     cap = caps.json if header_length is None else caps.binary
-    body = req.body(cap)
     encoding = (req.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding == "identity" and header_length is not None:
+        return req.body_aligned(cap, header_length), header_length  # tensors viewed
+    body = req.body(cap)
     if encoding in ("gzip", "deflate"):
         body = _inflate(body, encoding, cap)
     elif encoding != "identity":

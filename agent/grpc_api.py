@@ -15,13 +15,14 @@ import logging
 import os
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
 from edgeship.agent import oip
 from edgeship.agent import oip_pb2
+from edgeship.agent.grpc_wire import InferAnswer, InferCall, parse_infer, serialize_answer
 from edgeship.agent.api_limits import ApiLimits, body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.jsonarray import JsonTensorError, as_array
@@ -70,15 +71,16 @@ class _Service:
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in doc["inputs"]],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in doc["outputs"]])
 
-    def model_infer(self, request: Any, context: Any) -> Any:
+    def model_infer(self, call: "InferCall", context: Any) -> Any:
+        request = call.message
         version = oip.parse_version(request.model_version)
         loaded = oip.resolve(self.models, request.model_name, version)
-        caps = body_caps(loaded.installed.manifest.inputs, self.limits)
-        if request.ByteSize() > caps.binary:
-            raise oip.OipError(f"request of {request.ByteSize()} bytes exceeds the "
-                               f"{caps.binary}-byte cap of {request.model_name}", 413)
-        inputs = grpc_inputs(request)
         specs = loaded.installed.manifest.inputs
+        cap = body_caps(specs, self.limits).binary
+        if call.size > cap:
+            raise oip.OipError(f"request of {call.size} bytes exceeds the {cap}-byte cap "
+                               f"of {request.model_name}", 413)
+        inputs = grpc_inputs(request, call.raw)
         oip.check_datatypes(specs, inputs)
         try:
             outputs, loaded, rid = self.models.predict_tracked(
@@ -90,39 +92,51 @@ class _Service:
             raise oip.OipError(str(e)) from e
         except EdgeshipError as e:
             raise oip.OipError(str(e), 500) from e
-        names = [o.name for o in loaded.installed.manifest.outputs]
-        wanted = [o.name for o in request.outputs] or None
-        selected = oip.select_outputs(names, outputs, wanted)
-        params = {} if rid is None else \
-            {oip.REQUEST_ID_PARAMETER: pb.InferParameter(string_param=rid)}
-        return pb.ModelInferResponse(
-            model_name=loaded.installed.model, model_version=str(loaded.installed.version),
-            id=request.id or rid or "", parameters=params,
-            outputs=[pb.ModelInferResponse.InferOutputTensor(
-                name=n, datatype=oip.datatype_of(a.dtype), shape=a.shape) for n, a in selected],
-            raw_output_contents=[oip.tensor_bytes(a) for _, a in selected])
+        return _infer_response(request, loaded, outputs, rid)
 
 
-def grpc_inputs(request: Any) -> dict[str, np.ndarray]:
-    """name -> array from a ModelInferRequest (raw contents or typed contents)."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise oip.OipError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+def _infer_response(request: Any, loaded: Any, outputs: list[np.ndarray],
+                    rid: str | None) -> "InferAnswer":
+    """The response message without its tensors, and the tensors' bytes (written after
+    it on the wire by :func:`_serialize_answer`, without copies through protobuf)."""
+    inst = loaded.installed
+    names = [o.name for o in inst.manifest.outputs]
+    wanted = [o.name for o in request.outputs] or None
+    msg = pb.ModelInferResponse(model_name=inst.model, model_version=str(inst.version),
+                                id=request.id or rid or "")
+    if rid is not None:
+        msg.parameters[oip.REQUEST_ID_PARAMETER].string_param = rid
+    chunks = []
+    for name, arr in oip.select_outputs(names, outputs, wanted):
+        out = msg.outputs.add(name=name, datatype=oip.datatype_of(arr.dtype))
+        out.shape.extend(arr.shape)
+        chunks.append(oip.tensor_view(arr))
+    return InferAnswer(msg, chunks)
+
+
+def grpc_inputs(request: Any, raw: Sequence[bytes | memoryview] = ()
+                ) -> dict[str, np.ndarray]:
+    """name -> array from a ModelInferRequest: ``raw`` holds its raw_input_contents (cut
+    out of the wire bytes by :func:`parse_infer`), else the typed contents are read."""
+    tensors = request.inputs
+    if raw and len(raw) != len(tensors):
+        raise oip.OipError(f"{len(raw)} raw_input_contents for {len(tensors)} inputs")
     if "sequence_id" in request.parameters:
         raise oip.OipError("sequence batching is not supported: pass the state tensors in "
                            "as inputs")
     inputs = {}
-    for i, tensor in enumerate(request.inputs):
-        what = f"input {tensor.name[:100]!r}"
+    for i, tensor in enumerate(tensors):
+        name = tensor.name
+        what = f"input {name[:100]!r}"
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise oip.OipError(f"{what}: negative dimension in shape {list(shape)}")
-        if tensor.name in inputs:
-            raise oip.OipError(f"input {tensor.name!r} given twice")
+        if name in inputs:
+            raise oip.OipError(f"input {name!r} given twice")
         if raw:
-            inputs[tensor.name] = oip.tensor_from_bytes(raw[i], tensor.datatype, shape, what)
+            inputs[name] = oip.tensor_from_bytes(raw[i], tensor.datatype, shape, what)
         else:
-            inputs[tensor.name] = _typed(tensor, shape, what)
+            inputs[name] = _typed(tensor, shape, what)
     return inputs
 
 
@@ -158,18 +172,22 @@ def _guarded(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return call
 
 
-def _handlers(service: _Service) -> Any:
+def _handlers(service: _Service) -> dict[str, Any]:
+    def serialize(msg: Any) -> bytes:
+        return msg.SerializeToString()
+
     calls = {"ServerLive": (service.server_live, pb.ServerLiveRequest),
              "ServerReady": (service.server_ready, pb.ServerReadyRequest),
              "ModelReady": (service.model_ready, pb.ModelReadyRequest),
              "ServerMetadata": (service.server_metadata, pb.ServerMetadataRequest),
-             "ModelMetadata": (service.model_metadata, pb.ModelMetadataRequest),
-             "ModelInfer": (service.model_infer, pb.ModelInferRequest)}
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        name: grpc.unary_unary_rpc_method_handler(
-            _guarded(fn), request_deserializer=request_type.FromString,
-            response_serializer=lambda msg: msg.SerializeToString())
-        for name, (fn, request_type) in calls.items()})
+             "ModelMetadata": (service.model_metadata, pb.ModelMetadataRequest)}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(
+        _guarded(fn), request_deserializer=request_type.FromString,
+        response_serializer=serialize) for name, (fn, request_type) in calls.items()}
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        _guarded(service.model_infer), request_deserializer=parse_infer,
+        response_serializer=serialize_answer)
+    return handlers
 
 
 class GrpcInferenceServer:
@@ -188,8 +206,14 @@ class GrpcInferenceServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS,
                                        thread_name_prefix="edgeship-grpc"),
-            handlers=[_handlers(_Service(models, limits))], options=options,
-            maximum_concurrent_rpcs=limits.max_connections)
+            options=options, maximum_concurrent_rpcs=limits.max_connections)
+        handlers = _handlers(_Service(models, limits))
+        if hasattr(self._server, "add_registered_method_handlers"):  # grpcio >= 1.63
+            # registered with grpc core by name: no generic lookup per call
+            self._server.add_registered_method_handlers(SERVICE, handlers)
+        else:
+            self._server.add_generic_rpc_handlers(
+                [grpc.method_handlers_generic_handler(SERVICE, handlers)])
         self.port: int | None = None
         self.host = host
         if self.socket_path is not None:

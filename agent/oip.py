@@ -93,10 +93,13 @@ class InferRequest:
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > 32 or not all(
-            type(d) is int and 0 <= d < 2**40 for d in value):
-        raise OipError(f"{what}: shape must be a list of non-negative integers")
-    return tuple(value)
+    if type(value) is list and len(value) <= 32:
+        for d in value:
+            if type(d) is not int or not 0 <= d < 2**40:
+                break
+        else:
+            return tuple(value)
+    raise OipError(f"{what}: shape must be a list of non-negative integers")
 
 
 def _params(value: Any, what: str) -> dict[str, Any]:
@@ -110,61 +113,70 @@ def _params(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def parse_rest_request(body: bytes, header_length: int | None) -> InferRequest:
+def parse_rest_request(body: bytes | memoryview, header_length: int | None) -> InferRequest:
     """A REST inference request: JSON, or (``header_length`` given) a JSON header followed by
     the binary data of the inputs that declare ``binary_data_size``, in their order."""
-    if header_length is not None and not 0 < header_length <= len(body):
-        raise OipError(f"Inference-Header-Content-Length {header_length} does not fit a "
-                       f"body of {len(body)} bytes")
-    view = memoryview(body)
-    head = view[:header_length] if header_length is not None else view
+    binary: bytes | memoryview = b""
+    head = body
+    if header_length is not None:
+        if not 0 < header_length <= len(body):
+            raise OipError(f"Inference-Header-Content-Length {header_length} does not fit "
+                           f"a body of {len(body)} bytes")
+        view = memoryview(body)
+        head, binary = view[:header_length], view[header_length:]
     try:
         doc = loads(head)
     except JsonTensorError as e:
         raise OipError(str(e), 413 if e.too_large else 400) from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or \
-            not doc["inputs"]:
+    listed = doc.get("inputs") if type(doc) is dict else None
+    if type(listed) is not list or not listed:
         raise OipError('request must be an object with a non-empty "inputs" list')
-    binary = view[header_length:] if header_length is not None else view[:0]
-    inputs, used = {}, 0
-    for i, raw in enumerate(doc["inputs"]):
-        name, arr, size = _rest_input(raw, i, binary[used:])
+    inputs: dict[str, np.ndarray] = {}
+    used = 0
+    for i, raw in enumerate(listed):
+        name, arr, size = _rest_input(raw, i, binary, used)
         if name in inputs:
             raise OipError(f"input {name!r} given twice")
-        inputs[name], used = arr, used + size
+        inputs[name] = arr
+        used += size
     if used != len(binary):
         raise OipError(f"{len(binary) - used} bytes of binary data belong to no input")
-    params = _params(doc.get("parameters"), "request")
-    req = InferRequest(inputs=inputs, id=_request_id(doc.get("id")),
-                       binary_default=params.get("binary_data_output") is True)
-    _requested_outputs(req, doc.get("outputs"))
+    params, rid, outputs = doc.get("parameters"), doc.get("id"), doc.get("outputs")
+    req = InferRequest(inputs=inputs, id="" if rid is None else _request_id(rid),
+                       binary_default=params is not None and _params(
+                           params, "request").get("binary_data_output") is True)
+    if outputs is not None:
+        _requested_outputs(req, outputs)
     return req
 
 
 def _request_id(value: Any) -> str:
-    if value is None:
-        return ""
     if not isinstance(value, str) or len(value) > 256:
         raise OipError("id must be a string of at most 256 characters")
     return value
 
 
-def _rest_input(raw: Any, i: int, binary: memoryview) -> tuple[str, np.ndarray, int]:
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+def _rest_input(raw: Any, i: int, binary: bytes | memoryview, used: int
+                ) -> tuple[str, np.ndarray, int]:
+    """(name, tensor, bytes of binary data it took from ``binary[used:]``)."""
+    name = raw.get("name") if type(raw) is dict else None
+    if type(name) is not str:
         raise OipError(f"inputs[{i}] must be an object with a name")
-    name = raw["name"]
     what = f"input {name[:100]!r}"
     shape = _shape(raw.get("shape"), what)
     datatype = cast(str, raw.get("datatype"))  # dtype_of refuses anything else
     dtype = dtype_of(datatype, what)
-    size = _params(raw.get("parameters"), what).get("binary_data_size")
+    params = raw.get("parameters")
+    size = None if params is None else _params(params, what).get("binary_data_size")
     if size is not None:
-        if type(size) is not int or not 0 <= size <= len(binary):
+        left = len(binary) - used
+        if type(size) is not int or not 0 <= size <= left:
             raise OipError(f"{what}: binary_data_size {str(size)[:30]} exceeds the "
-                           f"{len(binary)} bytes of binary data left")
+                           f"{left} bytes of binary data left")
         if "data" in raw:
             raise OipError(f"{what}: both data and binary_data_size")
-        return name, tensor_from_bytes(binary[:size], datatype, shape, what), size
+        data = binary[used:used + size]
+        return name, tensor_from_bytes(data, datatype, shape, what), size
     if "data" not in raw:
         raise OipError(f"{what}: no data and no binary_data_size")
     return name, _json_tensor(raw["data"], datatype, dtype, shape, what), 0
@@ -261,7 +273,7 @@ def tensor_bytes(arr: np.ndarray) -> bytes:
 def tensor_view(arr: np.ndarray) -> bytes | memoryview:
     """``tensor_bytes`` without the copy where the tensor's memory already has that layout
     (a memoryview of it, for writing to a socket)."""
-    if arr.dtype == object or arr.dtype.kind in "SU":
+    if arr.dtype.kind in "OSU":
         items = [x if isinstance(x, bytes) else str(x).encode() for x in arr.ravel()]
         return b"".join(struct.pack("<I", len(b)) + b for b in items)
     arr = np.ascontiguousarray(arr)
@@ -272,9 +284,9 @@ def tensor_view(arr: np.ndarray) -> bytes | memoryview:
 
 def select_outputs(names: Sequence[str], values: Sequence[np.ndarray],
                    wanted: list[str] | None) -> list[tuple[str, np.ndarray]]:
-    by_name = dict(zip(names, values))
     if wanted is None:
-        return list(by_name.items())
+        return list(zip(names, values))
+    by_name = dict(zip(names, values))
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise OipError(f"unknown output {unknown[0][:100]!r}; the model has {list(names)}")
@@ -289,30 +301,54 @@ def rest_response(model: str, version: int, req: InferRequest, outputs: list[tup
     response's ``parameters`` (and as its ``id`` when the client sent none)."""
     docs, chunks = [], []
     for name, arr in outputs:
-        doc: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype),
-                               "shape": list(arr.shape)}
+        head = f'{{"name": {_quoted(name)}, "datatype": "{datatype_of(arr.dtype)}", ' \
+               f'"shape": {list(arr.shape)}'
         if name in req.binary or (req.outputs is None and req.binary_default):
             data = tensor_view(arr)
-            doc["parameters"] = {"binary_data_size": len(data)}
+            docs.append(f'{head}, "parameters": {{"binary_data_size": {len(data)}}}}}')
             chunks.append(data)
         else:
-            doc["data"] = _json_data(arr)
-        docs.append(doc)
-    head: dict[str, Any] = {"model_name": model, "model_version": str(version),
-                            "outputs": docs}
+            docs.append(f'{head}, "data": {json_numbers(arr)}}}')
+    text = f'{{"model_name": {_quoted(model)}, "model_version": "{version}", ' \
+           f'"outputs": [{", ".join(docs)}]'
     if req.id or request_id:
-        head["id"] = req.id or request_id
+        text += f', "id": {_dumps(req.id or request_id)}'
     if request_id:
-        head["parameters"] = {REQUEST_ID_PARAMETER: request_id}
-    header = json.dumps(head).encode()
+        text += f', "parameters": {{"{REQUEST_ID_PARAMETER}": {_dumps(request_id)}}}'
+    header = (text + "}").encode()
     return [header, *chunks], (len(header) if chunks else None)
 
 
-def _json_data(arr: np.ndarray) -> list[Any]:
-    if arr.dtype == object or arr.dtype.kind in "SU":
-        return [x.decode(errors="replace") if isinstance(x, bytes) else str(x)
-                for x in arr.ravel()]
-    return arr.ravel().tolist()
+_dumps = json.dumps
+_QUOTED: dict[str, str] = {}  # model and tensor names as JSON strings (they repeat)
+
+
+def _quoted(name: str) -> str:
+    found = _QUOTED.get(name)
+    if found is None:
+        found = _dumps(name)
+        if len(_QUOTED) < 4096:
+            _QUOTED[name] = found
+    return found
+
+_FLOAT32 = "%.9g"  # 9 significant digits: every float32 and float16 reads back
+
+
+def json_numbers(arr: np.ndarray) -> str:
+    """A tensor's values as a flat JSON array. float32/float16: 9 significant digits,
+    which read back as the same float32/float16 (a whole number is written without ".0",
+    -0.0 as -0), several times faster than Python's shortest float64 repr; NaN and
+    infinity as Python's json writes them."""
+    kind = arr.dtype.kind
+    if kind in "OSU":
+        return _dumps([x.decode(errors="replace") if isinstance(x, bytes) else str(x)
+                       for x in arr.ravel()])
+    values = arr.ravel().tolist()
+    if kind == "f" and arr.dtype.itemsize <= 4:
+        text = ", ".join(map(_FLOAT32.__mod__, values))
+        if "n" not in text:  # no "nan" or "inf": all finite
+            return f"[{text}]"
+    return _dumps(values)
 
 
 # --- metadata --------------------------------------------------------------------------------

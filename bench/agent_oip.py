@@ -6,7 +6,9 @@ Targets: gRPC and v2-binary overhead <= 0.5 ms at p50 on the digits CNN, v2 JSON
 than /v1 JSON (both sent by the same stdlib client), binary overhead <= 2 ms for the 320x320
 image. The agent serves from a child process (as on a device: the app is another process);
 the Triton client rows include that client's own cost, the "stdlib client" and "bare
-channel" rows show the agent's with a minimal client.
+channel" rows show the agent's with a minimal client, and the "gRPC floor" row is Python
+gRPC's own cost: the same kind of server with a handler that only returns a ready-made
+answer of the model's output size (no handler can go below it).
 """
 
 from __future__ import annotations
@@ -116,9 +118,44 @@ def serve_both(digits: Path, in_name: str, image: Path, threads: int, tmp: Path)
                                       port=free_port())
     http.start()
     grpc_server.start()
+    floor = FloorServer(free_port())
     urls = {"http": http.url.removeprefix("http://"), "grpc": f"127.0.0.1:{grpc_server.port}",
-            "grpc-unix": f"unix://{tmp / 'grpc.sock'}"}
-    return (http, grpc_server), urls
+            "grpc-unix": f"unix://{tmp / 'grpc.sock'}", "grpc-floor": floor.url}
+    return (http, grpc_server, floor), urls
+
+
+class FloorServer:
+    """Python gRPC's own cost: a server like the agent's (sync, 4 worker threads) whose
+    ModelInfer does nothing but answer a ready-made response of the model's output size
+    (method ``/edgeship.bench.Floor/<model>``). Its row is the floor under any handler."""
+
+    def __init__(self, port: int) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        from edgeship.agent import oip_pb2 as pb
+
+        def answer(shape: tuple[int, ...]) -> bytes:
+            out = np.zeros(shape, np.float32)
+            return pb.ModelInferResponse(
+                model_name="m", model_version="1", outputs=[
+                    pb.ModelInferResponse.InferOutputTensor(name="y", datatype="FP32",
+                                                            shape=shape)],
+                raw_output_contents=[out.tobytes()]).SerializeToString()
+
+        canned = {"digits": answer((1, 10)), "image": answer((1, 8, 160, 160))}
+        self._server = grpc.server(futures.ThreadPoolExecutor(4),
+                                   options=[("grpc.so_reuseport", 0)])
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "edgeship.bench.Floor", {name: grpc.unary_unary_rpc_method_handler(
+                lambda request, context, a=a: a) for name, a in canned.items()})])
+        self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self._server.start()
+        self.url = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self._server.stop(grace=1.0).wait(5)
 
 
 def _spawn(model: Path, in_name: str, image: Path, threads: int, tmp: Path):
@@ -181,13 +218,14 @@ def lean_json(urls: dict[str, str], name: str, in_name: str, x: np.ndarray):
     return call
 
 
-def lean_grpc(url: str, name: str, in_name: str, x: np.ndarray):
+def lean_grpc(url: str, name: str, in_name: str, x: np.ndarray,
+              method: str = "/inference.GRPCInferenceService/ModelInfer"):
     """ModelInfer through a bare gRPC channel with the agent's generated messages."""
     import grpc
 
     from edgeship.agent import oip_pb2 as pb
     channel = grpc.insecure_channel(url)
-    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+    infer = channel.unary_unary(method,
                                 request_serializer=pb.ModelInferRequest.SerializeToString,
                                 response_deserializer=pb.ModelInferResponse.FromString)
 
@@ -219,7 +257,10 @@ def run_oip(model: Path, threads: int, n: int, x: np.ndarray, results: dict, bar
                      **({"v2 JSON, stdlib client": lean_json(urls, name, in_, arr)}
                         if name == "digits" else {}),
                      "v2 binary, stdlib client": lean_binary(urls, name, in_, arr, out),
-                     "gRPC TCP, bare channel": lean_grpc(urls["grpc"], name, in_, arr)}
+                     "gRPC TCP, bare channel": lean_grpc(urls["grpc"], name, in_, arr),
+                     "gRPC floor: do-nothing handler, bare channel": lean_grpc(
+                         urls["grpc-floor"], name, in_, arr,
+                         f"/edgeship.bench.Floor/{name}")}
             rows += _rows(label, interleaved(calls, count), budget, results, ms)
     finally:
         proc.stdin.close()
@@ -235,7 +276,7 @@ def _rows(label: str, t: dict, budget: float, results: dict, ms) -> list[tuple]:
     for key, lat in t.items():
         over = float(np.median(lat) - base)
         results[f"oip overhead {label} {key} ms"] = over
-        if key in ("/v1 JSON", "v2 JSON"):  # v2 JSON through the Triton client: reference
+        if key in ("/v1 JSON", "v2 JSON") or key.startswith("gRPC floor"):  # references
             target, ok = "(reference)", True
         elif key == "v2 JSON, stdlib client":  # the same client as the /v1 JSON row
             target, ok = "<= /v1 JSON", float(np.median(lat)) <= float(np.median(v1))

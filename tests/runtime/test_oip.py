@@ -34,6 +34,8 @@ def env(tmp_path_factory):
                             zoo.MULTI_INPUTS, zoo.MULTI_OUTPUTS)
     ins, outs = zoo.every_dtype_specs()
     zoo.serve_onnx(tmp / "every" / "m.onnx", "every", zoo.every_dtype(), ins, outs, models)
+    zoo.serve_onnx(tmp / "image" / "m.onnx", "image", zoo.image_doubler(), zoo.IMAGE_INPUTS,
+                   zoo.IMAGE_OUTPUTS, models)
     tcp = InferenceHTTPServer("127.0.0.1", 0, models, limits=LIMITS)
     unix = InferenceUnixServer(tmp / "api.sock", models, limits=LIMITS)
     grpc_server = GrpcInferenceServer(models, LIMITS, socket_path=tmp / "grpc.sock",
@@ -135,6 +137,65 @@ def test_every_datatype_round_trips(env, kind, binary):
     for name, arr in feed.items():
         got = result.as_numpy("out_" + name[3:])
         assert got.dtype == arr.dtype and np.array_equal(got, arr), name
+
+
+@pytest.mark.parametrize("kind", ["grpc-tcp", "grpc-unix"])
+def test_grpc_raw_contents_cut_from_the_wire_match_a_bare_session(env, kind, monkeypatch):
+    """Large requests take the zero-copy path (raw contents as views of the received
+    bytes, some of them misaligned for their dtype); outputs identical, NaN refused."""
+    from edgeship.agent import grpc_wire
+    monkeypatch.setattr(grpc_wire, "SPLIT_MIN_BYTES", 0)
+    feed = zoo.multi_input_feed(257, seed=5)
+    c = env["clients"][kind]
+    result = c.infer("multi", _inputs(kind, feed), request_id="big")
+    y, count = env["bare"].run(None, feed)
+    np.testing.assert_array_equal(result.as_numpy("y"), y)
+    np.testing.assert_array_equal(result.as_numpy("count"), count)
+    assert result.get_response().id == "big"
+    feed["x"][3, 1] = np.nan
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("multi", _inputs(kind, feed))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "NaN" in err.value.message() or "finite" in err.value.message()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_image_sized_tensors_both_ways(env, kind):
+    """Bulk paths: the binary body read into an aligned buffer and viewed in place, the
+    binary answer gathered in one write from the output's memory; gRPC raw contents cut
+    from the wire; the NaN scan of a large tensor."""
+    img = np.random.default_rng(2).random(zoo.IMAGE_SHAPE, dtype=np.float32)
+    mod, c = _module(kind), env["clients"][kind]
+    outputs = [mod.InferRequestedOutput("twice", **({"binary_data": True}
+                                                    if kind == "http" else {}))]
+    result = c.infer("image", _inputs(kind, {"img": img}), outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("twice"), img + img)
+    img[0, 2, 127, 127] = np.inf
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("image", _inputs(kind, {"img": img}), outputs=outputs)
+    assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_binary_input_at_any_offset_of_the_body(env, pad):
+    """The binary data starts wherever the JSON header ends (any length); each offset is
+    read into place, the answer identical."""
+    img = np.random.default_rng(pad).random(zoo.IMAGE_SHAPE, dtype=np.float32)
+    head = json.dumps({"inputs": [{"name": "img", "shape": list(img.shape),
+                                   "datatype": "FP32",
+                                   "parameters": {"binary_data_size": img.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode() + b" " * pad
+    conn = http.client.HTTPConnection(*env["tcp"].server_address[:2])
+    conn.request("POST", "/v2/models/image/infer", body=head + img.tobytes(),
+                 headers={"Inference-Header-Content-Length": str(len(head))})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 200
+    n = int(resp.getheader("Inference-Header-Content-Length"))
+    assert json.loads(body[:n])["outputs"][0]["parameters"] == {"binary_data_size": img.nbytes}
+    np.testing.assert_array_equal(
+        np.frombuffer(body[n:], np.float32).reshape(img.shape), img + img)
 
 
 def test_requested_outputs_and_binary_body_layout(env):

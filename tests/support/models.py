@@ -257,6 +257,20 @@ def every_dtype_specs() -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
             tuple(TensorSpec(f"out_{k}", d, (None, 2)) for k, (_, d) in EVERY_DTYPE.items()))
 
 
+IMAGE_SHAPE = (1, 3, 128, 128)  # 196 KB of float32: large enough for the bulk data paths
+IMAGE_INPUTS = (TensorSpec("img", "float32", IMAGE_SHAPE),)
+IMAGE_OUTPUTS = (TensorSpec("twice", "float32", IMAGE_SHAPE),)
+
+
+def image_doubler() -> onnx.ModelProto:
+    """img float32 1x3x128x128 -> twice = img + img (exact in float32)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["img", "img"], ["twice"])], "image-doubler",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, list(IMAGE_SHAPE))],
+        [helper.make_tensor_value_info("twice", TensorProto.FLOAT, list(IMAGE_SHAPE))])
+    return _finish(graph)
+
+
 def _finish(graph) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
