@@ -167,9 +167,11 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
                 "bare": lambda: _run("genai", int4, ids, args.tokens, args.threads,
                                      1)["decode_tps"]}
             order = list(measure)
+            load = [os.getloadavg()[0]]
             for i in range(args.rounds + 1):  # the first round warms every path up
                 for key in (order if i % 2 else order[::-1]):  # no path always first
                     runs[key].append(measure[key]())
+            load.append(os.getloadavg()[0])
             agent, sdk, bare = runs["agent"], runs["sdk"], runs["bare"]
         finally:
             proc.terminate()
@@ -177,33 +179,46 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
     a, o, b = (float(np.median(x[1:])) for x in (agent, sdk, bare))
     return {"agent_tps": a, "openai_client_tps": o, "bare_tps": b, "ratio": a / b,
             "openai_ratio": o / b, "rounds": args.rounds, "agent_runs": agent[1:],
-            "openai_runs": sdk[1:], "bare_runs": bare[1:]}
+            "openai_runs": sdk[1:], "bare_runs": bare[1:],
+            "load_avg": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end"}
 
 
 def _stream_rate_raw(port: int, ids: list[int], tokens: int) -> float:
-    """Decode tokens/s as a minimal SSE reader sees it (one timestamp per event)."""
+    """Decode tokens/s as a minimal SSE reader sees it: tokens received (the server's
+    ``usage.completion_tokens``) over the time from the first to the last content chunk. A
+    chunk may carry several tokens' text (the server coalesces when the reader lags); the
+    first carries the first token alone, so the decode span covers completion_tokens - 1."""
     import http.client
 
     body = json.dumps({"model": "pydoc-lm", "prompt": _decode_prompt(ids),
                        "max_tokens": tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True})
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
-    times = [time.perf_counter() for line in resp if line.startswith(b'data: {"id"')]
+    events = [(time.perf_counter(), line) for line in resp if line.startswith(b"data: {")]
     conn.close()
-    return (len(times) - 2) / (times[-2] - times[0])  # the last event is finish_reason
+    docs = [(t, json.loads(line[6:])) for t, line in events]
+    times = [t for t, d in docs if d["choices"] and d["choices"][0]["text"]]
+    return _rate(docs[-1][1]["usage"]["completion_tokens"], times)
+
+
+def _rate(completion_tokens: int, content_times: list[float]) -> float:
+    return (completion_tokens - 1) / (content_times[-1] - content_times[0])
 
 
 def _stream_rate(client, ids: list[int], tokens: int) -> float:
     prompt = _decode_prompt(ids)
-    times = []
+    times, used = [], 0
     for chunk in client.completions.create(model="pydoc-lm", prompt=prompt, max_tokens=tokens,
                                            temperature=0, stream=True,
+                                           stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
-    return (len(times) - 1) / (times[-1] - times[0])
+        if chunk.usage is not None:
+            used = chunk.usage.completion_tokens
+    return _rate(used, times)
 
 
 _TOKENIZER: dict = {}
@@ -280,6 +295,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads for every runtime (1: the shared 2-core box)")
     p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--endpoint-only", action="store_true",
+                   help="only the agent's SSE endpoint vs the bare genai loop, on the int4 "
+                        "variant already converted under --out (fast iteration)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxruntime", "onnx_ir", "httpx"):
@@ -288,6 +306,9 @@ def main() -> None:
     checkpoint = _checkpoint(args.checkpoint)
     from transformers import AutoTokenizer
     _TOKENIZER["tok"] = AutoTokenizer.from_pretrained(checkpoint)
+    if args.endpoint_only:
+        endpoint_only(checkpoint, args)
+        return
     result = convert(checkpoint, args.out)
     ref, held = reference(result, checkpoint)
     rows = {r.id: {"path": result.bundle_dir / _file(result, r.id), **r.metrics}
@@ -307,6 +328,29 @@ def main() -> None:
         {"rows": {k: {kk: str(vv) if isinstance(vv, Path) else vv for kk, vv in v.items()}
                   for k, v in rows.items()}, "endpoint": endpoint, "samples": texts,
          "export_check": result.export_check, "llm": result.spec.to_dict()}, indent=2))
+
+
+def endpoint_only(checkpoint: Path, args) -> None:
+    from edgeship.converter.llm.pipeline import _tokenize, read_heldout
+
+    int4 = args.out / "bundle" / "model.onnx-int4.onnx"
+    if not int4.is_file():
+        raise SystemExit(f"{int4} not found: run scripts/bench-llm once without "
+                         "--endpoint-only (it converts the checkpoint)")
+    held = _tokenize(checkpoint, read_heldout(checkpoint, None))
+    endpoint = endpoint_vs_bare(int4, [int(t) for t in held[-PROMPT_TOKENS:]], args)
+    print(_endpoint_line(endpoint))
+    (args.out / "endpoint.json").write_text(json.dumps(endpoint, indent=2))
+
+
+def _endpoint_line(endpoint: dict) -> str:
+    return (f"agent SSE endpoint, decode tok/s as a minimal SSE reader sees it: "
+            f"{endpoint['agent_tps']:.1f}; as the openai client sees it: "
+            f"{endpoint['openai_client_tps']:.1f}; bare onnxruntime-genai loop on the same int4 "
+            f"file: {endpoint['bare_tps']:.1f} -> {endpoint['ratio']:.3f}x "
+            f"({endpoint['openai_ratio']:.3f}x with the openai client; median of "
+            f"{endpoint['rounds']} interleaved rounds, same threads; load average "
+            f"{endpoint['load_avg']})")
 
 
 def _file(result, vid: str) -> str:
@@ -333,12 +377,7 @@ def _print(rows, endpoint, texts, result, llama, baseline) -> None:
                   f"{ours['ttft_ms'] / r['ttft_ms']:.2f}x, perplexity "
                   f"{ours['perplexity'] / r['perplexity']:.4f}x")
     print(f"\nmemory (runtime alone: {baseline:.0f} MB RSS)\n{memory_table(rows, baseline)}")
-    print(f"\nagent SSE endpoint, decode tok/s as a minimal SSE reader sees it: "
-          f"{endpoint['agent_tps']:.1f}; as the openai client sees it: "
-          f"{endpoint['openai_client_tps']:.1f}; bare onnxruntime-genai loop on the same int4 "
-          f"file: {endpoint['bare_tps']:.1f} -> {endpoint['ratio']:.3f}x "
-          f"({endpoint['openai_ratio']:.3f}x with the openai client; median of "
-          f"{endpoint['rounds']} interleaved rounds, same threads)")
+    print("\n" + _endpoint_line(endpoint))
     for vid, outs in texts.items():
         print(f"\n--- samples, {vid} (temperature 0.8, top-k 40, seed 1)")
         for t in outs:
