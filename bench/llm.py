@@ -234,9 +234,9 @@ def samples(bundle: Path, prompts: list[str], tokens: int = 48) -> dict[str, lis
     out = {}
     for vid, name in (("fp32", "model.fp32.onnx"), ("int4", "model.onnx-int4.onnx")):
         model = GenaiModel(bundle / name, threads=2)
-        out[vid] = [p + "".join(s.text for s in model.generate(
+        out[vid] = [p + "".join(s.text for batch in model.generate(
             model.encode(p), SamplingParams(max_tokens=tokens, temperature=0.8, top_k=40,
-                                            seed=1))) for p in prompts]
+                                            seed=1)) for s in batch) for p in prompts]
     return out
 
 

@@ -29,7 +29,7 @@ from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.llm.openai_api import (CompletionRequest, StopFilter, chunk_doc,
                                            finish_reason, new_id, parse_request, response_doc,
                                            usage)
-from edgeship.agent.llm.runtime import GenaiModel, GenerationStats, PromptTooLongError
+from edgeship.agent.llm.runtime import GenaiModel, GenerationStats, PromptTooLongError, Step
 from edgeship.agent.llm.sse import ChunkEncoder, DisconnectPoll, WritePacer, event
 from edgeship.agent.llm.stats import LmStats, ns_per_decoded_token
 from edgeship.agent.serving import ModelNotFoundError, ModelServer
@@ -168,17 +168,19 @@ def _generate(handler: Any, req: CompletionRequest, loaded: Any, ids, fe: LmFron
         model_stats.record_ns(ns, 1)
 
 
-def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
-            gs: GenerationStats, filt: StopFilter) -> Iterator[str]:
+def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids, gs: GenerationStats,
+            filt: StopFilter, pace: WritePacer | None = None) -> Iterator[str]:
+    """The text of each list of tokens the runtime yields (one per token, or what ``pace``
+    held back), stop strings applied."""
     shadow = handler.server.models.shadows.get(req.model)
     served: list | None = [] if shadow is not None else None
     with contextlib.closing(runtime.generate(ids, req.params,
                                              DisconnectPoll(handler.connection),
-                                             gs, served)) as steps:
+                                             gs, served, pace=pace)) as batches:
         if shadow is not None and served is not None:  # candidate's next token vs ours
-            steps = _offer_after_first(steps, shadow, ids, served)
-        for step in steps:
-            text = filt.feed(step.text)
+            batches = _offer_after_first(batches, shadow, ids, served)
+        for batch in batches:
+            text = _filtered(filt, batch, gs)
             if text:
                 yield text
             if filt.stopped:
@@ -189,13 +191,28 @@ def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
             yield tail
 
 
-def _offer_after_first(steps: Iterator[Any], shadow: Any, ids, served: list) -> Iterator[Any]:
+def _filtered(filt: StopFilter, batch: list[Step], gs: GenerationStats) -> str:
+    """``batch``'s text up to a stop string; tokens decoded after the one that completed it
+    are not counted as generated."""
+    if not filt.stops:
+        return batch[0].text if len(batch) == 1 else "".join(step.text for step in batch)
+    out = []
+    for i, step in enumerate(batch):
+        out.append(filt.feed(step.text))
+        if filt.stopped:
+            gs.generated_tokens -= len(batch) - 1 - i
+            break
+    return "".join(out)
+
+
+def _offer_after_first(batches: Iterator[Any], shadow: Any, ids,
+                       served: list) -> Iterator[Any]:
     offered = False
-    for step in steps:
+    for batch in batches:
         if not offered and served:
             shadow.offer({"input_ids": np.asarray(ids, dtype=np.int64)[None]}, served)
             offered = True
-        yield step
+        yield batch
 
 
 def _complete(handler: Any, req: CompletionRequest, runtime: Any, ids,
@@ -219,7 +236,7 @@ def _stream(handler: Any, req: CompletionRequest, runtime: Any, ids,
     out = _Chunks(handler.wfile, ChunkEncoder(req, new_id(req.chat)))
     filt = StopFilter(req.params.stop)
     try:
-        for text in _tokens(handler, req, runtime, ids, gs, filt):
+        for text in _tokens(handler, req, runtime, ids, gs, filt, out.pacer):
             out.add(text)
         out.finish(finish_reason(gs.finish_reason, filt.stopped),
                    usage(gs.prompt_tokens, gs.generated_tokens) if req.include_usage else None)

@@ -4,10 +4,13 @@
 
 - ``run({"input_ids": ids})`` → ``[next-token logits (1, vocab)]``: the ``ModelRuntime``
   protocol, which the health check (golden prompt), shadow runs and ``/predict`` use;
-- ``generate(ids, params, should_stop)``: a generator of ``Step`` (token id, text piece)
-  with sampling options, stop strings and a cancel check before each token. Leaving the
-  iteration early (client gone, stop string, ``max_tokens``) drops the genai ``Generator``
-  at once, which frees its KV cache.
+- ``generate(ids, params, should_stop, pace=...)``: a generator of lists of ``Step`` (token
+  id, text piece) with sampling options and a cancel check before each token: one list per
+  token, or, with ``pace``, the tokens decoded until ``pace.next_at`` (a
+  ``time.perf_counter`` value the consumer moves on) in one list — a streaming writer that
+  wants no token before then costs the loop nothing per token. Leaving the iteration early
+  (client gone, stop string, ``max_tokens``) drops the genai ``Generator`` at once, which
+  frees its KV cache.
 
 onnxruntime-genai is imported here only, so an agent that serves no language model never
 loads it.
@@ -21,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -66,8 +69,18 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-@dataclass(frozen=True)
-class Step:
+class Pace(Protocol):
+    next_at: float  # time.perf_counter() before which a consumer wants no tokens
+
+
+class _EveryToken:
+    next_at = 0.0
+
+
+_EVERY_TOKEN = _EveryToken()
+
+
+class Step(NamedTuple):  # a tuple: made once per token, on the generation's critical path
     token: int
     text: str
 
@@ -187,41 +200,61 @@ class GenaiModel:
     def generate(self, ids: np.ndarray, params: SamplingParams,
                  should_stop: Callable[[], bool] = lambda: False,
                  stats: GenerationStats | None = None,
-                 prompt_logits: list[np.ndarray] | None = None) -> Iterator[Step]:
-        """Tokens after ``ids``. ``prompt_logits``: a list that receives the next-token
-        logits after the prompt (for shadow runs; costs one copy of the prefill's logits)."""
+                 prompt_logits: list[np.ndarray] | None = None,
+                 pace: Pace | None = None) -> Iterator[list[Step]]:
+        """Tokens after ``ids``, in lists (see the module's doc). ``prompt_logits``: a list
+        that receives the next-token logits after the prompt (for shadow runs; costs one
+        copy of the prefill's logits)."""
         stats = stats if stats is not None else GenerationStats()
         budget = self.check_fits(len(ids), params.max_tokens)
         stats.prompt_tokens = len(ids)
         gen = self._og.Generator(self.model, self._params(len(ids), params, budget))
         self._count(+1)
-        stream = self.tokenizer.create_stream()
         start = time.perf_counter()
-        first = None
         try:
             gen.append_tokens(np.asarray(ids, dtype=np.int32))
             if prompt_logits is not None:
                 logits = np.asarray(gen.get_output("logits"), dtype=np.float32)
                 prompt_logits.append(logits.reshape(-1, logits.shape[-1])[-1:].copy())
-            while not should_stop():
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-                if first is None:
-                    first = time.perf_counter()
-                    stats.prefill_s = first - start
-                stats.generated_tokens += 1
-                stats.decode_s = time.perf_counter() - first
-                if token in self.eos_ids and not params.ignore_eos:
-                    stats.finish_reason = "stop"
-                    return
-                yield Step(token, stream.decode(token))
-                if stats.generated_tokens >= budget or gen.is_done():
-                    stats.finish_reason = "length"
-                    return
-            stats.finish_reason = "cancelled"
+            yield from self._decode_loop(gen, params, budget, should_stop, stats, start,
+                                         pace or _EVERY_TOKEN)
         finally:
             del gen  # frees the KV cache now, not when the garbage collector runs
             self._count(-1)
+
+    def _decode_loop(self, gen: Any, params: SamplingParams, budget: int,
+                     should_stop: Callable[[], bool], stats: GenerationStats,
+                     start: float, pace: Pace) -> Iterator[list[Step]]:
+        """The per-token loop, kept to what each token needs (it runs between two model
+        steps, with cold caches): one clock read, statistics written as it goes."""
+        decode = self.tokenizer.create_stream().decode
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        clock = time.perf_counter
+        first = 0.0
+        batch: list[Step] = []
+        while not should_stop():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            now = clock()
+            if not first:
+                first = now
+                stats.prefill_s = now - start
+            stats.generated_tokens += 1
+            stats.decode_s = now - first
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            batch.append(Step(token, decode(token)))
+            if stats.generated_tokens >= budget or gen.is_done():
+                stats.finish_reason = "length"
+                break
+            if now >= pace.next_at:
+                yield batch
+                batch = []
+        else:
+            stats.finish_reason = "cancelled"
+        if batch:
+            yield batch
 
     def _count(self, delta: int) -> None:
         with self._lock:

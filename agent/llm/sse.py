@@ -89,7 +89,7 @@ class ChunkEncoder:
 class WritePacer:
     """When the next write may go: at once after cheap writes, later after costly ones."""
 
-    def __init__(self, share: float = 0.03, max_hold_s: float = 0.05) -> None:
+    def __init__(self, share: float = 0.01, max_hold_s: float = 0.05) -> None:
         self.factor = 1 / share - 1
         self.max_hold_s = max_hold_s
         self.next_at = 0.0
