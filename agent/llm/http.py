@@ -193,16 +193,22 @@ def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids, gs: Generat
 
 def _filtered(filt: StopFilter, batch: list[Step], gs: GenerationStats) -> str:
     """``batch``'s text up to a stop string; tokens decoded after the one that completed it
-    are not counted as generated."""
+    (ahead, while the writer held them) are not counted, nor their share of the time."""
     if not filt.stops:
         return batch[0].text if len(batch) == 1 else "".join(step.text for step in batch)
     out = []
     for i, step in enumerate(batch):
         out.append(filt.feed(step.text))
         if filt.stopped:
-            gs.generated_tokens -= len(batch) - 1 - i
+            _uncount(gs, len(batch) - 1 - i)
             break
     return "".join(out)
+
+
+def _uncount(gs: GenerationStats, tokens: int) -> None:
+    if tokens and gs.generated_tokens > 1:
+        gs.decode_s *= max(gs.generated_tokens - 1 - tokens, 0) / (gs.generated_tokens - 1)
+        gs.generated_tokens -= tokens
 
 
 def _offer_after_first(batches: Iterator[Any], shadow: Any, ids,

@@ -14,7 +14,7 @@ import pytest
 from edgeship.agent.errors import HealthCheckError, Reason
 from edgeship.agent.health import check_health
 from edgeship.agent.llm.http import frontend
-from edgeship.agent.llm.runtime import GenaiModel
+from edgeship.agent.llm.runtime import GenaiModel, SamplingParams
 from edgeship.agent.llm.sse import ChunkEncoder
 from edgeship.agent.metrics import AgentCollector, Metrics
 from edgeship.agent.telemetry import build_batch
@@ -193,6 +193,39 @@ def test_slow_writes_send_the_tokens_meanwhile_as_one_chunk_with_the_same_text(a
     texts = [ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].text]
     assert "".join(texts) == full.choices[0].text
     assert chunks[-1].usage.completion_tokens == 60 and len(texts) < 30
+
+
+def test_generation_holds_tokens_until_the_pace_allows_and_loses_none(api):
+    runtime: GenaiModel = api["models"].get("tinylm").runtime
+    ids = runtime.encode(PROMPT)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+    class Later:
+        next_at = float("inf")
+
+    each = list(runtime.generate(ids, params))
+    held = list(runtime.generate(ids, params, pace=Later()))
+    assert [len(batch) for batch in each] == [1] * 20
+    assert held == [[step for batch in each for step in batch]]
+
+
+def test_a_stop_string_inside_coalesced_tokens_counts_only_the_tokens_up_to_it(api,
+                                                                              monkeypatch):
+    c = api["client"]
+    kw = dict(model="tinylm", prompt=PROMPT, max_tokens=60, temperature=1.0, seed=3,
+              extra_body={"ignore_eos": True, "top_k": 50})
+    text = c.completions.create(**kw).choices[0].text
+    stop = next((text[i:i + 2] for i in range(len(text) // 2, len(text) - 2)
+                 if text.index(text[i:i + 2]) == i), None)  # first seen in the later half
+    assert stop, f"no stop string first seen in the later half of {text!r}"
+    want = c.completions.create(**kw, stop=[stop])
+    real = ChunkEncoder.text
+    monkeypatch.setattr(ChunkEncoder, "text", lambda self, s: time.sleep(0.003) or real(self, s))
+    chunks = list(c.completions.create(**kw, stop=[stop], stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.choices[0].text
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens < 60
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
 
 
 def test_health_check_compares_golden_top_k_and_catches_a_wrong_model(api, tmp_path):
