@@ -252,8 +252,8 @@ def _stream(handler: Any, req: CompletionRequest, runtime: Any, ids,
 
 
 class _Chunks:
-    """The content of one stream: each piece is written at once while the pacer allows,
-    else kept and sent with the next write as one chunk."""
+    """The content of one stream: text is written at once while the pacer allows, else
+    kept and sent with the next write (or the end) as one chunk."""
 
     def __init__(self, wfile: Any, enc: ChunkEncoder) -> None:
         self.write, self.flush = wfile.write, wfile.flush  # unbuffered: one sendall a write

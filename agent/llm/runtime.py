@@ -225,40 +225,68 @@ class GenaiModel:
     def _decode_loop(self, gen: Any, params: SamplingParams, budget: int,
                      should_stop: Callable[[], bool], stats: GenerationStats,
                      start: float, pace: Pace) -> Iterator[list[Step]]:
-        """The per-token loop, kept to what each token needs (it runs between two model
-        steps, with cold caches): one clock read, statistics written as it goes."""
-        decode = self.tokenizer.create_stream().decode
-        eos = frozenset() if params.ignore_eos else self.eos_ids
+        """The per-token loop does only what each token needs (it runs between two model
+        steps, with cold caches): keep the id, read the clock, ask genai whether it is done
+        (EOS, length). Ids become text, EOS is looked for and the statistics are written
+        when a list is handed over, in one go."""
+        steps = _Steps(self.tokenizer.create_stream().decode,
+                       frozenset() if params.ignore_eos else self.eos_ids, stats)
         clock = time.perf_counter
+        ids: list[Any] = []
         first = 0.0
-        batch: list[Step] = []
         while not should_stop():
             gen.generate_next_token()
-            token = int(gen.get_next_tokens()[0])
+            ids.append(gen.get_next_tokens()[0])
             now = clock()
             if not first:
                 first = now
                 stats.prefill_s = now - start
-            stats.generated_tokens += 1
-            stats.decode_s = now - first
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            batch.append(Step(token, decode(token)))
-            if stats.generated_tokens >= budget or gen.is_done():
-                stats.finish_reason = "length"
-                break
-            if now >= pace.next_at:
+            done = steps.n + len(ids) >= budget or gen.is_done()
+            if done or now >= pace.next_at:
+                batch = steps.take(ids, now - first)
+                ids = []
+                if steps.stopped or done:
+                    stats.finish_reason = "stop" if steps.stopped else "length"
+                    if batch:
+                        yield batch
+                    return
                 yield batch
-                batch = []
-        else:
-            stats.finish_reason = "cancelled"
-        if batch:
-            yield batch
+        steps.take(ids, clock() - first if first else 0.0)
+        stats.finish_reason = "cancelled"
 
     def _count(self, delta: int) -> None:
         with self._lock:
             self.active_sequences += delta
+
+
+class _Steps:
+    """Token ids handed over in lists: their text (decoded in one go, the decoder's state
+    hot), cut at the first EOS, counted into the statistics."""
+
+    def __init__(self, decode: Callable[[int], str], eos: frozenset,
+                 stats: GenerationStats) -> None:
+        self.decode, self.eos, self.stats = decode, eos, stats
+        self.n = 0
+        self.stopped = False
+
+    def take(self, ids: list[Any], decode_s: float) -> list[Step]:
+        out: list[Step] = []
+        for raw in ids:
+            token = int(raw)
+            if token in self.eos:  # counted, not shown; genai stops at it
+                self.stopped = True
+                out_n = len(out) + 1
+                decode_s *= (self.n + out_n - 1) / max(self.n + len(ids) - 1, 1)
+                self._count(out_n, decode_s)
+                return out
+            out.append(Step(token, self.decode(token)))
+        self._count(len(ids), decode_s)
+        return out
+
+    def _count(self, tokens: int, decode_s: float) -> None:
+        self.n += tokens
+        self.stats.generated_tokens = self.n
+        self.stats.decode_s = decode_s
 
 
 def load_genai(path: Path, *, threads: int = 0,

@@ -9,7 +9,9 @@
   most ``share`` of the stream's time; the tokens generated meanwhile go out as one chunk
   carrying their text (OpenAI's chunk text may hold several tokens). ``w`` is the shorter
   of the last two writes, so one write that another process happened to preempt does not
-  hold the stream; the wait is at most ``max_hold_s``.
+  hold the stream; the wait is at most ``max_hold_s``. The pacer is also the ``pace`` of
+  ``GenaiModel.generate``: until the next write is due the generation loop keeps its tokens
+  and hands them over in one list, so the writer's side costs nothing per held token.
 - ``DisconnectPoll`` looks at the peer socket at most every ``every_s``: generation's
   cancel check runs before each token and costs a ``select`` only when one is due.
 
