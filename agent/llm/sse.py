@@ -8,8 +8,8 @@
   buffer) the next one waits until ``w * (1 / share - 1)`` has passed, so writing takes at
   most ``share`` of the stream's time; the tokens generated meanwhile go out as one chunk
   carrying their text (OpenAI's chunk text may hold several tokens). ``w`` is the shorter
-  of the last two writes, so one write that another process happened to preempt does not
-  hold the stream; the wait is at most ``max_hold_s``. The pacer is also the ``pace`` of
+  of the last two writes (the first write counts alone), so one later write that another
+  process happened to preempt does not hold the stream; the wait is at most ``max_hold_s``. The pacer is also the ``pace`` of
   ``GenaiModel.generate``: until the next write is due the generation loop keeps its tokens
   and hands them over in one list, so the writer's side costs nothing per held token.
 - ``DisconnectPoll`` looks at the peer socket at most every ``every_s``: generation's
@@ -96,7 +96,7 @@ class WritePacer:
         self.max_hold_s = max_hold_s
         self.next_at = 0.0
         self.writes = 0
-        self.last_s = 0.0  # the write before the latest one
+        self.last_s = float("inf")  # the write before the latest one (none: the first counts)
 
     def due(self, now: float) -> bool:
         return now >= self.next_at

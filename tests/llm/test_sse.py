@@ -36,17 +36,15 @@ def test_prebuilt_chunks_are_byte_equal_to_json_dumps_of_the_chunk(chat):
 def test_pacer_writes_at_once_after_cheap_writes_and_waits_after_slow_ones():
     pacer = WritePacer(share=0.05, max_hold_s=0.05)
     assert pacer.due(0.0)
-    pacer.wrote(1.0, 1.003)  # one slow write (preempted once): no wait
-    assert pacer.due(1.003)
-    pacer.wrote(2.0, 2.00001)  # 10 µs after 3 ms: the next may go 190 µs later
-    assert not pacer.due(2.0001) and pacer.due(2.00021)
-    pacer.wrote(3.0, 3.001)  # 1 ms after 10 µs: still the cheap one counts
-    assert pacer.due(3.00121)
-    pacer.wrote(4.0, 4.001)  # two slow writes in a row: 19 ms later
-    assert not pacer.due(4.019) and pacer.due(4.0201)
-    pacer.wrote(5.0, 5.5)  # blocked writes (a reader that stopped reading): capped wait
-    pacer.wrote(6.0, 6.5)
-    assert not pacer.due(6.549) and pacer.due(6.551) and pacer.writes == 6
+    pacer.wrote(1.0, 1.00001)  # the first write counts alone: 10 µs, the next 190 µs later
+    assert not pacer.due(1.0001) and pacer.due(1.00021)
+    pacer.wrote(2.0, 2.003)  # one slow write (preempted once) after a cheap one: no wait
+    assert not pacer.due(2.0031) and pacer.due(2.00321)
+    pacer.wrote(3.0, 3.001)  # 1 ms after 3 ms: 19 ms later
+    assert not pacer.due(3.019) and pacer.due(3.0201)
+    pacer.wrote(4.0, 4.5)  # blocked writes (a reader that stopped reading): capped wait
+    pacer.wrote(5.0, 5.5)
+    assert not pacer.due(5.549) and pacer.due(5.551) and pacer.writes == 5
 
 
 class _SlowFile:
