@@ -7,8 +7,9 @@
 - ``generate(ids, params, should_stop, pace=...)``: a generator of lists of ``Step`` (token
   id, text piece) with sampling options and a cancel check before each token: one list per
   token, or, with ``pace``, the tokens decoded until ``pace.next_at`` (a
-  ``time.perf_counter`` value the consumer moves on) in one list — a streaming writer that
-  wants no token before then costs the loop nothing per token. Leaving the iteration early
+  ``time.perf_counter`` value the consumer moves on; at most ``MAX_HELD_TOKENS``) in one
+  list — a streaming writer that wants no token before then costs the loop nothing per
+  token. Leaving the iteration early
   (client gone, stop string, ``max_tokens``) drops the genai ``Generator`` at once, which
   frees its KV cache.
 
@@ -34,6 +35,7 @@ from edgeship.agent.llm import assets
 logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
+MAX_HELD_TOKENS = 16  # handed over at least this often: stop strings are looked for then
 MAX_STOP_CHARS = 128
 
 
@@ -242,7 +244,7 @@ class GenaiModel:
                 first = now
                 stats.prefill_s = now - start
             done = steps.n + len(ids) >= budget or gen.is_done()
-            if done or now >= pace.next_at:
+            if done or now >= pace.next_at or len(ids) >= MAX_HELD_TOKENS:
                 batch = steps.take(ids, now - first)
                 ids = []
                 if steps.stopped or done:
