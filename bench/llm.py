@@ -8,8 +8,12 @@
 3. Speed, each in a fresh process: time to first token and decode tokens/s (greedy, bare
    generation loops), peak RSS; and peak RSS at the full context against the memory need the
    agent's admission check computes.
-4. The agent's streaming endpoint (a separate process, read with the ``openai`` client)
-   against a bare onnxruntime-genai loop on the same int4 file, interleaved rounds.
+4. The agent's streaming endpoint (a separate process, read by a minimal SSE reader and by
+   the ``openai`` client) against a bare onnxruntime-genai loop on the same int4 file,
+   interleaved rounds. The client's decode rate is the tokens the server reports
+   (``usage.completion_tokens``) over the time from the first to the last content chunk: a
+   chunk may carry several tokens. ``--endpoint-only`` runs just this part on the int4
+   variant already converted under ``--out``.
 """
 
 from __future__ import annotations
@@ -177,8 +181,9 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
             proc.terminate()
             proc.wait(10)
     a, o, b = (float(np.median(x[1:])) for x in (agent, sdk, bare))
+    paired = [float(np.median(np.divide(x[1:], bare[1:]))) for x in (agent, sdk)]
     return {"agent_tps": a, "openai_client_tps": o, "bare_tps": b, "ratio": a / b,
-            "openai_ratio": o / b, "rounds": args.rounds, "agent_runs": agent[1:],
+            "openai_ratio": o / b, "round_ratio": paired[0], "openai_round_ratio": paired[1], "rounds": args.rounds, "agent_runs": agent[1:],
             "openai_runs": sdk[1:], "bare_runs": bare[1:],
             "load_avg": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end"}
 
@@ -349,8 +354,9 @@ def _endpoint_line(endpoint: dict) -> str:
             f"{endpoint['openai_client_tps']:.1f}; bare onnxruntime-genai loop on the same int4 "
             f"file: {endpoint['bare_tps']:.1f} -> {endpoint['ratio']:.3f}x "
             f"({endpoint['openai_ratio']:.3f}x with the openai client; median of "
-            f"{endpoint['rounds']} interleaved rounds, same threads; load average "
-            f"{endpoint['load_avg']})")
+            f"{endpoint['rounds']} interleaved rounds, same threads; median of the rounds' own "
+            f"ratios {endpoint['round_ratio']:.3f}x / {endpoint['openai_round_ratio']:.3f}x; "
+            f"load average {endpoint['load_avg']})")
 
 
 def _file(result, vid: str) -> str:
