@@ -164,11 +164,13 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port_file.read_text()}/v1",
                                    api_key="-", max_retries=0)
             port = int(port_file.read_text())
-            runs: dict[str, list[float]] = {"agent": [], "sdk": [], "bare": []}
+            runs: dict[str, list[float]] = {"agent": [], "sdk": [], "bare": [], "text": []}
             measure = {
                 "agent": lambda: _stream_rate_raw(port, ids, args.tokens),
                 "sdk": lambda: _stream_rate(client, ids, args.tokens),
                 "bare": lambda: _run("genai", int4, ids, args.tokens, args.threads,
+                                     1)["decode_tps"],
+                "text": lambda: _run("genai-text", int4, ids, args.tokens, args.threads,
                                      1)["decode_tps"]}
             order = list(measure)
             load = [os.getloadavg()[0]]
@@ -176,14 +178,16 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
                 for key in (order if i % 2 else order[::-1]):  # no path always first
                     runs[key].append(measure[key]())
             load.append(os.getloadavg()[0])
-            agent, sdk, bare = runs["agent"], runs["sdk"], runs["bare"]
+            agent, sdk, bare, text = (runs[k] for k in ("agent", "sdk", "bare", "text"))
         finally:
             proc.terminate()
             proc.wait(10)
-    a, o, b = (float(np.median(x[1:])) for x in (agent, sdk, bare))
+    a, o, b, t = (float(np.median(x[1:])) for x in (agent, sdk, bare, text))
     paired = [float(np.median(np.divide(x[1:], bare[1:]))) for x in (agent, sdk)]
     return {"agent_tps": a, "openai_client_tps": o, "bare_tps": b, "ratio": a / b,
-            "openai_ratio": o / b, "round_ratio": paired[0], "openai_round_ratio": paired[1], "rounds": args.rounds, "agent_runs": agent[1:],
+            "openai_ratio": o / b, "round_ratio": paired[0], "openai_round_ratio": paired[1],
+            "bare_text_tps": t, "text_ratio": a / t, "openai_text_ratio": o / t,
+            "bare_text_runs": text[1:], "rounds": args.rounds, "agent_runs": agent[1:],
             "openai_runs": sdk[1:], "bare_runs": bare[1:],
             "load_avg": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end"}
 
@@ -356,7 +360,11 @@ def _endpoint_line(endpoint: dict) -> str:
             f"({endpoint['openai_ratio']:.3f}x with the openai client; median of "
             f"{endpoint['rounds']} interleaved rounds, same threads; median of the rounds' own "
             f"ratios {endpoint['round_ratio']:.3f}x / {endpoint['openai_round_ratio']:.3f}x; "
-            f"load average {endpoint['load_avg']})")
+            f"load average {endpoint['load_avg']})\n"
+            f"the same loop turning each token into text (tokenizer stream decode, as "
+            f"onnxruntime-genai's streaming example): {endpoint['bare_text_tps']:.1f} -> "
+            f"{endpoint['text_ratio']:.3f}x ({endpoint['openai_text_ratio']:.3f}x with the "
+            f"openai client)")
 
 
 def _file(result, vid: str) -> str:
