@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edgeship.agent.errors import InferenceInputError, Reason
@@ -79,6 +79,7 @@ def test_request_fields_are_parsed_and_checked():
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # shared 2-core box
 @given(st.lists(st.text(alphabet="ab\n", max_size=4), max_size=12),
        st.lists(st.text(alphabet="ab\n", min_size=1, max_size=3), min_size=1, max_size=2))
+@example(pieces=["b\n", "b"], stops=["\n", "b\nb"])  # "\n" ends the text before "b\nb" can
 def test_stop_filter_emits_exactly_the_text_before_the_first_stop(pieces, stops):
     filt = StopFilter(tuple(stops))
     out = ""
@@ -88,9 +89,18 @@ def test_stop_filter_emits_exactly_the_text_before_the_first_stop(pieces, stops)
             break
     if not filt.stopped:
         out += filt.flush()
-    full = "".join(pieces)
-    cuts = [full.find(s) for s in stops if s in full]
-    assert out == (full[:min(cuts)] if cuts else full)
+    # generation stops after the piece that completes a stop string: the text is cut at the
+    # earliest stop string present then (a longer one that would complete later never does)
+    seen = ""
+    for piece in pieces:
+        seen += piece
+        cuts = [seen.find(s) for s in stops if s in seen]
+        if cuts:
+            expected = seen[:min(cuts)]
+            break
+    else:
+        expected = seen
+    assert out == expected
 
 
 def test_a_slower_decode_rate_halts_the_rollout_like_the_latency_gate():
