@@ -216,6 +216,11 @@ class _Serving:
                     check_values and self.finite and not all_finite(x)))
 
 
+#: the attribute ``agent.llm.http.frontend`` keeps its state in
+LLM_FRONTEND_ATTR = "_edgeship_llm"
+_llm_lock = threading.RLock()
+
+
 class ModelServer:
     def __init__(self) -> None:
         self._serving: dict[str, _Serving] = {}
@@ -227,6 +232,26 @@ class ModelServer:
         self.quality: Any = None
         #: False while the agent starts (models on disk not loaded yet): not ready
         self.ready = True
+
+    def configure_llm(self, **admission: Any) -> None:
+        """The language-model front end's admission bounds (``agent.llm.http.configure``),
+        applied when the front end is first looked up: an agent that never serves a
+        language model never imports it."""
+        self.__dict__["_llm_admission"] = admission
+
+    def __getattr__(self, name: str) -> Any:
+        """``agent.llm.http.frontend`` looks its state up as an attribute of this object:
+        the first lookup after :meth:`configure_llm` builds it with those bounds."""
+        if name != LLM_FRONTEND_ATTR:
+            raise AttributeError(name)
+        with _llm_lock:  # reentrant: configure() looks the attribute up again
+            if name in self.__dict__:  # another thread built it while this one waited
+                return self.__dict__[name]
+            admission = self.__dict__.pop("_llm_admission", None)
+            if admission is None:
+                raise AttributeError(name)
+            from edgeship.agent.llm.http import configure
+            return configure(self, **admission)
 
     def swap(self, loaded: LoadedModel, keep_previous: bool = False) -> LoadedModel | None:
         """Serve ``loaded``; ``keep_previous``: keep the version it replaces loaded beside it

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from edgeship.agent.llm.runtime import GenerationStats
+from edgeship.agent.serving import LLM_FRONTEND_ATTR
+
+if TYPE_CHECKING:  # telemetry imports this module on every agent, LM or not
+    from edgeship.agent.llm.runtime import GenerationStats
 
 WINDOW = 4096
 
@@ -67,7 +70,9 @@ class LmStats:
 
 
 def _frontend_stats(server: Any) -> dict[str, LmStats]:
-    fe = getattr(server, "_edgeship_llm", None)  # agent.llm.http.frontend's attribute
+    # agent.llm.http.frontend's attribute, read without building it (ModelServer builds it
+    # on first lookup): no front end yet, no numbers
+    fe = vars(server).get(LLM_FRONTEND_ATTR)
     return fe.stats if fe is not None else {}
 
 
