@@ -132,11 +132,11 @@ class Downloader:
 
     def _new_updater(self, archive: ReleaseArchive | None = None) -> Updater:
         from tuf.ngclient import Updater  # lazily: see the imports
+        fetcher: FetcherInterface = self.fetcher
+        base = self.base_url
         if archive is not None:
             from edgeship.agent.archive import ARCHIVE_URL
             base, fetcher = ARCHIVE_URL, archive.fetcher()
-        else:
-            base, fetcher = self.base_url, self.fetcher
         return Updater(metadata_dir=str(self.tuf_dir),
                        metadata_base_url=base + "metadata/",
                        target_base_url=base + "targets/",
