@@ -7,6 +7,7 @@ and a telemetry ticker. Serving never waits on the network.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -94,6 +95,14 @@ def quality_hub(cfg: AgentConfig) -> Any:
                    cfg.feedback_disk_samples)
 
 
+def llm_frontend(cfg: AgentConfig, server: ModelServer) -> Any:
+    """The OpenAI-compatible front end with the config's admission bounds (built by the
+    server on first use: see ``ModelServer.configure_llm``)."""
+    from edgeship.agent.llm.http import configure
+    return configure(server, max_active=cfg.llm_max_active, max_queued=cfg.llm_max_queued,
+                     queue_timeout_s=cfg.llm_queue_timeout_s)
+
+
 def release_free_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc ``malloc_trim``): what start-up
     freed (config, imports, the models' loading) would otherwise stay in the agent's RSS
@@ -117,8 +126,7 @@ class Agent:
         self.server = ModelServer()
         self.server.ready = False  # until the models on disk are loaded
         self.server.quality = quality_hub(cfg)
-        self.server.configure_llm(max_active=cfg.llm_max_active, max_queued=cfg.llm_max_queued,
-                                  queue_timeout_s=cfg.llm_queue_timeout_s)
+        self.server.configure_llm(functools.partial(llm_frontend, cfg))
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self.desired = DesiredTracker(cfg.state_dir,

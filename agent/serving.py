@@ -22,6 +22,7 @@ import numpy as np
 from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
 from edgeship.agent.runtime import ModelRuntime, coerce_inputs
 from edgeship.agent.store import InstalledModel
+from edgeship.agent.llm.stats import FRONTEND_ATTR
 
 #: latencies kept for the window's percentiles (a ring: the newest this many are used)
 LATENCY_RING_SIZE = 8192
@@ -216,8 +217,6 @@ class _Serving:
                     check_values and self.finite and not all_finite(x)))
 
 
-#: the attribute ``agent.llm.http.frontend`` keeps its state in
-LLM_FRONTEND_ATTR = "_edgeship_llm"
 _llm_lock = threading.RLock()
 
 
@@ -233,25 +232,24 @@ class ModelServer:
         #: False while the agent starts (models on disk not loaded yet): not ready
         self.ready = True
 
-    def configure_llm(self, **admission: Any) -> None:
-        """The language-model front end's admission bounds (``agent.llm.http.configure``),
-        applied when the front end is first looked up: an agent that never serves a
-        language model never imports it."""
-        self.__dict__["_llm_admission"] = admission
+    def configure_llm(self, build: Callable[[ModelServer], Any]) -> None:
+        """``build(self)`` makes the language-model front end (``agent.llm.http.configure``
+        with the agent's admission bounds) when it is first looked up: an agent that never
+        serves a language model never imports it."""
+        self.__dict__["_llm_build"] = build
 
     def __getattr__(self, name: str) -> Any:
-        """``agent.llm.http.frontend`` looks its state up as an attribute of this object:
-        the first lookup after :meth:`configure_llm` builds it with those bounds."""
-        if name != LLM_FRONTEND_ATTR:
+        """``agent.llm.http.frontend`` keeps its state in an attribute of this object: the
+        first lookup after :meth:`configure_llm` builds it."""
+        if name != FRONTEND_ATTR:
             raise AttributeError(name)
-        with _llm_lock:  # reentrant: configure() looks the attribute up again
+        with _llm_lock:  # reentrant: build() looks the attribute up again
             if name in self.__dict__:  # another thread built it while this one waited
                 return self.__dict__[name]
-            admission = self.__dict__.pop("_llm_admission", None)
-            if admission is None:
+            build = self.__dict__.pop("_llm_build", None)
+            if build is None:
                 raise AttributeError(name)
-            from edgeship.agent.llm.http import configure
-            return configure(self, **admission)
+            return build(self)
 
     def swap(self, loaded: LoadedModel, keep_previous: bool = False) -> LoadedModel | None:
         """Serve ``loaded``; ``keep_previous``: keep the version it replaces loaded beside it

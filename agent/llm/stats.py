@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from edgeship.agent.serving import LLM_FRONTEND_ATTR
-
 if TYPE_CHECKING:  # telemetry imports this module on every agent, LM or not
     from edgeship.agent.llm.runtime import GenerationStats
 
 WINDOW = 4096
+#: the attribute of a ``ModelServer`` that holds its ``agent.llm.http.LmFrontend``
+FRONTEND_ATTR = "_edgeship_llm"
 
 
 def ns_per_decoded_token(s: GenerationStats) -> int | None:
@@ -72,7 +72,7 @@ class LmStats:
 def _frontend_stats(server: Any) -> dict[str, LmStats]:
     # agent.llm.http.frontend's attribute, read without building it (ModelServer builds it
     # on first lookup): no front end yet, no numbers
-    fe = vars(server).get(LLM_FRONTEND_ATTR)
+    fe = vars(server).get(FRONTEND_ATTR)
     return fe.stats if fe is not None else {}
 
 
