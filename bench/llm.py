@@ -8,8 +8,12 @@
 3. Speed, each in a fresh process: time to first token and decode tokens/s (greedy, bare
    generation loops), peak RSS; and peak RSS at the full context against the memory need the
    agent's admission check computes.
-4. The agent's streaming endpoint (a separate process, read with the ``openai`` client)
-   against a bare onnxruntime-genai loop on the same int4 file, interleaved rounds.
+4. The agent's streaming endpoint (a separate process, read by a minimal SSE reader and by
+   the ``openai`` client) against a bare onnxruntime-genai loop on the same int4 file,
+   interleaved rounds. The client's decode rate is the tokens the server reports
+   (``usage.completion_tokens``) over the time from the first to the last content chunk: a
+   chunk may carry several tokens. ``--endpoint-only`` runs just this part on the int4
+   variant already converted under ``--out``.
 """
 
 from __future__ import annotations
@@ -160,50 +164,70 @@ def endpoint_vs_bare(int4: Path, ids: list[int], args) -> dict:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port_file.read_text()}/v1",
                                    api_key="-", max_retries=0)
             port = int(port_file.read_text())
-            runs: dict[str, list[float]] = {"agent": [], "sdk": [], "bare": []}
+            runs: dict[str, list[float]] = {"agent": [], "sdk": [], "bare": [], "text": []}
             measure = {
                 "agent": lambda: _stream_rate_raw(port, ids, args.tokens),
                 "sdk": lambda: _stream_rate(client, ids, args.tokens),
                 "bare": lambda: _run("genai", int4, ids, args.tokens, args.threads,
+                                     1)["decode_tps"],
+                "text": lambda: _run("genai-text", int4, ids, args.tokens, args.threads,
                                      1)["decode_tps"]}
             order = list(measure)
+            load = [os.getloadavg()[0]]
             for i in range(args.rounds + 1):  # the first round warms every path up
                 for key in (order if i % 2 else order[::-1]):  # no path always first
                     runs[key].append(measure[key]())
-            agent, sdk, bare = runs["agent"], runs["sdk"], runs["bare"]
+            load.append(os.getloadavg()[0])
+            agent, sdk, bare, text = (runs[k] for k in ("agent", "sdk", "bare", "text"))
         finally:
             proc.terminate()
             proc.wait(10)
-    a, o, b = (float(np.median(x[1:])) for x in (agent, sdk, bare))
+    a, o, b, t = (float(np.median(x[1:])) for x in (agent, sdk, bare, text))
+    paired = [float(np.median(np.divide(x[1:], bare[1:]))) for x in (agent, sdk)]
     return {"agent_tps": a, "openai_client_tps": o, "bare_tps": b, "ratio": a / b,
-            "openai_ratio": o / b, "rounds": args.rounds, "agent_runs": agent[1:],
-            "openai_runs": sdk[1:], "bare_runs": bare[1:]}
+            "openai_ratio": o / b, "round_ratio": paired[0], "openai_round_ratio": paired[1],
+            "bare_text_tps": t, "text_ratio": a / t, "openai_text_ratio": o / t,
+            "bare_text_runs": text[1:], "rounds": args.rounds, "agent_runs": agent[1:],
+            "openai_runs": sdk[1:], "bare_runs": bare[1:],
+            "load_avg": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end"}
 
 
 def _stream_rate_raw(port: int, ids: list[int], tokens: int) -> float:
-    """Decode tokens/s as a minimal SSE reader sees it (one timestamp per event)."""
+    """Decode tokens/s as a minimal SSE reader sees it: tokens received (the server's
+    ``usage.completion_tokens``) over the time from the first to the last content chunk. A
+    chunk may carry several tokens' text (the server coalesces when the reader lags); the
+    first carries the first token alone, so the decode span covers completion_tokens - 1."""
     import http.client
 
     body = json.dumps({"model": "pydoc-lm", "prompt": _decode_prompt(ids),
                        "max_tokens": tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True})
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
-    times = [time.perf_counter() for line in resp if line.startswith(b'data: {"id"')]
+    events = [(time.perf_counter(), line) for line in resp if line.startswith(b"data: {")]
     conn.close()
-    return (len(times) - 2) / (times[-2] - times[0])  # the last event is finish_reason
+    docs = [(t, json.loads(line[6:])) for t, line in events]
+    times = [t for t, d in docs if d["choices"] and d["choices"][0]["text"]]
+    return _rate(docs[-1][1]["usage"]["completion_tokens"], times)
+
+
+def _rate(completion_tokens: int, content_times: list[float]) -> float:
+    return (completion_tokens - 1) / (content_times[-1] - content_times[0])
 
 
 def _stream_rate(client, ids: list[int], tokens: int) -> float:
     prompt = _decode_prompt(ids)
-    times = []
+    times, used = [], 0
     for chunk in client.completions.create(model="pydoc-lm", prompt=prompt, max_tokens=tokens,
                                            temperature=0, stream=True,
+                                           stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
-    return (len(times) - 1) / (times[-1] - times[0])
+        if chunk.usage is not None:
+            used = chunk.usage.completion_tokens
+    return _rate(used, times)
 
 
 _TOKENIZER: dict = {}
@@ -219,9 +243,9 @@ def samples(bundle: Path, prompts: list[str], tokens: int = 48) -> dict[str, lis
     out = {}
     for vid, name in (("fp32", "model.fp32.onnx"), ("int4", "model.onnx-int4.onnx")):
         model = GenaiModel(bundle / name, threads=2)
-        out[vid] = [p + "".join(s.text for s in model.generate(
+        out[vid] = [p + "".join(s.text for batch in model.generate(
             model.encode(p), SamplingParams(max_tokens=tokens, temperature=0.8, top_k=40,
-                                            seed=1))) for p in prompts]
+                                            seed=1)) for s in batch) for p in prompts]
     return out
 
 
@@ -280,6 +304,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads for every runtime (1: the shared 2-core box)")
     p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--endpoint-only", action="store_true",
+                   help="only the agent's SSE endpoint vs the bare genai loop, on the int4 "
+                        "variant already converted under --out (fast iteration)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxruntime", "onnx_ir", "httpx"):
@@ -288,6 +315,9 @@ def main() -> None:
     checkpoint = _checkpoint(args.checkpoint)
     from transformers import AutoTokenizer
     _TOKENIZER["tok"] = AutoTokenizer.from_pretrained(checkpoint)
+    if args.endpoint_only:
+        endpoint_only(checkpoint, args)
+        return
     result = convert(checkpoint, args.out)
     ref, held = reference(result, checkpoint)
     rows = {r.id: {"path": result.bundle_dir / _file(result, r.id), **r.metrics}
@@ -307,6 +337,34 @@ def main() -> None:
         {"rows": {k: {kk: str(vv) if isinstance(vv, Path) else vv for kk, vv in v.items()}
                   for k, v in rows.items()}, "endpoint": endpoint, "samples": texts,
          "export_check": result.export_check, "llm": result.spec.to_dict()}, indent=2))
+
+
+def endpoint_only(checkpoint: Path, args) -> None:
+    from edgeship.converter.llm.pipeline import _tokenize, read_heldout
+
+    int4 = args.out / "bundle" / "model.onnx-int4.onnx"
+    if not int4.is_file():
+        raise SystemExit(f"{int4} not found: run scripts/bench-llm once without "
+                         "--endpoint-only (it converts the checkpoint)")
+    held = _tokenize(checkpoint, read_heldout(checkpoint, None))
+    endpoint = endpoint_vs_bare(int4, [int(t) for t in held[-PROMPT_TOKENS:]], args)
+    print(_endpoint_line(endpoint))
+    (args.out / "endpoint.json").write_text(json.dumps(endpoint, indent=2))
+
+
+def _endpoint_line(endpoint: dict) -> str:
+    return (f"agent SSE endpoint, decode tok/s as a minimal SSE reader sees it: "
+            f"{endpoint['agent_tps']:.1f}; as the openai client sees it: "
+            f"{endpoint['openai_client_tps']:.1f}; bare onnxruntime-genai loop on the same int4 "
+            f"file: {endpoint['bare_tps']:.1f} -> {endpoint['ratio']:.3f}x "
+            f"({endpoint['openai_ratio']:.3f}x with the openai client; median of "
+            f"{endpoint['rounds']} interleaved rounds, same threads; median of the rounds' own "
+            f"ratios {endpoint['round_ratio']:.3f}x / {endpoint['openai_round_ratio']:.3f}x; "
+            f"load average {endpoint['load_avg']})\n"
+            f"the same loop turning each token into text (tokenizer stream decode, as "
+            f"onnxruntime-genai's streaming example): {endpoint['bare_text_tps']:.1f} -> "
+            f"{endpoint['text_ratio']:.3f}x ({endpoint['openai_text_ratio']:.3f}x with the "
+            f"openai client)")
 
 
 def _file(result, vid: str) -> str:
@@ -333,12 +391,7 @@ def _print(rows, endpoint, texts, result, llama, baseline) -> None:
                   f"{ours['ttft_ms'] / r['ttft_ms']:.2f}x, perplexity "
                   f"{ours['perplexity'] / r['perplexity']:.4f}x")
     print(f"\nmemory (runtime alone: {baseline:.0f} MB RSS)\n{memory_table(rows, baseline)}")
-    print(f"\nagent SSE endpoint, decode tok/s as a minimal SSE reader sees it: "
-          f"{endpoint['agent_tps']:.1f}; as the openai client sees it: "
-          f"{endpoint['openai_client_tps']:.1f}; bare onnxruntime-genai loop on the same int4 "
-          f"file: {endpoint['bare_tps']:.1f} -> {endpoint['ratio']:.3f}x "
-          f"({endpoint['openai_ratio']:.3f}x with the openai client; median of "
-          f"{endpoint['rounds']} interleaved rounds, same threads)")
+    print("\n" + _endpoint_line(endpoint))
     for vid, outs in texts.items():
         print(f"\n--- samples, {vid} (temperature 0.8, top-k 40, seed 1)")
         for t in outs:

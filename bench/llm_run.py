@@ -1,6 +1,7 @@
 """One speed measurement in a fresh process (so peak RSS is this model's alone); prints JSON.
 
     python -m bench.llm_run genai FILE.onnx|GENAI_DIR  --prompt-ids 1,2,3 --tokens 128
+    python -m bench.llm_run genai-text ...   (the same loop, each token decoded to text)
     python -m bench.llm_run llama FILE.gguf ...
     python -m bench.llm_run agent FILE.onnx ... --port-file F   (serves until killed)
 
@@ -29,7 +30,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def genai(path: Path, ids: list[int], tokens: int, threads: int, rounds: int) -> dict:
+def genai(path: Path, ids: list[int], tokens: int, threads: int, rounds: int,
+          text: bool = False) -> dict:
+    """``text``: also turn each token into text with the tokenizer's stream decoder, as
+    onnxruntime-genai's own streaming example does (what a loop that shows text costs)."""
     import onnxruntime_genai as og
 
     from edgeship.agent.llm.assets import materialize
@@ -40,22 +44,30 @@ def genai(path: Path, ids: list[int], tokens: int, threads: int, rounds: int) ->
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
+    tokenizer = og.Tokenizer(model) if text else None
     runs = []
     for _ in range(rounds + 1):  # the first is warm-up
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + tokens, do_sample=False,
                                   min_length=len(ids) + tokens)
         gen = og.Generator(model, params)
+        decode = tokenizer.create_stream().decode if tokenizer else int
         start = time.perf_counter()
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         gen.generate_next_token()
-        gen.get_next_tokens()
+        decode(gen.get_next_tokens()[0])
         first = time.perf_counter()
         n = 1
-        while not gen.is_done() and n < tokens:
-            gen.generate_next_token()
-            gen.get_next_tokens()
-            n += 1
+        if text:
+            while not gen.is_done() and n < tokens:
+                gen.generate_next_token()
+                decode(gen.get_next_tokens()[0])
+                n += 1
+        else:
+            while not gen.is_done() and n < tokens:
+                gen.generate_next_token()
+                gen.get_next_tokens()
+                n += 1
         end = time.perf_counter()
         del gen
         runs.append((first - start, (n - 1) / (end - first), n))
@@ -112,7 +124,7 @@ def agent(path: Path, threads: int, port_file: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=("genai", "llama", "agent"))
+    p.add_argument("kind", choices=("genai", "genai-text", "llama", "agent"))
     p.add_argument("path", type=Path)
     p.add_argument("--prompt-ids", default="")
     p.add_argument("--tokens", type=int, default=128)
@@ -124,8 +136,12 @@ def main() -> None:
         agent(args.path, args.threads, args.port_file)
         return
     ids = [int(t) for t in args.prompt_ids.split(",") if t]
-    fn = genai if args.kind == "genai" else llama
-    json.dump(fn(args.path, ids, args.tokens, args.threads, args.rounds), sys.stdout)
+    if args.kind == "llama":
+        result = llama(args.path, ids, args.tokens, args.threads, args.rounds)
+    else:
+        result = genai(args.path, ids, args.tokens, args.threads, args.rounds,
+                       text=args.kind == "genai-text")
+    json.dump(result, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ Raw routes of ``agent.api``'s route table (``ROUTES``). Generation runs on the r
 behind an admission bound shared by every listener of one ``ModelServer``: at most
 ``max_active`` sequences hold a KV cache at once (the number the memory check assumed),
 at most ``max_queued`` wait; past that a request gets 429 at once, and one that waited
-``queue_timeout_s`` gets 503. With ``stream: true`` the answer is server-sent events, one
-chunk per decoded piece of text, then ``data: [DONE]``. Before each token the peer socket
-is polled: a client that went away stops the generation and frees its KV cache.
+``queue_timeout_s`` gets 503. With ``stream: true`` the answer is server-sent events: one
+chunk per decoded piece of text while writes are cheap, the pieces generated meanwhile in
+one chunk when a write was slow (``agent.llm.sse.WritePacer``), then ``data: [DONE]``.
+Before each token the generation checks for a disconnect (the peer socket is polled at most
+every 2 ms): a client that went away stops the generation and frees its KV cache.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -27,7 +29,8 @@ from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.llm.openai_api import (CompletionRequest, StopFilter, chunk_doc,
                                            finish_reason, new_id, parse_request, response_doc,
                                            usage)
-from edgeship.agent.llm.runtime import GenaiModel, GenerationStats, PromptTooLongError
+from edgeship.agent.llm.runtime import GenaiModel, GenerationStats, PromptTooLongError, Step
+from edgeship.agent.llm.sse import ChunkEncoder, DisconnectPoll, WritePacer, event
 from edgeship.agent.llm.stats import LmStats, ns_per_decoded_token
 from edgeship.agent.serving import ModelNotFoundError, ModelServer
 
@@ -106,15 +109,6 @@ def configure(models: ModelServer, *, max_active: int = 1, max_queued: int = 4,
     return fe
 
 
-def peer_closed(sock: socket.socket) -> bool:
-    """True once the client has closed its end (readable and nothing to read)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
 def _error(handler: Any, status: int, message: str, kind: str = "invalid_request_error",
            code: str | None = None) -> None:
     handler._json(status, {"error": {"message": message, "type": kind, "param": None,
@@ -174,17 +168,19 @@ def _generate(handler: Any, req: CompletionRequest, loaded: Any, ids, fe: LmFron
         model_stats.record_ns(ns, 1)
 
 
-def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
-            gs: GenerationStats, filt: StopFilter) -> Iterator[str]:
-    conn = handler.connection
+def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids, gs: GenerationStats,
+            filt: StopFilter, pace: WritePacer | None = None) -> Iterator[str]:
+    """The text of each list of tokens the runtime yields (one per token, or what ``pace``
+    held back), stop strings applied."""
     shadow = handler.server.models.shadows.get(req.model)
     served: list | None = [] if shadow is not None else None
-    with contextlib.closing(runtime.generate(ids, req.params, lambda: peer_closed(conn),
-                                             gs, served)) as steps:
+    with contextlib.closing(runtime.generate(ids, req.params,
+                                             DisconnectPoll(handler.connection),
+                                             gs, served, pace=pace)) as batches:
         if shadow is not None and served is not None:  # candidate's next token vs ours
-            steps = _offer_after_first(steps, shadow, ids, served)
-        for step in steps:
-            text = filt.feed(step.text)
+            batches = _offer_after_first(batches, shadow, ids, served)
+        for batch in batches:
+            text = _filtered(filt, batch, gs)
             if text:
                 yield text
             if filt.stopped:
@@ -195,13 +191,34 @@ def _tokens(handler: Any, req: CompletionRequest, runtime: Any, ids,
             yield tail
 
 
-def _offer_after_first(steps: Iterator[Any], shadow: Any, ids, served: list) -> Iterator[Any]:
+def _filtered(filt: StopFilter, batch: list[Step], gs: GenerationStats) -> str:
+    """``batch``'s text up to a stop string; tokens decoded after the one that completed it
+    (ahead, while the writer held them) are not counted, nor their share of the time."""
+    if not filt.stops:
+        return batch[0].text if len(batch) == 1 else "".join(step.text for step in batch)
+    out = []
+    for i, step in enumerate(batch):
+        out.append(filt.feed(step.text))
+        if filt.stopped:
+            _uncount(gs, len(batch) - 1 - i)
+            break
+    return "".join(out)
+
+
+def _uncount(gs: GenerationStats, tokens: int) -> None:
+    if tokens and gs.generated_tokens > 1:
+        gs.decode_s *= max(gs.generated_tokens - 1 - tokens, 0) / (gs.generated_tokens - 1)
+        gs.generated_tokens -= tokens
+
+
+def _offer_after_first(batches: Iterator[Any], shadow: Any, ids,
+                       served: list) -> Iterator[Any]:
     offered = False
-    for step in steps:
+    for batch in batches:
         if not offered and served:
             shadow.offer({"input_ids": np.asarray(ids, dtype=np.int64)[None]}, served)
             offered = True
-        yield step
+        yield batch
 
 
 def _complete(handler: Any, req: CompletionRequest, runtime: Any, ids,
@@ -215,7 +232,6 @@ def _complete(handler: Any, req: CompletionRequest, runtime: Any, ids,
 
 def _stream(handler: Any, req: CompletionRequest, runtime: Any, ids,
             gs: GenerationStats) -> None:
-    rid = new_id(req.chat)
     handler.close_connection = True
     handler.send_response(200)
     for key, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
@@ -223,28 +239,49 @@ def _stream(handler: Any, req: CompletionRequest, runtime: Any, ids,
         handler.send_header(key, value)
     handler.end_headers()
     handler._llm_streaming = True
-    write, flush = handler.wfile.write, handler.wfile.flush
+    out = _Chunks(handler.wfile, ChunkEncoder(req, new_id(req.chat)))
     filt = StopFilter(req.params.stop)
     try:
-        first = True
-        for text in _tokens(handler, req, runtime, ids, gs, filt):
-            write(_event(chunk_doc(req, rid, text, None, first)))
-            flush()
-            first = False
-        done = chunk_doc(req, rid, None, finish_reason(gs.finish_reason, filt.stopped), first)
-        tail = [_event(done)]
-        if req.include_usage:
-            tail.append(_event({**chunk_doc(req, rid, None, None), "choices": [],
-                                "usage": usage(gs.prompt_tokens, gs.generated_tokens)}))
-        write(b"".join(tail) + b"data: [DONE]\n\n")
-        flush()
+        for text in _tokens(handler, req, runtime, ids, gs, filt, out.pacer):
+            out.add(text)
+        out.finish(finish_reason(gs.finish_reason, filt.stopped),
+                   usage(gs.prompt_tokens, gs.generated_tokens) if req.include_usage else None)
     except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
         gs.finish_reason = "cancelled"
         logger.debug("client left during a stream after %d tokens", gs.generated_tokens)
 
 
-def _event(doc: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+class _Chunks:
+    """The content of one stream: text is written at once while the pacer allows, else
+    kept and sent with the next write (or the end) as one chunk."""
+
+    def __init__(self, wfile: Any, enc: ChunkEncoder) -> None:
+        self.write, self.flush = wfile.write, wfile.flush  # unbuffered: one sendall a write
+        self.enc = enc
+        self.pacer = WritePacer()
+        self.pending: list[str] = []
+
+    def _content(self) -> bytes:
+        text = "".join(self.pending)
+        self.pending.clear()
+        return self.enc.first(text) if self.pacer.writes == 0 else self.enc.text(text)
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        now = time.perf_counter()
+        if self.pacer.due(now):
+            self.write(self._content())
+            self.flush()
+            self.pacer.wrote(now, time.perf_counter())
+
+    def finish(self, finish: str, use: dict[str, int] | None) -> None:
+        tail = [self._content()] if self.pending else []
+        tail.append(self.enc.done(finish, first=self.pacer.writes == 0 and not tail))
+        if use is not None:
+            tail.append(event({**chunk_doc(self.enc.req, self.enc.rid, None, None),
+                               "choices": [], "usage": use}))
+        self.write(b"".join(tail) + b"data: [DONE]\n\n")
+        self.flush()
 
 
 ROUTES = [

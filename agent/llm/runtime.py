@@ -4,10 +4,14 @@
 
 - ``run({"input_ids": ids})`` → ``[next-token logits (1, vocab)]``: the ``ModelRuntime``
   protocol, which the health check (golden prompt), shadow runs and ``/predict`` use;
-- ``generate(ids, params, should_stop)``: a generator of ``Step`` (token id, text piece)
-  with sampling options, stop strings and a cancel check before each token. Leaving the
-  iteration early (client gone, stop string, ``max_tokens``) drops the genai ``Generator``
-  at once, which frees its KV cache.
+- ``generate(ids, params, should_stop, pace=...)``: a generator of lists of ``Step`` (token
+  id, text piece) with sampling options and a cancel check before each token: one list per
+  token, or, with ``pace``, the tokens decoded until ``pace.next_at`` (a
+  ``time.perf_counter`` value the consumer moves on; at most ``MAX_HELD_TOKENS``) in one
+  list — a streaming writer that wants no token before then costs the loop nothing per
+  token. Leaving the iteration early
+  (client gone, stop string, ``max_tokens``) drops the genai ``Generator`` at once, which
+  frees its KV cache.
 
 onnxruntime-genai is imported here only, so an agent that serves no language model never
 loads it.
@@ -21,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -31,6 +35,7 @@ from edgeship.agent.llm import assets
 logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
+MAX_HELD_TOKENS = 16  # handed over at least this often: stop strings are looked for then
 MAX_STOP_CHARS = 128
 
 
@@ -66,8 +71,18 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-@dataclass(frozen=True)
-class Step:
+class Pace(Protocol):
+    next_at: float  # time.perf_counter() before which a consumer wants no tokens
+
+
+class _EveryToken:
+    next_at = 0.0
+
+
+_EVERY_TOKEN = _EveryToken()
+
+
+class Step(NamedTuple):  # a tuple: made once per token, on the generation's critical path
     token: int
     text: str
 
@@ -187,45 +202,93 @@ class GenaiModel:
     def generate(self, ids: np.ndarray, params: SamplingParams,
                  should_stop: Callable[[], bool] = lambda: False,
                  stats: GenerationStats | None = None,
-                 prompt_logits: list[np.ndarray] | None = None) -> Iterator[Step]:
-        """Tokens after ``ids``. ``prompt_logits``: a list that receives the next-token
-        logits after the prompt (for shadow runs; costs one copy of the prefill's logits)."""
+                 prompt_logits: list[np.ndarray] | None = None,
+                 pace: Pace | None = None) -> Iterator[list[Step]]:
+        """Tokens after ``ids``, in lists (see the module's doc). ``prompt_logits``: a list
+        that receives the next-token logits after the prompt (for shadow runs; costs one
+        copy of the prefill's logits)."""
         stats = stats if stats is not None else GenerationStats()
         budget = self.check_fits(len(ids), params.max_tokens)
         stats.prompt_tokens = len(ids)
         gen = self._og.Generator(self.model, self._params(len(ids), params, budget))
         self._count(+1)
-        stream = self.tokenizer.create_stream()
         start = time.perf_counter()
-        first = None
         try:
             gen.append_tokens(np.asarray(ids, dtype=np.int32))
             if prompt_logits is not None:
                 logits = np.asarray(gen.get_output("logits"), dtype=np.float32)
                 prompt_logits.append(logits.reshape(-1, logits.shape[-1])[-1:].copy())
-            while not should_stop():
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-                if first is None:
-                    first = time.perf_counter()
-                    stats.prefill_s = first - start
-                stats.generated_tokens += 1
-                stats.decode_s = time.perf_counter() - first
-                if token in self.eos_ids and not params.ignore_eos:
-                    stats.finish_reason = "stop"
-                    return
-                yield Step(token, stream.decode(token))
-                if stats.generated_tokens >= budget or gen.is_done():
-                    stats.finish_reason = "length"
-                    return
-            stats.finish_reason = "cancelled"
+            yield from self._decode_loop(gen, params, budget, should_stop, stats, start,
+                                         pace or _EVERY_TOKEN)
         finally:
             del gen  # frees the KV cache now, not when the garbage collector runs
             self._count(-1)
 
+    def _decode_loop(self, gen: Any, params: SamplingParams, budget: int,
+                     should_stop: Callable[[], bool], stats: GenerationStats,
+                     start: float, pace: Pace) -> Iterator[list[Step]]:
+        """The per-token loop does only what each token needs (it runs between two model
+        steps, with cold caches): keep the id, read the clock, ask genai whether it is done
+        (EOS, length). Ids become text, EOS is looked for and the statistics are written
+        when a list is handed over, in one go."""
+        steps = _Steps(self.tokenizer.create_stream().decode,
+                       frozenset() if params.ignore_eos else self.eos_ids, stats)
+        clock = time.perf_counter
+        ids: list[Any] = []
+        first = 0.0
+        while not should_stop():
+            gen.generate_next_token()
+            ids.append(gen.get_next_tokens()[0])
+            now = clock()
+            if not first:
+                first = now
+                stats.prefill_s = now - start
+            done = steps.n + len(ids) >= budget or gen.is_done()
+            if done or now >= pace.next_at or len(ids) >= MAX_HELD_TOKENS:
+                batch = steps.take(ids, now - first)
+                ids = []
+                if steps.stopped or done:
+                    stats.finish_reason = "stop" if steps.stopped else "length"
+                    if batch:
+                        yield batch
+                    return
+                yield batch
+        steps.take(ids, clock() - first if first else 0.0)
+        stats.finish_reason = "cancelled"
+
     def _count(self, delta: int) -> None:
         with self._lock:
             self.active_sequences += delta
+
+
+class _Steps:
+    """Token ids handed over in lists: their text (decoded in one go, the decoder's state
+    hot), cut at the first EOS, counted into the statistics."""
+
+    def __init__(self, decode: Callable[[int], str], eos: frozenset,
+                 stats: GenerationStats) -> None:
+        self.decode, self.eos, self.stats = decode, eos, stats
+        self.n = 0
+        self.stopped = False
+
+    def take(self, ids: list[Any], decode_s: float) -> list[Step]:
+        out: list[Step] = []
+        for raw in ids:
+            token = int(raw)
+            if token in self.eos:  # counted, not shown; genai stops at it
+                self.stopped = True
+                out_n = len(out) + 1
+                decode_s *= (self.n + out_n - 1) / max(self.n + len(ids) - 1, 1)
+                self._count(out_n, decode_s)
+                return out
+            out.append(Step(token, self.decode(token)))
+        self._count(len(ids), decode_s)
+        return out
+
+    def _count(self, tokens: int, decode_s: float) -> None:
+        self.n += tokens
+        self.stats.generated_tokens = self.n
+        self.stats.decode_s = decode_s
 
 
 def load_genai(path: Path, *, threads: int = 0,

@@ -14,7 +14,8 @@ import pytest
 from edgeship.agent.errors import HealthCheckError, Reason
 from edgeship.agent.health import check_health
 from edgeship.agent.llm.http import frontend
-from edgeship.agent.llm.runtime import GenaiModel
+from edgeship.agent.llm.runtime import MAX_HELD_TOKENS, GenaiModel, SamplingParams
+from edgeship.agent.llm.sse import ChunkEncoder
 from edgeship.agent.metrics import AgentCollector, Metrics
 from edgeship.agent.telemetry import build_batch
 from tests.support import wait_until
@@ -147,6 +148,85 @@ def test_client_disconnect_stops_generation_and_frees_the_kv_cache(api, monkeypa
     tokens = sum(stats.tokens_by_version.values())
     time.sleep(0.2)
     assert sum(stats.tokens_by_version.values()) == tokens  # nothing generated any more
+
+
+def _reference(c, tokens: int):
+    return c.completions.create(model="tinylm", prompt=PROMPT, max_tokens=tokens,
+                                temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_a_slow_reader_gets_every_token_in_order_and_the_completions_text(api):
+    full = _reference(api["client"], 60)
+    body = json.dumps({"model": "tinylm", "prompt": PROMPT, "max_tokens": 60,
+                       "temperature": 0, "stream": True, "ignore_eos": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    got = b""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # the server's writes block
+        s.connect(api["server"].server_address[:2])
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        while data := s.recv(256):
+            got += data
+            time.sleep(0.002)
+    stream = got.partition(b"\r\n\r\n")[2]
+    events = [json.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) \
+        == full.choices[0].text
+    assert events[-1]["usage"]["completion_tokens"] == full.usage.completion_tokens == 60
+    assert stream.endswith(b"data: [DONE]\n\n")
+
+
+def test_slow_writes_send_the_tokens_meanwhile_as_one_chunk_with_the_same_text(api,
+                                                                              monkeypatch):
+    full = _reference(api["client"], 60)
+    real = ChunkEncoder.text
+
+    def slow(self, s):  # a write that costs 3 ms (a lagging reader), encoding included
+        time.sleep(0.003)
+        return real(self, s)
+
+    monkeypatch.setattr(ChunkEncoder, "text", slow)
+    chunks = list(api["client"].completions.create(
+        model="tinylm", prompt=PROMPT, max_tokens=60, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    texts = [ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].text]
+    assert "".join(texts) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 60 and len(texts) < 30
+
+
+def test_generation_holds_tokens_until_the_pace_allows_and_loses_none(api):
+    runtime: GenaiModel = api["models"].get("tinylm").runtime
+    ids = runtime.encode(PROMPT)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+    class Later:
+        next_at = float("inf")
+
+    each = list(runtime.generate(ids, params))
+    held = list(runtime.generate(ids, params, pace=Later()))
+    assert [len(batch) for batch in each] == [1] * 20
+    assert [len(batch) for batch in held] == [MAX_HELD_TOKENS, 20 - MAX_HELD_TOKENS]
+    assert sum(held, []) == sum(each, [])
+
+
+def test_a_stop_string_inside_coalesced_tokens_counts_only_the_tokens_up_to_it(api,
+                                                                              monkeypatch):
+    c = api["client"]
+    kw = dict(model="tinylm", prompt=PROMPT, max_tokens=60, temperature=1.0, seed=3,
+              extra_body={"ignore_eos": True, "top_k": 50})
+    text = c.completions.create(**kw).choices[0].text
+    stop = next((text[i:i + 2] for i in range(len(text) // 2, len(text) - 2)
+                 if text.index(text[i:i + 2]) == i), None)  # first seen in the later half
+    assert stop, f"no stop string first seen in the later half of {text!r}"
+    want = c.completions.create(**kw, stop=[stop])
+    real = ChunkEncoder.text
+    monkeypatch.setattr(ChunkEncoder, "text", lambda self, s: time.sleep(0.003) or real(self, s))
+    chunks = list(c.completions.create(**kw, stop=[stop], stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.choices[0].text
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens < 60
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
 
 
 def test_health_check_compares_golden_top_k_and_catches_a_wrong_model(api, tmp_path):
