@@ -108,3 +108,16 @@ def test_prometheus_metrics_render_the_served_models_numbers(tmp_path):
     assert f"edgeship_model_latency_seconds_bucket{count}" in text
     assert "edgeship_device_rss_mb 12.5" in text
     assert metrics.text().decode().count("edgeship_model_requests_total{") == 1
+
+
+def test_the_lazy_routes_are_the_route_modules_own():
+    """Each route whose module loads on first use matches that module's table: same
+    method, path, error body and raw flag, and none missing or extra."""
+    from edgeship.agent import api_v2
+    from edgeship.agent.api import lazy_routes
+    from edgeship.agent.llm import http as llm_http
+
+    def table(routes):
+        return {(r.method, r.pattern, r.errors, r.raw) for r in routes}
+
+    assert table(lazy_routes()) == table(api_v2.ROUTES + llm_http.ROUTES)
