@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from edgeship.agent.api_limits import ApiLimits
 from edgeship.agent.api_routes import (JSON_TYPE, HttpError, Request, Response, Route, Router,
-                                       json_response, v1_error)
+                                       json_response, lazy_route, v1_error, v2_error)
 from edgeship.agent.api_reject import Rejector, busy_response
 from edgeship.agent.serving import ModelServer
 
@@ -44,9 +44,22 @@ _MAX_IOV = 512  # buffers per sendmsg (Linux allows 1024)
 
 
 def default_routes() -> list[Route]:
-    from edgeship.agent import api_v1, api_v2
-    from edgeship.agent.llm import http as llm_http  # OpenAI-compatible text generation
-    return api_v1.ROUTES + api_v2.ROUTES + llm_http.ROUTES
+    from edgeship.agent import api_v1
+    return api_v1.ROUTES + lazy_routes()
+
+
+def lazy_routes() -> list[Route]:
+    """The routes of ``agent.api_v2`` (Open Inference Protocol) and ``agent.llm.http``
+    (OpenAI-compatible text generation), each module imported by its first request."""
+    v2 = "edgeship.agent.api_v2"
+    routes = [lazy_route(v2, "GET", p, v2_error) for p in ("/v2/health/live",
+                                                          "/v2/health/ready", "/v2")]
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        routes += [lazy_route(v2, method, base + tail, v2_error)
+                   for method, tail in (("GET", ""), ("GET", "/ready"), ("POST", "/infer"))]
+    llm = "edgeship.agent.llm.http"
+    return routes + [lazy_route(llm, "POST", p, raw=True)
+                     for p in ("/v1/completions", "/v1/chat/completions")]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -193,10 +206,7 @@ def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
 
 
 def _errors_for(parts: list[str]) -> Callable[[int, str], bytes]:
-    if parts and parts[0] == "v2":
-        from edgeship.agent.api_v2 import v2_error
-        return v2_error
-    return v1_error
+    return v2_error if parts and parts[0] == "v2" else v1_error
 
 
 class _ApiMixin:
@@ -290,6 +300,14 @@ class InferenceHTTPServer(_ApiMixin, HTTPServer):
         except OSError:
             self._rejector.stop()
             raise
+
+    def server_bind(self) -> None:
+        """HTTPServer's, without its reverse DNS lookup of the address (``getfqdn``: a
+        resolver round trip at start and the idna codec kept in memory, for a name that
+        nothing here reads)."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), port
 
     @property
     def url(self) -> str:

@@ -5,6 +5,7 @@ a request as a handler sees it, the response it returns, routes and their matchi
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import urllib.parse
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ def v1_error(status: int, message: str) -> bytes:
     return json.dumps({"error": HTTPStatus(status).phrase, "message": message}).encode()
 
 
+def v2_error(status: int, message: str) -> bytes:
+    """The error body of the Open Inference Protocol routes (``agent.api_v2``)."""
+    return json.dumps({"error": message}).encode()
+
+
 @dataclass
 class Response:
     status: int
@@ -59,6 +65,21 @@ class Route:
     @functools.cached_property
     def segments(self) -> tuple[str, ...]:
         return tuple(self.pattern.strip("/").split("/"))
+
+
+def lazy_route(module: str, method: str, pattern: str,
+               errors: Callable[[int, str], bytes] = v1_error, raw: bool = False) -> Route:
+    """The route ``method pattern`` of ``module.ROUTES``, whose module is imported by the
+    route's first request: an agent loads the code of an API only once it is called."""
+    def handler(server: Any, request: Any) -> Response | None:
+        return _route_in(module, method, pattern).handler(server, request)
+    return Route(method, pattern, handler, errors, raw)
+
+
+@functools.cache
+def _route_in(module: str, method: str, pattern: str) -> Route:
+    routes: list[Route] = importlib.import_module(module).ROUTES
+    return next(r for r in routes if (r.method, r.pattern) == (method, pattern))
 
 
 class Router:

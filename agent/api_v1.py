@@ -38,7 +38,6 @@ import numpy as np
 from edgeship.agent.api_routes import HttpError, Request, Response, Route, json_response
 from edgeship.agent.api_limits import body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
-from edgeship.agent.jsonarray import JsonTensorError, as_array, loads
 from edgeship.agent.npyio import NPY_TYPE, NPZ_TYPE, dump_npy, dump_npz, load_npy, load_npz
 from edgeship.agent.quality.feedback import STATUS_HTTP, FeedbackError
 from edgeship.agent.serving import LoadedModel, ModelNotFoundError
@@ -110,10 +109,8 @@ def predict(server: Any, req: Request) -> Response:
         raise
     except ModelNotFoundError as e:
         raise HttpError(404, str(e)) from e
-    except JsonTensorError as e:
-        raise HttpError(413 if e.too_large else 400, str(e)) from e
-    except InferenceInputError as e:
-        raise HttpError(400, str(e)) from e
+    except InferenceInputError as e:  # jsonarray.JsonTensorError: too_large is a 413
+        raise HttpError(413 if getattr(e, "too_large", False) else 400, str(e)) from e
     except EdgeshipError as e:
         raise HttpError(500, str(e)) from e
     return _answer(req, outputs, loaded, rid)
@@ -132,6 +129,7 @@ def read_inputs(server: Any, req: Request, loaded: LoadedModel) -> Any:
     if ctype not in JSON_TYPES:
         raise HttpError(415, f"Content-Type {ctype!r}: send application/json, {NPY_TYPE} "
                              f"or {NPZ_TYPE}")
+    from edgeship.agent.jsonarray import as_array, loads  # on the first JSON request
     doc = loads(req.body(caps.json))
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise InferenceInputError('JSON body must be an object with "inputs"')

@@ -15,22 +15,18 @@ protocol (400 bad request, 404 unknown model or version, 413 body over the model
 
 from __future__ import annotations
 
-import json
 import zlib
 from typing import Any
 
 from edgeship.agent import oip
-from edgeship.agent.api_routes import HttpError, Request, Response, Route, json_response
+from edgeship.agent.api_routes import (HttpError, Request, Response, Route, json_response,
+                                       v2_error)
 from edgeship.agent.api_limits import body_caps
 from edgeship.agent.errors import EdgeshipError, InferenceInputError
 from edgeship.agent.serving import ModelNotFoundError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_TYPE = "application/octet-stream"
-
-
-def v2_error(status: int, message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
 
 
 def _held(server: Any, req: Request) -> Any:

@@ -7,6 +7,7 @@ and a telemetry ticker. Serving never waits on the network.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeship.agent import __version__, protocol
-from edgeship.agent.archive import ReleaseArchive
 from edgeship.agent.capabilities import Capabilities, Plan, detect, machine, plan
 from edgeship.agent.config import AgentConfig
 from edgeship.agent.errors import EdgeshipError, ProtocolError, Reason
@@ -95,6 +95,25 @@ def quality_hub(cfg: AgentConfig) -> Any:
                    cfg.feedback_disk_samples)
 
 
+def llm_frontend(cfg: AgentConfig, server: ModelServer) -> Any:
+    """The OpenAI-compatible front end with the config's admission bounds (built by the
+    server on first use: see ``ModelServer.configure_llm``)."""
+    from edgeship.agent.llm.http import configure
+    return configure(server, max_active=cfg.llm_max_active, max_queued=cfg.llm_max_queued,
+                     queue_timeout_s=cfg.llm_queue_timeout_s)
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``): what start-up
+    freed (config, imports, the models' loading) would otherwise stay in the agent's RSS
+    (~0.7 MB). A no-op where the C library has no ``malloc_trim`` (musl, macOS)."""
+    import ctypes  # numpy and onnxruntime have loaded it already
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, *, mqtt_loop: SharedLoop | None = None,
                  observer: InstallObserver = NO_OBSERVER) -> None:
@@ -107,9 +126,7 @@ class Agent:
         self.server = ModelServer()
         self.server.ready = False  # until the models on disk are loaded
         self.server.quality = quality_hub(cfg)
-        from edgeship.agent.llm.http import configure as configure_llm
-        configure_llm(self.server, max_active=cfg.llm_max_active,
-                      max_queued=cfg.llm_max_queued, queue_timeout_s=cfg.llm_queue_timeout_s)
+        self.server.configure_llm(functools.partial(llm_frontend, cfg))
         self.store = ModelStore(cfg.models_dir)
         self._inbox: queue.Queue[Message | str] = queue.Queue(maxsize=INBOX_MAX)
         self.desired = DesiredTracker(cfg.state_dir,
@@ -229,6 +246,7 @@ class Agent:
             t.start()
             self._threads.append(t)
         self.notifier.ready(f"serving {len(self.server.models())} model(s)")
+        release_free_heap()
 
     def stop(self) -> None:
         self._stop.set()
@@ -316,6 +334,7 @@ class Agent:
         the same TUF client, checks, lifecycle, health check and rollback. What the planner
         refuses (an older version, a blocked one) is refused here at once, reported as the
         worker would, with the same reason code."""
+        from edgeship.agent.archive import ReleaseArchive  # tarfile: only when one arrives
         archive = ReleaseArchive(path)  # BundleError: not a release archive
         # the copy `agent install` left in the agent's inbox goes once it is read
         remove_after = remove_after or path.parent == self.cfg.state_dir / "inbox"
@@ -345,6 +364,7 @@ class Agent:
                                 "provision the device first", reason_code=Reason.CONFIG_INVALID)
         self.updates.recover()
         self.updates.load_active()
+        from edgeship.agent.archive import ReleaseArchive
         archive = ReleaseArchive(path)
         self.updates.downloader.offer(archive)
         model, version = archive.index.model, archive.index.version

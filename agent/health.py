@@ -13,21 +13,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeship.agent.errors import HealthCheckError, Reason
-from edgeship.agent.golden import Golden, load_golden
-from edgeship.agent.golden import compare as compare_golden
 from edgeship.agent.llm.spec import check_top_k
 from edgeship.agent.manifest import Manifest, Variant
 from edgeship.agent.runtime import ModelRuntime
+
+if TYPE_CHECKING:
+    from edgeship.agent.golden import Golden
+
+# golden (zipfile), subprocess and signal are imported by the checks that use them: an idle
+# agent imports this module for HealthLimits and never runs a check until an update arrives
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class HealthLimits:
 
 def golden_for(manifest: Manifest, variant: Variant, golden_path: Path) -> Golden:
     """The feeds and expected outputs of ``variant``'s health check."""
+    from edgeship.agent.golden import load_golden
     return load_golden(golden_path, variant.id, manifest.inputs,
                        [o.name for o in manifest.outputs])
 
@@ -99,6 +103,7 @@ def check_health(runtime: ModelRuntime, manifest: Manifest, variant: Variant,
     if any(len(outputs) != len(names) for outputs in got):
         raise HealthCheckError(f"model returns {len(got[0])} outputs, the manifest names "
                                f"{len(names)}", reason_code=Reason.OUTPUT_SHAPE_MISMATCH)
+    from edgeship.agent.golden import compare as compare_golden
     checks = compare_golden(golden, got, {n: variant.tolerance(n) for n in names}, names)
     if manifest.llm is not None:  # language model: next-token top-k ids and their logits
         diff = check_top_k(got[0][0], golden.expected[names[0]][0],
@@ -147,6 +152,7 @@ def check_in_subprocess(model_dir: Path, variant_id: str, limits: HealthLimits) 
                           "budget_source": limits.budget_source,
                           "address_space_bytes": limits.address_space_bytes,
                           "cpu_s": limits.cpu_s})
+    import subprocess
     cmd = [sys.executable, "-m", "edgeship.agent.healthcheck_worker", request]
     start = time.monotonic()
     try:
@@ -172,6 +178,7 @@ def _worker_env() -> dict[str, str]:
 
 def _interpret(rc: int, stdout: bytes, stderr: bytes) -> HealthReport:
     if rc < 0:
+        import signal
         sig = signal.Signals(-rc)
         if sig in (signal.SIGXCPU, signal.SIGKILL):
             raise HealthCheckError(f"health check exceeded its CPU limit ({sig.name})",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ def load_npy(data: bytes | memoryview, what: str = "body") -> np.ndarray:
 
 def load_npz(data: bytes, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
     """Name -> array for every ``NAME.npy`` member."""
+    import zipfile  # .npz only: not kept in every agent's memory
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()

@@ -22,6 +22,7 @@ import numpy as np
 from edgeship.agent.errors import EdgeshipError, InferenceInputError, Reason
 from edgeship.agent.runtime import ModelRuntime, coerce_inputs
 from edgeship.agent.store import InstalledModel
+from edgeship.agent.llm.stats import FRONTEND_ATTR
 
 #: latencies kept for the window's percentiles (a ring: the newest this many are used)
 LATENCY_RING_SIZE = 8192
@@ -216,6 +217,9 @@ class _Serving:
                     check_values and self.finite and not all_finite(x)))
 
 
+_llm_lock = threading.RLock()
+
+
 class ModelServer:
     def __init__(self) -> None:
         self._serving: dict[str, _Serving] = {}
@@ -227,6 +231,25 @@ class ModelServer:
         self.quality: Any = None
         #: False while the agent starts (models on disk not loaded yet): not ready
         self.ready = True
+
+    def configure_llm(self, build: Callable[[ModelServer], Any]) -> None:
+        """``build(self)`` makes the language-model front end (``agent.llm.http.configure``
+        with the agent's admission bounds) when it is first looked up: an agent that never
+        serves a language model never imports it."""
+        self.__dict__["_llm_build"] = build
+
+    def __getattr__(self, name: str) -> Any:
+        """``agent.llm.http.frontend`` keeps its state in an attribute of this object: the
+        first lookup after :meth:`configure_llm` builds it."""
+        if name != FRONTEND_ATTR:
+            raise AttributeError(name)
+        with _llm_lock:  # reentrant: build() looks the attribute up again
+            if name in self.__dict__:  # another thread built it while this one waited
+                return self.__dict__[name]
+            build = self.__dict__.pop("_llm_build", None)
+            if build is None:
+                raise AttributeError(name)
+            return build(self)
 
     def swap(self, loaded: LoadedModel, keep_previous: bool = False) -> LoadedModel | None:
         """Serve ``loaded``; ``keep_previous``: keep the version it replaces loaded beside it

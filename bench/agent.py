@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-wide", action="store_true", help="skip the wide CNN row")
     ap.add_argument("--no-oip", action="store_true",
                     help="skip the Open Inference Protocol rows (v2 HTTP, gRPC)")
+    ap.add_argument("--rss-only", action="store_true",
+                    help="only the idle rows (RSS, then idle CPU over --idle-s): no timing")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     results: dict[str, object] = {"load_before": os.getloadavg()}
@@ -173,21 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models(Path(tmp), args.epochs)
         digits = models["digits"]
         name = _onnx_input(digits["onnxruntime"])
-        rows = []
-        for batch in (int(b) for b in args.batches.split(",")):
-            rows += run_inference(digits, args.threads, args.n, _input(batch), results,
-                                  "digits", name)
-        if not args.no_wide:
-            wide = models["wide CNN"]
-            rows += run_inference(wide, args.threads, max(600, args.n // 3), _input(1),
-                                  results, "wide CNN", _onnx_input(wide["onnxruntime"]))
-        rows += run_api(digits["onnxruntime"], args.threads, args.n // 6, _input(1), results,
-                        name)
-        if not args.no_oip:
-            from bench.agent_oip import run_json_memory, run_oip
-            rows += run_oip(digits["onnxruntime"], args.threads, args.n // 6, _input(1),
-                            results, bare_onnx, interleaved, _ms)
-            rows += run_json_memory(results)
+        rows = [] if args.rss_only else run_timed(models, args, results, name)
         rows += run_idle(digits["onnxruntime"], args.threads, args.idle_s, Path(tmp),
                          results, name)
     results["load_after"] = os.getloadavg()
@@ -195,6 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     return 0
+
+
+def run_timed(models, args, results, name) -> list[tuple]:
+    """Sections 1 and 2: in-process inference, the local API and the OIP rows."""
+    digits = models["digits"]
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        rows += run_inference(digits, args.threads, args.n, _input(batch), results,
+                              "digits", name)
+    if not args.no_wide:
+        wide = models["wide CNN"]
+        rows += run_inference(wide, args.threads, max(600, args.n // 3), _input(1),
+                              results, "wide CNN", _onnx_input(wide["onnxruntime"]))
+    rows += run_api(digits["onnxruntime"], args.threads, args.n // 6, _input(1), results,
+                    name)
+    if not args.no_oip:
+        from bench.agent_oip import run_json_memory, run_oip
+        rows += run_oip(digits["onnxruntime"], args.threads, args.n // 6, _input(1),
+                        results, bare_onnx, interleaved, _ms)
+        rows += run_json_memory(results)
+    return rows
 
 
 def _input(batch: int) -> np.ndarray:
@@ -384,9 +393,10 @@ def print_table(rows: list[tuple], results: dict) -> None:
     for r in rows:
         print(line(r))
     la, lb = results["load_before"], results["load_after"]
+    bare = f"; bare onnxruntime p50 {results['bare_p50_ms']:.3f} ms" \
+        if "bare_p50_ms" in results else ""
     print(f"\nload average before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, after "
-          f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}; {os.cpu_count()} CPUs; "
-          f"bare onnxruntime p50 {results['bare_p50_ms']:.3f} ms")
+          f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}; {os.cpu_count()} CPUs{bare}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ The agent imports this to pick a variant and a thread count; the converter to pi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from edgeship.agent.errors import ConfigError
@@ -66,9 +65,13 @@ class Profile:
         return all(p == "CPUExecutionProvider" for p in self.execution_providers)
 
 
+#: the profiles ship beside this file (a plain path, not importlib.resources: its readers
+#: import zipfile, ~0.3 MB in every agent)
+_HERE = Path(__file__).parent
+
+
 def profile_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files(__package__).iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in _HERE.iterdir() if p.name.endswith(".toml"))
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -79,7 +82,7 @@ def load_profile(name_or_path: str) -> Profile:
             raise ConfigError(f"profile file {path} does not exist", key="profile")
         text, source = path.read_text(), str(path)
     elif name_or_path in profile_names():
-        text = (resources.files(__package__) / f"{name_or_path}.toml").read_text()
+        text = (_HERE / f"{name_or_path}.toml").read_text()
         source = f"devices/{name_or_path}.toml"
     else:
         raise ConfigError(f"unknown device profile {name_or_path!r}; known: "

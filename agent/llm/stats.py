@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from edgeship.agent.llm.runtime import GenerationStats
+if TYPE_CHECKING:  # telemetry imports this module on every agent, LM or not
+    from edgeship.agent.llm.runtime import GenerationStats
 
 WINDOW = 4096
+#: the attribute of a ``ModelServer`` that holds its ``agent.llm.http.LmFrontend``
+FRONTEND_ATTR = "_edgeship_llm"
 
 
 def ns_per_decoded_token(s: GenerationStats) -> int | None:
@@ -67,7 +70,9 @@ class LmStats:
 
 
 def _frontend_stats(server: Any) -> dict[str, LmStats]:
-    fe = getattr(server, "_edgeship_llm", None)  # agent.llm.http.frontend's attribute
+    # agent.llm.http.frontend's attribute, read without building it (ModelServer builds it
+    # on first lookup): no front end yet, no numbers
+    fe = vars(server).get(FRONTEND_ATTR)
     return fe.stats if fe is not None else {}
 
 

@@ -15,16 +15,17 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgeship.agent.errors import BundleError
 from edgeship.agent.quality import feedback as fb
 from edgeship.agent.quality.drift import WindowSettings
-from edgeship.agent.quality.metrics import Counts, counts_from_dict, report, ClassCounts, \
-    RegressionCounts
 from edgeship.agent.quality.monitor import Folded, ModelQuality, VersionSketch, VersionTracker
 from edgeship.agent.quality.profile import ScorePlan, parse_profile, score_plan
 from edgeship.agent.quality.store import FeedbackStore, VersionMeta
+
+if TYPE_CHECKING:  # the label statistics load with the first labels (feedback or counts)
+    from edgeship.agent.quality.metrics import Counts
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class QualityHub:
 
     def _apply(self, model: str, boot: str, items: list[fb.Item],
                metas: dict[int, VersionMeta]) -> list[dict[str, Any]]:
+        from edgeship.agent.quality.metrics import ClassCounts, counts_from_dict
         rows = self.store.lookup(model, boot, fb.lookup_samples(items))
         counts = {v: counts_from_dict(c.to_dict()) for v, c in self._load_counts(model).items()}
         results, labelled, touched = [], [], set()
@@ -207,7 +209,7 @@ class QualityHub:
     def _load_counts(self, model: str) -> dict[int, Counts]:
         cached = self._counts.get(model)
         if cached is None:
-            cached = {v: counts_from_dict(doc) for v, doc in self.store.counts(model).items()}
+            cached = _from_docs(self.store.counts(model))
             self._counts[model] = cached
         return cached
 
@@ -233,13 +235,8 @@ class QualityHub:
         doc: dict[str, Any] = {"version": version, "variant": variant, "profile": state}
         if tracker is not None and tracker.sketch is not None:
             doc["drift"] = tracker.sketch.report()
-        labelled = {}
-        for v, c in sorted(self._load_counts(model).items())[-REPORTED_VERSIONS:]:
-            d = c.to_dict()
-            if isinstance(c, ClassCounts) and c.classes > MAX_REPORTED_CLASSES:
-                d = {"task": "classification", "n": c.n, "correct": c.correct}
-            labelled[str(v)] = d
-        doc["labelled"] = labelled
+        doc["labelled"] = {str(v): _reported(c) for v, c in
+                           sorted(self._load_counts(model).items())[-REPORTED_VERSIONS:]}
         doc["feedback"] = self.store.counters(model)
         meta = self.store.versions(model).get(version)
         if meta is not None and 0 < len(meta.labels) <= MAX_REPORTED_CLASSES:
@@ -249,6 +246,7 @@ class QualityHub:
     def local_report(self, model: str, version: int, variant: str,
                      labels: tuple[str, ...]) -> dict[str, Any]:
         """``GET /v1/models/<m>/quality``: the same numbers, with metrics and intervals."""
+        from edgeship.agent.quality.metrics import counts_from_dict, report
         doc = self.telemetry({model: (version, variant)})[model]
         doc["metrics"] = {v: report(counts_from_dict(d), labels, self.settings.confidence)
                           for v, d in doc["labelled"].items() if "tp" in d or "sum_abs" in d}
@@ -278,7 +276,23 @@ def _meta(task: str, plan: ScorePlan | None, labels: tuple[str, ...]) -> Version
     return VersionMeta(task, max(classes, len(labels)), tuple(labels))
 
 
+def _from_docs(docs: dict[int, dict[str, Any]]) -> dict[int, Counts]:
+    if not docs:  # no labels yet: the statistics module stays unloaded
+        return {}
+    from edgeship.agent.quality.metrics import counts_from_dict
+    return {v: counts_from_dict(doc) for v, doc in docs.items()}
+
+
+def _reported(c: Counts) -> dict[str, Any]:
+    """Counts as telemetry sends them (past MAX_REPORTED_CLASSES: n and correct only)."""
+    from edgeship.agent.quality.metrics import ClassCounts
+    if isinstance(c, ClassCounts) and c.classes > MAX_REPORTED_CLASSES:
+        return {"task": "classification", "n": c.n, "correct": c.correct}
+    return c.to_dict()
+
+
 def _empty(meta: VersionMeta) -> Counts:
+    from edgeship.agent.quality.metrics import ClassCounts, RegressionCounts
     if meta.task == "classification":
         return ClassCounts(max(1, meta.classes))
     return RegressionCounts()

@@ -25,7 +25,6 @@ classes are independent, so there is no covariance to miss; simulated, it covers
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +39,7 @@ F1_METHODS = {"confusion": "delta method on the confusion matrix, Wilson at the 
 
 
 def z_value(confidence: float, two_sided: bool = True) -> float:
+    from statistics import NormalDist  # (statistics pulls fractions and decimal: ~0.7 MB)
     tail = (1 - confidence) / 2 if two_sided else 1 - confidence
     return NormalDist().inv_cdf(1 - tail)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
@@ -316,6 +315,7 @@ def samples_to_detect(p_old: float, drop: float, *, confidence: float = 0.95,
     one-sided test at ``confidence`` and ``power``; ``old_n`` None: as many as the new one
     (both measured in the field), else the old version's fixed count."""
     p_new = p_old - drop
+    from statistics import NormalDist
     za, zb = z_value(confidence, False), NormalDist().inv_cdf(power)
     effect = drop - margin
     if effect <= 0:

@@ -16,7 +16,7 @@ samples.
 
 from __future__ import annotations
 
-import secrets
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -220,7 +220,7 @@ class ModelQuality:
 
     def __init__(self, model: str, sink: Callable[[str, Folded], None]) -> None:
         self.model = model
-        self.boot = secrets.token_hex(4)  # ids differ across restarts
+        self.boot = os.urandom(4).hex()  # ids differ across restarts (secrets.token_hex)
         self._sink = sink
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tuf.api import exceptions as tuf_exc
 
-from edgeship.agent.archive import ARCHIVE_URL, ReleaseArchive
 from edgeship.agent.errors import BundleError, EdgeshipError, Reason, TransferError, VerificationError
 from edgeship.agent.manifest import MANIFEST_NAME, Manifest, Variant
 from edgeship.agent.protocol import StatusEvent
@@ -26,6 +25,7 @@ if TYPE_CHECKING:  # tuf.ngclient (+ securesystemslib signers, cryptography: ~11
     from tuf.api.metadata import TargetFile
     from tuf.ngclient import Updater  # is imported when an update runs (_new_updater)
 
+    from edgeship.agent.archive import ReleaseArchive  # tarfile: once an archive is offered
     from edgeship.agent.update.fetcher_base import FetcherInterface
 
 logger = logging.getLogger(__name__)
@@ -132,8 +132,11 @@ class Downloader:
 
     def _new_updater(self, archive: ReleaseArchive | None = None) -> Updater:
         from tuf.ngclient import Updater  # lazily: see the imports
-        base, fetcher = (ARCHIVE_URL, archive.fetcher()) if archive is not None else \
-            (self.base_url, self.fetcher)
+        fetcher: FetcherInterface = self.fetcher
+        base = self.base_url
+        if archive is not None:
+            from edgeship.agent.archive import ARCHIVE_URL
+            base, fetcher = ARCHIVE_URL, archive.fetcher()
         return Updater(metadata_dir=str(self.tuf_dir),
                        metadata_base_url=base + "metadata/",
                        target_base_url=base + "targets/",

@@ -1,10 +1,13 @@
 """The agent's idle footprint: python-tuf's client (with securesystemslib's signers and
 cryptography, ~11 MB of RSS) is loaded when an update runs, not when the agent starts; the
 agent's fetchers keep the download contract tuf's ``Updater`` relies on; zstandard and
-prometheus_client wait for the first delta and the first scrape."""
+prometheus_client wait for the first delta and the first scrape; the Open Inference
+Protocol routes, the language-model front end, release archives, golden checks and the
+quality statistics wait for their first request (``scripts/bench-agent --rss-only``)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,9 +17,11 @@ from tuf.ngclient import FetcherInterface as TufFetcherInterface
 
 from edgeship.agent.update.fetcher_base import FetcherInterface
 
-# loaded when first needed: an update, a delta, a scrape
+# loaded when first needed: an update, a delta, a scrape, a v2 or LLM request, an archive
 ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cryptography",
-             "zstandard", "prometheus_client")
+             "zstandard", "prometheus_client", "edgeship.agent.api_v2", "edgeship.agent.oip",
+             "edgeship.agent.llm.http", "edgeship.agent.llm.runtime", "edgeship.agent.archive",
+             "tarfile", "edgeship.agent.golden", "statistics", "subprocess")
 
 
 def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus():
@@ -26,6 +31,31 @@ def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]", f"imported at start-up: {out.strip()}"
+
+
+IDLE_AGENT = """
+import json, sys, urllib.request
+from edgeship.agent.config import config_from_dict
+from edgeship.agent.daemon import Agent
+agent = Agent(config_from_dict({"device_id": "pi-1", "state_dir": sys.argv[1], "api_port": 0,
+                                "llm_max_active": 3}))
+agent.local_api.start()
+lazy = ("edgeship.agent.api_v2", "edgeship.agent.llm.http")
+idle = sorted(m for m in lazy if m in sys.modules)
+with urllib.request.urlopen(agent.api.url + "/v2/health/live") as r:
+    v2 = json.load(r)
+from edgeship.agent.llm.http import frontend
+print(json.dumps([idle, v2, frontend(agent.server).admission.max_active]))
+agent.local_api.stop()
+"""
+
+
+def test_an_idle_agent_loads_v2_and_the_llm_front_end_on_first_use(tmp_path):
+    out = subprocess.run([sys.executable, "-c", IDLE_AGENT, str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    idle, v2, max_active = json.loads(out.strip().splitlines()[-1])
+    assert idle == [] and v2 == {"live": True}
+    assert max_active == 3  # the config's admission bound, applied on first lookup
 
 
 def _fetcher(base: type, chunks: list[bytes] | Exception) -> object:
@@ -78,3 +108,16 @@ def test_prometheus_metrics_render_the_served_models_numbers(tmp_path):
     assert f"edgeship_model_latency_seconds_bucket{count}" in text
     assert "edgeship_device_rss_mb 12.5" in text
     assert metrics.text().decode().count("edgeship_model_requests_total{") == 1
+
+
+def test_the_lazy_routes_are_the_route_modules_own():
+    """Each route whose module loads on first use matches that module's table: same
+    method, path, error body and raw flag, and none missing or extra."""
+    from edgeship.agent import api_v2
+    from edgeship.agent.api import lazy_routes
+    from edgeship.agent.llm import http as llm_http
+
+    def table(routes):
+        return {(r.method, r.pattern, r.errors, r.raw) for r in routes}
+
+    assert table(lazy_routes()) == table(api_v2.ROUTES + llm_http.ROUTES)
