@@ -72,12 +72,19 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
             browser.close()
         api = f"{web.url}/api/v1/quality/digits"
         south_doc = _json(f"{api}?group=south", token)["versions"]["1"]
-        north_doc = _json(f"{api}?group=north", token)["versions"]["1"]
         spec = _json(f"{web.url}/openapi.json", token)
-        req = urllib.request.Request(f"{web.url}/metrics",
-                                     headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            metrics = resp.read().decode()
+
+        def north_and_metrics():  # one snapshot: no label report lands between the two reads
+            before = _json(f"{api}?group=north", token)["versions"]["1"]
+            req = urllib.request.Request(f"{web.url}/metrics",
+                                         headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                metrics = resp.read().decode()
+            after = _json(f"{api}?group=north", token)["versions"]["1"]
+            return (after, metrics) if after["labelled"] == before["labelled"] else None
+
+        north_doc, metrics = wait_until(north_and_metrics, timeout_s=30,
+                                        what="the same labelled counts before and after /metrics")
     finally:
         traffic.stop()
         web.stop()
