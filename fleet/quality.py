@@ -24,8 +24,8 @@ import numpy as np
 
 from edgeship.agent.quality.drift import chance_js, js_distance, psi
 from edgeship.agent.quality.metrics import (ClassCounts, Counts, RegressionCounts,
-                                            counts_from_dict, f1_ci, macro_f1, proportion_se,
-                                            report, share_ci, wilson)
+                                            counts_from_dict, f1_ci, macro_f1, macro_note,
+                                            proportion_se, report, share_ci, wilson)
 from edgeship.agent.quality.profile import ESTIMATE_METHODS
 
 MIN_LABELLED = 200
@@ -287,7 +287,7 @@ def table_rows(view: Mapping[str, Any]) -> list[dict[str, str]]:
             row["accuracy"] = share_ci(lab, "accuracy")
             row["precision"] = share_ci(lab, "precision_macro")
             row["recall"] = share_ci(lab, "recall_macro")
-            row["f1"] = f1_ci(lab)
+            row["f1"] = f1_ci(lab) + macro_note(lab)
         elif "mae" in lab and lab.get("mae") is not None:
             row["accuracy"] = f"MAE {lab['mae']:.4g}, RMSE {lab['rmse']:.4g}"
         else:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeship.agent.quality.feedback import MAX_ITEMS
-from edgeship.agent.quality.metrics import f1_ci, share_ci
+from edgeship.agent.quality.metrics import f1_ci, macro_note, share_ci
 from edgeship.agent.quality.profile import ESTIMATE_METHODS
 from edgeship.cliutil import EXIT_BAD_INPUT, fail
 
@@ -146,7 +146,7 @@ def describe(doc: dict[str, Any]) -> list[str]:
         if "accuracy" in m:
             lines.append(f"v{version}: accuracy {share_ci(m, 'accuracy')}, macro precision "
                          f"{share_ci(m, 'precision_macro')}, macro recall {share_ci(m, 'recall_macro')}, "
-                         f"macro F1 {f1_ci(m)} from {m['samples']} labels")
+                         f"macro F1 {f1_ci(m)}{macro_note(m)} from {m['samples']} labels")
         else:
             lines.append(f"v{version}: MAE {m['mae']:.4g}, RMSE {m['rmse']:.4g} from "
                          f"{m['samples']} labels")

@@ -12,6 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from edgeship.agent.quality.metrics import ClassCounts, classification_report
 from edgeship.fleet.auth import Role, TokenStore
 from edgeship.fleet.web.server import FleetWebServer, WebSettings
 from tests.support import wait_until
@@ -22,6 +23,16 @@ def _json(url: str, token: str):
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def _thin_version() -> dict:
+    """A version's summary whose labels include a class seen 5 times (rendered in the page)."""
+    c = ClassCounts(3)
+    for t, k in ((0, 150), (1, 60), (2, 5)):
+        for _ in range(k):
+            c.add(t, t)
+    return {"devices": 1, "labelled": classification_report(c),
+            "estimate": {"accuracy": None, "note": None}, "drift": {"js": None}}
 
 
 @needs_chromium
@@ -61,6 +72,8 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
             page.wait_for_selector("#q-drift svg circle", timeout=30_000)
             everyone = page.inner_text(row)
             intervals = [page.inner_text(f"{row} [data-{k}]") for k in ("precision", "recall")]
+            f1_text = page.inner_text(f"{row} [data-f1]")
+            thin_row = page.evaluate("([v, d]) => qualityRow(v, d)", ["9", _thin_version()])
             shot = screenshot_dir() / "dashboard-quality.png"
             page.screenshot(path=str(shot), full_page=True)
             page.fill("#q-group", "south")
@@ -90,6 +103,10 @@ def test_dashboard_shows_quality_honestly(loop_env, digits_bundles):
         web.stop()
     assert "[" in everyone and "(estimate, n=" in everyone  # interval; estimate marked
     assert all("%" in t and "[" in t for t in intervals)  # macro precision/recall with CIs
+    # ~25 labels a class: no note; a class under 8 labels: the note beside the macro metrics
+    assert "[" in f1_text and "approximate" not in f1_text
+    assert thin_row.count("data-macro-note") == 1 and thin_row.count("≈") == 3
+    assert "1 class has fewer than 8 labels: macro intervals are approximate" in thin_row
     for key in ("precision_macro", "recall_macro"):
         lo, hi = north_doc["labelled"][f"{key}_ci"]
         assert lo < north_doc["labelled"][key] < hi

@@ -212,3 +212,30 @@ def test_f1_interval_pools_confusion_counts_and_names_the_bound_for_older_agents
     for v in views:
         lo, hi = v["f1_macro_ci"]
         assert lo < v["f1_macro"] < hi
+
+
+def test_thin_classes_are_flagged_on_the_pooled_counts_and_shown_beside_macro_f1():
+    from edgeship.fleet.quality import model_view, table_rows
+
+    def device(name, rare):
+        c = ClassCounts(3)
+        for t, k in ((0, 150), (1, 60), (2, rare)):
+            for _ in range(k):
+                c.add(t, t)
+        c.add(1, 0)
+        return _report(name, 1, [1], labelled={"1": c.to_dict()})
+
+    alone = summary(version_quality([], [device("a", 5)], 1))["labelled"]
+    assert alone["thin_classes"] == 1 and "fewer than 8 labels" in alone["macro_note"]
+    pooled = [device("a", 5), device("b", 5)]  # 5 + 5 labels of class 2: enough together
+    together = summary(version_quality([], pooled, 1))["labelled"]
+    assert together["samples"] == 2 * 216 and "macro_note" not in together
+    assert "thin_classes" not in together
+    thin = [device("a", 3), device("b", 4)]  # 7 labels of class 2 in all
+    view = model_view([], thin)
+    assert view["versions"]["1"]["labelled"]["thin_classes"] == 1
+    (row,) = table_rows(view)
+    assert row["f1"].count("[") == 1 and "macro intervals are approximate" in row["f1"]
+    assert "approximate" not in row["accuracy"]
+    (plain,) = table_rows(model_view([], pooled))
+    assert "approximate" not in plain["f1"]

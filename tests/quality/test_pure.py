@@ -227,6 +227,37 @@ def test_confusion_counts_round_trip_pool_and_fall_back_for_older_reports():
             metrics.ClassCounts.from_dict({**doc, "confusion": bad})
 
 
+def _labelled(support: list[int], wrong: tuple[int, int] | None = None) -> metrics.ClassCounts:
+    """Counts with ``support[c]`` right labels of class c, and one wrong prediction."""
+    c = metrics.ClassCounts(len(support))
+    for t, k in enumerate(support):
+        for _ in range(k):
+            c.add(t, t)
+    if wrong:
+        c.add(*wrong)
+    return c
+
+
+def test_macro_metrics_carry_a_note_exactly_when_a_seen_class_has_under_8_labels():
+    from edgeship.agent.quality.cli import describe
+
+    enough = metrics.classification_report(_labelled([50, 20, 8, 0]))  # class 3 never seen
+    assert "thin_classes" not in enough and "macro_note" not in enough
+    thin = metrics.classification_report(_labelled([50, 20, 7, 0]))
+    assert thin["thin_classes"] == 1
+    assert thin["macro_note"].startswith("1 class has fewer than 8 labels: macro intervals")
+    assert "0.91 with such classes" in thin["macro_note"]
+    # a class only ever predicted (0 labels) counts; so does a true class seen once
+    only_predicted = metrics.classification_report(_labelled([50, 20, 8, 0], wrong=(3, 0)))
+    assert only_predicted["thin_classes"] == 1
+    two = metrics.classification_report(_labelled([50, 1, 8, 0], wrong=(3, 0)))
+    assert two["thin_classes"] == 2 and two["macro_note"].startswith("2 classes have")
+    lines = describe({"version": 1, "variant": "a", "profile": "x",
+                      "metrics": {"1": thin, "2": enough}})
+    assert "macro intervals are approximate" in lines[1] and "(1 class has" in lines[1]
+    assert "approximate" not in lines[2] and metrics.macro_note(enough) == ""
+
+
 def test_many_classes_keep_no_confusion_and_use_the_bound():
     k = metrics.CONFUSION_MAX_CLASSES
     c = metrics.ClassCounts(k)

@@ -90,9 +90,16 @@ def product_intervals(keep_confusion: bool = True) -> Interval:
     return intervals
 
 
-def coverage(cases: list[Case], draws: int, seed: int, intervals: Interval
+def thin(cells: np.ndarray) -> str:
+    """Whether the report of these counts flags classes with few labels."""
+    return "flagged" if metrics.thin_classes(counts_of(cells)) else "not flagged"
+
+
+def coverage(cases: list[Case], draws: int, seed: int, intervals: Interval,
+             group: Callable[[np.ndarray], str] | None = None
              ) -> dict[tuple[str, str], tuple[int, int]]:
-    """(family, key) -> (draws whose interval held the truth, draws)."""
+    """(family, key) -> (draws whose interval held the truth, draws); with ``group`` the
+    family is followed by ``group(cells)`` of each draw (e.g. whether it was flagged)."""
     rng = np.random.default_rng(seed)
     out: dict[tuple[str, str], tuple[int, int]] = {}
     for case in cases:
@@ -101,9 +108,10 @@ def coverage(cases: list[Case], draws: int, seed: int, intervals: Interval
         k = case.classes
         for cells in rng.multinomial(case.n, p.ravel(), size=draws).reshape(draws, k, k):
             got = intervals(cells)
+            family = case.family if group is None else f"{case.family}, {group(cells)}"
             for key in KEYS:
                 ci = got[key]
                 hit = ci is not None and ci[0] <= truth[key] <= ci[1]
-                a, b = out.get((case.family, key), (0, 0))
-                out[(case.family, key)] = (a + hit, b + 1)
+                a, b = out.get((family, key), (0, 0))
+                out[(family, key)] = (a + hit, b + 1)
     return out
