@@ -21,7 +21,9 @@ from edgeship.agent.update.fetcher_base import FetcherInterface
 ON_DEMAND = ("tuf.ngclient", "tuf.api.metadata", "securesystemslib.signer", "cryptography",
              "zstandard", "prometheus_client", "edgeship.agent.api_v2", "edgeship.agent.oip",
              "edgeship.agent.llm.http", "edgeship.agent.llm.runtime", "edgeship.agent.archive",
-             "tarfile", "edgeship.agent.golden", "statistics", "subprocess")
+             "tarfile", "edgeship.agent.golden", "statistics")
+if sys.version_info >= (3, 10):  # 3.9's platform module (paho and the agent import it) loads it itself
+    ON_DEMAND += ("subprocess",)
 
 
 def test_importing_the_agent_daemon_loads_neither_the_tuf_client_nor_prometheus():
